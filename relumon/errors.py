@@ -1,0 +1,26 @@
+"""The one exception class and the one warning class that relumon raises and issues."""
+
+from __future__ import annotations
+
+__all__ = ["RelumonError", "RelumonWarning", "DeadUnitsWarning"]
+
+
+class RelumonError(RuntimeError):
+    """A failure of relumon itself, or an alert raised by ``on_dead="raise"``.
+
+    Bad arguments raise :class:`ValueError` or :class:`TypeError` instead.
+    """
+
+
+class RelumonWarning(UserWarning):
+    """Base class of relumon's warnings: bad input that relumon skips rather than crash on."""
+
+
+class DeadUnitsWarning(RelumonWarning):
+    """Every unit of a watched layer was dead (or stuck negative) over a whole window.
+
+    Issued at most once per layer and monitor. Filter it like any warning::
+
+        import warnings
+        warnings.filterwarnings("error", category=relumon.DeadUnitsWarning)
+    """

@@ -1,0 +1,93 @@
+"""Hook attachment: which forwards count, call-site bookkeeping and finding the module that fed an activation.
+
+Facts this relies on (see the project's field notes, verified on torch 2.13):
+
+- Module *full backward* hooks break on ``nn.ReLU(inplace=True)``, so gradients are taken with a forward hook that
+  registers a tensor hook on the output. That works for inplace and non-inplace modules alike.
+- A module called several times per forward fires its forward hook once per call, so each call gets its own site.
+- ``torch.utils.checkpoint`` recomputes forwards during backward. With ``use_reentrant=True`` the first pass runs
+  with grad disabled (not counted) and the recompute runs inside backward (counted). With ``use_reentrant=False``
+  the first pass counts and the recompute runs under checkpoint's ``_recomputation_hook`` saved-tensor hooks, which
+  we detect and skip, so samples never double and no extra site appears.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["is_counted_forward", "in_checkpoint_recompute", "ProducerTracer"]
+
+
+def in_checkpoint_recompute() -> bool:
+    """True while a non-reentrant ``torch.utils.checkpoint`` recomputes a forward during backward."""
+    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: the cheap, common answer
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not hooks:
+        return False
+    return "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
+
+
+def is_counted_forward(module: nn.Module) -> bool:
+    """Whether a call of ``module`` is a training forward whose statistics count.
+
+    Counted: grad enabled and ``module.training``. Not counted: eval mode, ``no_grad``, ``inference_mode``, the
+    grad-disabled first pass of a reentrant checkpoint, and a non-reentrant checkpoint's recompute.
+    """
+    return module.training and torch.is_grad_enabled() and not in_checkpoint_recompute()
+
+
+class ProducerTracer:
+    """Records which module produced each tensor during the first training forwards.
+
+    Forward hooks on every module store ``id(output) -> (weakref(output), module path, module)``. The innermost
+    module wins, since children finish before their parents. The hooks exist only while call sites are being
+    discovered; :meth:`remove` takes them off.
+    """
+
+    def __init__(self, model: nn.Module, skip: set[nn.Module]) -> None:
+        self._outputs: dict[int, tuple[Any, str, nn.Module]] = {}
+        self._handles = [
+            module.register_forward_hook(self._make_hook(name))
+            for name, module in model.named_modules()
+            if module not in skip
+        ]
+
+    def _make_hook(self, name: str) -> Callable[..., None]:
+        outputs = self._outputs
+
+        def record(module: nn.Module, args: Any, out: Any) -> None:
+            if not isinstance(out, Tensor):
+                return None
+            known = outputs.get(id(out))
+            if known is None or known[0]() is not out:  # ids of dead tensors get reused
+                outputs[id(out)] = (weakref.ref(out), name, module)
+            return None
+
+        return record
+
+    def producer_of(self, tensor: Any) -> tuple[Optional[str], Optional[nn.Module]]:
+        """The (path, module) that produced ``tensor`` in a traced forward, or (None, None)."""
+        known = self._outputs.get(id(tensor))
+        if known is None or known[0]() is not tensor:
+            return None, None
+        return known[1], known[2]
+
+    def clear(self) -> None:
+        """Forget the recorded outputs (at each new step), keeping the hooks."""
+        self._outputs.clear()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every tracing hook. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._outputs.clear()

@@ -1,0 +1,163 @@
+"""Per-call-site statistics, kept on the activation's device and combined across processes.
+
+Each :class:`SiteStats` holds O(units) state for one call site of a watched activation module:
+
+- ``peak``: float32, one value per unit, the largest output seen in the window (``-inf`` before any). A unit is
+  dead when its peak is ``<= 0``: a ReLU output is ``>= 0``, so ``peak <= 0`` means it was exactly 0 everywhere; a
+  LeakyReLU output is ``< 0`` exactly where its pre-activation is, so ``peak <= 0`` means stuck in the negative
+  regime. ``torch.maximum`` propagates NaN, so a unit that produced NaN has a NaN peak and counts as *non-finite*,
+  neither dead nor alive.
+- ``counters``: float64 ``[samples, forwards, backwards, grad_norm_sum]``.
+
+Per training step the hooks only launch in-place kernels on these tensors: nothing is read back to the host until
+:func:`gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive if it fired on any
+rank) and the counters with SUM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["SiteStats", "GatheredSite", "gather", "distributed_world_size"]
+
+# Indices into SiteStats.counters.
+SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM = range(4)
+
+
+class SiteStats:
+    """On-device statistics of one call site over the current window.
+
+    Args:
+        units: number of units (size of ``unit_dim``).
+        unit_dim: the dimension that indexes units, non-negative, for activations of ``ndim`` dimensions.
+        ndim: the number of dimensions the site's activations have.
+        device: where the activations live; the state lives there too.
+        grad_scale: returns the current loss scale (a tensor on ``device``) or None, so that gradient norms are
+            reported unscaled under a ``GradScaler``.
+    """
+
+    __slots__ = (
+        "units",
+        "unit_dim",
+        "ndim",
+        "reduce_dims",
+        "peak",
+        "counters",
+        "_samples",
+        "_forwards",
+        "_backwards",
+        "_grad_sum",
+        "_grad_scale",
+        "_on_backward",
+    )
+
+    def __init__(
+        self,
+        units: int,
+        unit_dim: int,
+        ndim: int,
+        device: torch.device,
+        grad_scale: Callable[[], Optional[Tensor]] = lambda: None,
+        on_backward: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.units = units
+        self.unit_dim = unit_dim
+        self.ndim = ndim
+        self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
+        self.peak = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
+        self.counters = torch.zeros(4, dtype=torch.float64, device=device)
+        # 0-d views into counters: in-place adds on them need no indexing in the hot path.
+        self._samples, self._forwards, self._backwards, self._grad_sum = self.counters.unbind(0)
+        self._grad_scale = grad_scale
+        self._on_backward = on_backward
+
+    def observe(self, out: Tensor) -> None:
+        """Fold one training forward's activation into the window. Launches kernels only; never syncs."""
+        x = out.detach()
+        if self.ndim == 0:
+            x = x.reshape(1)
+        elif self.reduce_dims:
+            x = x.amax(dim=self.reduce_dims)
+        torch.maximum(self.peak, x, out=self.peak)
+        self._samples.add_(batch_rows(out, self.unit_dim))
+        self._forwards.add_(1)
+
+    def grad_hook(self, grad: Tensor) -> None:
+        """Tensor hook on the activation's output: accumulate ``||dL/d(output)||_2``. Returns None on purpose."""
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        scale = self._grad_scale()
+        if scale is not None:
+            norm = norm / scale.reshape(())
+        self._grad_sum.add_(norm)
+        self._backwards.add_(1)
+        self._on_backward()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.peak.fill_(-math.inf)
+        self.counters.zero_()
+
+
+def batch_rows(out: Tensor, unit_dim: int) -> int:
+    """Number of samples (batch rows) in one activation: dim 0, unless it is the unit dim or there is none."""
+    if out.ndim >= 2 and unit_dim != 0:
+        return out.shape[0]
+    return 1
+
+
+@dataclass(frozen=True)
+class GatheredSite:
+    """One site's window statistics, on the host."""
+
+    peak: Tensor  # float32, CPU
+    samples: int
+    forwards: int
+    backwards: int
+    grad_norm_sum: float
+
+
+def distributed_world_size() -> int:
+    """World size of the default process group, or 1 when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
+    """Read every site's window to the host in one transfer, reducing across ranks first when ``sync_dist``.
+
+    With ``sync_dist`` every rank must call this with the same sites in the same order; each then returns the
+    same global figures.
+    """
+    if not sites:
+        return []
+    device = sites[0].peak.device  # sites of a model split over devices meet on the first one
+    peaks = torch.cat([s.peak.to(device) for s in sites])
+    counters = torch.stack([s.counters.to(device) for s in sites])
+    if sync_dist:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+        dist.all_reduce(counters, op=dist.ReduceOp.SUM)
+    host = torch.cat([peaks.double(), counters.flatten()]).cpu()
+    n_units = peaks.numel()
+    host_peaks = host[:n_units].float()
+    host_counters = host[n_units:].view(len(sites), 4).tolist()
+    gathered = []
+    offset = 0
+    for site, row in zip(sites, host_counters):
+        gathered.append(
+            GatheredSite(
+                peak=host_peaks[offset : offset + site.units],
+                samples=int(row[SAMPLES]),
+                forwards=int(row[FORWARDS]),
+                backwards=int(row[BACKWARDS]),
+                grad_norm_sum=row[GRAD_NORM_SUM],
+            )
+        )
+        offset += site.units
+    return gathered

@@ -1,0 +1,32 @@
+"""TensorBoard output: scalars and the custom-scalars chart layout.
+
+Works with any ``torch.utils.tensorboard.SummaryWriter`` (Lightning's ``TensorBoardLogger.experiment`` is one).
+Nothing here imports tensorboard; the writer brings it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+__all__ = ["METRICS", "custom_scalars_layout", "write_scalars"]
+
+#: Per-layer metrics, with the chart title of each in the custom-scalars layout.
+METRICS: Mapping[str, str] = {
+    "dead_fraction": "dead fraction per layer",
+    "dead_units": "dead units per layer",
+    "grad_norm": "gradient norm at the activation output",
+    "nonfinite_units": "units with NaN output",
+}
+
+
+def custom_scalars_layout(prefix: str = "relumon") -> dict[str, dict[str, list[Any]]]:
+    """The layout for ``SummaryWriter.add_custom_scalars``: one multi-line chart per metric, across layers."""
+    charts = {title: ["Multiline", [rf"{prefix}/{metric}/.*"]] for metric, title in METRICS.items()}
+    charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/summary/.*"]]
+    return {prefix: charts}
+
+
+def write_scalars(writer: Any, scalars: Mapping[str, float], step: int) -> None:
+    """Write each ``tag -> value`` with ``writer.add_scalar`` at ``step``."""
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, global_step=step)
