@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
@@ -364,7 +365,7 @@ class Monitor:
             elif self.on_dead == "raise":
                 raise RelumonError(dead_layer_message(layer))
             elif self.on_dead == "warn" and _global_rank() == 0:
-                warnings.warn(dead_layer_message(layer), DeadUnitsWarning, stacklevel=3)
+                warnings.warn(dead_layer_message(layer), DeadUnitsWarning, stacklevel=_user_stacklevel())
 
     @property
     def alerted(self) -> frozenset[str]:
@@ -455,6 +456,16 @@ def watch(
         min_samples=min_samples,
         sync_dist=sync_dist,
     )
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside relumon (the user's call)."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "relumon":
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _global_rank() -> int:

@@ -193,17 +193,18 @@ class Report:
         return f"Report(window={self.window}, layers={len(self)}, dead_layers={[x.name for x in self.dead_layers]})"
 
     def __str__(self) -> str:
+        show_nan = any(layer.nonfinite_units for layer in self.layers)
         header = ("layer", "kind", "units", "samples", "dead", "dead %", "grad norm", "fed by")
+        header += ("NaN units",) if show_nan else ()
         rows = []
         for layer in self.layers:
             dead = f"{layer.dead_units}" + ("*" if layer.all_dead else "")
             frac = "-" if layer.samples == 0 else f"{100 * layer.dead_fraction:.1f}%"
             grad = "-" if layer.backward_passes == 0 else f"{layer.grad_norm:.3e}"
-            rows.append(
-                (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac, grad, layer.fed_by or "-")
-            )
+            row = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac, grad, layer.fed_by or "-")
+            rows.append(row + ((str(layer.nonfinite_units),) if show_nan else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        right = {2, 3, 4, 5, 6}
+        right = {2, 3, 4, 5, 6, 8}
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
