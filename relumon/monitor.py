@@ -180,6 +180,14 @@ class Monitor:
         self._start_step()
         return None
 
+    def new_step(self) -> None:
+        """Mark the start of a training step, so the n-th call of each module maps to the same call site.
+
+        Calling the watched model itself, or a backward pass, already does this. Call it yourself only when a step
+        calls submodules of the watched model directly (the Lightning callback does so before every batch).
+        """
+        self._start_step()
+
     def _on_backward(self) -> None:
         self._step_pending = True
 

@@ -1,0 +1,229 @@
+"""The Lightning callback: a thin adapter that turns Trainer events into :class:`relumon.Monitor` calls.
+
+This is the only relumon module that imports Lightning. It works with ``lightning.pytorch`` and with
+``pytorch_lightning``: the class derives from whichever is installed (``lightning`` first), and Trainers of either
+namespace accept it, checkpoint state included.
+
+Example::
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from relumon.lightning import ReluMonitor
+
+    trainer = Trainer(callbacks=[ReluMonitor()], logger=TensorBoardLogger("runs"))
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
+
+from torch import nn
+
+from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning
+from relumon.monitor import DEFAULT_TYPES, Monitor
+from relumon.report import LayerReport, Report, dead_layer_message
+from relumon.tensorboard import custom_scalars_layout
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - exercised only where just pytorch_lightning is installed
+    try:
+        from pytorch_lightning.callbacks import Callback
+    except ImportError:
+        raise ImportError(
+            "relumon.lightning needs Lightning: `pip install relumon[lightning]` (or pytorch-lightning)"
+        ) from None
+
+__all__ = ["ReluMonitor"]
+
+OnDeadPolicy = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[LayerReport], Any]]
+_ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
+
+
+class ReluMonitor(Callback):
+    """Log dead units and gradient flow of every ReLU-family activation, and alert when a layer dies.
+
+    The callback watches the LightningModule from ``setup`` (fit only) to ``teardown``, and also removes its hooks
+    when fit ends with an exception. Every training micro-batch counts; validation, test, predict and sanity-check
+    forwards never do. A window closes after every ``log_every_n_steps`` optimizer steps and at the end of fit, and
+    each closed window is logged once, at ``trainer.global_step``, to every logger in ``trainer.loggers`` from global
+    rank 0. Under DDP every rank reduces the window, so the figures are global and alerts are decided the same way on
+    all ranks.
+
+    Args:
+        log_every_n_steps: optimizer steps per window. ``None`` uses the Trainer's ``log_every_n_steps``.
+        on_dead: what to do the first time a window finds every unit of a layer dead: ``"warn"`` (a
+            :class:`~relumon.DeadUnitsWarning`, once per layer), ``"raise"`` (a :class:`~relumon.RelumonError`),
+            ``"stop"`` (set ``trainer.should_stop`` and say why), ``"ignore"``, or a callable that receives the
+            :class:`~relumon.LayerReport`.
+        min_samples: no alert before a window has seen this many samples of the layer.
+        types: activation classes to watch.
+        unit_dim: as for :func:`relumon.watch`.
+        track_grad: also log the gradient norm at each activation's output.
+        prefix: the first part of every logged tag.
+
+    Attributes:
+        last_report: the most recent :class:`~relumon.Report`, or None.
+        monitor: the :class:`~relumon.Monitor` while fitting, else None.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_every_n_steps: Optional[int] = None,
+        on_dead: OnDeadPolicy = "warn",
+        min_samples: int = 1,
+        types: Iterable[type[nn.Module]] = DEFAULT_TYPES,
+        unit_dim: Union[int, Mapping[str, int], None] = None,
+        track_grad: bool = True,
+        prefix: str = "relumon",
+    ) -> None:
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
+        if not (on_dead in _ON_DEAD_CHOICES or callable(on_dead)):
+            raise ValueError(f"expected `on_dead` to be one of {_ON_DEAD_CHOICES} or a callable, got {on_dead!r}")
+        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+            raise ValueError(f"expected `min_samples` to be an int >= 1, got {min_samples!r}")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.on_dead = on_dead
+        self.min_samples = min_samples
+        self.types = tuple(types) if not isinstance(types, type) else (types,)
+        self.unit_dim = unit_dim
+        self.track_grad = track_grad
+        self.prefix = prefix
+        self.monitor: Optional[Monitor] = None
+        self.last_report: Optional[Report] = None
+        self._trainer: Any = None
+        self._window_start_step = 0
+        self._last_logged_step = -1
+        self._loaded_state: Optional[dict[str, Any]] = None
+        self._layout_written: set[int] = set()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            types=[t.__name__ for t in self.types], on_dead=str(self.on_dead), prefix=self.prefix
+        )
+
+    # ------------------------------------------------------------------ attach and detach
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self.monitor is not None:
+            return
+        self._trainer = trainer
+        try:
+            self.monitor = Monitor(
+                pl_module,
+                types=self.types,
+                unit_dim=self.unit_dim,
+                track_grad=self.track_grad,
+                grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
+                on_dead=self._on_dead_layer,
+                min_samples=self.min_samples,
+            )
+        except ValueError as err:
+            if "found no module" not in str(err):
+                raise
+            if trainer.is_global_zero:
+                warnings.warn(f"{err} ReluMonitor stays idle; training goes on.", RelumonWarning, stacklevel=2)
+            return
+        if self._loaded_state is not None:
+            self.monitor.load_state_dict(self._loaded_state)
+        self._window_start_step = trainer.global_step
+        self._last_logged_step = trainer.global_step
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._detach()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        if self.monitor is not None:
+            self._loaded_state = self.monitor.state_dict()
+            self.monitor.remove()
+            self.monitor = None
+        self._trainer = None
+
+    # ------------------------------------------------------------------ windows
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Resuming restores global_step after setup: windows count from here.
+        self._window_start_step = trainer.global_step
+        self._last_logged_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None:
+            self.monitor.new_step()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.monitor is None:
+            return
+        step = trainer.global_step
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        # global_step repeats across the micro-batches of one accumulated step: close each window once.
+        if step != self._last_logged_step and step % every == 0:
+            self._close_window(trainer, step)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.monitor is not None and trainer.global_step != self._last_logged_step:
+            self._close_window(trainer, trainer.global_step)
+
+    def _close_window(self, trainer: Any, step: int) -> None:
+        assert self.monitor is not None
+        self._last_logged_step = step
+        report = self.monitor.report()  # every rank: the reduction is collective
+        self._window_start_step = step
+        self.last_report = report
+        if trainer.is_global_zero:
+            self._log(trainer, report, step)
+
+    def _log(self, trainer: Any, report: Report, step: int) -> None:
+        scalars = report.scalars(self.prefix)
+        if not scalars:
+            return
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None) if _is_tensorboard(logger) else None
+            if experiment is not None and id(logger) not in self._layout_written:
+                experiment.add_custom_scalars(custom_scalars_layout(self.prefix))
+                self._layout_written.add(id(logger))
+            logger.log_metrics(scalars, step=step)
+
+    # ------------------------------------------------------------------ alerts
+
+    def _on_dead_layer(self, layer: LayerReport) -> None:
+        trainer = self._trainer
+        steps = trainer.global_step - self._window_start_step if trainer is not None else None
+        message = dead_layer_message(layer, steps=steps if steps else None)
+        if callable(self.on_dead):
+            self.on_dead(layer)
+        elif self.on_dead == "raise":
+            raise RelumonError(message)
+        elif self.on_dead == "stop":
+            if trainer is not None:
+                trainer.should_stop = True
+            if trainer is None or trainer.is_global_zero:
+                warnings.warn(f"{message} Stopping training (ReluMonitor(on_dead='stop')).", DeadUnitsWarning, stacklevel=2)
+        elif self.on_dead == "warn" and (trainer is None or trainer.is_global_zero):
+            warnings.warn(message, DeadUnitsWarning, stacklevel=2)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.monitor.state_dict() if self.monitor is not None else dict(self._loaded_state or {})
+        return {"monitor": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = dict(state_dict.get("monitor", {}))
+        if self.monitor is not None:
+            self.monitor.load_state_dict(self._loaded_state)
+
+
+def _is_tensorboard(logger: Any) -> bool:
+    """A TensorBoardLogger of either namespace, without importing tensorboard."""
+    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)

@@ -1,0 +1,181 @@
+"""ReluMonitor in real Lightning Trainers on the CPU, in both namespaces."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import relumon
+from tests.lightning_helpers import NAMESPACES, boring_module, import_namespace, loader, trainer
+
+pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from relumon.lightning import ReluMonitor  # noqa: E402
+
+
+@pytest.fixture(params=NAMESPACES)
+def pl(request: pytest.FixtureRequest) -> Any:
+    return import_namespace(request.param)
+
+
+def _hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_tensorboard_logger_gets_exact_values_for_a_forced_dead_layer(pl: Any, tmp_path: Path) -> None:
+    model = boring_module(pl, dead_fc2=True)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with pytest.warns(relumon.DeadUnitsWarning, match=r"`net.3`.*16 samples over 4 steps") as record:
+        trainer(pl, [ReluMonitor(log_every_n_steps=4)], logger=logger, max_steps=12).fit(model, loader(12))
+    assert sum(issubclass(w.category, relumon.DeadUnitsWarning) for w in record) == 1
+    assert _hook_count(model) == 0  # gone after fit
+
+    acc = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    dead = acc.Scalars("relumon/dead_fraction/net.3")
+    assert [e.step for e in dead] == [4, 8, 12]
+    assert [e.value for e in dead] == [1.0, 1.0, 1.0]
+    assert [e.value for e in acc.Scalars("relumon/dead_units/net.3")] == [12.0] * 3
+    assert [e.value for e in acc.Scalars("relumon/grad_norm/net.1")] == [0.0] * 3
+    assert "relumon/dead_fraction/net.1" in acc.Tags()["scalars"]
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_one_callback_class_serves_both_namespaces() -> None:
+    lpl = import_namespace("lightning.pytorch")
+    ppl = import_namespace("pytorch_lightning")
+    for pl in (lpl, ppl):
+        cb = ReluMonitor(log_every_n_steps=2)
+        model = boring_module(pl)
+        trainer(pl, [cb], max_steps=4).fit(model, loader(4))
+        assert cb.last_report is not None and cb.last_report["net.1"].samples == 8
+        assert _hook_count(model) == 0
+
+
+def test_csv_logger_gets_the_scalars_as_columns(pl: Any, tmp_path: Path) -> None:
+    model = boring_module(pl, dead_fc2=True)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        trainer(pl, [ReluMonitor(log_every_n_steps=3)], logger=logger, max_steps=6).fit(model, loader(6))
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    assert {"step", "relumon/dead_fraction/net.3", "relumon/grad_norm/net.1"} <= set(rows[0])
+    logged = [r for r in rows if r.get("relumon/dead_fraction/net.3")]
+    assert [int(r["step"]) for r in logged] == [3, 6]
+    assert [float(r["relumon/dead_fraction/net.3"]) for r in logged] == [1.0, 1.0]
+
+
+def test_on_dead_stop_stops_the_trainer_and_says_why(pl: Any) -> None:
+    model = boring_module(pl, dead_fc2=True)
+    t = trainer(pl, [ReluMonitor(log_every_n_steps=2, on_dead="stop")], max_steps=20)
+    with pytest.warns(relumon.DeadUnitsWarning, match="Stopping training"):
+        t.fit(model, loader(20))
+    assert t.global_step == 2 and t.should_stop
+    assert _hook_count(model) == 0
+
+
+def test_on_dead_raise_raises_relumon_error_and_removes_hooks(pl: Any) -> None:
+    model = boring_module(pl, dead_fc2=True)
+    with pytest.raises(relumon.RelumonError, match="net.3"):
+        trainer(pl, [ReluMonitor(log_every_n_steps=2, on_dead="raise")], max_steps=20).fit(model, loader(20))
+    assert _hook_count(model) == 0
+
+
+def test_min_samples_holds_back_alerts_on_small_windows(pl: Any) -> None:
+    model = boring_module(pl, dead_fc2=True)
+    seen: list[str] = []
+    cb = ReluMonitor(log_every_n_steps=1, on_dead=lambda layer: seen.append(layer.name), min_samples=5)
+    trainer(pl, [cb], max_steps=3).fit(model, loader(3))  # windows of 4 samples
+    assert seen == []
+    cb = ReluMonitor(log_every_n_steps=2, on_dead=lambda layer: seen.append(layer.name), min_samples=5)
+    trainer(pl, [cb], max_steps=3).fit(boring_module(pl, dead_fc2=True), loader(3))
+    assert seen == ["net.3"]
+
+
+def test_accumulation_counts_every_micro_batch_and_logs_each_step_once(pl: Any, tmp_path: Path) -> None:
+    model = boring_module(pl)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="acc", version=0)
+    cb = ReluMonitor(log_every_n_steps=1)
+    trainer(pl, [cb], logger=logger, accumulate_grad_batches=2, max_steps=3).fit(model, loader(6))
+    rows = [r for r in csv.DictReader(open(tmp_path / "acc" / "version_0" / "metrics.csv")) if r.get("relumon/dead_fraction/net.1")]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert cb.last_report["net.1"].samples == 8  # 2 micro-batches of 4
+    assert cb.last_report["net.1"].backward_passes == 2
+
+
+def test_validation_and_sanity_forwards_never_count(pl: Any) -> None:
+    model = boring_module(pl)
+    cb = ReluMonitor(log_every_n_steps=4)
+    t = trainer(pl, [cb], max_steps=4, num_sanity_val_steps=2, val_check_interval=2, limit_val_batches=3)
+    t.fit(model, loader(4), loader(3))
+    assert model.val_forwards >= 5
+    assert cb.last_report["net.1"].samples == 16 and cb.last_report["net.1"].forwards == 4
+
+
+def test_checkpoint_resume_keeps_the_alert_history(pl: Any, tmp_path: Path) -> None:
+    model = boring_module(pl, dead_fc2=True)
+    cb = ReluMonitor(log_every_n_steps=2)
+    t = trainer(pl, [cb], max_steps=4, default_root_dir=str(tmp_path))
+    with pytest.warns(relumon.DeadUnitsWarning):
+        t.fit(model, loader(8))
+    ckpt = tmp_path / "resume.ckpt"
+    t.save_checkpoint(str(ckpt))
+    saved = torch.load(str(ckpt), weights_only=False)["callbacks"][cb.state_key]
+    assert saved["monitor"]["alerted"] == ["net.3"]
+
+    resumed_cb = ReluMonitor(log_every_n_steps=2)
+    t2 = trainer(pl, [resumed_cb], max_steps=8, max_epochs=3, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        t2.fit(boring_module(pl, dead_fc2=True), loader(8), ckpt_path=str(ckpt))
+    assert not [w for w in record if issubclass(w.category, relumon.DeadUnitsWarning)]
+    assert resumed_cb.state_dict()["monitor"]["alerted"] == ["net.3"]
+    assert resumed_cb.last_report is not None and resumed_cb.last_report["net.3"].all_dead
+
+
+def test_two_instances_coexist_in_one_checkpoint(pl: Any, tmp_path: Path) -> None:
+    a, b = ReluMonitor(on_dead="warn"), ReluMonitor(on_dead="ignore", prefix="relumon2")
+    assert a.state_key != b.state_key
+    t = trainer(pl, [a, b], max_steps=2, default_root_dir=str(tmp_path))
+    t.fit(boring_module(pl), loader(2))
+    t.save_checkpoint(str(tmp_path / "two.ckpt"))
+    keys = torch.load(str(tmp_path / "two.ckpt"), weights_only=False)["callbacks"]
+    assert a.state_key in keys and b.state_key in keys
+
+
+def test_a_model_without_relu_warns_once_and_training_goes_on(pl: Any) -> None:
+    model = boring_module(pl, act=nn.Tanh)
+    cb = ReluMonitor()
+    t = trainer(pl, [cb], max_steps=3)
+    with pytest.warns(relumon.RelumonWarning, match="stays idle") as record:
+        t.fit(model, loader(3))
+    assert sum("stays idle" in str(w.message) for w in record) == 1
+    assert t.global_step == 3 and cb.last_report is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"on_dead": "halt"}, r"`on_dead` to be one of \('warn', 'raise', 'stop', 'ignore'\)"),
+        ({"log_every_n_steps": 0}, "log_every_n_steps"),
+        ({"min_samples": -1}, "min_samples"),
+        ({"prefix": ""}, "prefix"),
+    ],
+)
+def test_bad_arguments_are_rejected_in_init(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ReluMonitor(**kwargs)
+
+
+def test_default_window_is_the_trainers_log_every_n_steps(pl: Any, tmp_path: Path) -> None:
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="d", version=0)
+    trainer(pl, [ReluMonitor()], logger=logger, max_steps=6, log_every_n_steps=3).fit(boring_module(pl), loader(6))
+    rows = [r for r in csv.DictReader(open(tmp_path / "d" / "version_0" / "metrics.csv")) if r.get("relumon/dead_fraction/net.1")]
+    assert [int(r["step"]) for r in rows] == [3, 6]
