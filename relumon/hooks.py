@@ -19,12 +19,23 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_counted_forward", "in_checkpoint_recompute", "ProducerTracer"]
+__all__ = ["is_compiling", "in_backward", "is_counted_forward", "in_checkpoint_recompute", "ProducerTracer"]
+
+
+try:
+    is_compiling: Callable[[], bool] = torch.compiler.is_compiling
+except AttributeError:  # torch < 2.3
+    is_compiling = torch._dynamo.is_compiling
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (always False inside a torch.compile trace, which runs forwards)."""
+    return not is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def in_checkpoint_recompute() -> bool:
     """True while a non-reentrant ``torch.utils.checkpoint`` recomputes a forward during backward."""
-    if torch._C._current_graph_task_id() == -1:  # not inside a backward pass: the cheap, common answer
+    if not in_backward():  # the cheap, common answer
         return False
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if not hooks:
@@ -51,6 +62,8 @@ class ProducerTracer:
 
     def __init__(self, model: nn.Module, skip: set[nn.Module]) -> None:
         self._outputs: dict[int, tuple[Any, str, nn.Module]] = {}
+        #: A plain bool rather than a look at the handles, so that torch.compile can trace a check of it.
+        self.active = True
         self._handles = [
             module.register_forward_hook(self._make_hook(name))
             for name, module in model.named_modules()
@@ -61,7 +74,7 @@ class ProducerTracer:
         outputs = self._outputs
 
         def record(module: nn.Module, args: Any, out: Any) -> None:
-            if not isinstance(out, Tensor):
+            if is_compiling() or not isinstance(out, Tensor):  # weakrefs and ids do not trace: skip under compile
                 return None
             known = outputs.get(id(out))
             if known is None or known[0]() is not out:  # ids of dead tensors get reused
@@ -81,13 +94,10 @@ class ProducerTracer:
         """Forget the recorded outputs (at each new step), keeping the hooks."""
         self._outputs.clear()
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def remove(self) -> None:
         """Remove every tracing hook. Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._outputs.clear()
+        self.active = False

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning
-from relumon.hooks import ProducerTracer, is_counted_forward
+from relumon.hooks import ProducerTracer, in_backward, is_counted_forward
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import SiteStats, distributed_world_size, gather
 from relumon.tensorboard import custom_scalars_layout, write_scalars
@@ -154,7 +154,7 @@ class Monitor:
         def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
             if not isinstance(out, Tensor) or not is_counted_forward(module):
                 return None
-            if self._step_pending and torch._C._current_graph_task_id() == -1:
+            if self._step_pending and not in_backward():
                 self._start_step()
             call = watched.calls
             watched.calls = call + 1
@@ -208,6 +208,9 @@ class Monitor:
             return None
         return getattr(scaler, "_scale", None)  # the live scale tensor: reading it on the host would sync
 
+    # Allocation runs eagerly even inside a torch.compile trace: state created in a graph would not persist. This
+    # costs one graph break and one recompile on the first compiled training step only.
+    @torch._dynamo.disable
     def _add_site(self, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[_Site]:
         if not (out.is_floating_point() or out.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
             warnings.warn(

@@ -7,7 +7,10 @@ Each :class:`SiteStats` holds O(units) state for one call site of a watched acti
   LeakyReLU output is ``< 0`` exactly where its pre-activation is, so ``peak <= 0`` means stuck in the negative
   regime. ``torch.maximum`` propagates NaN, so a unit that produced NaN has a NaN peak and counts as *non-finite*,
   neither dead nor alive.
-- ``counters``: float64 ``[samples, forwards, backwards, grad_norm_sum]``.
+- ``samples``, ``forwards``, ``backwards``, ``grad_norm_sum``: float64 tensors of shape ``(1,)``. (Not 0-d:
+  torch.compile on torch 2.13 silently drops in-place updates of 0-d float64 CPU tensors made inside a compiled
+  graph; shape ``(1,)`` is kept. Not views of one buffer either: in-place updates of ``unbind``/``split`` views
+  fail to trace.)
 
 Per training step the hooks only launch in-place kernels on these tensors: nothing is read back to the host until
 :func:`gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive if it fired on any
@@ -24,9 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from relumon.hooks import is_compiling
+
 __all__ = ["SiteStats", "GatheredSite", "gather", "distributed_world_size"]
 
-# Indices into SiteStats.counters.
+# Order of the counters when gathered.
 SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM = range(4)
 
 
@@ -48,13 +53,13 @@ class SiteStats:
         "ndim",
         "reduce_dims",
         "peak",
-        "counters",
-        "_samples",
-        "_forwards",
-        "_backwards",
-        "_grad_sum",
+        "samples",
+        "forwards",
+        "backwards",
+        "grad_norm_sum",
         "_grad_scale",
         "_on_backward",
+        "grad_hook",
     )
 
     def __init__(
@@ -71,11 +76,13 @@ class SiteStats:
         self.ndim = ndim
         self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
         self.peak = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
-        self.counters = torch.zeros(4, dtype=torch.float64, device=device)
-        # 0-d views into counters: in-place adds on them need no indexing in the hot path.
-        self._samples, self._forwards, self._backwards, self._grad_sum = self.counters.unbind(0)
+        self.samples, self.forwards, self.backwards, self.grad_norm_sum = (
+            torch.zeros(1, dtype=torch.float64, device=device) for _ in range(4)
+        )
         self._grad_scale = grad_scale
         self._on_backward = on_backward
+        #: Tensor hook for the activation's output: accumulates the gradient norm of each backward pass.
+        self.grad_hook = self._make_grad_hook()
 
     def observe(self, out: Tensor) -> None:
         """Fold one training forward's activation into the window. Launches kernels only; never syncs."""
@@ -85,23 +92,36 @@ class SiteStats:
         elif self.reduce_dims:
             x = x.amax(dim=self.reduce_dims)
         torch.maximum(self.peak, x, out=self.peak)
-        self._samples.add_(batch_rows(out, self.unit_dim))
-        self._forwards.add_(1)
+        self.samples.add_(batch_rows(out, self.unit_dim))
+        self.forwards.add_(1)
 
-    def grad_hook(self, grad: Tensor) -> None:
-        """Tensor hook on the activation's output: accumulate ``||dL/d(output)||_2``. Returns None on purpose."""
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        scale = self._grad_scale()
-        if scale is not None:
-            norm = norm / scale.reshape(())
-        self._grad_sum.add_(norm)
-        self._backwards.add_(1)
-        self._on_backward()
+    def _make_grad_hook(self) -> Callable[[Tensor], None]:
+        # A closure rather than a bound method: torch.compile traces a closure over tensors without a graph break.
+        grad_norm_sum, backwards = self.grad_norm_sum, self.backwards
+        grad_scale, on_backward = self._grad_scale, self._on_backward
+
+        def grad_hook(grad: Tensor) -> None:
+            """Accumulate ``||dL/d(output)||_2`` of one backward pass. Returns None: a value would replace the grad."""
+            norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+            scale = grad_scale()
+            if scale is not None:
+                norm = norm / scale
+            grad_norm_sum.add_(norm)
+            backwards.add_(1)
+            if not is_compiling():  # a Python side effect; compiled steps start through the root forward instead
+                on_backward()
+
+        return grad_hook
+
+    def counters(self) -> Tensor:
+        """``[samples, forwards, backwards, grad_norm_sum]`` as one float64 tensor (a copy)."""
+        return torch.cat([self.samples, self.forwards, self.backwards, self.grad_norm_sum])
 
     def reset(self) -> None:
         """Start a new window."""
         self.peak.fill_(-math.inf)
-        self.counters.zero_()
+        for counter in (self.samples, self.forwards, self.backwards, self.grad_norm_sum):
+            counter.zero_()
 
 
 def batch_rows(out: Tensor, unit_dim: int) -> int:
@@ -139,7 +159,7 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
         return []
     device = sites[0].peak.device  # sites of a model split over devices meet on the first one
     peaks = torch.cat([s.peak.to(device) for s in sites])
-    counters = torch.stack([s.counters.to(device) for s in sites])
+    counters = torch.stack([s.counters().to(device) for s in sites])
     if sync_dist:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         dist.all_reduce(counters, op=dist.ReduceOp.SUM)

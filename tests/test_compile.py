@@ -1,0 +1,77 @@
+"""torch.compile: same report as eager, no graph breaks from relumon's hooks, no per-step recompiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import relumon
+
+pytestmark = pytest.mark.slow
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(inplace=True), nn.Linear(12, 6), nn.LeakyReLU(),
+        nn.Linear(6, 1),
+    )
+    with torch.no_grad():
+        model[2].weight[:3].zero_()
+        model[2].bias[:3] = -1e3  # units 0..2 of the second activation are dead
+    return model
+
+
+def run(model: nn.Module, inputs: list[torch.Tensor]) -> None:
+    for x in inputs:
+        model.zero_grad()
+        model(x).sum().backward()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> None:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_report_equals_eager() -> None:
+    inputs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    eager_model = make_model()
+    with relumon.watch(eager_model) as eager:
+        run(eager_model, inputs)
+    compiled_model = make_model()
+    with relumon.watch(compiled_model) as compiled:  # watch first, then compile
+        run(torch.compile(compiled_model), inputs)
+    for e, c in zip(eager.report(), compiled.report()):
+        assert (c.name, c.units, c.samples, c.forwards, c.backward_passes) == (
+            e.name, e.units, e.samples, e.forwards, e.backward_passes,
+        )
+        assert c.dead_indices == e.dead_indices
+        assert c.grad_norm == pytest.approx(e.grad_norm, rel=1e-5)
+    assert compiled.report(reset=False)["3"].dead_indices == []  # closed above: a new window
+
+
+def test_hooks_cause_no_graph_break_and_no_per_step_recompile() -> None:
+    from torch._dynamo.utils import counters
+
+    model = make_model()
+    x = torch.randn(4, 8)
+    with relumon.watch(model) as monitor:
+        run(model, [x])  # one eager step allocates relumon's state
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model)
+        run(compiled, [x, x])
+        graphs_after_warmup = counters["stats"]["unique_graphs"]
+        run(compiled, [x] * 5)
+        assert counters["stats"]["unique_graphs"] == graphs_after_warmup
+        assert not counters["graph_break"]
+    layer = monitor.report()["1"]
+    # 8 training steps of 4 samples, plus explain's own forward (no backward).
+    assert (layer.samples, layer.forwards, layer.backward_passes) == (36, 9, 8)
