@@ -179,3 +179,15 @@ def test_default_window_is_the_trainers_log_every_n_steps(pl: Any, tmp_path: Pat
     trainer(pl, [ReluMonitor()], logger=logger, max_steps=6, log_every_n_steps=3).fit(boring_module(pl), loader(6))
     rows = [r for r in csv.DictReader(open(tmp_path / "d" / "version_0" / "metrics.csv")) if r.get("relumon/dead_fraction/net.1")]
     assert [int(r["step"]) for r in rows] == [3, 6]
+
+
+@pytest.mark.slow
+def test_fit_a_compiled_module(pl: Any) -> None:
+    torch._dynamo.reset()
+    model = boring_module(pl, dead_fc2=True)
+    cb = ReluMonitor(log_every_n_steps=2, on_dead="ignore")
+    trainer(pl, [cb], max_steps=4).fit(torch.compile(model), loader(4))
+    assert cb.last_report is not None
+    assert cb.last_report["net.3"].all_dead and cb.last_report["net.1"].samples == 8
+    assert _hook_count(model) == 0
+    torch._dynamo.reset()

@@ -1,0 +1,107 @@
+"""Worker functions for the 2-process gloo tests. They live at module level so that spawn can pickle them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+def split_model() -> nn.Sequential:
+    """Linear(2 -> 3) + ReLU: unit 0 fires iff x0 > 0, unit 1 always, unit 2 never."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+        model[0].bias.copy_(torch.tensor([0.0, 1.0, -1e3]))
+    return model
+
+
+def rank_inputs(rank: int, batch: int = 4) -> torch.Tensor:
+    """Rank 1's data has x0 > 0 (unit 0 fires); rank 0's has x0 < 0 (unit 0 silent there)."""
+    x = torch.rand(batch, 2) + 0.1
+    x[:, 0] *= 1.0 if rank == 1 else -1.0
+    return x
+
+
+def plain_worker(rank: int, world_size: int, port: int, out_dir: str, on_dead: str, kill_all: bool) -> None:
+    import relumon
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = split_model()
+        if kill_all:
+            with torch.no_grad():
+                model[0].bias.fill_(-1e3)
+        result: dict[str, Any] = {}
+        with relumon.watch(model, on_dead=on_dead) as monitor:
+            for _ in range(3):
+                model(rank_inputs(rank)).sum().backward()
+            local = monitor.report(reset=False)  # peeks, yet reduces: all ranks must call it
+            try:
+                report = monitor.report()
+                result["report"] = report.to_dict()
+            except relumon.RelumonError as err:
+                result["error"] = str(err)
+        result["peek"] = local.to_dict()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+class SplitData(Dataset):
+    """Index i has x0 > 0 when i is odd: with DistributedSampler(shuffle=False) rank 1 gets the odd indices."""
+
+    def __init__(self, n: int = 32) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.tensor([0.5 + 0.01 * i, 0.3])
+        return x if i % 2 == 1 else x * torch.tensor([-1.0, 1.0])
+
+
+def lightning_module(pl: Any, kill_all: bool = False) -> Any:
+    return _LIGHTNING_CLASSES[pl.__name__](kill_all)
+
+
+def _make_lightning_class(pl: Any) -> type:
+    class SplitModule(pl.LightningModule):
+        def __init__(self, kill_all: bool = False) -> None:
+            super().__init__()
+            self.net = split_model()
+            if kill_all:
+                with torch.no_grad():
+                    self.net[0].bias.fill_(-1e3)
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).sum() * 0.0  # zero loss: weights stay forced
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(SplitData(), batch_size=4, shuffle=False)
+
+    SplitModule.__qualname__ = SplitModule.__name__ = f"SplitModule_{pl.__name__.replace('.', '_')}"
+    return SplitModule
+
+
+_LIGHTNING_CLASSES: dict[str, type] = {}
+for _name in ("lightning.pytorch", "pytorch_lightning"):
+    try:
+        _pl = __import__(_name, fromlist=["LightningModule"])
+    except ImportError:
+        continue
+    _cls = _make_lightning_class(_pl)
+    globals()[_cls.__name__] = _cls  # picklable by module-level name
+    _LIGHTNING_CLASSES[_name] = _cls

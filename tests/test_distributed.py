@@ -1,0 +1,87 @@
+"""Real 2-process gloo runs: reports reduce across ranks, alerts agree, Lightning DDP logs global figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+from tests import dist_workers
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_plain(tmp_path: Path, on_dead: str, kill_all: bool = False) -> list[dict]:
+    args = (2, free_port(), str(tmp_path), on_dead, kill_all)
+    mp.spawn(dist_workers.plain_worker, args=args, nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_unit_alive_only_on_rank_1_is_alive_globally(tmp_path: Path) -> None:
+    results = run_plain(tmp_path, on_dead="ignore")
+    layers = [r["report"]["layers"][0] for r in results]
+    assert layers[0] == layers[1]  # every rank returns the same, global figures
+    layer = layers[0]
+    assert layer["dead_indices"] == [2]  # unit 0 fired on rank 1 only: alive; unit 2 never fired
+    assert layer["samples"] == 2 * 3 * 4 and layer["backward_passes"] == 2 * 3
+    assert layer["dead_fraction"] == pytest.approx(1 / 3)
+
+
+def test_alerts_are_decided_identically_on_every_rank(tmp_path: Path) -> None:
+    # Rank 0 alone sees units 0 and 2 dead, never the whole layer: no rank raises.
+    assert all("error" not in r for r in run_plain(tmp_path, on_dead="raise"))
+    # Every unit dead everywhere: both ranks raise the same error, and neither hangs.
+    results = run_plain(tmp_path, on_dead="raise", kill_all=True)
+    assert results[0]["error"] == results[1]["error"]
+    assert "`1`" in results[0]["error"]
+
+
+def fit_ddp(namespace: str, tmp_path: Path, *, on_dead: str, kill_all: bool, max_steps: int) -> list[dict]:
+    """Fit on 2 CPU processes with ddp_spawn; return the CSV rows that carry relumon's scalars."""
+    pl = pytest.importorskip(namespace)
+    from relumon.lightning import ReluMonitor
+
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="ddp", version=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=max_steps,
+        callbacks=[ReluMonitor(log_every_n_steps=2, on_dead=on_dead)],
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(dist_workers.lightning_module(pl, kill_all=kill_all))
+    return [
+        r
+        for r in csv.DictReader(open(tmp_path / "ddp" / "version_0" / "metrics.csv"))
+        if r.get("relumon/dead_fraction/net.1")
+    ]
+
+
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_lightning_ddp_logs_the_global_dead_fraction(namespace: str, tmp_path: Path) -> None:
+    rows = fit_ddp(namespace, tmp_path, on_dead="ignore", kill_all=False, max_steps=4)
+    assert [int(r["step"]) for r in rows] == [2, 4]  # rank 0 alone writes, once per window
+    # Rank 0 alone sees 2 of 3 units dead; globally only unit 2 is.
+    assert [float(r["relumon/dead_fraction/net.1"]) for r in rows] == pytest.approx([1 / 3, 1 / 3])
+    assert [float(r["relumon/dead_units/net.1"]) for r in rows] == [1.0, 1.0]
+
+
+def test_lightning_ddp_stop_stops_every_rank_together(tmp_path: Path) -> None:
+    # A hang here would be a rank left waiting in a collective; the 2-rank run must simply end after window 1.
+    rows = fit_ddp("lightning.pytorch", tmp_path, on_dead="stop", kill_all=True, max_steps=8)
+    assert [int(r["step"]) for r in rows] == [2]
+    assert float(rows[0]["relumon/dead_fraction/net.1"]) == 1.0
