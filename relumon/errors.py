@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["RelumonError", "RelumonWarning", "DeadUnitsWarning"]
+import sys
+import warnings
+
+__all__ = ["RelumonError", "RelumonWarning", "DeadUnitsWarning", "warn"]
 
 
 class RelumonError(RuntimeError):
@@ -24,3 +27,13 @@ class DeadUnitsWarning(RelumonWarning):
         import warnings
         warnings.filterwarnings("error", category=relumon.DeadUnitsWarning)
     """
+
+
+def warn(message: str, category: type[Warning] = RelumonWarning) -> None:
+    """``warnings.warn`` pointed at the first frame outside relumon, so the user sees their own call."""
+    frame = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "relumon":
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level - 1)

@@ -15,12 +15,11 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 
 from torch import nn
 
-from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning
+from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.monitor import DEFAULT_TYPES, Monitor
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.tensorboard import custom_scalars_layout
@@ -130,7 +129,7 @@ class ReluMonitor(Callback):
             if "found no module" not in str(err):
                 raise
             if trainer.is_global_zero:
-                warnings.warn(f"{err} ReluMonitor stays idle; training goes on.", RelumonWarning, stacklevel=2)
+                warn(f"{err} ReluMonitor stays idle; training goes on.")
             return
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state)
@@ -208,9 +207,9 @@ class ReluMonitor(Callback):
             if trainer is not None:
                 trainer.should_stop = True
             if trainer is None or trainer.is_global_zero:
-                warnings.warn(f"{message} Stopping training (ReluMonitor(on_dead='stop')).", DeadUnitsWarning, stacklevel=2)
+                warn(f"{message} Stopping training (ReluMonitor(on_dead='stop')).", DeadUnitsWarning)
         elif self.on_dead == "warn" and (trainer is None or trainer.is_global_zero):
-            warnings.warn(message, DeadUnitsWarning, stacklevel=2)
+            warn(message, DeadUnitsWarning)
 
     # ------------------------------------------------------------------ checkpoints
 

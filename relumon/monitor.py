@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-import warnings
 import weakref
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 
@@ -13,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning
+from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.hooks import ProducerTracer, in_backward, is_counted_forward
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import SiteStats, distributed_world_size, gather
@@ -213,11 +211,9 @@ class Monitor:
     @torch._dynamo.disable
     def _add_site(self, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[_Site]:
         if not (out.is_floating_point() or out.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
-            warnings.warn(
+            warn(
                 f"relumon: `{watched.name}` produced a {out.dtype} tensor; only real-valued activations are "
-                "watched, so this call site is skipped.",
-                RelumonWarning,
-                stacklevel=3,
+                "watched, so this call site is skipped."
             )
             return None
         fed_by, producer = self._tracer.producer_of(args[0]) if args else (None, None)
@@ -259,13 +255,11 @@ class Monitor:
         if watched.warned_shape:
             return
         watched.warned_shape = True
-        warnings.warn(
+        warn(
             f"relumon: call site `{site.name}` first had {site.stats.units} units along dim "
             f"{site.stats.unit_dim} of a {site.stats.ndim}-D output, now it produced shape {tuple(out.shape)}; "
             "calls with the new shape are skipped. Pass `unit_dim=` to relumon.watch if the unit dim was guessed "
-            "wrong.",
-            RelumonWarning,
-            stacklevel=3,
+            "wrong."
         )
 
     # ------------------------------------------------------------------ reports
@@ -376,7 +370,7 @@ class Monitor:
             elif self.on_dead == "raise":
                 raise RelumonError(dead_layer_message(layer))
             elif self.on_dead == "warn" and _global_rank() == 0:
-                warnings.warn(dead_layer_message(layer), DeadUnitsWarning, stacklevel=_user_stacklevel())
+                warn(dead_layer_message(layer), DeadUnitsWarning)
 
     @property
     def alerted(self) -> frozenset[str]:
@@ -467,16 +461,6 @@ def watch(
         min_samples=min_samples,
         sync_dist=sync_dist,
     )
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside relumon (the user's call)."""
-    frame = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "relumon":
-        frame = frame.f_back
-        level += 1
-    return level
 
 
 def _global_rank() -> int:
