@@ -105,3 +105,46 @@ for _name in ("lightning.pytorch", "pytorch_lightning"):
     _cls = _make_lightning_class(_pl)
     globals()[_cls.__name__] = _cls  # picklable by module-level name
     _LIGHTNING_CLASSES[_name] = _cls
+
+
+def lightning_worker(
+    rank: int, world_size: int, port: int, out_dir: str, namespace: str, on_dead: str, kill_all: bool, max_steps: int
+) -> None:
+    """One rank of a Lightning DDP fit, launched by us (as torchrun would) rather than by ddp_spawn.
+
+    ddp_spawn aborts now and then at process exit on this machine ("terminate called without an active exception"),
+    with or without relumon. Launching externally lets each rank destroy its process group cleanly and report back.
+    """
+    import importlib
+    import warnings
+
+    from relumon.lightning import ReluMonitor
+
+    warnings.simplefilter("ignore")
+    pl = importlib.import_module(namespace)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+        LOCAL_RANK=str(rank), NODE_RANK="0",
+    )
+    callback = ReluMonitor(log_every_n_steps=2, on_dead=on_dead)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world_size,
+        strategy="ddp",
+        max_steps=max_steps,
+        callbacks=[callback],
+        logger=pl.loggers.CSVLogger(out_dir, name="ddp", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    try:
+        trainer.fit(lightning_module(pl, kill_all=kill_all))
+        result = {
+            "global_step": trainer.global_step,
+            "report": callback.last_report.to_dict() if callback.last_report else None,
+        }
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

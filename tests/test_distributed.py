@@ -46,42 +46,33 @@ def test_alerts_are_decided_identically_on_every_rank(tmp_path: Path) -> None:
     assert "`1`" in results[0]["error"]
 
 
-def fit_ddp(namespace: str, tmp_path: Path, *, on_dead: str, kill_all: bool, max_steps: int) -> list[dict]:
-    """Fit on 2 CPU processes with ddp_spawn; return the CSV rows that carry relumon's scalars."""
-    pl = pytest.importorskip(namespace)
-    from relumon.lightning import ReluMonitor
-
-    logger = pl.loggers.CSVLogger(str(tmp_path), name="ddp", version=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=max_steps,
-        callbacks=[ReluMonitor(log_every_n_steps=2, on_dead=on_dead)],
-        logger=logger,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(dist_workers.lightning_module(pl, kill_all=kill_all))
-    return [
+def fit_ddp(namespace: str, tmp_path: Path, *, on_dead: str, kill_all: bool, max_steps: int) -> tuple[list[dict], list[dict]]:
+    """Fit on 2 CPU processes with Lightning's DDP; return the CSV rows with relumon's scalars and each rank's result."""
+    pytest.importorskip(namespace)
+    args = (2, free_port(), str(tmp_path), namespace, on_dead, kill_all, max_steps)
+    mp.spawn(dist_workers.lightning_worker, args=args, nprocs=2, join=True)
+    rows = [
         r
         for r in csv.DictReader(open(tmp_path / "ddp" / "version_0" / "metrics.csv"))
         if r.get("relumon/dead_fraction/net.1")
     ]
+    return rows, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
 def test_lightning_ddp_logs_the_global_dead_fraction(namespace: str, tmp_path: Path) -> None:
-    rows = fit_ddp(namespace, tmp_path, on_dead="ignore", kill_all=False, max_steps=4)
+    rows, ranks = fit_ddp(namespace, tmp_path, on_dead="ignore", kill_all=False, max_steps=4)
     assert [int(r["step"]) for r in rows] == [2, 4]  # rank 0 alone writes, once per window
     # Rank 0 alone sees 2 of 3 units dead; globally only unit 2 is.
     assert [float(r["relumon/dead_fraction/net.1"]) for r in rows] == pytest.approx([1 / 3, 1 / 3])
     assert [float(r["relumon/dead_units/net.1"]) for r in rows] == [1.0, 1.0]
+    assert ranks[0]["report"] == ranks[1]["report"]  # every rank holds the same global report
+    assert ranks[0]["report"]["layers"][0]["samples"] == 2 * 2 * 4
 
 
 def test_lightning_ddp_stop_stops_every_rank_together(tmp_path: Path) -> None:
-    # A hang here would be a rank left waiting in a collective; the 2-rank run must simply end after window 1.
-    rows = fit_ddp("lightning.pytorch", tmp_path, on_dead="stop", kill_all=True, max_steps=8)
+    # A hang here would be a rank left waiting in a collective; both ranks must end after window 1.
+    rows, ranks = fit_ddp("lightning.pytorch", tmp_path, on_dead="stop", kill_all=True, max_steps=8)
     assert [int(r["step"]) for r in rows] == [2]
     assert float(rows[0]["relumon/dead_fraction/net.1"]) == 1.0
+    assert [r["global_step"] for r in ranks] == [2, 2]

@@ -1,0 +1,281 @@
+"""relumon's overhead benchmark: step time with and without monitoring, in one process, as median ratios.
+
+Each workload trains for a number of *rounds*. In every round each variant runs the same number of timed training
+steps (forward, backward, optimizer step) after a few warm-up steps, in a shuffled order, so that drifts in machine
+speed hit every variant alike. A variant's ratio in a round is its median step time over the unmonitored one's in the
+same round; the reported figure is the median of those ratios over rounds.
+
+Variants:
+- ``none``: no monitor.
+- ``relumon``: ``relumon.watch(model)`` as users get it (every training step is measured exactly), with a
+  ``report()`` every ``--report-every`` steps, whose one host transfer is part of the cost.
+- ``naive-item``: the home-made monitor: a forward hook that reads the dead count and a gradient hook that reads the
+  gradient norm with ``.item()`` on every step, as many hand-written monitors do.
+
+On a GPU the script also runs the relumon steps between two reports under
+``torch.cuda.set_sync_debug_mode("error")``, which turns any host sync into an error, and reports peak memory.
+
+    python benchmarks/overhead.py                      # CPU workloads
+    python benchmarks/overhead.py --workloads gpu-resnet50,gpu-mlp --device cuda
+    python benchmarks/overhead.py --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+import relumon
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    name: str
+    device: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.device], tuple[torch.Tensor, torch.Tensor]]
+    autocast: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+
+def mlp(width: int, depth: int) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+def resnet50() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet50()
+
+
+def classification_batch(shape: tuple[int, ...]) -> Callable[[torch.device], tuple[torch.Tensor, torch.Tensor]]:
+    def make(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=gen).to(device)
+        return x, torch.randint(0, 10, (shape[0],), generator=gen).to(device)
+
+    return make
+
+
+WORKLOADS = {
+    "cpu-mlp": Workload("cpu-mlp", "cpu", lambda: mlp(1024, 6), classification_batch((256, 1024))),
+    "cpu-cnn": Workload("cpu-cnn", "cpu", small_cnn, classification_batch((64, 3, 32, 32))),
+    "gpu-resnet50": Workload(
+        "gpu-resnet50", "cuda", resnet50, classification_batch((128, 3, 224, 224)), torch.bfloat16, True
+    ),
+    "gpu-mlp": Workload("gpu-mlp", "cuda", lambda: mlp(4096, 8), classification_batch((4096, 4096)), torch.bfloat16),
+}
+
+# --------------------------------------------------------------------------- variants
+
+
+@contextmanager
+def no_monitor(model: nn.Module) -> Iterator[Optional[Callable[[], Any]]]:
+    yield None
+
+
+@contextmanager
+def relumon_default(model: nn.Module) -> Iterator[Callable[[], Any]]:
+    with relumon.watch(model, on_dead="ignore") as monitor:
+        yield monitor.report
+
+
+@contextmanager
+def naive_item(model: nn.Module) -> Iterator[Callable[[], Any]]:
+    """The home-made monitor most people write first: host reads in every hook, every step."""
+    dead: dict[str, float] = {}
+    grads: dict[str, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.ReLU, nn.LeakyReLU)):
+
+            def hook(m: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
+                dims = [d for d in range(out.ndim) if d != (1 if out.ndim > 2 else out.ndim - 1)]
+                dead[name] = (out.detach().amax(dims) <= 0).sum().item()
+                if out.requires_grad:
+                    out.register_hook(lambda g: grads.__setitem__(name, g.norm().item()))
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield lambda: (dict(dead), dict(grads))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+VARIANTS = {"none": no_monitor, "relumon": relumon_default, "naive-item": naive_item}
+
+# --------------------------------------------------------------------------- timing
+
+
+def make_step(workload: Workload, model: nn.Module, device: torch.device) -> Callable[[], None]:
+    x, y = workload.batch(device)
+    if workload.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=workload.autocast, enabled=workload.autocast is not None):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device, report: Optional[Callable[[], Any]],
+               report_every: int) -> list[float]:
+    times = []
+    for i in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        if report is not None and (i + 1) % report_every == 0:
+            report()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def sync_check(workload: Workload, device: torch.device, steps: int) -> str:
+    """Run relumon steps between two reports with CUDA sync debugging set to error."""
+    model = workload.build().to(device)
+    if workload.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step = make_step(workload, model, device)
+    with relumon.watch(model, on_dead="ignore") as monitor:
+        step()
+        monitor.report()
+        synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                step()
+        except RuntimeError as err:
+            return f"FAILED: {err}"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        monitor.report()
+    return f"ok ({steps} steps, no host sync)"
+
+
+def peak_memory(workload: Workload, device: torch.device, variant: str, steps: int = 5) -> int:
+    model = workload.build().to(device)
+    if workload.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step = make_step(workload, model, device)
+    with VARIANTS[variant](model):
+        step()
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+
+
+def run_workload(workload: Workload, variants: list[str], rounds: int, steps: int, warmup: int,
+                 report_every: int) -> dict[str, Any]:
+    device = torch.device(workload.device)
+    torch.manual_seed(0)
+    model = workload.build().to(device)
+    if workload.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step = make_step(workload, model, device)
+    medians: dict[str, list[float]] = {v: [] for v in variants}
+    rng = random.Random(0)
+    for _ in range(rounds):
+        order = variants[:]
+        rng.shuffle(order)
+        for variant in order:
+            with VARIANTS[variant](model) as report:
+                for _ in range(warmup):
+                    step()
+                times = time_steps(step, steps, device, report, report_every)
+            medians[variant].append(statistics.median(times))
+    result: dict[str, Any] = {"workload": workload.name, "step_ms": 1e3 * statistics.median(medians["none"])}
+    for variant in variants:
+        ratios = [m / base for m, base in zip(medians[variant], medians["none"])]
+        result[variant] = {"ratio": statistics.median(ratios), "ratios": ratios,
+                           "step_ms": 1e3 * statistics.median(medians[variant])}
+    if device.type == "cuda":
+        result["sync_check"] = sync_check(workload, device, steps=10)
+        base = peak_memory(workload, device, "none")
+        result["peak_memory_ratio"] = peak_memory(workload, device, "relumon") / base
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="cpu-mlp,cpu-cnn", help=f"comma-separated, from {list(WORKLOADS)}")
+    parser.add_argument("--variants", default="none,relumon,naive-item")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--report-every", type=int, default=50, help="relumon report() every N steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU workloads")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    if variants[0] != "none":
+        variants = ["none"] + [v for v in variants if v != "none"]
+
+    print(f"relumon {relumon.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
+          f"{platform.machine()}, {torch.get_num_threads()} threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    results = []
+    for name in args.workloads.split(","):
+        workload = WORKLOADS[name]
+        if workload.device == "cuda" and not torch.cuda.is_available():
+            print(f"{name}: skipped (no CUDA device)")
+            continue
+        result = run_workload(workload, variants, args.rounds, args.steps, args.warmup, args.report_every)
+        results.append(result)
+        cells = "  ".join(f"{v} {result[v]['ratio']:.3f}x" for v in variants[1:])
+        extra = ""
+        if "sync_check" in result:
+            extra = f"  sync check: {result['sync_check']}  peak memory {result['peak_memory_ratio']:.4f}x"
+        print(f"{name:<14} {result['step_ms']:8.2f} ms/step unmonitored  {cells}{extra}")
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
