@@ -106,6 +106,21 @@ def relumon_default(model: nn.Module) -> Iterator[Callable[[], Any]]:
 
 
 @contextmanager
+def relumon_exact(model: nn.Module) -> Iterator[Callable[[], Any]]:
+    with relumon.watch(model, on_dead="ignore", measure_every=1) as monitor:
+        yield monitor.report
+
+
+def relumon_every(n: int) -> Callable[[nn.Module], Any]:
+    @contextmanager
+    def variant(model: nn.Module) -> Iterator[Callable[[], Any]]:
+        with relumon.watch(model, on_dead="ignore", measure_every=n) as monitor:
+            yield monitor.report
+
+    return variant
+
+
+@contextmanager
 def naive_item(model: nn.Module) -> Iterator[Callable[[], Any]]:
     """The home-made monitor most people write first: host reads in every hook, every step."""
     dead: dict[str, float] = {}
@@ -128,7 +143,15 @@ def naive_item(model: nn.Module) -> Iterator[Callable[[], Any]]:
             h.remove()
 
 
-VARIANTS = {"none": no_monitor, "relumon": relumon_default, "naive-item": naive_item}
+VARIANTS = {
+    "none": no_monitor,
+    "relumon": relumon_default,
+    "relumon-exact": relumon_exact,
+    "relumon-every2": relumon_every(2),
+    "relumon-every4": relumon_every(4),
+    "relumon-every8": relumon_every(8),
+    "naive-item": naive_item,
+}
 
 # --------------------------------------------------------------------------- timing
 

@@ -60,6 +60,8 @@ class ReluMonitor(Callback):
         types: activation classes to watch.
         unit_dim: as for :func:`relumon.watch`.
         track_grad: also log the gradient norm at each activation's output.
+        measure_every: measure one training micro-batch in every ``measure_every`` (as for :func:`relumon.watch`);
+            1 measures every one exactly.
         prefix: the first part of every logged tag.
 
     Attributes:
@@ -76,6 +78,7 @@ class ReluMonitor(Callback):
         types: Iterable[type[nn.Module]] = DEFAULT_TYPES,
         unit_dim: Union[int, Mapping[str, int], None] = None,
         track_grad: bool = True,
+        measure_every: int = 4,
         prefix: str = "relumon",
     ) -> None:
         if log_every_n_steps is not None and (
@@ -86,6 +89,8 @@ class ReluMonitor(Callback):
             raise ValueError(f"expected `on_dead` to be one of {_ON_DEAD_CHOICES} or a callable, got {on_dead!r}")
         if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
             raise ValueError(f"expected `min_samples` to be an int >= 1, got {min_samples!r}")
+        if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
+            raise ValueError(f"expected `measure_every` to be an int >= 1, got {measure_every!r}")
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
         self.log_every_n_steps = log_every_n_steps
@@ -94,6 +99,7 @@ class ReluMonitor(Callback):
         self.types = tuple(types) if not isinstance(types, type) else (types,)
         self.unit_dim = unit_dim
         self.track_grad = track_grad
+        self.measure_every = measure_every
         self.prefix = prefix
         self.monitor: Optional[Monitor] = None
         self.last_report: Optional[Report] = None
@@ -124,6 +130,7 @@ class ReluMonitor(Callback):
                 grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
                 on_dead=self._on_dead_layer,
                 min_samples=self.min_samples,
+                measure_every=self.measure_every,
             )
         except ValueError as err:
             if "found no module" not in str(err):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
-from relumon.hooks import ProducerTracer, in_backward, is_counted_forward
+from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import SiteStats, distributed_world_size, gather
 from relumon.tensorboard import custom_scalars_layout, write_scalars
@@ -101,6 +101,7 @@ class Monitor:
         on_dead: OnDead = "warn",
         min_samples: int = 1,
         sync_dist: Optional[bool] = None,
+        measure_every: int = 4,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected `model` to be a torch.nn.Module, got {type(model).__name__}")
@@ -113,6 +114,8 @@ class Monitor:
             raise TypeError(
                 f"expected `grad_scaler` to be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
             )
+        if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
+            raise ValueError(f"expected `measure_every` to be an int >= 1, got {measure_every!r}")
         if sync_dist is not None and not isinstance(sync_dist, bool):
             raise TypeError(f"expected `sync_dist` to be True, False or None, got {sync_dist!r}")
 
@@ -134,7 +137,12 @@ class Monitor:
         self._watched: dict[nn.Module, _Watched] = {}
         self._sites: list[_Site] = []
         self._handles: list[RemovableHandle] = []
-        self._step_pending = False
+        self.measure_every = measure_every
+        self._step_pending = False  # a backward finished: the next forward outside backward starts a step
+        self._in_step = False  # a counted forward happened since the last step boundary
+        self._measuring = True  # this step is one of the measured ones
+        self._steps_seen = 0  # training steps with a counted forward, since watch()
+        self._window_start = 0  # _steps_seen when the open window started
         self._window = 0
         self._alerted: set[str] = set()
         self._layout_written: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -154,10 +162,19 @@ class Monitor:
                 return None
             if self._step_pending and not in_backward():
                 self._start_step()
+            if not self._in_step:  # the first counted forward of a step decides whether the step is measured
+                self._in_step = True
+                if is_compiling():
+                    # A step counter read inside a compiled graph would be guarded on and recompile every step, so
+                    # compiled code measures every step; inductor fuses the reductions into its kernels.
+                    self._measuring = True
+                else:
+                    self._measuring = self._steps_seen % self.measure_every == 0
+                    self._steps_seen += 1
             call = watched.calls
             watched.calls = call + 1
             site = watched.sites[call] if call < len(watched.sites) else self._add_site(watched, call, args, out)
-            if site is None or out.numel() == 0:  # an empty batch adds no sample
+            if site is None or not self._measuring or out.numel() == 0:  # an empty batch adds no sample
                 return None
             stats = site.stats
             if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
@@ -190,8 +207,13 @@ class Monitor:
         self._step_pending = True
 
     def _start_step(self) -> None:
-        """A new training step: call counters restart, so the n-th call of a module maps to the same site."""
+        """A new training step: call counters restart, so the n-th call of a module maps to the same site.
+
+        Idempotent until a counted forward happens, so the root forward, ``new_step()`` and a finished backward can
+        all mark the same boundary.
+        """
         self._step_pending = False
+        self._in_step = False
         for watched in self._watched.values():
             watched.calls = 0
         if self._tracer.active:
@@ -325,11 +347,14 @@ class Monitor:
                     dead_mask=dead_mask,
                 )
             )
-        report = Report(layers, window=self._window)
+        # Compiled steps are measured but not counted (see the forward hook): count them by their forwards then.
+        steps = max(self._steps_seen - self._window_start, max((x.forwards for x in layers), default=0))
+        report = Report(layers, window=self._window, steps=steps)
         if reset:
             for site in self._sites:
                 site.stats.reset()
             self._window += 1
+            self._window_start = self._steps_seen
             self._alert(report)
         return report
 
@@ -368,9 +393,9 @@ class Monitor:
             if callable(self.on_dead):
                 self.on_dead(layer)
             elif self.on_dead == "raise":
-                raise RelumonError(dead_layer_message(layer))
+                raise RelumonError(dead_layer_message(layer, report.steps))
             elif self.on_dead == "warn" and _global_rank() == 0:
-                warn(dead_layer_message(layer), DeadUnitsWarning)
+                warn(dead_layer_message(layer, report.steps), DeadUnitsWarning)
 
     @property
     def alerted(self) -> frozenset[str]:
@@ -418,6 +443,7 @@ def watch(
     on_dead: OnDead = "warn",
     min_samples: int = 1,
     sync_dist: Optional[bool] = None,
+    measure_every: int = 4,
 ) -> Monitor:
     """Attach relumon's hooks to every activation module of ``types`` in ``model``.
 
@@ -435,6 +461,9 @@ def watch(
         min_samples: a window must have seen at least this many samples of a layer before it can alert.
         sync_dist: reduce reports across ``torch.distributed`` ranks. ``None`` does so whenever a process group of
             more than one rank is initialised.
+        measure_every: measure one training step in every ``measure_every``: steps 0, n, 2n... of the run. The
+            default 4 keeps the overhead near zero (see ``docs/benchmarks.md``); "dead" then means 0 for every
+            *measured* sample, and ``samples`` counts only those. ``measure_every=1`` measures every step exactly.
 
     Returns:
         The :class:`Monitor`, already watching. Use it as a context manager or call ``remove()``.
@@ -460,6 +489,7 @@ def watch(
         on_dead=on_dead,
         min_samples=min_samples,
         sync_dist=sync_dist,
+        measure_every=measure_every,
     )
 
 

@@ -112,12 +112,14 @@ class Report:
 
     Attributes:
         window: 0-based index of the window this report closed.
+        steps: training steps (with at least one counted forward) in the window, measured or not.
         layers: the per-call-site reports, in the order the sites were first called.
     """
 
-    def __init__(self, layers: list[LayerReport], window: int) -> None:
+    def __init__(self, layers: list[LayerReport], window: int, steps: int = 0) -> None:
         self.layers: tuple[LayerReport, ...] = tuple(layers)
         self.window = window
+        self.steps = steps
         self._by_name = {layer.name: layer for layer in self.layers}
 
     def __iter__(self) -> Iterator[LayerReport]:
@@ -187,7 +189,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (JSON-serialisable)."""
-        return {"window": self.window, "layers": [layer.to_dict() for layer in self.layers]}
+        return {"window": self.window, "steps": self.steps, "layers": [layer.to_dict() for layer in self.layers]}
 
     def __repr__(self) -> str:
         return f"Report(window={self.window}, layers={len(self)}, dead_layers={[x.name for x in self.dead_layers]})"
@@ -210,7 +212,9 @@ class Report:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
             return "  ".join(cells).rstrip()
 
-        lines = [f"relumon report, window {self.window}: {len(self)} call sites", fmt(header)]
+        measured = max((layer.forwards for layer in self.layers), default=0)
+        steps = f"{self.steps} steps" + (f", {measured} measured" if measured < self.steps else "")
+        lines = [f"relumon report, window {self.window}: {len(self)} call sites, {steps}", fmt(header)]
         lines.append("  ".join("-" * w for w in widths))
         lines.extend(fmt(r) for r in rows)
         if any(layer.all_dead for layer in self.layers):
@@ -219,10 +223,17 @@ class Report:
 
 
 def dead_layer_message(layer: LayerReport, steps: Optional[int] = None) -> str:
-    """The alert text for a layer whose every unit died: names the layer, the window and what to try."""
-    steps = layer.forwards if steps is None else steps
+    """The alert text for a layer whose every unit died: names the layer, the window and what to try.
+
+    Args:
+        layer: the layer's report.
+        steps: training steps in the window; defaults to the layer's measured forwards.
+    """
+    steps = layer.forwards if not steps else steps
     what = "stuck in the negative regime" if layer.negative_regime else "dead (output 0)"
     window = f"{layer.samples} samples over {steps} step{'s' if steps != 1 else ''}"
+    if layer.forwards < steps:
+        window += f", {layer.forwards} of them measured"
     feeder = f"`{layer.fed_by}`" if layer.fed_by else "the layer feeding it"
     if layer.negative_regime:
         why = (

@@ -40,7 +40,7 @@ def plain_worker(rank: int, world_size: int, port: int, out_dir: str, on_dead: s
             with torch.no_grad():
                 model[0].bias.fill_(-1e3)
         result: dict[str, Any] = {}
-        with relumon.watch(model, on_dead=on_dead) as monitor:
+        with relumon.watch(model, on_dead=on_dead, measure_every=1) as monitor:
             for _ in range(3):
                 model(rank_inputs(rank)).sum().backward()
             local = monitor.report(reset=False)  # peeks, yet reduces: all ranks must call it
@@ -126,7 +126,7 @@ def lightning_worker(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
         LOCAL_RANK=str(rank), NODE_RANK="0",
     )
-    callback = ReluMonitor(log_every_n_steps=2, on_dead=on_dead)
+    callback = ReluMonitor(log_every_n_steps=2, on_dead=on_dead, measure_every=1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=world_size,

@@ -38,7 +38,7 @@ class CheckpointedNet(nn.Module):
 def test_checkpoint_recompute_neither_doubles_samples_nor_adds_sites(use_reentrant: bool) -> None:
     model = CheckpointedNet(use_reentrant)
     kill_units(model.fc1, [3])
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         for _ in range(3):
             x = torch.randn(7, 6, requires_grad=True)
             model(x).sum().backward()
@@ -56,7 +56,7 @@ def test_grad_norm_is_unscaled_under_a_grad_scaler() -> None:
         model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
         x = torch.randn(8, 4)
         scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
-        with relumon.watch(model, grad_scaler=scaler) as monitor:
+        with relumon.watch(model, measure_every=1, grad_scaler=scaler) as monitor:
             loss = model(x).sum()
             (scaler.scale(loss) if scaler else loss).backward()
         return monitor.report()["1"].grad_norm
@@ -67,7 +67,7 @@ def test_grad_norm_is_unscaled_under_a_grad_scaler() -> None:
 
 def test_bf16_autocast_accumulates_in_fp32() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1))
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         for _ in range(3):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(torch.randn(8, 4))

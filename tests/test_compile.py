@@ -39,10 +39,10 @@ def _fresh_dynamo() -> None:
 def test_compiled_report_equals_eager() -> None:
     inputs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     eager_model = make_model()
-    with relumon.watch(eager_model) as eager:
+    with relumon.watch(eager_model, measure_every=1) as eager:
         run(eager_model, inputs)
     compiled_model = make_model()
-    with relumon.watch(compiled_model) as compiled:  # watch first, then compile
+    with relumon.watch(compiled_model, measure_every=1) as compiled:  # watch first, then compile
         run(torch.compile(compiled_model), inputs)
     for e, c in zip(eager.report(), compiled.report()):
         assert (c.name, c.units, c.samples, c.forwards, c.backward_passes) == (
@@ -58,7 +58,7 @@ def test_hooks_cause_no_graph_break_and_no_per_step_recompile() -> None:
 
     model = make_model()
     x = torch.randn(4, 8)
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         run(model, [x])  # one eager step allocates relumon's state
         explanation = torch._dynamo.explain(model)(x)
         assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -75,3 +75,11 @@ def test_hooks_cause_no_graph_break_and_no_per_step_recompile() -> None:
     layer = monitor.report()["1"]
     # 8 training steps of 4 samples, plus explain's own forward (no backward).
     assert (layer.samples, layer.forwards, layer.backward_passes) == (36, 9, 8)
+
+
+def test_compiled_code_measures_every_step_whatever_measure_every() -> None:
+    model = make_model()
+    with relumon.watch(model) as monitor:  # default measure_every=4 applies to eager steps only
+        run(torch.compile(model), [torch.randn(4, 8) for _ in range(5)])
+    report = monitor.report()
+    assert report.steps == 5 and report["1"].forwards == 5 and report["1"].samples == 20

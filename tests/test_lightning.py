@@ -33,7 +33,7 @@ def test_tensorboard_logger_gets_exact_values_for_a_forced_dead_layer(pl: Any, t
     model = boring_module(pl, dead_fc2=True)
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
     with pytest.warns(relumon.DeadUnitsWarning, match=r"`net.3`.*16 samples over 4 steps") as record:
-        trainer(pl, [ReluMonitor(log_every_n_steps=4)], logger=logger, max_steps=12).fit(model, loader(12))
+        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=4)], logger=logger, max_steps=12).fit(model, loader(12))
     assert sum(issubclass(w.category, relumon.DeadUnitsWarning) for w in record) == 1
     assert _hook_count(model) == 0  # gone after fit
 
@@ -52,7 +52,7 @@ def test_one_callback_class_serves_both_namespaces() -> None:
     lpl = import_namespace("lightning.pytorch")
     ppl = import_namespace("pytorch_lightning")
     for pl in (lpl, ppl):
-        cb = ReluMonitor(log_every_n_steps=2)
+        cb = ReluMonitor(measure_every=1, log_every_n_steps=2)
         model = boring_module(pl)
         trainer(pl, [cb], max_steps=4).fit(model, loader(4))
         assert cb.last_report is not None and cb.last_report["net.1"].samples == 8
@@ -64,7 +64,7 @@ def test_csv_logger_gets_the_scalars_as_columns(pl: Any, tmp_path: Path) -> None
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
-        trainer(pl, [ReluMonitor(log_every_n_steps=3)], logger=logger, max_steps=6).fit(model, loader(6))
+        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=3)], logger=logger, max_steps=6).fit(model, loader(6))
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
     assert {"step", "relumon/dead_fraction/net.3", "relumon/grad_norm/net.1"} <= set(rows[0])
     logged = [r for r in rows if r.get("relumon/dead_fraction/net.3")]
@@ -74,7 +74,7 @@ def test_csv_logger_gets_the_scalars_as_columns(pl: Any, tmp_path: Path) -> None
 
 def test_on_dead_stop_stops_the_trainer_and_says_why(pl: Any) -> None:
     model = boring_module(pl, dead_fc2=True)
-    t = trainer(pl, [ReluMonitor(log_every_n_steps=2, on_dead="stop")], max_steps=20)
+    t = trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=2, on_dead="stop")], max_steps=20)
     with pytest.warns(relumon.DeadUnitsWarning, match="Stopping training"):
         t.fit(model, loader(20))
     assert t.global_step == 2 and t.should_stop
@@ -84,17 +84,17 @@ def test_on_dead_stop_stops_the_trainer_and_says_why(pl: Any) -> None:
 def test_on_dead_raise_raises_relumon_error_and_removes_hooks(pl: Any) -> None:
     model = boring_module(pl, dead_fc2=True)
     with pytest.raises(relumon.RelumonError, match="net.3"):
-        trainer(pl, [ReluMonitor(log_every_n_steps=2, on_dead="raise")], max_steps=20).fit(model, loader(20))
+        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=2, on_dead="raise")], max_steps=20).fit(model, loader(20))
     assert _hook_count(model) == 0
 
 
 def test_min_samples_holds_back_alerts_on_small_windows(pl: Any) -> None:
     model = boring_module(pl, dead_fc2=True)
     seen: list[str] = []
-    cb = ReluMonitor(log_every_n_steps=1, on_dead=lambda layer: seen.append(layer.name), min_samples=5)
+    cb = ReluMonitor(measure_every=1, log_every_n_steps=1, on_dead=lambda layer: seen.append(layer.name), min_samples=5)
     trainer(pl, [cb], max_steps=3).fit(model, loader(3))  # windows of 4 samples
     assert seen == []
-    cb = ReluMonitor(log_every_n_steps=2, on_dead=lambda layer: seen.append(layer.name), min_samples=5)
+    cb = ReluMonitor(measure_every=1, log_every_n_steps=2, on_dead=lambda layer: seen.append(layer.name), min_samples=5)
     trainer(pl, [cb], max_steps=3).fit(boring_module(pl, dead_fc2=True), loader(3))
     assert seen == ["net.3"]
 
@@ -102,7 +102,7 @@ def test_min_samples_holds_back_alerts_on_small_windows(pl: Any) -> None:
 def test_accumulation_counts_every_micro_batch_and_logs_each_step_once(pl: Any, tmp_path: Path) -> None:
     model = boring_module(pl)
     logger = pl.loggers.CSVLogger(str(tmp_path), name="acc", version=0)
-    cb = ReluMonitor(log_every_n_steps=1)
+    cb = ReluMonitor(measure_every=1, log_every_n_steps=1)
     trainer(pl, [cb], logger=logger, accumulate_grad_batches=2, max_steps=3).fit(model, loader(6))
     rows = [r for r in csv.DictReader(open(tmp_path / "acc" / "version_0" / "metrics.csv")) if r.get("relumon/dead_fraction/net.1")]
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
@@ -112,7 +112,7 @@ def test_accumulation_counts_every_micro_batch_and_logs_each_step_once(pl: Any, 
 
 def test_validation_and_sanity_forwards_never_count(pl: Any) -> None:
     model = boring_module(pl)
-    cb = ReluMonitor(log_every_n_steps=4)
+    cb = ReluMonitor(measure_every=1, log_every_n_steps=4)
     t = trainer(pl, [cb], max_steps=4, num_sanity_val_steps=2, val_check_interval=2, limit_val_batches=3)
     t.fit(model, loader(4), loader(3))
     assert model.val_forwards >= 5
@@ -121,7 +121,7 @@ def test_validation_and_sanity_forwards_never_count(pl: Any) -> None:
 
 def test_checkpoint_resume_keeps_the_alert_history(pl: Any, tmp_path: Path) -> None:
     model = boring_module(pl, dead_fc2=True)
-    cb = ReluMonitor(log_every_n_steps=2)
+    cb = ReluMonitor(measure_every=1, log_every_n_steps=2)
     t = trainer(pl, [cb], max_steps=4, default_root_dir=str(tmp_path))
     with pytest.warns(relumon.DeadUnitsWarning):
         t.fit(model, loader(8))
@@ -130,7 +130,7 @@ def test_checkpoint_resume_keeps_the_alert_history(pl: Any, tmp_path: Path) -> N
     saved = torch.load(str(ckpt), weights_only=False)["callbacks"][cb.state_key]
     assert saved["monitor"]["alerted"] == ["net.3"]
 
-    resumed_cb = ReluMonitor(log_every_n_steps=2)
+    resumed_cb = ReluMonitor(measure_every=1, log_every_n_steps=2)
     t2 = trainer(pl, [resumed_cb], max_steps=8, max_epochs=3, default_root_dir=str(tmp_path))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -141,7 +141,7 @@ def test_checkpoint_resume_keeps_the_alert_history(pl: Any, tmp_path: Path) -> N
 
 
 def test_two_instances_coexist_in_one_checkpoint(pl: Any, tmp_path: Path) -> None:
-    a, b = ReluMonitor(on_dead="warn"), ReluMonitor(on_dead="ignore", prefix="relumon2")
+    a, b = ReluMonitor(measure_every=1, on_dead="warn"), ReluMonitor(measure_every=1, on_dead="ignore", prefix="relumon2")
     assert a.state_key != b.state_key
     t = trainer(pl, [a, b], max_steps=2, default_root_dir=str(tmp_path))
     t.fit(boring_module(pl), loader(2))
@@ -152,7 +152,7 @@ def test_two_instances_coexist_in_one_checkpoint(pl: Any, tmp_path: Path) -> Non
 
 def test_a_model_without_relu_warns_once_and_training_goes_on(pl: Any) -> None:
     model = boring_module(pl, act=nn.Tanh)
-    cb = ReluMonitor()
+    cb = ReluMonitor(measure_every=1)
     t = trainer(pl, [cb], max_steps=3)
     with pytest.warns(relumon.RelumonWarning, match="stays idle") as record:
         t.fit(model, loader(3))
@@ -176,7 +176,7 @@ def test_bad_arguments_are_rejected_in_init(kwargs: dict, match: str) -> None:
 
 def test_default_window_is_the_trainers_log_every_n_steps(pl: Any, tmp_path: Path) -> None:
     logger = pl.loggers.CSVLogger(str(tmp_path), name="d", version=0)
-    trainer(pl, [ReluMonitor()], logger=logger, max_steps=6, log_every_n_steps=3).fit(boring_module(pl), loader(6))
+    trainer(pl, [ReluMonitor(measure_every=1)], logger=logger, max_steps=6, log_every_n_steps=3).fit(boring_module(pl), loader(6))
     rows = [r for r in csv.DictReader(open(tmp_path / "d" / "version_0" / "metrics.csv")) if r.get("relumon/dead_fraction/net.1")]
     assert [int(r["step"]) for r in rows] == [3, 6]
 
@@ -185,7 +185,7 @@ def test_default_window_is_the_trainers_log_every_n_steps(pl: Any, tmp_path: Pat
 def test_fit_a_compiled_module(pl: Any) -> None:
     torch._dynamo.reset()
     model = boring_module(pl, dead_fc2=True)
-    cb = ReluMonitor(log_every_n_steps=2, on_dead="ignore")
+    cb = ReluMonitor(measure_every=1, log_every_n_steps=2, on_dead="ignore")
     trainer(pl, [cb], max_steps=4).fit(torch.compile(model), loader(4))
     assert cb.last_report is not None
     assert cb.last_report["net.3"].all_dead and cb.last_report["net.1"].samples == 8

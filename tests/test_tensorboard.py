@@ -26,7 +26,7 @@ def test_log_writes_scalars_and_the_layout(tmp_path: Path) -> None:
     with torch.no_grad():
         model.fc2.bias.fill_(-1e3)
     writer = SummaryWriter(str(tmp_path))
-    with relumon.watch(model, on_dead="ignore") as monitor:
+    with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
         for step in (10, 20, 30):
             train_steps(model, steps=2, batch=4)
             monitor.log(writer, step)
@@ -65,7 +65,7 @@ def test_layout_lists_one_multiline_chart_per_metric() -> None:
 
 def test_log_rejects_something_that_is_not_a_writer() -> None:
     model = MLP()
-    with relumon.watch(model) as monitor, pytest.raises(TypeError, match="SummaryWriter"):
+    with relumon.watch(model, measure_every=1) as monitor, pytest.raises(TypeError, match="SummaryWriter"):
         monitor.log("runs/", 0)
 
 

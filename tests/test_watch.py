@@ -17,7 +17,7 @@ def test_forced_dead_layer_is_reported_exactly() -> None:
     model = MLP()
     with torch.no_grad():
         model.fc2.bias.fill_(-1e3)
-    with relumon.watch(model, on_dead="ignore") as monitor:
+    with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
         train_steps(model, steps=3, batch=10)
     report = monitor.report()
     assert report.names == ["act1", "act2"]
@@ -35,7 +35,7 @@ def test_forced_dead_layer_is_reported_exactly() -> None:
 def test_exactly_k_dead_units() -> None:
     model = MLP()
     kill_units(model.fc1, [0, 5, 7])
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=4, batch=32)
     act1 = monitor.report()["act1"]
     assert act1.dead_units == 3
@@ -48,7 +48,7 @@ def test_inplace_relu_conv_net_counts_dead_channels() -> None:
     kill_units(model.features[0], [1, 2])
     with torch.no_grad():  # BatchNorm recentres, so kill its channels through its own bias
         model.features[3].bias[[0, 4]] = -1e3
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=2, batch=4, in_shape=(3, 8, 8))
     report = monitor.report()
     first, second = report["features.1"], report["features.4"]
@@ -66,7 +66,7 @@ def test_grad_norm_is_the_mean_of_the_output_gradient_norms() -> None:
         out.register_hook(lambda g: seen.append(g.norm()))
 
     model.act2.register_forward_hook(record)
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=3)
     expected = torch.stack(seen).mean().item()
     assert monitor.report()["act2"].grad_norm == pytest.approx(expected, rel=1e-6)
@@ -77,7 +77,7 @@ def test_reused_module_gets_one_site_per_call_in_forward_order() -> None:
     kill_units(model.fc2, [0, 1])  # the second call sees exactly units 0 and 1 dead
     with torch.no_grad():
         model.fc2.bias[2:] = 100.0  # and the others always alive
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=3, in_shape=(4,))
     report = monitor.report()
     assert report.names == ["relu", "relu.call2", "relu.call3"]
@@ -93,7 +93,7 @@ def test_leaky_relu_stuck_negative_is_the_negative_regime() -> None:
     with torch.no_grad():
         model.fc2.bias.fill_(-1e3)
     with pytest.warns(relumon.DeadUnitsWarning, match="negative regime") as record:
-        with relumon.watch(model) as monitor:
+        with relumon.watch(model, measure_every=1) as monitor:
             train_steps(model)
         report = monitor.report()
     assert report["act1"].dead_indices == [3] and report["act1"].negative_regime
@@ -105,7 +105,7 @@ def test_leaky_relu_stuck_negative_is_the_negative_regime() -> None:
 def test_eval_no_grad_and_inference_forwards_do_not_count_and_do_not_break_training() -> None:
     model = MLP()
     x = torch.randn(5, 8)
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         model.eval()
         model(x)
         model.train()
@@ -124,7 +124,7 @@ def test_eval_no_grad_and_inference_forwards_do_not_count_and_do_not_break_train
 
 def test_report_closes_the_window() -> None:
     model = MLP()
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=2, batch=5)
         first = monitor.report()
         peek = monitor.report(reset=False)
@@ -143,7 +143,7 @@ def _our_hooks(model: nn.Module) -> int:
 def test_remove_is_idempotent_and_leaves_no_hook() -> None:
     model = ConvNet()
     before = _our_hooks(model)
-    monitor = relumon.watch(model)
+    monitor = relumon.watch(model, measure_every=1)
     assert _our_hooks(model) > before and monitor.active
     monitor.remove()
     monitor.remove()
@@ -155,7 +155,7 @@ def test_remove_is_idempotent_and_leaves_no_hook() -> None:
 def test_exception_inside_with_removes_hooks_and_propagates() -> None:
     model = MLP()
     with pytest.raises(KeyError, match="boom"):
-        with relumon.watch(model) as monitor:
+        with relumon.watch(model, measure_every=1) as monitor:
             train_steps(model, steps=1)
             raise KeyError("boom")
     assert _our_hooks(model) == 0 and not monitor.active
@@ -168,7 +168,7 @@ def test_the_dead_layer_warning_fires_once_per_layer() -> None:
         model.fc2.bias.fill_(-1e3)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with relumon.watch(model) as monitor:
+        with relumon.watch(model, measure_every=1) as monitor:
             for _ in range(3):
                 train_steps(model, steps=2, batch=4)
                 monitor.report()
@@ -188,14 +188,14 @@ def test_on_dead_raise_and_callable_and_min_samples() -> None:
         return model
 
     model = dead_model()
-    with relumon.watch(model, on_dead="raise") as monitor:
+    with relumon.watch(model, measure_every=1, on_dead="raise") as monitor:
         train_steps(model, steps=1)
         with pytest.raises(relumon.RelumonError, match="act1"):
             monitor.report()
 
     seen: list[str] = []
     model = dead_model()
-    with relumon.watch(model, on_dead=lambda layer: seen.append(layer.name), min_samples=25) as monitor:
+    with relumon.watch(model, measure_every=1, on_dead=lambda layer: seen.append(layer.name), min_samples=25) as monitor:
         train_steps(model, steps=2, batch=10)  # 20 samples < 25: no alert yet
         monitor.report()
         assert seen == []
@@ -208,12 +208,12 @@ def test_state_dict_round_trip_keeps_alert_history() -> None:
     model = MLP()
     with torch.no_grad():
         model.fc1.bias.fill_(-1e3)
-    with relumon.watch(model, on_dead="ignore") as monitor:
+    with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
         train_steps(model, steps=1)
         monitor.report()
     state = monitor.state_dict()
     assert state == {"alerted": ["act1"], "window": 1}
-    with relumon.watch(model, on_dead="raise") as resumed:
+    with relumon.watch(model, measure_every=1, on_dead="raise") as resumed:
         resumed.load_state_dict(state)
         train_steps(model, steps=1)
         resumed.report()  # already alerted: no raise
@@ -236,6 +236,7 @@ def test_no_watched_layer_raises_naming_the_types() -> None:
         ({"unit_dim": "last"}, TypeError, "unit_dim"),
         ({"unit_dim": {"nope": 1}}, ValueError, "not watched"),
         ({"grad_scaler": 3.0}, TypeError, "GradScaler"),
+        ({"measure_every": 0}, ValueError, "measure_every"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs: dict, error: type[Exception], match: str) -> None:
@@ -257,20 +258,20 @@ def test_unit_dim_override_and_sequence_activations() -> None:
 
     model = Seq()
     kill_units(model.proj, [2])
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         model(torch.randn(3, 5, 4)).sum().backward()  # (batch, seq, features)
     act = monitor.report()["act"]
     assert (act.units, act.unit_dim, act.samples, act.dead_indices) == (6, 2, 3, [2])
 
     model = Seq()
-    with relumon.watch(model, unit_dim={"act": 1}) as monitor:
+    with relumon.watch(model, measure_every=1, unit_dim={"act": 1}) as monitor:
         model(torch.randn(3, 5, 4)).sum().backward()
     assert monitor.report()["act"].units == 5
 
 
 def test_nan_empty_and_1d_activations_do_not_crash() -> None:
     model = MLP()
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         x = torch.randn(4, 8)
         x[0, 0] = float("nan")  # fc1 mixes it into every unit
         model(x).sum().backward()
@@ -284,7 +285,7 @@ def test_nan_empty_and_1d_activations_do_not_crash() -> None:
 
 def test_shape_change_at_a_site_warns_and_skips() -> None:
     relu = nn.ReLU()
-    with relumon.watch(relu) as monitor:
+    with relumon.watch(relu, measure_every=1) as monitor:
         relu(torch.randn(2, 3, requires_grad=True)).sum().backward()
         with pytest.warns(relumon.RelumonWarning, match="unit_dim"):
             relu(torch.randn(2, 5, requires_grad=True)).sum().backward()
@@ -296,7 +297,7 @@ def test_report_is_printable_and_serialisable() -> None:
     import json
 
     model = MLP()
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=1)
     report = monitor.report()
     text = str(report)
@@ -316,3 +317,29 @@ def test_importing_relumon_does_not_import_lightning() -> None:
     code = "import sys, relumon; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'tensorboard') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_default_measures_one_step_in_four_and_says_so() -> None:
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.bias.fill_(-1e3)
+    assert relumon.watch(model).measure_every == 4
+    with pytest.warns(relumon.DeadUnitsWarning, match=r"12 samples over 10 steps, 3 of them measured"):
+        with relumon.watch(model) as monitor:
+            train_steps(model, steps=10, batch=4)  # steps 0, 4 and 8 are measured
+            report = monitor.report()
+    assert report.steps == 10
+    assert [(x.samples, x.forwards, x.backward_passes) for x in report] == [(12, 3, 3)] * 2
+    assert "10 steps, 3 measured" in str(report)
+
+
+def test_step_boundaries_are_idempotent() -> None:
+    # The root forward, new_step() and a finished backward may all mark one boundary: it counts once.
+    model = MLP()
+    with relumon.watch(model, measure_every=2) as monitor:
+        for _ in range(4):
+            monitor.new_step()
+            monitor.new_step()
+            model(torch.randn(3, 8)).sum().backward()
+    report = monitor.report()
+    assert report.steps == 4 and report["act1"].forwards == 2
