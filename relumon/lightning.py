@@ -23,6 +23,7 @@ from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.monitor import DEFAULT_TYPES, Monitor
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.tensorboard import custom_scalars_layout
+from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -62,6 +63,9 @@ class ReluMonitor(Callback):
         track_grad: also log the gradient norm at each activation's output.
         measure_every: measure one training micro-batch in every ``measure_every`` (as for :func:`relumon.watch`);
             1 measures every one exactly.
+        permanent_after: closed windows in a row after which a dead unit counts as permanently dead.
+        dormant_tau: also log the tau-dormant fraction per layer (see :func:`relumon.watch`).
+        functional: also watch ``F.relu``-style calls inside the module's forward (see :func:`relumon.watch`).
         prefix: the first part of every logged tag.
 
     Attributes:
@@ -79,18 +83,18 @@ class ReluMonitor(Callback):
         unit_dim: Union[int, Mapping[str, int], None] = None,
         track_grad: bool = True,
         measure_every: int = 4,
+        permanent_after: int = 3,
+        dormant_tau: Optional[float] = None,
+        functional: bool = False,
         prefix: str = "relumon",
     ) -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"expected `log_every_n_steps` to be None or an int >= 1, got {log_every_n_steps!r}")
-        if not (on_dead in _ON_DEAD_CHOICES or callable(on_dead)):
-            raise ValueError(f"expected `on_dead` to be one of {_ON_DEAD_CHOICES} or a callable, got {on_dead!r}")
-        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
-            raise ValueError(f"expected `min_samples` to be an int >= 1, got {min_samples!r}")
-        if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
-            raise ValueError(f"expected `measure_every` to be an int >= 1, got {measure_every!r}")
+        if log_every_n_steps is not None:
+            check_int_at_least("log_every_n_steps", log_every_n_steps)
+        check_on_dead(on_dead, _ON_DEAD_CHOICES)
+        check_int_at_least("min_samples", min_samples)
+        check_int_at_least("measure_every", measure_every)
+        check_int_at_least("permanent_after", permanent_after)
+        check_dormant_tau(dormant_tau)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
         self.log_every_n_steps = log_every_n_steps
@@ -100,6 +104,9 @@ class ReluMonitor(Callback):
         self.unit_dim = unit_dim
         self.track_grad = track_grad
         self.measure_every = measure_every
+        self.permanent_after = permanent_after
+        self.dormant_tau = dormant_tau
+        self.functional = functional
         self.prefix = prefix
         self.monitor: Optional[Monitor] = None
         self.last_report: Optional[Report] = None
@@ -131,6 +138,9 @@ class ReluMonitor(Callback):
                 on_dead=self._on_dead_layer,
                 min_samples=self.min_samples,
                 measure_every=self.measure_every,
+                permanent_after=self.permanent_after,
+                dormant_tau=self.dormant_tau,
+                functional=self.functional,
             )
         except ValueError as err:
             if "found no module" not in str(err):
@@ -183,7 +193,7 @@ class ReluMonitor(Callback):
     def _close_window(self, trainer: Any, step: int) -> None:
         assert self.monitor is not None
         self._last_logged_step = step
-        report = self.monitor.report()  # every rank: the reduction is collective
+        report = self.monitor.report(step=step)  # every rank: the reduction is collective
         self._window_start_step = step
         self.last_report = report
         if trainer.is_global_zero:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 
@@ -13,10 +14,14 @@ from torch.utils.hooks import RemovableHandle
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
+from relumon.blame import blame
+from relumon.functional import ActivationCapture
+from relumon.history import SiteHistory
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import SiteStats, distributed_world_size, gather
 from relumon.tensorboard import custom_scalars_layout, write_scalars
 from relumon.units import infer_unit_dim
+from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead
 
 __all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead"]
 
@@ -38,13 +43,19 @@ NEGATIVE_REGIME_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 OnDead = Union[Literal["warn", "raise", "ignore"], Callable[[LayerReport], Any]]
+
+#: A rise in a layer's dead fraction, from one closed window to the next, that makes relumon blame its feeder.
+BLAME_JUMP = 0.2
 _ON_DEAD_CHOICES = ("warn", "raise", "ignore")
 
 
 class _Site:
     """A call site: the n-th call of a watched module within one forward, with its statistics."""
 
-    __slots__ = ("name", "module_name", "call", "kind", "fed_by", "negative_regime", "stats")
+    __slots__ = (
+        "name", "module_name", "call", "kind", "fed_by", "producer", "negative_regime", "stats", "history",
+        "last_dead_fraction",
+    )
 
     def __init__(
         self,
@@ -53,6 +64,7 @@ class _Site:
         call: int,
         kind: str,
         fed_by: Optional[str],
+        producer: Optional[nn.Module],
         negative_regime: bool,
         stats: SiteStats,
     ) -> None:
@@ -61,8 +73,11 @@ class _Site:
         self.call = call
         self.kind = kind
         self.fed_by = fed_by
+        self.producer = weakref.ref(producer) if producer is not None else None
         self.negative_regime = negative_regime
         self.stats = stats
+        self.history = SiteHistory(stats.units)
+        self.last_dead_fraction = 0.0
 
 
 class _Watched:
@@ -70,10 +85,10 @@ class _Watched:
 
     __slots__ = ("name", "kind", "negative_regime", "unit_dim", "calls", "sites", "warned_shape")
 
-    def __init__(self, name: str, module: nn.Module, unit_dim: Optional[int]) -> None:
+    def __init__(self, name: str, kind: str, negative_regime: bool, unit_dim: Optional[int]) -> None:
         self.name = name
-        self.kind = type(module).__name__
-        self.negative_regime = isinstance(module, NEGATIVE_REGIME_TYPES)
+        self.kind = kind
+        self.negative_regime = negative_regime
         self.unit_dim = unit_dim
         self.calls = 0
         self.sites: list[_Site] = []
@@ -102,31 +117,33 @@ class Monitor:
         min_samples: int = 1,
         sync_dist: Optional[bool] = None,
         measure_every: int = 4,
+        permanent_after: int = 3,
+        dormant_tau: Optional[float] = None,
+        functional: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected `model` to be a torch.nn.Module, got {type(model).__name__}")
         self._types = _check_types(types)
-        if not (on_dead in _ON_DEAD_CHOICES or callable(on_dead)):
-            raise ValueError(f"expected `on_dead` to be one of {_ON_DEAD_CHOICES} or a callable, got {on_dead!r}")
-        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
-            raise ValueError(f"expected `min_samples` to be an int >= 1, got {min_samples!r}")
+        check_on_dead(on_dead, _ON_DEAD_CHOICES)
+        check_int_at_least("min_samples", min_samples)
+        check_int_at_least("measure_every", measure_every)
+        check_int_at_least("permanent_after", permanent_after)
+        check_dormant_tau(dormant_tau)
         if grad_scaler is not None and not hasattr(grad_scaler, "is_enabled"):
             raise TypeError(
                 f"expected `grad_scaler` to be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
             )
-        if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
-            raise ValueError(f"expected `measure_every` to be an int >= 1, got {measure_every!r}")
         if sync_dist is not None and not isinstance(sync_dist, bool):
             raise TypeError(f"expected `sync_dist` to be True, False or None, got {sync_dist!r}")
 
         watched_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, self._types)]
-        if not watched_modules:
+        if not watched_modules and not functional:
             looked_for = ", ".join(t.__name__ for t in self._types)
             raise ValueError(
                 f"relumon found no module of the watched types ({looked_for}) in {type(model).__name__}. "
-                "Pass `types=` to watch other activation classes."
+                "Pass `types=` to watch other activation classes, or `functional=True` to watch F.relu calls."
             )
-        overrides = _check_unit_dim(unit_dim, [name for name, _ in watched_modules])
+        overrides = _check_unit_dim(unit_dim, [name for name, _ in watched_modules], functional)
 
         self.track_grad = track_grad
         self.on_dead = on_dead
@@ -134,10 +151,15 @@ class Monitor:
         self.sync_dist = sync_dist
         self._grad_scaler = grad_scaler
         self._model_ref = weakref.ref(model)
-        self._watched: dict[nn.Module, _Watched] = {}
+        self._watched: dict[Union[nn.Module, str], _Watched] = {}  # modules, and functional call sites by name
         self._sites: list[_Site] = []
         self._handles: list[RemovableHandle] = []
         self.measure_every = measure_every
+        self.permanent_after = permanent_after
+        self.dormant_tau = dormant_tau
+        self.functional = functional
+        self._unit_dim_overrides = overrides
+        self._pending_history: dict[str, Any] = {}  # from load_state_dict, for sites not allocated yet
         self._step_pending = False  # a backward finished: the next forward outside backward starts a step
         self._in_step = False  # a counted forward happened since the last step boundary
         self._measuring = True  # this step is one of the measured ones
@@ -148,48 +170,97 @@ class Monitor:
         self._layout_written: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
         for name, module in watched_modules:
-            watched = _Watched(name, module, overrides.get(name, overrides.get("*")))
+            unit = overrides.get(name, overrides.get("*"))
+            watched = _Watched(name, type(module).__name__, isinstance(module, NEGATIVE_REGIME_TYPES), unit)
             self._watched[module] = watched
             self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
         self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
         self._tracer = ProducerTracer(model, skip=set(self._watched))
+        self._module_stack: list[tuple[str, nn.Module]] = []
+        self._capture: Optional[ActivationCapture] = None
+        if functional:
+            self._attach_functional(model)
 
     # ------------------------------------------------------------------ hooks (the per-step path)
 
     def _make_forward_hook(self, watched: _Watched) -> Callable[[nn.Module, Any, Any], None]:
         def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
-            if not isinstance(out, Tensor) or not is_counted_forward(module):
-                return None
-            if self._step_pending and not in_backward():
-                self._start_step()
-            if not self._in_step:  # the first counted forward of a step decides whether the step is measured
-                self._in_step = True
-                if is_compiling():
-                    # A step counter read inside a compiled graph would be guarded on and recompile every step, so
-                    # compiled code measures every step; inductor fuses the reductions into its kernels.
-                    self._measuring = True
-                else:
-                    self._measuring = self._steps_seen % self.measure_every == 0
-                    self._steps_seen += 1
-            call = watched.calls
-            watched.calls = call + 1
-            site = watched.sites[call] if call < len(watched.sites) else self._add_site(watched, call, args, out)
-            if site is None or not self._measuring or out.numel() == 0:  # an empty batch adds no sample
-                return None
-            stats = site.stats
-            if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
-                obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
-            else:
-                obs = out
-            if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
-                self._warn_shape(watched, site, out)
-                return None
-            stats.observe(obs)
-            if self.track_grad and out.requires_grad:
-                out.register_hook(stats.grad_hook)
+            self._observe(watched, module, args, out)
             return None
 
         return forward_hook
+
+    def _observe(self, watched: _Watched, module: nn.Module, args: Any, out: Any) -> None:
+        """One call of a watched activation (``module`` decides whether it is a training forward)."""
+        if not isinstance(out, Tensor) or not is_counted_forward(module):
+            return
+        if self._step_pending and not in_backward():
+            self._start_step()
+        if not self._in_step:  # the first counted forward of a step decides whether the step is measured
+            self._in_step = True
+            if is_compiling():
+                # A step counter read inside a compiled graph would be guarded on and recompile every step, so
+                # compiled code measures every step; inductor fuses the reductions into its kernels.
+                self._measuring = True
+            else:
+                self._measuring = self._steps_seen % self.measure_every == 0
+                self._steps_seen += 1
+        call = watched.calls
+        watched.calls = call + 1
+        site = watched.sites[call] if call < len(watched.sites) else self._add_site(watched, call, args, out)
+        if site is None or not self._measuring or out.numel() == 0:  # an empty batch adds no sample
+            return
+        stats = site.stats
+        if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
+            obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
+        else:
+            obs = out
+        if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
+            self._warn_shape(watched, site, out)
+            return
+        stats.observe(obs)
+        if self.track_grad and out.requires_grad:
+            out.register_hook(stats.grad_hook)
+
+    # ------------------------------------------------------------------ functional calls (opt-in)
+
+    def _attach_functional(self, model: nn.Module) -> None:
+        """Track the running module on a stack; while any runs, a TorchFunctionMode catches F.relu calls."""
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._make_enter(name)))
+            self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+
+    def _make_enter(self, name: str) -> Callable[[nn.Module, Any], None]:
+        def enter(module: nn.Module, args: Any) -> None:
+            if not self._module_stack and not is_compiling():
+                self._capture = ActivationCapture(self._on_functional_call)
+                self._capture.__enter__()
+            self._module_stack.append((name, module))
+            return None
+
+        return enter
+
+    def _exit_module(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._module_stack:
+            self._module_stack.pop()
+        if not self._module_stack and self._capture is not None:
+            capture, self._capture = self._capture, None
+            capture.__exit__(None, None, None)
+        return None
+
+    def _on_functional_call(self, fn: str, args: tuple[Any, ...], out: Any) -> None:
+        if not self._module_stack:
+            return
+        path, module = self._module_stack[-1]
+        if module in self._watched:  # nn.ReLU calling F.relu: the module's own hook counts it
+            return
+        site_path = f"{path}.F.{fn}" if path else f"F.{fn}"
+        watched = self._watched.get(site_path)
+        if watched is None:
+            unit = self._unit_dim_overrides.get(site_path, self._unit_dim_overrides.get("*"))
+            watched = _Watched(site_path, f"F.{fn}", fn != "relu", unit)
+            self._watched[site_path] = watched
+        self._observe(watched, module, args, out)
 
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         self._start_step()
@@ -257,6 +328,7 @@ class Monitor:
             device=out.device,
             grad_scale=self._grad_scale,
             on_backward=self._on_backward,
+            track_abs=self.dormant_tau is not None,
         )
         path = watched.name or "root"
         site = _Site(
@@ -265,9 +337,12 @@ class Monitor:
             call=call,
             kind=watched.kind,
             fed_by=fed_by,
+            producer=producer,
             negative_regime=watched.negative_regime,
             stats=stats,
         )
+        if site.name in self._pending_history:
+            site.history.load_state_dict(self._pending_history.pop(site.name))
         # A call index can only be new if every lower one exists (calls count up from 0 each step).
         watched.sites.append(site)
         self._sites.append(site)
@@ -308,7 +383,7 @@ class Monitor:
             raise RelumonError("`sync_dist=True` needs an initialised torch.distributed process group")
         return self.sync_dist
 
-    def report(self, *, reset: bool = True) -> Report:
+    def report(self, *, reset: bool = True, step: Optional[int] = None) -> Report:
         """Read the current window's statistics to the host and, by default, close the window.
 
         This is the only place relumon reads device state on the host (one transfer for all sites). Under
@@ -316,7 +391,10 @@ class Monitor:
         the same global report.
 
         Args:
-            reset: close the window (start a new one) and run the ``on_dead`` alerts. ``False`` peeks.
+            reset: close the window (start a new one), update the death history and run the ``on_dead`` alerts.
+                ``False`` peeks and changes nothing.
+            step: the step to record in the death history (``first_dead_step``); defaults to the number of
+                training steps seen so far. :meth:`log` passes its ``step``.
 
         Returns:
             A :class:`Report` with one :class:`LayerReport` per call site, in forward order.
@@ -324,29 +402,9 @@ class Monitor:
         Raises:
             RelumonError: with ``on_dead="raise"``, when a layer's every unit is dead for the first time.
         """
+        step = self._steps_seen if step is None else step
         gathered = gather([site.stats for site in self._sites], self._sync())
-        layers = []
-        for site, g in zip(self._sites, gathered):
-            dead_mask = g.peak <= 0 if g.samples > 0 else torch.zeros(site.stats.units, dtype=torch.bool)
-            layers.append(
-                LayerReport(
-                    name=site.name,
-                    module=site.module_name,
-                    call=site.call,
-                    kind=site.kind,
-                    units=site.stats.units,
-                    unit_dim=site.stats.unit_dim,
-                    fed_by=site.fed_by,
-                    samples=g.samples,
-                    forwards=g.forwards,
-                    backward_passes=g.backwards,
-                    dead_units=int(dead_mask.sum()),
-                    nonfinite_units=int(g.peak.isnan().sum()) if g.samples > 0 else 0,
-                    grad_norm=g.grad_norm_sum / g.backwards if g.backwards else math.nan,
-                    negative_regime=site.negative_regime,
-                    dead_mask=dead_mask,
-                )
-            )
+        layers = [self._layer_report(site, g, step, reset) for site, g in zip(self._sites, gathered)]
         # Compiled steps are measured but not counted (see the forward hook): count them by their forwards then.
         steps = max(self._steps_seen - self._window_start, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
@@ -357,6 +415,54 @@ class Monitor:
             self._window_start = self._steps_seen
             self._alert(report)
         return report
+
+    def _layer_report(self, site: _Site, g: Any, step: int, update_history: bool) -> LayerReport:
+        units = site.stats.units
+        seen = g.samples > 0
+        dead_mask = g.peak <= 0 if seen else torch.zeros(units, dtype=torch.bool)
+        dead_fraction = float(dead_mask.sum()) / units if seen else math.nan
+        if seen and update_history:
+            history = site.history.update(dead_mask, step, self.permanent_after)
+        else:
+            history = site.history.view(0, self.permanent_after)
+        dormant_units = dormant_scores = None
+        if self.dormant_tau is not None and g.abs_sum is not None and g.positions > 0:
+            mean_abs = g.abs_sum / g.positions
+            layer_mean = float(mean_abs.mean())
+            dormant_scores = (mean_abs / layer_mean if layer_mean > 0 else torch.zeros_like(mean_abs)).float()
+            dormant_units = int((dormant_scores <= self.dormant_tau).sum())
+        blamed = None
+        producer = site.producer() if site.producer is not None else None
+        jumped = seen and dead_fraction - site.last_dead_fraction >= BLAME_JUMP
+        if producer is not None and site.fed_by and (jumped or (seen and bool(dead_mask.all()))):
+            blamed = blame(site.name, site.fed_by, producer, dead_mask)
+        if seen and update_history:
+            site.last_dead_fraction = dead_fraction
+        return LayerReport(
+            name=site.name,
+            module=site.module_name,
+            call=site.call,
+            kind=site.kind,
+            units=units,
+            unit_dim=site.stats.unit_dim,
+            fed_by=site.fed_by,
+            samples=g.samples,
+            forwards=g.forwards,
+            backward_passes=g.backwards,
+            dead_units=int(dead_mask.sum()),
+            nonfinite_units=int(g.peak.isnan().sum()) if seen else 0,
+            grad_norm=g.grad_norm_sum / g.backwards if g.backwards else math.nan,
+            negative_regime=site.negative_regime,
+            dead_mask=dead_mask,
+            revived_units=history.revived_units,
+            revived_total=history.revived_total,
+            permanently_dead_units=history.permanently_dead_units,
+            first_dead_step=history.first_dead_step,
+            dead_streak=history.dead_streak,
+            dormant_units=dormant_units,
+            dormant_scores=dormant_scores,
+            blame=blamed,
+        )
 
     def log(self, writer: Any, step: int) -> Report:
         """Close the window with :meth:`report` and write its scalars to a ``SummaryWriter`` at ``step``.
@@ -377,7 +483,7 @@ class Monitor:
             raise TypeError(
                 f"expected `writer` to be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
             )
-        report = self.report()
+        report = self.report(step=step)
         if _global_rank() == 0:
             if hasattr(writer, "add_custom_scalars") and writer not in self._layout_written:
                 writer.add_custom_scalars(custom_scalars_layout())
@@ -405,13 +511,22 @@ class Monitor:
     # ------------------------------------------------------------------ state and lifetime
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state to checkpoint: the alert history and the window count."""
-        return {"alerted": sorted(self._alerted), "window": self._window}
+        """Plain-data state to checkpoint: the alert history, the window count and each site's death history."""
+        history = dict(self._pending_history)
+        history.update({site.name: site.history.state_dict() for site in self._sites})
+        return {"alerted": sorted(self._alerted), "window": self._window, "history": history}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; missing keys keep their defaults."""
+        """Restore :meth:`state_dict` output; missing keys keep their defaults.
+
+        Death histories of sites not discovered yet are applied when those sites are first called.
+        """
         self._alerted = set(state.get("alerted", ()))
         self._window = int(state.get("window", 0))
+        self._pending_history = dict(state.get("history", {}))
+        for site in self._sites:
+            if site.name in self._pending_history:
+                site.history.load_state_dict(self._pending_history.pop(site.name))
 
     def remove(self) -> None:
         """Remove every hook relumon put on the model. Idempotent; the statistics stay readable."""
@@ -419,6 +534,10 @@ class Monitor:
             handle.remove()
         self._handles.clear()
         self._tracer.remove()
+        if self._capture is not None:  # removed in the middle of a forward
+            capture, self._capture = self._capture, None
+            capture.__exit__(None, None, None)
+        self._module_stack.clear()
 
     def __enter__(self) -> "Monitor":
         return self
@@ -444,6 +563,9 @@ def watch(
     min_samples: int = 1,
     sync_dist: Optional[bool] = None,
     measure_every: int = 4,
+    permanent_after: int = 3,
+    dormant_tau: Optional[float] = None,
+    functional: bool = False,
 ) -> Monitor:
     """Attach relumon's hooks to every activation module of ``types`` in ``model``.
 
@@ -464,6 +586,11 @@ def watch(
         measure_every: measure one training step in every ``measure_every``: steps 0, n, 2n... of the run. The
             default 4 keeps the overhead near zero (see ``docs/benchmarks.md``); "dead" then means 0 for every
             *measured* sample, and ``samples`` counts only those. ``measure_every=1`` measures every step exactly.
+        permanent_after: a unit dead for this many closed windows in a row counts as permanently dead.
+        dormant_tau: also report tau-dormant units (Sokar et al., ICML 2023): a unit whose mean ``|activation|``,
+            divided by the layer's mean of the same, is ``<= tau``. Costs one more reduction per measured call.
+        functional: also watch ``F.relu``, ``torch.relu``, ``x.relu()`` and ``F.leaky_relu`` calls made inside
+            the model's forward (see :mod:`relumon.functional` for the mechanism and its limits). Eager only.
 
     Returns:
         The :class:`Monitor`, already watching. Use it as a context manager or call ``remove()``.
@@ -490,6 +617,9 @@ def watch(
         min_samples=min_samples,
         sync_dist=sync_dist,
         measure_every=measure_every,
+        permanent_after=permanent_after,
+        dormant_tau=dormant_tau,
+        functional=functional,
     )
 
 
@@ -512,13 +642,16 @@ def _check_types(types: Iterable[type[nn.Module]]) -> tuple[type[nn.Module], ...
     return checked
 
 
-def _check_unit_dim(unit_dim: Union[int, Mapping[str, int], None], names: list[str]) -> dict[str, int]:
+def _check_unit_dim(
+    unit_dim: Union[int, Mapping[str, int], None], names: list[str], functional: bool
+) -> dict[str, int]:
     if unit_dim is None:
         return {}
     if isinstance(unit_dim, int) and not isinstance(unit_dim, bool):
         return {"*": unit_dim}
     if isinstance(unit_dim, Mapping):
-        unknown = [k for k in unit_dim if k != "*" and k not in names]
+        functional_site = re.compile(r"(.+\.)?F\.(relu|leaky_relu)$")
+        unknown = [k for k in unit_dim if k != "*" and k not in names and not (functional and functional_site.match(k))]
         if unknown:
             raise ValueError(f"`unit_dim` names modules that are not watched: {unknown}; watched: {names}")
         bad = {k: v for k, v in unit_dim.items() if isinstance(v, bool) or not isinstance(v, int)}

@@ -42,6 +42,15 @@ class LayerReport:
         negative_regime: True for activations that pass negative values (LeakyReLU...), where "dead" means "stuck
             in the negative regime" and the units still pass ``alpha * gradient``.
         dead_mask: CPU bool tensor of shape ``(units,)``, True where the unit is dead.
+        revived_units: units that were dead in the previous closed window and are alive in this one.
+        revived_total: revivals since monitoring began (or since the checkpoint's run began).
+        permanently_dead_units: units dead for ``permanent_after`` closed windows in a row: the textbook dead neuron.
+        first_dead_step: CPU int64 per unit, the step of the window in which it was first seen dead; -1 if never.
+        dead_streak: CPU int64 per unit, how many closed windows in a row it has been dead.
+        dormant_units: with ``dormant_tau`` set, units whose tau-dormant score (mean ``|activation|`` over the
+            layer's mean of the same, Sokar et al. 2023) is ``<= tau``; else None.
+        dormant_scores: CPU float per unit, the scores themselves, with ``dormant_tau`` set.
+        blame: for a layer that died or whose dead fraction jumped, facts about the module that fed it.
     """
 
     name: str
@@ -59,6 +68,14 @@ class LayerReport:
     grad_norm: float
     negative_regime: bool
     dead_mask: torch.Tensor = field(repr=False, compare=False)
+    revived_units: int = 0
+    revived_total: int = 0
+    permanently_dead_units: int = 0
+    first_dead_step: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    dead_streak: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    dormant_units: Optional[int] = None
+    dormant_scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    blame: Optional[str] = None
 
     @property
     def dead_fraction(self) -> float:
@@ -66,6 +83,13 @@ class LayerReport:
         if self.samples == 0:
             return math.nan
         return self.dead_units / self.units
+
+    @property
+    def dormant_fraction(self) -> float:
+        """``dormant_units / units``; NaN without ``dormant_tau`` or samples."""
+        if self.dormant_units is None or self.samples == 0:
+            return math.nan
+        return self.dormant_units / self.units
 
     @property
     def all_dead(self) -> bool:
@@ -83,7 +107,8 @@ class LayerReport:
         return sanitize_tag(self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (JSON-serialisable), without the mask but with the dead indices."""
+        """Plain-data form (strict JSON: NaN becomes None), without the tensors but with the dead indices."""
+        nan_to_none = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
         return {
             "name": self.name,
             "module": self.module,
@@ -96,11 +121,17 @@ class LayerReport:
             "forwards": self.forwards,
             "backward_passes": self.backward_passes,
             "dead_units": self.dead_units,
-            "dead_fraction": self.dead_fraction,
+            "dead_fraction": nan_to_none(self.dead_fraction),
             "nonfinite_units": self.nonfinite_units,
-            "grad_norm": self.grad_norm,
+            "grad_norm": nan_to_none(self.grad_norm),
             "negative_regime": self.negative_regime,
             "dead_indices": self.dead_indices,
+            "revived_units": self.revived_units,
+            "revived_total": self.revived_total,
+            "permanently_dead_units": self.permanently_dead_units,
+            "dormant_units": self.dormant_units,
+            "dormant_fraction": nan_to_none(self.dormant_fraction),
+            "blame": self.blame,
         }
 
 
@@ -168,9 +199,10 @@ class Report:
     def scalars(self, prefix: str = "relumon") -> dict[str, float]:
         """Scalar values keyed by TensorBoard tag.
 
-        Per site ``<prefix>/dead_fraction/<name>``, ``<prefix>/dead_units/<name>`` and, when a backward pass ran,
-        ``<prefix>/grad_norm/<name>``; ``<prefix>/nonfinite_units/<name>`` when non-zero; and
-        ``<prefix>/summary/dead_fraction`` over all units. Sites that saw no sample in the window are left out,
+        Per site ``<prefix>/dead_fraction/<name>``, ``<prefix>/dead_units/<name>``, ``<prefix>/revived/<name>``,
+        ``<prefix>/permanently_dead/<name>`` and, when a backward pass ran, ``<prefix>/grad_norm/<name>``;
+        ``<prefix>/nonfinite_units/<name>`` when non-zero; ``<prefix>/dormant_fraction/<name>`` with
+        ``dormant_tau``; and ``<prefix>/summary/dead_fraction`` over all units. Sites that saw no sample in the window are left out,
         so no NaN is ever logged.
         """
         out: dict[str, float] = {}
@@ -183,6 +215,10 @@ class Report:
                 out[f"{prefix}/grad_norm/{layer.tag}"] = layer.grad_norm
             if layer.nonfinite_units:
                 out[f"{prefix}/nonfinite_units/{layer.tag}"] = float(layer.nonfinite_units)
+            out[f"{prefix}/revived/{layer.tag}"] = float(layer.revived_units)
+            out[f"{prefix}/permanently_dead/{layer.tag}"] = float(layer.permanently_dead_units)
+            if layer.dormant_units is not None:
+                out[f"{prefix}/dormant_fraction/{layer.tag}"] = layer.dormant_fraction
         if out:
             out[f"{prefix}/summary/dead_fraction"] = self.dead_fraction
         return out
@@ -245,4 +281,7 @@ def dead_layer_message(layer: LayerReport, steps: Optional[int] = None) -> str:
             f"Dead ReLU units get no gradient, so the weights feeding them stop learning. "
             f"Try a lower learning rate, LeakyReLU, or the init or bias of {feeder}."
         )
-    return f"relumon: all {layer.units} units of `{layer.name}` ({layer.kind}) were {what} for the last window ({window}). {why}"
+    message = f"relumon: all {layer.units} units of `{layer.name}` ({layer.kind}) were {what} for the last window ({window}). {why}"
+    if layer.blame:
+        message += f" Blame: {layer.blame}."
+    return message

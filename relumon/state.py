@@ -7,6 +7,8 @@ Each :class:`SiteStats` holds O(units) state for one call site of a watched acti
   LeakyReLU output is ``< 0`` exactly where its pre-activation is, so ``peak <= 0`` means stuck in the negative
   regime. ``torch.maximum`` propagates NaN, so a unit that produced NaN has a NaN peak and counts as *non-finite*,
   neither dead nor alive.
+- ``abs_sum`` (only with ``track_abs``, for the dormant score): float32 per unit, the sum of ``|activation|``, and
+  ``positions``, the number of values summed per unit.
 - ``samples``, ``forwards``, ``backwards``, ``grad_norm_sum``: float64 tensors of shape ``(1,)``. (Not 0-d:
   torch.compile on torch 2.13 silently drops in-place updates of 0-d float64 CPU tensors made inside a compiled
   graph; shape ``(1,)`` is kept. Not views of one buffer either: in-place updates of ``unbind``/``split`` views
@@ -57,6 +59,8 @@ class SiteStats:
         "forwards",
         "backwards",
         "grad_norm_sum",
+        "abs_sum",
+        "positions",
         "_grad_scale",
         "_on_backward",
         "grad_hook",
@@ -70,6 +74,7 @@ class SiteStats:
         device: torch.device,
         grad_scale: Callable[[], Optional[Tensor]] = lambda: None,
         on_backward: Callable[[], None] = lambda: None,
+        track_abs: bool = False,
     ) -> None:
         self.units = units
         self.unit_dim = unit_dim
@@ -79,6 +84,11 @@ class SiteStats:
         self.samples, self.forwards, self.backwards, self.grad_norm_sum = (
             torch.zeros(1, dtype=torch.float64, device=device) for _ in range(4)
         )
+        self.abs_sum: Optional[Tensor] = None
+        self.positions: Optional[Tensor] = None
+        if track_abs:
+            self.abs_sum = torch.zeros(units, dtype=torch.float32, device=device)
+            self.positions = torch.zeros(1, dtype=torch.float64, device=device)
         self._grad_scale = grad_scale
         self._on_backward = on_backward
         #: Tensor hook for the activation's output: accumulates the gradient norm of each backward pass.
@@ -89,7 +99,13 @@ class SiteStats:
         x = out.detach()
         if self.ndim == 0:
             x = x.reshape(1)
-        elif self.reduce_dims:
+        if self.abs_sum is not None and self.positions is not None:
+            if self.reduce_dims:
+                self.abs_sum.add_(torch.linalg.vector_norm(x, ord=1, dim=self.reduce_dims, dtype=torch.float32))
+            else:
+                self.abs_sum.add_(x.abs())
+            self.positions.add_(x.numel() // self.units)
+        if self.reduce_dims:
             x = x.amax(dim=self.reduce_dims)
         torch.maximum(self.peak, x, out=self.peak)
         self.samples.add_(batch_rows(out, self.unit_dim))
@@ -113,15 +129,22 @@ class SiteStats:
 
         return grad_hook
 
-    def counters(self) -> Tensor:
-        """``[samples, forwards, backwards, grad_norm_sum]`` as one float64 tensor (a copy)."""
-        return torch.cat([self.samples, self.forwards, self.backwards, self.grad_norm_sum])
+    def _sums(self) -> list[Tensor]:
+        sums = [self.samples, self.forwards, self.backwards, self.grad_norm_sum]
+        if self.abs_sum is not None and self.positions is not None:
+            sums += [self.positions, self.abs_sum]
+        return sums
+
+    def sum_state(self) -> Tensor:
+        """Everything that combines across ranks by SUM, as one float64 tensor (a copy):
+        ``[samples, forwards, backwards, grad_norm_sum]``, then ``[positions, *abs_sum]`` with ``track_abs``."""
+        return torch.cat([t.double() for t in self._sums()])
 
     def reset(self) -> None:
         """Start a new window."""
         self.peak.fill_(-math.inf)
-        for counter in (self.samples, self.forwards, self.backwards, self.grad_norm_sum):
-            counter.zero_()
+        for tensor in self._sums():
+            tensor.zero_()
 
 
 def batch_rows(out: Tensor, unit_dim: int) -> int:
@@ -140,6 +163,8 @@ class GatheredSite:
     forwards: int
     backwards: int
     grad_norm_sum: float
+    positions: int = 0
+    abs_sum: Optional[Tensor] = None  # float64, CPU, with track_abs
 
 
 def distributed_world_size() -> int:
@@ -159,25 +184,28 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
         return []
     device = sites[0].peak.device  # sites of a model split over devices meet on the first one
     peaks = torch.cat([s.peak.to(device) for s in sites])
-    counters = torch.stack([s.counters().to(device) for s in sites])
+    sums = torch.cat([s.sum_state().to(device) for s in sites])
     if sync_dist:
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-        dist.all_reduce(counters, op=dist.ReduceOp.SUM)
-    host = torch.cat([peaks.double(), counters.flatten()]).cpu()
-    n_units = peaks.numel()
-    host_peaks = host[:n_units].float()
-    host_counters = host[n_units:].view(len(sites), 4).tolist()
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    host = torch.cat([peaks.double(), sums]).cpu()  # the one transfer
+    host_peaks, host_sums = host[: peaks.numel()].float(), host[peaks.numel() :]
     gathered = []
-    offset = 0
-    for site, row in zip(sites, host_counters):
+    peak_at = sum_at = 0
+    for site in sites:
+        n_sums = 4 + (1 + site.units if site.abs_sum is not None else 0)
+        row = host_sums[sum_at : sum_at + n_sums]
         gathered.append(
             GatheredSite(
-                peak=host_peaks[offset : offset + site.units],
+                peak=host_peaks[peak_at : peak_at + site.units],
                 samples=int(row[SAMPLES]),
                 forwards=int(row[FORWARDS]),
                 backwards=int(row[BACKWARDS]),
-                grad_norm_sum=row[GRAD_NORM_SUM],
+                grad_norm_sum=float(row[GRAD_NORM_SUM]),
+                positions=int(row[4]) if n_sums > 4 else 0,
+                abs_sum=row[5:] if n_sums > 4 else None,
             )
         )
-        offset += site.units
+        peak_at += site.units
+        sum_at += n_sums
     return gathered

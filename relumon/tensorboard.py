@@ -16,6 +16,9 @@ METRICS: Mapping[str, str] = {
     "dead_units": "dead units per layer",
     "grad_norm": "gradient norm at the activation output",
     "nonfinite_units": "units with NaN output",
+    "revived": "units revived in the window",
+    "permanently_dead": "permanently dead units",
+    "dormant_fraction": "tau-dormant fraction per layer",
 }
 
 

@@ -30,6 +30,8 @@ def run_plain(tmp_path: Path, on_dead: str, kill_all: bool = False) -> list[dict
 def test_a_unit_alive_only_on_rank_1_is_alive_globally(tmp_path: Path) -> None:
     results = run_plain(tmp_path, on_dead="ignore")
     layers = [r["report"]["layers"][0] for r in results]
+    for layer in layers:
+        layer.pop("blame")  # facts about the local feeding module: its weight gradient differs without DDP
     assert layers[0] == layers[1]  # every rank returns the same, global figures
     layer = layers[0]
     assert layer["dead_indices"] == [2]  # unit 0 fired on rank 1 only: alive; unit 2 never fired

@@ -137,7 +137,12 @@ def test_checkpoint_resume_keeps_the_alert_history(pl: Any, tmp_path: Path) -> N
         t2.fit(boring_module(pl, dead_fc2=True), loader(8), ckpt_path=str(ckpt))
     assert not [w for w in record if issubclass(w.category, relumon.DeadUnitsWarning)]
     assert resumed_cb.state_dict()["monitor"]["alerted"] == ["net.3"]
-    assert resumed_cb.last_report is not None and resumed_cb.last_report["net.3"].all_dead
+    last = resumed_cb.last_report
+    assert last is not None and last["net.3"].all_dead
+    # The death history goes on: first seen dead in the window closed at step 2, dead in all 4 windows since.
+    assert last["net.3"].first_dead_step.tolist() == [2] * 12
+    assert last["net.3"].dead_streak.tolist() == [4] * 12
+    assert last["net.3"].permanently_dead_units == 12
 
 
 def test_two_instances_coexist_in_one_checkpoint(pl: Any, tmp_path: Path) -> None:

@@ -212,7 +212,8 @@ def test_state_dict_round_trip_keeps_alert_history() -> None:
         train_steps(model, steps=1)
         monitor.report()
     state = monitor.state_dict()
-    assert state == {"alerted": ["act1"], "window": 1}
+    assert state["alerted"] == ["act1"] and state["window"] == 1
+    assert state["history"]["act1"]["dead_streak"] == [1] * 16
     with relumon.watch(model, measure_every=1, on_dead="raise") as resumed:
         resumed.load_state_dict(state)
         train_steps(model, steps=1)

@@ -1,0 +1,57 @@
+"""Capture of functional activation calls (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``...).
+
+Many models call activations as functions inside ``forward`` instead of using modules, so module hooks never see
+them. With ``relumon.watch(model, functional=True)`` relumon tracks which module of the model is running (forward
+pre-hooks and always-called forward hooks on every module) and, while any of them runs, a
+:class:`torch.overrides.TorchFunctionMode` intercepts calls of the functions in :data:`FUNCTIONAL_ACTIVATIONS`. Each
+call site is named by the enclosing module's path plus the function: ``encoder.block1.F.relu``, then
+``encoder.block1.F.relu.call2`` for a second call in the same module and forward.
+
+Limits:
+- Only the functions listed here are caught: ``F.relu``/``F.relu_``, ``torch.relu``/``torch.relu_``,
+  ``Tensor.relu``/``Tensor.relu_``, ``F.leaky_relu``/``F.leaky_relu_``. Calls made inside a watched activation
+  module (``nn.ReLU`` calls ``F.relu``) are that module's and are not counted twice. Other ops (``clamp(min=0)``,
+  ``torch.maximum(x, 0)``) are not activations relumon can recognise.
+- The mode sees every torch call made during the model's forward, which adds Python work to each op: functional
+  capture is opt-in.
+- It is eager-only: under ``torch.compile`` the mode is not entered, and functional calls are not watched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["FUNCTIONAL_ACTIVATIONS", "ActivationCapture"]
+
+
+def _table() -> dict[Callable[..., Any], str]:
+    names = {
+        "relu": [F.relu, torch.relu, torch.Tensor.relu, getattr(F, "relu_", None), torch.relu_, torch.Tensor.relu_],
+        "leaky_relu": [F.leaky_relu, getattr(F, "leaky_relu_", None)],
+    }
+    return {fn: name for name, fns in names.items() for fn in fns if fn is not None}
+
+
+#: The functions caught, mapped to the name used in call-site names (``F.<name>``).
+FUNCTIONAL_ACTIVATIONS: dict[Callable[..., Any], str] = _table()
+
+
+class ActivationCapture(TorchFunctionMode):
+    """Calls ``on_call(name, args, out)`` after each call of a function in :data:`FUNCTIONAL_ACTIVATIONS`."""
+
+    def __init__(self, on_call: Callable[[str, tuple[Any, ...], Any], None]) -> None:
+        super().__init__()
+        self._on_call = on_call
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict] = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = FUNCTIONAL_ACTIVATIONS.get(func)
+        if name is not None:
+            self._on_call(name, args, out)
+        return out

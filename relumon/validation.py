@@ -1,0 +1,28 @@
+"""Argument checks shared by :func:`relumon.watch` and the Lightning callback, with errors that list what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+__all__ = ["check_int_at_least", "check_on_dead", "check_dormant_tau"]
+
+
+def check_int_at_least(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an int ``>= minimum`` (bools excluded), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"expected `{name}` to be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_on_dead(value: Any, choices: Sequence[str]) -> Any:
+    """``value`` if it is one of ``choices`` or a callable, else ValueError listing them."""
+    if not (value in choices or callable(value)):
+        raise ValueError(f"expected `on_dead` to be one of {tuple(choices)} or a callable, got {value!r}")
+    return value
+
+
+def check_dormant_tau(value: Any) -> Any:
+    """``value`` if it is None or a number in ``[0, 1)``, else ValueError."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
+        raise ValueError(f"expected `dormant_tau` to be None or a number in [0, 1), got {value!r}")
+    return value
