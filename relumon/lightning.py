@@ -66,6 +66,8 @@ class ReluMonitor(Callback):
         permanent_after: closed windows in a row after which a dead unit counts as permanently dead.
         dormant_tau: also log the tau-dormant fraction per layer (see :func:`relumon.watch`).
         functional: also watch ``F.relu``-style calls inside the module's forward (see :func:`relumon.watch`).
+        figures: write the gradient-flow chart and the dead-unit heatmap to TensorBoard loggers at the end of each
+            training epoch and of fit (needs matplotlib).
         prefix: the first part of every logged tag.
 
     Attributes:
@@ -86,6 +88,7 @@ class ReluMonitor(Callback):
         permanent_after: int = 3,
         dormant_tau: Optional[float] = None,
         functional: bool = False,
+        figures: bool = True,
         prefix: str = "relumon",
     ) -> None:
         if log_every_n_steps is not None:
@@ -107,6 +110,7 @@ class ReluMonitor(Callback):
         self.permanent_after = permanent_after
         self.dormant_tau = dormant_tau
         self.functional = functional
+        self.figures = figures
         self.prefix = prefix
         self.monitor: Optional[Monitor] = None
         self.last_report: Optional[Report] = None
@@ -186,9 +190,34 @@ class ReluMonitor(Callback):
         if step != self._last_logged_step and step % every == 0:
             self._close_window(trainer, step)
 
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._log_figures(trainer)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None and trainer.global_step != self._last_logged_step:
             self._close_window(trainer, trainer.global_step)
+        self._log_figures(trainer)
+
+    def _log_figures(self, trainer: Any) -> None:
+        """The gradient-flow chart and the dead-unit heatmap, to every TensorBoard logger, from rank 0."""
+        if self.monitor is None or self.last_report is None or not trainer.is_global_zero or not self.figures:
+            return
+        writers = [logger.experiment for logger in trainer.loggers if _is_tensorboard(logger)]
+        if not writers:
+            return
+        try:
+            from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
+
+            figures = {
+                FIGURE_TAGS["grad_flow"]: lambda: grad_flow_figure(self.last_report),
+                FIGURE_TAGS["dead_heatmap"]: lambda: dead_heatmap_figure(self.monitor.timeline),
+            }
+            for tag, make in figures.items():
+                for writer in writers:
+                    writer.add_figure(tag.replace("relumon", self.prefix, 1), make(), global_step=trainer.global_step)
+        except RelumonError as err:  # matplotlib missing: say so once, keep training
+            self.figures = False
+            warn(f"{err}. ReluMonitor goes on without pictures.")
 
     def _close_window(self, trainer: Any, step: int) -> None:
         assert self.monitor is not None

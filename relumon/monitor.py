@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
 import weakref
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 
@@ -43,6 +44,9 @@ NEGATIVE_REGIME_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 OnDead = Union[Literal["warn", "raise", "ignore"], Callable[[LayerReport], Any]]
+
+#: Closed windows kept in :attr:`Monitor.timeline` (and checkpoints) for the dead-unit heatmap.
+TIMELINE_WINDOWS = 500
 
 #: A rise in a layer's dead fraction, from one closed window to the next, that makes relumon blame its feeder.
 BLAME_JUMP = 0.2
@@ -160,6 +164,8 @@ class Monitor:
         self.functional = functional
         self._unit_dim_overrides = overrides
         self._pending_history: dict[str, Any] = {}  # from load_state_dict, for sites not allocated yet
+        self._timeline: deque[tuple[int, dict[str, float]]] = deque(maxlen=TIMELINE_WINDOWS)
+        self.last_report: Optional[Report] = None
         self._step_pending = False  # a backward finished: the next forward outside backward starts a step
         self._in_step = False  # a counted forward happened since the last step boundary
         self._measuring = True  # this step is one of the measured ones
@@ -413,8 +419,37 @@ class Monitor:
                 site.stats.reset()
             self._window += 1
             self._window_start = self._steps_seen
+            self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0}))
+            self.last_report = report
             self._alert(report)
         return report
+
+    @property
+    def timeline(self) -> list[tuple[int, dict[str, float]]]:
+        """``(step, {call site: dead fraction})`` for each closed window, oldest first (the last 500 windows)."""
+        return list(self._timeline)
+
+    def log_figures(self, writer: Any, step: int) -> None:
+        """Write the gradient-flow chart of the last closed window and the dead-unit heatmap to a ``SummaryWriter``.
+
+        Tags are ``relumon/grad_flow`` and ``relumon/dead_heatmap``. Needs matplotlib (the ``tensorboard`` extra).
+        Under ``torch.distributed`` only global rank 0 writes.
+
+        Raises:
+            RelumonError: when no window has been closed yet (call :meth:`report` or :meth:`log` first).
+        """
+        from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
+
+        if not hasattr(writer, "add_figure"):
+            raise TypeError(
+                f"expected `writer` to be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
+            )
+        if self.last_report is None:
+            raise RelumonError("no window closed yet: call monitor.report() or monitor.log() before log_figures()")
+        if _global_rank() != 0:
+            return
+        writer.add_figure(FIGURE_TAGS["grad_flow"], grad_flow_figure(self.last_report), global_step=step)
+        writer.add_figure(FIGURE_TAGS["dead_heatmap"], dead_heatmap_figure(self.timeline), global_step=step)
 
     def _layer_report(self, site: _Site, g: Any, step: int, update_history: bool) -> LayerReport:
         units = site.stats.units
@@ -514,7 +549,8 @@ class Monitor:
         """Plain-data state to checkpoint: the alert history, the window count and each site's death history."""
         history = dict(self._pending_history)
         history.update({site.name: site.history.state_dict() for site in self._sites})
-        return {"alerted": sorted(self._alerted), "window": self._window, "history": history}
+        timeline = [[step, {k: v for k, v in fractions.items() if not math.isnan(v)}] for step, fractions in self._timeline]
+        return {"alerted": sorted(self._alerted), "window": self._window, "history": history, "timeline": timeline}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; missing keys keep their defaults.
@@ -524,6 +560,8 @@ class Monitor:
         self._alerted = set(state.get("alerted", ()))
         self._window = int(state.get("window", 0))
         self._pending_history = dict(state.get("history", {}))
+        self._timeline.clear()
+        self._timeline.extend((int(step), dict(fractions)) for step, fractions in state.get("timeline", []))
         for site in self._sites:
             if site.name in self._pending_history:
                 site.history.load_state_dict(self._pending_history.pop(site.name))

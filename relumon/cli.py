@@ -1,0 +1,143 @@
+"""``relumon summary LOGDIR``: what relumon logged, per run and layer, read back with tensorboard's own reader.
+
+    relumon summary runs/
+    relumon summary runs/ --json
+
+For each run (a directory holding TensorBoard event files) it prints one row per layer: the last and the peak dead
+percentage, the first step at which every unit was dead, and the last gradient norm. A missing or empty directory,
+or one without relumon scalars, gets a one-line error and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "summarize"]
+
+EXIT_USAGE, EXIT_NO_DATA = 2, 1
+
+
+class _CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _runs(logdir: str) -> list[str]:
+    """Directories under ``logdir`` (itself included) that hold event files, sorted."""
+    runs = []
+    for directory, _, files in os.walk(logdir):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            runs.append(directory)
+    return sorted(runs)
+
+
+def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, Any]]]:
+    """Per run (path relative to ``logdir``), one summary dict per layer, in the order the layers were logged.
+
+    Raises:
+        FileNotFoundError: ``logdir`` does not exist.
+        LookupError: no event files, or none with relumon scalars.
+    """
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise _CliError("relumon summary needs tensorboard: pip install relumon[tensorboard]", EXIT_USAGE) from None
+    if not os.path.isdir(logdir):
+        raise FileNotFoundError(logdir)
+    runs = _runs(logdir)
+    if not runs:
+        raise LookupError(f"no TensorBoard event files under {logdir}")
+    dead_prefix = f"{prefix}/dead_fraction/"
+    summary: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        acc = EventAccumulator(run, size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = acc.Tags().get("scalars", [])
+        layers = []
+        for tag in tags:
+            if not tag.startswith(dead_prefix):
+                continue
+            name = tag[len(dead_prefix) :]
+            dead = acc.Scalars(tag)
+            grad_tag = f"{prefix}/grad_norm/{name}"
+            grads = acc.Scalars(grad_tag) if grad_tag in tags else []
+            fully_dead = [e.step for e in dead if e.value >= 1.0]
+            layers.append(
+                {
+                    "layer": name,
+                    "windows": len(dead),
+                    "last_step": dead[-1].step,
+                    "last_dead_fraction": dead[-1].value,
+                    "peak_dead_fraction": max(e.value for e in dead),
+                    "first_step_fully_dead": fully_dead[0] if fully_dead else None,
+                    "last_grad_norm": grads[-1].value if grads else None,
+                }
+            )
+        if layers:
+            summary[os.path.relpath(run, logdir)] = layers
+    if not summary:
+        raise LookupError(f"no relumon scalars ({dead_prefix}...) in the event files under {logdir}")
+    return summary
+
+
+def _table(layers: list[dict[str, Any]]) -> str:
+    header = ("layer", "last dead %", "peak dead %", "first step fully dead", "last grad norm")
+    rows = []
+    for x in layers:
+        grad = x["last_grad_norm"]
+        rows.append(
+            (
+                x["layer"],
+                f"{100 * x['last_dead_fraction']:.1f}%",
+                f"{100 * x['peak_dead_fraction']:.1f}%",
+                "-" if x["first_step_fully_dead"] is None else str(x["first_step_fully_dead"]),
+                "-" if grad is None or (isinstance(grad, float) and math.isnan(grad)) else f"{grad:.3e}",
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``relumon`` console script. Returns the exit status."""
+    parser = argparse.ArgumentParser(prog="relumon", description="relumon's command line.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    summary_parser = commands.add_parser("summary", help="summarise relumon's scalars in TensorBoard logs")
+    summary_parser.add_argument("logdir", help="a TensorBoard log directory (searched recursively for runs)")
+    summary_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    summary_parser.add_argument("--prefix", default="relumon", help="the tag prefix relumon logged with")
+    args = parser.parse_args(argv)
+
+    try:
+        summary = summarize(args.logdir, args.prefix)
+    except FileNotFoundError:
+        print(f"relumon summary: no such directory: {args.logdir}", file=sys.stderr)
+        return EXIT_USAGE
+    except LookupError as err:
+        print(f"relumon summary: {err}", file=sys.stderr)
+        return EXIT_NO_DATA
+    except _CliError as err:
+        print(err, file=sys.stderr)
+        return err.code
+    if args.json:
+        print(json.dumps({"logdir": args.logdir, "runs": summary}, indent=2))
+        return 0
+    for run, layers in summary.items():
+        last = max(x["last_step"] for x in layers)
+        print(f"run {run}  (last step {last})")
+        print(_table(layers))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Pictures of a run for TensorBoard: the gradient-flow chart and the dead-unit heatmap.
+
+Both are matplotlib figures drawn with the Agg backend (no display needed). matplotlib comes with the
+``tensorboard`` extra: ``pip install relumon[tensorboard]``. Write them with ``SummaryWriter.add_figure`` (Lightning's
+``TensorBoardLogger.experiment`` is a ``SummaryWriter``), or through :meth:`relumon.Monitor.log_figures`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from relumon.errors import RelumonError
+from relumon.report import Report
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["grad_flow_figure", "dead_heatmap_figure", "FIGURE_TAGS"]
+
+#: Image tags written to TensorBoard, for a tag prefix of "relumon".
+FIGURE_TAGS = {"grad_flow": "relumon/grad_flow", "dead_heatmap": "relumon/dead_heatmap"}
+
+_ALIVE, _PARTLY, _DEAD, _NEGATIVE = "#4C72B0", "#DD8452", "#C44E52", "#8172B3"
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure  # noqa: F401  (pyplot's global state is avoided on purpose)
+    except ImportError:
+        raise RelumonError("relumon's pictures need matplotlib: `pip install relumon[tensorboard]`") from None
+    return matplotlib
+
+
+def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per activation layer") -> "Figure":
+    """One bar per call site, in forward order: the mean gradient norm at its output, on a log scale.
+
+    Bars are coloured by the layer's state in the window: blue alive, orange half or more of the units dead, red
+    every unit dead, purple every unit stuck in the negative regime (LeakyReLU). A gradient norm of 0 (nothing flows
+    back, as behind a dead layer) is drawn as a hatched stub at the bottom of the axis and labelled "0". Each bar is
+    labelled with the layer's dead percentage.
+    """
+    _pyplot()
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    layers = [layer for layer in report if layer.samples > 0]
+    fig = Figure(figsize=(max(6.5, 0.55 * len(layers) + 3.5), 4.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    if not layers:
+        ax.text(0.5, 0.5, "no measured samples in this window", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    norms = [layer.grad_norm for layer in layers]
+    positive = [n for n in norms if math.isfinite(n) and n > 0]
+    floor = min(positive) / 30 if positive else 1e-8
+    heights, colors, hatches = [], [], []
+    for layer, norm in zip(layers, norms):
+        zero = not (math.isfinite(norm) and norm > 0)
+        heights.append(floor * 1.5 if zero else norm)
+        hatches.append("//" if zero else "")
+        if layer.all_dead:
+            colors.append(_NEGATIVE if layer.negative_regime else _DEAD)
+        elif layer.dead_fraction >= 0.5:
+            colors.append(_PARTLY)
+        else:
+            colors.append(_ALIVE)
+    x = range(len(layers))
+    bars = ax.bar(x, heights, color=colors, hatch=hatches, edgecolor="black", linewidth=0.4)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor, top=max(heights) * 4)  # headroom for the labels
+    for bar, layer, norm in zip(bars, layers, norms):
+        zero = not (math.isfinite(norm) and norm > 0)
+        label = ("0, " if zero else "") + f"{100 * layer.dead_fraction:.0f}% dead"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=7, rotation=90 if len(layers) > 12 else 0, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(list(x), [layer.name for layer in layers], rotation=45 if len(layers) > 4 else 0, ha="right"
+                  if len(layers) > 4 else "center", fontsize=8)
+    ax.set_ylabel("mean ||dL/d(output)||  (log)")
+    ax.set_title(f"{title}\nwindow {report.window}, {report.steps} steps", fontsize=10)
+    ax.grid(axis="y", which="major", alpha=0.3)
+    ax.legend(
+        handles=[
+            Patch(color=_ALIVE, label="alive"),
+            Patch(color=_PARTLY, label="≥ 50% dead"),
+            Patch(color=_DEAD, label="all dead"),
+            Patch(color=_NEGATIVE, label="all negative regime"),
+        ],
+        fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+    )
+    return fig
+
+
+def dead_heatmap_figure(
+    timeline: Sequence[tuple[int, Mapping[str, float]]], names: Sequence[str] | None = None,
+    title: str = "relumon: dead fraction per layer and window",
+) -> "Figure":
+    """Layers × windows, coloured by dead fraction (white 0 to dark red 1); grey where a layer had no sample.
+
+    Args:
+        timeline: ``(step, {layer name: dead fraction})`` per closed window, oldest first
+            (:attr:`relumon.Monitor.timeline`).
+        names: the layers to show, top to bottom; defaults to every name in the timeline, in order of appearance.
+    """
+    _pyplot()
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    if names is None:
+        seen: dict[str, None] = {}
+        for _, fractions in timeline:
+            seen.update(dict.fromkeys(fractions))
+        names = list(seen)
+    grid = np.full((len(names), len(timeline)), np.nan)
+    for j, (_, fractions) in enumerate(timeline):
+        for i, name in enumerate(names):
+            value = fractions.get(name)
+            if value is not None and math.isfinite(value):
+                grid[i, j] = value
+    fig = Figure(figsize=(min(14.0, 3.5 + 0.12 * len(timeline)), 1.2 + 0.32 * max(len(names), 1)), dpi=100,
+                 layout="constrained")
+    ax = fig.add_subplot()
+    if not timeline or not names:
+        ax.text(0.5, 0.5, "no closed window yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    import matplotlib
+
+    cmap = matplotlib.colormaps["Reds"].with_extremes(bad="#d9d9d9")
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    steps = [step for step, _ in timeline]
+    ticks = sorted(set(np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int).tolist()))
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks], fontsize=8)
+    ax.set_xlabel("step (end of window)")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="dead fraction", shrink=0.9)
+    return fig
