@@ -31,9 +31,9 @@ class DeadUnitsWarning(RelumonWarning):
 
 def warn(message: str, category: type[Warning] = RelumonWarning) -> None:
     """``warnings.warn`` pointed at the first frame outside relumon, so the user sees their own call."""
-    frame = sys._getframe(1)
+    frame = sys._getframe(1)  # our caller: stacklevel 2
     level = 2
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "relumon":
         frame = frame.f_back
         level += 1
-    warnings.warn(message, category, stacklevel=level - 1)
+    warnings.warn(message, category, stacklevel=level)

@@ -344,3 +344,14 @@ def test_step_boundaries_are_idempotent() -> None:
             model(torch.randn(3, 8)).sum().backward()
     report = monitor.report()
     assert report.steps == 4 and report["act1"].forwards == 2
+
+
+def test_warnings_point_at_the_users_code() -> None:
+    model = MLP()
+    with torch.no_grad():
+        model.fc1.bias.fill_(-1e3)
+    with relumon.watch(model, measure_every=1) as monitor:
+        train_steps(model, steps=1)
+        with pytest.warns(relumon.DeadUnitsWarning) as record:
+            monitor.report()
+    assert record[0].filename == __file__

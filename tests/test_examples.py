@@ -1,0 +1,53 @@
+"""The examples run end to end and show what they promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("tensorboard")
+pytest.importorskip("matplotlib")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relu_story_shows_vanishing_dying_and_skip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = load("relu_story").main(["--logdir", str(tmp_path), "--quick"])
+    vanishing = results["vanishing"]
+    first = {name: report.layers[0].grad_norm for name, report in vanishing.items()}
+    assert first["Sigmoid"] < first["ReLU"] / 100  # the sigmoid's gradient vanishes on the way down
+    skip = results["skip"]
+    assert skip["residual"].layers[0].grad_norm > 1e3 * skip["plain"].layers[0].grad_norm
+    out = capsys.readouterr().out
+    assert "tensorboard --logdir" in out and "relumon summary" in out
+    assert {p.name for p in tmp_path.iterdir()} == {"1_vanishing", "2_dying", "3_skip"}
+
+
+def test_plain_torch_example_kills_a_layer(tmp_path: Path) -> None:
+    import relumon
+
+    with warnings.catch_warnings(record=True) as record:
+        report = load("plain_torch").main(["--logdir", str(tmp_path)])
+    assert report.dead_layers, "the example's learning rate must kill a layer"
+    assert any(issubclass(w.category, relumon.DeadUnitsWarning) for w in record)
+
+
+def test_lightning_example_relu_dies_leaky_survives(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    reports = load("lightning_dying_relu").main(["--logdir", str(tmp_path), "--epochs", "4"])
+    assert reports["ReLU"].dead_layers
+    assert not reports["LeakyReLU"].dead_layers
+    assert reports["LeakyReLU"].layers[0].grad_norm > 0 == reports["ReLU"].layers[0].grad_norm
