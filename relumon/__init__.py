@@ -5,7 +5,7 @@
 ...     train(model)
 >>> print(monitor.report())                    # doctest: +SKIP
 
-The Lightning callback lives in :mod:`relumon.lightning`; importing ``relumon`` alone needs only torch.
+The Lightning callback lives in `relumon.lightning`; importing ``relumon`` alone needs only torch.
 """
 
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning

@@ -1,7 +1,7 @@
 """Blame: facts about the module that fed a dying activation, found from the forward pass.
 
 The feeding module is the one whose output tensor the activation received in the first training forward (see
-:class:`relumon.hooks.ProducerTracer`), not a guess from names. The facts are read at report time only.
+`relumon.hooks.ProducerTracer`), not a guess from names. The facts are read at report time only.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ __all__ = ["RelumonError", "RelumonWarning", "DeadUnitsWarning", "warn"]
 class RelumonError(RuntimeError):
     """A failure of relumon itself, or an alert raised by ``on_dead="raise"``.
 
-    Bad arguments raise :class:`ValueError` or :class:`TypeError` instead.
+    Bad arguments raise `ValueError` or `TypeError` instead.
     """
 
 

@@ -2,7 +2,7 @@
 
 Both are matplotlib figures drawn with the Agg backend (no display needed). matplotlib comes with the
 ``tensorboard`` extra: ``pip install relumon[tensorboard]``. Write them with ``SummaryWriter.add_figure`` (Lightning's
-``TensorBoardLogger.experiment`` is a ``SummaryWriter``), or through :meth:`relumon.Monitor.log_figures`.
+``TensorBoardLogger.experiment`` is a ``SummaryWriter``), or through [`log_figures()`][relumon.Monitor.log_figures].
 """
 
 from __future__ import annotations
@@ -71,12 +71,14 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
     x = range(len(layers))
     bars = ax.bar(x, heights, color=colors, hatch=hatches, edgecolor="black", linewidth=0.4)
     ax.set_yscale("log")
-    ax.set_ylim(bottom=floor, top=max(heights) * 4)  # headroom for the labels
+    decades = math.log10(max(heights) / floor)
+    rotated = len(layers) > 12
+    ax.set_ylim(bottom=floor, top=max(heights) * 10 ** ((0.3 if rotated else 0.12) * decades))  # room for labels
     for bar, layer, norm in zip(bars, layers, norms):
         zero = not (math.isfinite(norm) and norm > 0)
         label = ("0, " if zero else "") + f"{100 * layer.dead_fraction:.0f}% dead"
         ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=7, rotation=90 if len(layers) > 12 else 0, xytext=(0, 2), textcoords="offset points")
+                    fontsize=7, rotation=90 if rotated else 0, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(list(x), [layer.name for layer in layers], rotation=45 if len(layers) > 4 else 0, ha="right"
                   if len(layers) > 4 else "center", fontsize=8)
     ax.set_ylabel("mean ||dL/d(output)||  (log)")
@@ -102,7 +104,7 @@ def dead_heatmap_figure(
 
     Args:
         timeline: ``(step, {layer name: dead fraction})`` per closed window, oldest first
-            (:attr:`relumon.Monitor.timeline`).
+            ([`relumon.Monitor.timeline`][relumon.Monitor.timeline]).
         names: the layers to show, top to bottom; defaults to every name in the timeline, in order of appearance.
     """
     _pyplot()

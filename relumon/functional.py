@@ -3,7 +3,7 @@
 Many models call activations as functions inside ``forward`` instead of using modules, so module hooks never see
 them. With ``relumon.watch(model, functional=True)`` relumon tracks which module of the model is running (forward
 pre-hooks and always-called forward hooks on every module) and, while any of them runs, a
-:class:`torch.overrides.TorchFunctionMode` intercepts calls of the functions in :data:`FUNCTIONAL_ACTIVATIONS`. Each
+`torch.overrides.TorchFunctionMode` intercepts calls of the functions in `FUNCTIONAL_ACTIVATIONS`. Each
 call site is named by the enclosing module's path plus the function: ``encoder.block1.F.relu``, then
 ``encoder.block1.F.relu.call2`` for a second call in the same module and forward.
 
@@ -41,7 +41,7 @@ FUNCTIONAL_ACTIVATIONS: dict[Callable[..., Any], str] = _table()
 
 
 class ActivationCapture(TorchFunctionMode):
-    """Calls ``on_call(name, args, out)`` after each call of a function in :data:`FUNCTIONAL_ACTIVATIONS`."""
+    """Calls ``on_call(name, args, out)`` after each call of a function in `FUNCTIONAL_ACTIVATIONS`."""
 
     def __init__(self, on_call: Callable[[str, tuple[Any, ...], Any], None]) -> None:
         super().__init__()

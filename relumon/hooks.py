@@ -57,7 +57,7 @@ class ProducerTracer:
 
     Forward hooks on every module store ``id(output) -> (weakref(output), module path, module)``. The innermost
     module wins, since children finish before their parents. The hooks exist only while call sites are being
-    discovered; :meth:`remove` takes them off.
+    discovered; `remove()` takes them off.
     """
 
     def __init__(self, model: nn.Module, skip: set[nn.Module]) -> None:

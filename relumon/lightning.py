@@ -1,4 +1,4 @@
-"""The Lightning callback: a thin adapter that turns Trainer events into :class:`relumon.Monitor` calls.
+"""The Lightning callback: a thin adapter that turns Trainer events into [`relumon.Monitor`][relumon.Monitor] calls.
 
 This is the only relumon module that imports Lightning. It works with ``lightning.pytorch`` and with
 ``pytorch_lightning``: the class derives from whichever is installed (``lightning`` first), and Trainers of either
@@ -54,25 +54,25 @@ class ReluMonitor(Callback):
     Args:
         log_every_n_steps: optimizer steps per window. ``None`` uses the Trainer's ``log_every_n_steps``.
         on_dead: what to do the first time a window finds every unit of a layer dead: ``"warn"`` (a
-            :class:`~relumon.DeadUnitsWarning`, once per layer), ``"raise"`` (a :class:`~relumon.RelumonError`),
+            [`DeadUnitsWarning`][relumon.DeadUnitsWarning], once per layer), ``"raise"`` (a [`RelumonError`][relumon.RelumonError]),
             ``"stop"`` (set ``trainer.should_stop`` and say why), ``"ignore"``, or a callable that receives the
-            :class:`~relumon.LayerReport`.
+            [`LayerReport`][relumon.LayerReport].
         min_samples: no alert before a window has seen this many samples of the layer.
         types: activation classes to watch.
-        unit_dim: as for :func:`relumon.watch`.
+        unit_dim: as for [`relumon.watch`][relumon.watch].
         track_grad: also log the gradient norm at each activation's output.
-        measure_every: measure one training micro-batch in every ``measure_every`` (as for :func:`relumon.watch`);
+        measure_every: measure one training micro-batch in every ``measure_every`` (as for [`relumon.watch`][relumon.watch]);
             1 measures every one exactly.
         permanent_after: closed windows in a row after which a dead unit counts as permanently dead.
-        dormant_tau: also log the tau-dormant fraction per layer (see :func:`relumon.watch`).
-        functional: also watch ``F.relu``-style calls inside the module's forward (see :func:`relumon.watch`).
+        dormant_tau: also log the tau-dormant fraction per layer (see [`relumon.watch`][relumon.watch]).
+        functional: also watch ``F.relu``-style calls inside the module's forward (see [`relumon.watch`][relumon.watch]).
         figures: write the gradient-flow chart and the dead-unit heatmap to TensorBoard loggers at the end of each
             training epoch and of fit (needs matplotlib).
         prefix: the first part of every logged tag.
 
     Attributes:
-        last_report: the most recent :class:`~relumon.Report`, or None.
-        monitor: the :class:`~relumon.Monitor` while fitting, else None.
+        last_report: the most recent [`Report`][relumon.Report], or None.
+        monitor: the [`Monitor`][relumon.Monitor] while fitting, else None.
     """
 
     def __init__(

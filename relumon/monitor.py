@@ -45,7 +45,7 @@ NEGATIVE_REGIME_TYPES: tuple[type[nn.Module], ...] = (
 
 OnDead = Union[Literal["warn", "raise", "ignore"], Callable[[LayerReport], Any]]
 
-#: Closed windows kept in :attr:`Monitor.timeline` (and checkpoints) for the dead-unit heatmap.
+#: Closed windows kept in [`Monitor.timeline`][relumon.Monitor.timeline] (and checkpoints) for the dead-unit heatmap.
 TIMELINE_WINDOWS = 500
 
 #: A rise in a layer's dead fraction, from one closed window to the next, that makes relumon blame its feeder.
@@ -100,13 +100,13 @@ class _Watched:
 
 
 class Monitor:
-    """Watches the ReLU-family activations of a model during training. Create one with :func:`relumon.watch`.
+    """Watches the ReLU-family activations of a model during training. Create one with [`relumon.watch`][relumon.watch].
 
     Between reports the hooks only launch in-place kernels on state that lives on the activations' device; nothing
-    is read to the host until :meth:`report`. A *window* is the set of training forwards since the last report.
+    is read to the host until [`report()`][relumon.Monitor.report]. A *window* is the set of training forwards since the last report.
 
     The monitor is a context manager: leaving the ``with`` block, normally or by an exception, removes every hook.
-    The statistics gathered so far stay readable with :meth:`report`.
+    The statistics gathered so far stay readable with [`report()`][relumon.Monitor.report].
     """
 
     def __init__(
@@ -400,10 +400,10 @@ class Monitor:
             reset: close the window (start a new one), update the death history and run the ``on_dead`` alerts.
                 ``False`` peeks and changes nothing.
             step: the step to record in the death history (``first_dead_step``); defaults to the number of
-                training steps seen so far. :meth:`log` passes its ``step``.
+                training steps seen so far. [`log()`][relumon.Monitor.log] passes its ``step``.
 
         Returns:
-            A :class:`Report` with one :class:`LayerReport` per call site, in forward order.
+            A [`Report`][relumon.Report] with one [`LayerReport`][relumon.LayerReport] per call site, in forward order.
 
         Raises:
             RelumonError: with ``on_dead="raise"``, when a layer's every unit is dead for the first time.
@@ -436,7 +436,7 @@ class Monitor:
         Under ``torch.distributed`` only global rank 0 writes.
 
         Raises:
-            RelumonError: when no window has been closed yet (call :meth:`report` or :meth:`log` first).
+            RelumonError: when no window has been closed yet (call [`report()`][relumon.Monitor.report] or [`log()`][relumon.Monitor.log] first).
         """
         from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
 
@@ -500,7 +500,7 @@ class Monitor:
         )
 
     def log(self, writer: Any, step: int) -> Report:
-        """Close the window with :meth:`report` and write its scalars to a ``SummaryWriter`` at ``step``.
+        """Close the window with [`report()`][relumon.Monitor.report] and write its scalars to a ``SummaryWriter`` at ``step``.
 
         Tags are ``relumon/dead_fraction/<name>``, ``relumon/dead_units/<name>``, ``relumon/grad_norm/<name>``,
         ``relumon/nonfinite_units/<name>`` (when non-zero) and ``relumon/summary/dead_fraction``. The first call
@@ -553,7 +553,7 @@ class Monitor:
         return {"alerted": sorted(self._alerted), "window": self._window, "history": history, "timeline": timeline}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output; missing keys keep their defaults.
+        """Restore [`state_dict()`][relumon.Monitor.state_dict] output; missing keys keep their defaults.
 
         Death histories of sites not discovered yet are applied when those sites are first called.
         """
@@ -616,8 +616,8 @@ def watch(
         track_grad: also record the gradient norm at each activation's output.
         grad_scaler: a ``torch.amp.GradScaler`` in use, so that gradient norms are reported unscaled.
         on_dead: what to do the first time a closed window finds every unit of a layer dead: ``"warn"`` (a
-            :class:`~relumon.DeadUnitsWarning`), ``"raise"`` (a :class:`~relumon.RelumonError`), ``"ignore"``,
-            or a callable that receives the :class:`~relumon.LayerReport`.
+            [`DeadUnitsWarning`][relumon.DeadUnitsWarning]), ``"raise"`` (a [`RelumonError`][relumon.RelumonError]), ``"ignore"``,
+            or a callable that receives the [`LayerReport`][relumon.LayerReport].
         min_samples: a window must have seen at least this many samples of a layer before it can alert.
         sync_dist: reduce reports across ``torch.distributed`` ranks. ``None`` does so whenever a process group of
             more than one rank is initialised.
@@ -628,10 +628,10 @@ def watch(
         dormant_tau: also report tau-dormant units (Sokar et al., ICML 2023): a unit whose mean ``|activation|``,
             divided by the layer's mean of the same, is ``<= tau``. Costs one more reduction per measured call.
         functional: also watch ``F.relu``, ``torch.relu``, ``x.relu()`` and ``F.leaky_relu`` calls made inside
-            the model's forward (see :mod:`relumon.functional` for the mechanism and its limits). Eager only.
+            the model's forward (see [`relumon.functional`][relumon.functional] for the mechanism and its limits). Eager only.
 
     Returns:
-        The :class:`Monitor`, already watching. Use it as a context manager or call ``remove()``.
+        The [`Monitor`][relumon.Monitor], already watching. Use it as a context manager or call ``remove()``.
 
     Raises:
         ValueError: when ``model`` has no module of ``types``, or on a bad argument.

@@ -138,7 +138,7 @@ class LayerReport:
 class Report:
     """The layers of one closed window, in forward order.
 
-    Iterable over :class:`LayerReport`, indexable by position or by name (``report["features.3"]``), and printable
+    Iterable over [`LayerReport`][relumon.LayerReport], indexable by position or by name (``report["features.3"]``), and printable
     as a table.
 
     Attributes:

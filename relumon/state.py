@@ -1,6 +1,6 @@
 """Per-call-site statistics, kept on the activation's device and combined across processes.
 
-Each :class:`SiteStats` holds O(units) state for one call site of a watched activation module:
+Each `SiteStats` holds O(units) state for one call site of a watched activation module:
 
 - ``peak``: float32, one value per unit, the largest output seen in the window (``-inf`` before any). A unit is
   dead when its peak is ``<= 0``: a ReLU output is ``>= 0``, so ``peak <= 0`` means it was exactly 0 everywhere; a
@@ -15,7 +15,7 @@ Each :class:`SiteStats` holds O(units) state for one call site of a watched acti
   fail to trace.)
 
 Per training step the hooks only launch in-place kernels on these tensors: nothing is read back to the host until
-:func:`gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive if it fired on any
+`gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive if it fired on any
 rank) and the counters with SUM.
 """
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by :func:`relumon.watch` and the Lightning callback, with errors that list what is allowed."""
+"""Argument checks shared by [`relumon.watch`][relumon.watch] and the Lightning callback, with errors that list what is allowed."""
 
 from __future__ import annotations
 

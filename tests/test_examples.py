@@ -47,7 +47,10 @@ def test_plain_torch_example_kills_a_layer(tmp_path: Path) -> None:
 
 def test_lightning_example_relu_dies_leaky_survives(tmp_path: Path) -> None:
     pytest.importorskip("lightning")
-    reports = load("lightning_dying_relu").main(["--logdir", str(tmp_path), "--epochs", "4"])
+    import relumon
+
+    with pytest.warns(relumon.DeadUnitsWarning, match="net.5"):
+        reports = load("lightning_dying_relu").main(["--logdir", str(tmp_path), "--epochs", "4"])
     assert reports["ReLU"].dead_layers
     assert not reports["LeakyReLU"].dead_layers
     assert reports["LeakyReLU"].layers[0].grad_norm > 0 == reports["ReLU"].layers[0].grad_norm
