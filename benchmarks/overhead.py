@@ -60,10 +60,15 @@ def mlp(width: int, depth: int) -> nn.Module:
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
@@ -178,8 +183,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], steps: int, device: torch.device, report: Optional[Callable[[], Any]],
-               report_every: int) -> list[float]:
+def time_steps(
+    step: Callable[[], None], steps: int, device: torch.device, report: Optional[Callable[[], Any]], report_every: int
+) -> list[float]:
     times = []
     for i in range(steps):
         synchronize(device)
@@ -229,8 +235,9 @@ def peak_memory(workload: Workload, device: torch.device, variant: str, steps: i
         return torch.cuda.max_memory_allocated(device)
 
 
-def run_workload(workload: Workload, variants: list[str], rounds: int, steps: int, warmup: int,
-                 report_every: int) -> dict[str, Any]:
+def run_workload(
+    workload: Workload, variants: list[str], rounds: int, steps: int, warmup: int, report_every: int
+) -> dict[str, Any]:
     device = torch.device(workload.device)
     torch.manual_seed(0)
     model = workload.build().to(device)
@@ -251,8 +258,11 @@ def run_workload(workload: Workload, variants: list[str], rounds: int, steps: in
     result: dict[str, Any] = {"workload": workload.name, "step_ms": 1e3 * statistics.median(medians["none"])}
     for variant in variants:
         ratios = [m / base for m, base in zip(medians[variant], medians["none"])]
-        result[variant] = {"ratio": statistics.median(ratios), "ratios": ratios,
-                           "step_ms": 1e3 * statistics.median(medians[variant])}
+        result[variant] = {
+            "ratio": statistics.median(ratios),
+            "ratios": ratios,
+            "step_ms": 1e3 * statistics.median(medians[variant]),
+        }
     if device.type == "cuda":
         result["sync_check"] = sync_check(workload, device, steps=10)
         base = peak_memory(workload, device, "none")
@@ -277,9 +287,11 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     if variants[0] != "none":
         variants = ["none"] + [v for v in variants if v != "none"]
 
-    print(f"relumon {relumon.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
-          f"{platform.machine()}, {torch.get_num_threads()} threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    print(
+        f"relumon {relumon.__version__}, torch {torch.__version__}, python {platform.python_version()}, "
+        f"{platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
     results = []
     for name in args.workloads.split(","):
         workload = WORKLOADS[name]

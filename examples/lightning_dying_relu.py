@@ -34,9 +34,12 @@ class Regressor(pl.LightningModule):
         super().__init__()
         self.lr = lr
         self.net = nn.Sequential(
-            nn.Linear(features, hidden), act(),
-            nn.Linear(hidden, hidden), act(),
-            nn.Linear(hidden, hidden), act(),
+            nn.Linear(features, hidden),
+            act(),
+            nn.Linear(hidden, hidden),
+            act(),
+            nn.Linear(hidden, hidden),
+            act(),
             nn.Linear(hidden, 1),
         )
 

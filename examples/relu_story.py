@@ -65,7 +65,13 @@ def stack(depth: int, skip: bool, width: int = 64, features: int = 32) -> nn.Seq
 
 
 def train(
-    model: nn.Module, logdir: Path, *, steps: int, lr: float, momentum: float = 0.0, clip: Optional[float] = None,
+    model: nn.Module,
+    logdir: Path,
+    *,
+    steps: int,
+    lr: float,
+    momentum: float = 0.0,
+    clip: Optional[float] = None,
     log_every: int = 25,
 ) -> tuple[relumon.Report, list[warnings.WarningMessage]]:
     """Train on the synthetic task; log relumon's scalars and pictures; return the last report and relumon's alerts."""
@@ -98,8 +104,13 @@ def fmt(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.2e}"
 
 
-def compare(title: str, reports: dict[str, relumon.Report], column: str, value: Callable[[relumon.LayerReport], str],
-            every: int = 1) -> None:
+def compare(
+    title: str,
+    reports: dict[str, relumon.Report],
+    column: str,
+    value: Callable[[relumon.LayerReport], str],
+    every: int = 1,
+) -> None:
     names = list(reports)
     print(f"\n{title}")
     print(f"  {'layer':<6}" + "".join(f"{name + ' ' + column:>28}" for name in names))
@@ -127,10 +138,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, relumon.Report
     part: dict[str, relumon.Report] = {}
     for name, act in (("Sigmoid", nn.Sigmoid), ("Tanh", nn.Tanh), ("ReLU", nn.ReLU)):
         torch.manual_seed(0)
-        part[name], _ = train(mlp(act, depth=10), args.logdir / "1_vanishing" / name, steps=int(100 * scale) or 5,
-                              lr=0.01)
-    compare("   mean gradient norm at each activation's output, first layer at the top:", part, "grad",
-            lambda layer: fmt(layer.grad_norm))
+        part[name], _ = train(
+            mlp(act, depth=10), args.logdir / "1_vanishing" / name, steps=int(100 * scale) or 5, lr=0.01
+        )
+    compare(
+        "   mean gradient norm at each activation's output, first layer at the top:",
+        part,
+        "grad",
+        lambda layer: fmt(layer.grad_norm),
+    )
     for name, report in part.items():
         print(f"   {name:<8} first layer / last layer gradient: {first_last_ratio(report):.1e}")
     results["vanishing"] = part
@@ -142,8 +158,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, relumon.Report
     for name, act in (("ReLU", nn.ReLU), ("LeakyReLU", nn.LeakyReLU)):
         torch.manual_seed(0)
         part[name], alerts_by_run[name] = train(
-            mlp(act, depth=3, width=128), args.logdir / "2_dying" / name, steps=int(300 * scale) or 25, lr=1.0,
-            momentum=0.9, clip=1.0,
+            mlp(act, depth=3, width=128),
+            args.logdir / "2_dying" / name,
+            steps=int(300 * scale) or 25,
+            lr=1.0,
+            momentum=0.9,
+            clip=1.0,
         )
     for name, alerts in alerts_by_run.items():
         for alert in alerts:
@@ -151,8 +171,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, relumon.Report
             print(textwrap.indent(text, "   "))
         if not alerts:
             print(f"   {name}: no layer died entirely.")
-    compare("   dead units (LeakyReLU: stuck in the negative regime) and gradient norm in the last window:", part,
-            "dead % | grad", lambda layer: f"{100 * layer.dead_fraction:5.1f}% | {fmt(layer.grad_norm)}")
+    compare(
+        "   dead units (LeakyReLU: stuck in the negative regime) and gradient norm in the last window:",
+        part,
+        "dead % | grad",
+        lambda layer: f"{100 * layer.dead_fraction:5.1f}% | {fmt(layer.grad_norm)}",
+    )
     results["dying"] = part
 
     print("=" * 100)
@@ -160,13 +184,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, relumon.Report
     part = {}
     for name, skip in (("plain", False), ("residual", True)):
         torch.manual_seed(0)
-        part[name], _ = train(stack(depth=20, skip=skip), args.logdir / "3_skip" / name, steps=int(100 * scale) or 5,
-                              lr=0.001)
-    compare("   gradient norm at every 4th block's ReLU output, first block at the top:", part, "grad",
-            lambda layer: fmt(layer.grad_norm), every=4)
+        part[name], _ = train(
+            stack(depth=20, skip=skip), args.logdir / "3_skip" / name, steps=int(100 * scale) or 5, lr=0.001
+        )
+    compare(
+        "   gradient norm at every 4th block's ReLU output, first block at the top:",
+        part,
+        "grad",
+        lambda layer: fmt(layer.grad_norm),
+        every=4,
+    )
     for name, report in part.items():
-        print(f"   {name:<9} first block / last block gradient: {first_last_ratio(report):.1e}, "
-              f"dead units overall {100 * report.dead_fraction:.1f}%")
+        print(
+            f"   {name:<9} first block / last block gradient: {first_last_ratio(report):.1e}, "
+            f"dead units overall {100 * report.dead_fraction:.1f}%"
+        )
     results["skip"] = part
 
     print("=" * 100)

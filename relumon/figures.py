@@ -35,7 +35,7 @@ def _pyplot() -> Any:
     return matplotlib
 
 
-def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per activation layer") -> "Figure":
+def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per activation layer") -> Figure:
     """One bar per call site, in forward order: the mean gradient norm at its output, on a log scale.
 
     Bars are coloured by the layer's state in the window: blue alive, orange half or more of the units dead, red
@@ -77,10 +77,23 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
     for bar, layer, norm in zip(bars, layers, norms):
         zero = not (math.isfinite(norm) and norm > 0)
         label = ("0, " if zero else "") + f"{100 * layer.dead_fraction:.0f}% dead"
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize=7, rotation=90 if rotated else 0, xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(list(x), [layer.name for layer in layers], rotation=45 if len(layers) > 4 else 0, ha="right"
-                  if len(layers) > 4 else "center", fontsize=8)
+        ax.annotate(
+            label,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            rotation=90 if rotated else 0,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
+    ax.set_xticks(
+        list(x),
+        [layer.name for layer in layers],
+        rotation=45 if len(layers) > 4 else 0,
+        ha="right" if len(layers) > 4 else "center",
+        fontsize=8,
+    )
     ax.set_ylabel("mean ||dL/d(output)||  (log)")
     ax.set_title(f"{title}\nwindow {report.window}, {report.steps} steps", fontsize=10)
     ax.grid(axis="y", which="major", alpha=0.3)
@@ -91,15 +104,19 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
             Patch(color=_DEAD, label="all dead"),
             Patch(color=_NEGATIVE, label="all negative regime"),
         ],
-        fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
     )
     return fig
 
 
 def dead_heatmap_figure(
-    timeline: Sequence[tuple[int, Mapping[str, float]]], names: Sequence[str] | None = None,
+    timeline: Sequence[tuple[int, Mapping[str, float]]],
+    names: Sequence[str] | None = None,
     title: str = "relumon: dead fraction per layer and window",
-) -> "Figure":
+) -> Figure:
     """Layers × windows, coloured by dead fraction (white 0 to dark red 1); grey where a layer had no sample.
 
     Args:
@@ -122,8 +139,9 @@ def dead_heatmap_figure(
             value = fractions.get(name)
             if value is not None and math.isfinite(value):
                 grid[i, j] = value
-    fig = Figure(figsize=(min(14.0, 3.5 + 0.12 * len(timeline)), 1.2 + 0.32 * max(len(names), 1)), dpi=100,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(min(14.0, 3.5 + 0.12 * len(timeline)), 1.2 + 0.32 * max(len(names), 1)), dpi=100, layout="constrained"
+    )
     ax = fig.add_subplot()
     if not timeline or not names:
         ax.text(0.5, 0.5, "no closed window yet", ha="center", va="center", transform=ax.transAxes)
@@ -132,8 +150,7 @@ def dead_heatmap_figure(
     import matplotlib
 
     cmap = matplotlib.colormaps["Reds"].with_extremes(bad="#d9d9d9")
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0,
-                      interpolation="nearest")
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
     ax.set_yticks(range(len(names)), names, fontsize=8)
     steps = [step for step, _ in timeline]
     ticks = sorted(set(np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int).tolist()))

@@ -54,18 +54,19 @@ class ReluMonitor(Callback):
     Args:
         log_every_n_steps: optimizer steps per window. ``None`` uses the Trainer's ``log_every_n_steps``.
         on_dead: what to do the first time a window finds every unit of a layer dead: ``"warn"`` (a
-            [`DeadUnitsWarning`][relumon.DeadUnitsWarning], once per layer), ``"raise"`` (a [`RelumonError`][relumon.RelumonError]),
-            ``"stop"`` (set ``trainer.should_stop`` and say why), ``"ignore"``, or a callable that receives the
-            [`LayerReport`][relumon.LayerReport].
+            [`DeadUnitsWarning`][relumon.DeadUnitsWarning], once per layer), ``"raise"`` (a
+            [`RelumonError`][relumon.RelumonError]), ``"stop"`` (set ``trainer.should_stop`` and say why),
+            ``"ignore"``, or a callable that receives the [`LayerReport`][relumon.LayerReport].
         min_samples: no alert before a window has seen this many samples of the layer.
         types: activation classes to watch.
         unit_dim: as for [`relumon.watch`][relumon.watch].
         track_grad: also log the gradient norm at each activation's output.
-        measure_every: measure one training micro-batch in every ``measure_every`` (as for [`relumon.watch`][relumon.watch]);
-            1 measures every one exactly.
+        measure_every: measure one training micro-batch in every ``measure_every`` (as for
+            [`relumon.watch`][relumon.watch]); 1 measures every one exactly.
         permanent_after: closed windows in a row after which a dead unit counts as permanently dead.
         dormant_tau: also log the tau-dormant fraction per layer (see [`relumon.watch`][relumon.watch]).
-        functional: also watch ``F.relu``-style calls inside the module's forward (see [`relumon.watch`][relumon.watch]).
+        functional: also watch ``F.relu``-style calls inside the module's forward (see
+            [`relumon.watch`][relumon.watch]).
         figures: write the gradient-flow chart and the dead-unit heatmap to TensorBoard loggers at the end of each
             training epoch and of fit (needs matplotlib).
         prefix: the first part of every logged tag.

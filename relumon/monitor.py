@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections import deque
 import weakref
+from collections import deque
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 
 import torch
@@ -13,11 +13,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from relumon.errors import DeadUnitsWarning, RelumonError, warn
-from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
 from relumon.blame import blame
+from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.functional import ActivationCapture
 from relumon.history import SiteHistory
+from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import SiteStats, distributed_world_size, gather
 from relumon.tensorboard import custom_scalars_layout, write_scalars
@@ -57,7 +57,15 @@ class _Site:
     """A call site: the n-th call of a watched module within one forward, with its statistics."""
 
     __slots__ = (
-        "name", "module_name", "call", "kind", "fed_by", "producer", "negative_regime", "stats", "history",
+        "name",
+        "module_name",
+        "call",
+        "kind",
+        "fed_by",
+        "producer",
+        "negative_regime",
+        "stats",
+        "history",
         "last_dead_fraction",
     )
 
@@ -103,7 +111,8 @@ class Monitor:
     """Watches the ReLU-family activations of a model during training. Create one with [`relumon.watch`][relumon.watch].
 
     Between reports the hooks only launch in-place kernels on state that lives on the activations' device; nothing
-    is read to the host until [`report()`][relumon.Monitor.report]. A *window* is the set of training forwards since the last report.
+    is read to the host until [`report()`][relumon.Monitor.report]. A *window* is the set of training forwards since
+    the last report.
 
     The monitor is a context manager: leaving the ``with`` block, normally or by an exception, removes every hook.
     The statistics gathered so far stay readable with [`report()`][relumon.Monitor.report].
@@ -134,9 +143,7 @@ class Monitor:
         check_int_at_least("permanent_after", permanent_after)
         check_dormant_tau(dormant_tau)
         if grad_scaler is not None and not hasattr(grad_scaler, "is_enabled"):
-            raise TypeError(
-                f"expected `grad_scaler` to be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
-            )
+            raise TypeError(f"expected `grad_scaler` to be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
         if sync_dist is not None and not isinstance(sync_dist, bool):
             raise TypeError(f"expected `sync_dist` to be True, False or None, got {sync_dist!r}")
 
@@ -173,7 +180,7 @@ class Monitor:
         self._window_start = 0  # _steps_seen when the open window started
         self._window = 0
         self._alerted: set[str] = set()
-        self._layout_written: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._layout_written: weakref.WeakSet[Any] = weakref.WeakSet()
 
         for name, module in watched_modules:
             unit = overrides.get(name, overrides.get("*"))
@@ -322,8 +329,7 @@ class Monitor:
             unit_dim = infer_unit_dim(ndim, producer)
         elif not -max(ndim, 1) <= unit_dim < max(ndim, 1):
             raise ValueError(
-                f"`unit_dim={unit_dim}` is out of range for `{watched.name}`, whose output has shape "
-                f"{tuple(out.shape)}"
+                f"`unit_dim={unit_dim}` is out of range for `{watched.name}`, whose output has shape {tuple(out.shape)}"
             )
         unit_dim = unit_dim % max(ndim, 1)
         units = out.shape[unit_dim] if ndim else 1
@@ -436,7 +442,8 @@ class Monitor:
         Under ``torch.distributed`` only global rank 0 writes.
 
         Raises:
-            RelumonError: when no window has been closed yet (call [`report()`][relumon.Monitor.report] or [`log()`][relumon.Monitor.log] first).
+            RelumonError: when no window has been closed yet (call [`report()`][relumon.Monitor.report] or
+                [`log()`][relumon.Monitor.log] first).
         """
         from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
 
@@ -500,7 +507,7 @@ class Monitor:
         )
 
     def log(self, writer: Any, step: int) -> Report:
-        """Close the window with [`report()`][relumon.Monitor.report] and write its scalars to a ``SummaryWriter`` at ``step``.
+        """Close the window with [`report()`][relumon.Monitor.report]; write its scalars to a ``SummaryWriter``.
 
         Tags are ``relumon/dead_fraction/<name>``, ``relumon/dead_units/<name>``, ``relumon/grad_norm/<name>``,
         ``relumon/nonfinite_units/<name>`` (when non-zero) and ``relumon/summary/dead_fraction``. The first call
@@ -549,7 +556,9 @@ class Monitor:
         """Plain-data state to checkpoint: the alert history, the window count and each site's death history."""
         history = dict(self._pending_history)
         history.update({site.name: site.history.state_dict() for site in self._sites})
-        timeline = [[step, {k: v for k, v in fractions.items() if not math.isnan(v)}] for step, fractions in self._timeline]
+        timeline = [
+            [step, {k: v for k, v in fractions.items() if not math.isnan(v)}] for step, fractions in self._timeline
+        ]
         return {"alerted": sorted(self._alerted), "window": self._window, "history": history, "timeline": timeline}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -577,7 +586,7 @@ class Monitor:
             capture.__exit__(None, None, None)
         self._module_stack.clear()
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -587,7 +596,9 @@ class Monitor:
         model = self._model_ref()
         what = type(model).__name__ if model is not None else "<collected model>"
         state = "active" if self.active else "removed"
-        return f"Monitor({what}, watched={len(self._watched)}, sites={len(self._sites)}, window={self._window}, {state})"
+        return (
+            f"Monitor({what}, watched={len(self._watched)}, sites={len(self._sites)}, window={self._window}, {state})"
+        )
 
 
 def watch(
@@ -616,8 +627,8 @@ def watch(
         track_grad: also record the gradient norm at each activation's output.
         grad_scaler: a ``torch.amp.GradScaler`` in use, so that gradient norms are reported unscaled.
         on_dead: what to do the first time a closed window finds every unit of a layer dead: ``"warn"`` (a
-            [`DeadUnitsWarning`][relumon.DeadUnitsWarning]), ``"raise"`` (a [`RelumonError`][relumon.RelumonError]), ``"ignore"``,
-            or a callable that receives the [`LayerReport`][relumon.LayerReport].
+            [`DeadUnitsWarning`][relumon.DeadUnitsWarning]), ``"raise"`` (a [`RelumonError`][relumon.RelumonError]),
+            ``"ignore"``, or a callable that receives the [`LayerReport`][relumon.LayerReport].
         min_samples: a window must have seen at least this many samples of a layer before it can alert.
         sync_dist: reduce reports across ``torch.distributed`` ranks. ``None`` does so whenever a process group of
             more than one rank is initialised.
@@ -628,7 +639,8 @@ def watch(
         dormant_tau: also report tau-dormant units (Sokar et al., ICML 2023): a unit whose mean ``|activation|``,
             divided by the layer's mean of the same, is ``<= tau``. Costs one more reduction per measured call.
         functional: also watch ``F.relu``, ``torch.relu``, ``x.relu()`` and ``F.leaky_relu`` calls made inside
-            the model's forward (see [`relumon.functional`][relumon.functional] for the mechanism and its limits). Eager only.
+            the model's forward (see [`relumon.functional`][relumon.functional] for the mechanism and its limits).
+            Eager only.
 
     Returns:
         The [`Monitor`][relumon.Monitor], already watching. Use it as a context manager or call ``remove()``.

@@ -138,8 +138,8 @@ class LayerReport:
 class Report:
     """The layers of one closed window, in forward order.
 
-    Iterable over [`LayerReport`][relumon.LayerReport], indexable by position or by name (``report["features.3"]``), and printable
-    as a table.
+    Iterable over [`LayerReport`][relumon.LayerReport], indexable by position or by name (``report["features.3"]``),
+    and printable as a table.
 
     Attributes:
         window: 0-based index of the window this report closed.
@@ -202,8 +202,8 @@ class Report:
         Per site ``<prefix>/dead_fraction/<name>``, ``<prefix>/dead_units/<name>``, ``<prefix>/revived/<name>``,
         ``<prefix>/permanently_dead/<name>`` and, when a backward pass ran, ``<prefix>/grad_norm/<name>``;
         ``<prefix>/nonfinite_units/<name>`` when non-zero; ``<prefix>/dormant_fraction/<name>`` with
-        ``dormant_tau``; and ``<prefix>/summary/dead_fraction`` over all units. Sites that saw no sample in the window are left out,
-        so no NaN is ever logged.
+        ``dormant_tau``; and ``<prefix>/summary/dead_fraction`` over all units. Sites that saw no sample in the
+        window are left out, so no NaN is ever logged.
         """
         out: dict[str, float] = {}
         for layer in self.layers:
@@ -281,7 +281,10 @@ def dead_layer_message(layer: LayerReport, steps: Optional[int] = None) -> str:
             f"Dead ReLU units get no gradient, so the weights feeding them stop learning. "
             f"Try a lower learning rate, LeakyReLU, or the init or bias of {feeder}."
         )
-    message = f"relumon: all {layer.units} units of `{layer.name}` ({layer.kind}) were {what} for the last window ({window}). {why}"
+    message = (
+        f"relumon: all {layer.units} units of `{layer.name}` ({layer.kind}) were {what} for the last window "
+        f"({window}). {why}"
+    )
     if layer.blame:
         message += f" Blame: {layer.blame}."
     return message

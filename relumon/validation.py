@@ -1,4 +1,7 @@
-"""Argument checks shared by [`relumon.watch`][relumon.watch] and the Lightning callback, with errors that list what is allowed."""
+"""Argument checks shared by [`relumon.watch`][relumon.watch] and the Lightning callback.
+
+Each error says what was expected and what was got.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Regenerate the relumon pictures shown in the docs, from the ReLU story's runs.
 
-    python scripts/docs_figures.py --out docs/img
+python scripts/docs_figures.py --out docs/img
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     shots = []
     try:
@@ -80,10 +81,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
             for name, fragment in DASHBOARDS.items():
                 target = args.out / name
                 subprocess.run(
-                    [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                     f"--user-data-dir={profile}", f"--window-size={args.size}", "--virtual-time-budget=20000",
-                     f"--screenshot={target.resolve()}", f"{base}/{fragment}"],
-                    check=True, capture_output=True, timeout=120,
+                    [
+                        chromium,
+                        "--headless",
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--hide-scrollbars",
+                        f"--user-data-dir={profile}",
+                        f"--window-size={args.size}",
+                        "--virtual-time-budget=20000",
+                        f"--screenshot={target.resolve()}",
+                        f"{base}/{fragment}",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
                 )
                 shots.append(target)
                 print(f"wrote {target}")

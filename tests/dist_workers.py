@@ -123,8 +123,12 @@ def lightning_worker(
     warnings.simplefilter("ignore")
     pl = importlib.import_module(namespace)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
-        LOCAL_RANK=str(rank), NODE_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
     )
     callback = ReluMonitor(log_every_n_steps=2, on_dead=on_dead, measure_every=1)
     trainer = pl.Trainer(

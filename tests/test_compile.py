@@ -14,7 +14,12 @@ pytestmark = pytest.mark.slow
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(inplace=True), nn.Linear(12, 6), nn.LeakyReLU(),
+        nn.Linear(8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 12),
+        nn.ReLU(inplace=True),
+        nn.Linear(12, 6),
+        nn.LeakyReLU(),
         nn.Linear(6, 1),
     )
     with torch.no_grad():
@@ -46,7 +51,11 @@ def test_compiled_report_equals_eager() -> None:
         run(torch.compile(compiled_model), inputs)
     for e, c in zip(eager.report(), compiled.report()):
         assert (c.name, c.units, c.samples, c.forwards, c.backward_passes) == (
-            e.name, e.units, e.samples, e.forwards, e.backward_passes,
+            e.name,
+            e.units,
+            e.samples,
+            e.forwards,
+            e.backward_passes,
         )
         assert c.dead_indices == e.dead_indices
         assert c.grad_norm == pytest.approx(e.grad_norm, rel=1e-5)

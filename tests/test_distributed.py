@@ -48,8 +48,11 @@ def test_alerts_are_decided_identically_on_every_rank(tmp_path: Path) -> None:
     assert "`1`" in results[0]["error"]
 
 
-def fit_ddp(namespace: str, tmp_path: Path, *, on_dead: str, kill_all: bool, max_steps: int) -> tuple[list[dict], list[dict]]:
-    """Fit on 2 CPU processes with Lightning's DDP; return the CSV rows with relumon's scalars and each rank's result."""
+def fit_ddp(
+    namespace: str, tmp_path: Path, *, on_dead: str, kill_all: bool, max_steps: int
+) -> tuple[list[dict], list[dict]]:
+    """Fit on 2 CPU processes with Lightning's DDP; return the CSV rows with relumon's scalars and each rank's
+    result."""
     pytest.importorskip(namespace)
     args = (2, free_port(), str(tmp_path), namespace, on_dead, kill_all, max_steps)
     mp.spawn(dist_workers.lightning_worker, args=args, nprocs=2, join=True)

@@ -33,7 +33,9 @@ def test_tensorboard_logger_gets_exact_values_for_a_forced_dead_layer(pl: Any, t
     model = boring_module(pl, dead_fc2=True)
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
     with pytest.warns(relumon.DeadUnitsWarning, match=r"`net.3`.*16 samples over 4 steps") as record:
-        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=4)], logger=logger, max_steps=12).fit(model, loader(12))
+        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=4)], logger=logger, max_steps=12).fit(
+            model, loader(12)
+        )
     assert sum(issubclass(w.category, relumon.DeadUnitsWarning) for w in record) == 1
     assert _hook_count(model) == 0  # gone after fit
 
@@ -64,7 +66,9 @@ def test_csv_logger_gets_the_scalars_as_columns(pl: Any, tmp_path: Path) -> None
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv", version=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
-        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=3)], logger=logger, max_steps=6).fit(model, loader(6))
+        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=3)], logger=logger, max_steps=6).fit(
+            model, loader(6)
+        )
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
     assert {"step", "relumon/dead_fraction/net.3", "relumon/grad_norm/net.1"} <= set(rows[0])
     logged = [r for r in rows if r.get("relumon/dead_fraction/net.3")]
@@ -84,7 +88,9 @@ def test_on_dead_stop_stops_the_trainer_and_says_why(pl: Any) -> None:
 def test_on_dead_raise_raises_relumon_error_and_removes_hooks(pl: Any) -> None:
     model = boring_module(pl, dead_fc2=True)
     with pytest.raises(relumon.RelumonError, match="net.3"):
-        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=2, on_dead="raise")], max_steps=20).fit(model, loader(20))
+        trainer(pl, [ReluMonitor(measure_every=1, log_every_n_steps=2, on_dead="raise")], max_steps=20).fit(
+            model, loader(20)
+        )
     assert _hook_count(model) == 0
 
 
@@ -104,7 +110,11 @@ def test_accumulation_counts_every_micro_batch_and_logs_each_step_once(pl: Any, 
     logger = pl.loggers.CSVLogger(str(tmp_path), name="acc", version=0)
     cb = ReluMonitor(measure_every=1, log_every_n_steps=1)
     trainer(pl, [cb], logger=logger, accumulate_grad_batches=2, max_steps=3).fit(model, loader(6))
-    rows = [r for r in csv.DictReader(open(tmp_path / "acc" / "version_0" / "metrics.csv")) if r.get("relumon/dead_fraction/net.1")]
+    rows = [
+        r
+        for r in csv.DictReader(open(tmp_path / "acc" / "version_0" / "metrics.csv"))
+        if r.get("relumon/dead_fraction/net.1")
+    ]
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert cb.last_report["net.1"].samples == 8  # 2 micro-batches of 4
     assert cb.last_report["net.1"].backward_passes == 2
@@ -146,7 +156,10 @@ def test_checkpoint_resume_keeps_the_alert_history(pl: Any, tmp_path: Path) -> N
 
 
 def test_two_instances_coexist_in_one_checkpoint(pl: Any, tmp_path: Path) -> None:
-    a, b = ReluMonitor(measure_every=1, on_dead="warn"), ReluMonitor(measure_every=1, on_dead="ignore", prefix="relumon2")
+    a, b = (
+        ReluMonitor(measure_every=1, on_dead="warn"),
+        ReluMonitor(measure_every=1, on_dead="ignore", prefix="relumon2"),
+    )
     assert a.state_key != b.state_key
     t = trainer(pl, [a, b], max_steps=2, default_root_dir=str(tmp_path))
     t.fit(boring_module(pl), loader(2))
@@ -181,8 +194,14 @@ def test_bad_arguments_are_rejected_in_init(kwargs: dict, match: str) -> None:
 
 def test_default_window_is_the_trainers_log_every_n_steps(pl: Any, tmp_path: Path) -> None:
     logger = pl.loggers.CSVLogger(str(tmp_path), name="d", version=0)
-    trainer(pl, [ReluMonitor(measure_every=1)], logger=logger, max_steps=6, log_every_n_steps=3).fit(boring_module(pl), loader(6))
-    rows = [r for r in csv.DictReader(open(tmp_path / "d" / "version_0" / "metrics.csv")) if r.get("relumon/dead_fraction/net.1")]
+    trainer(pl, [ReluMonitor(measure_every=1)], logger=logger, max_steps=6, log_every_n_steps=3).fit(
+        boring_module(pl), loader(6)
+    )
+    rows = [
+        r
+        for r in csv.DictReader(open(tmp_path / "d" / "version_0" / "metrics.csv"))
+        if r.get("relumon/dead_fraction/net.1")
+    ]
     assert [int(r["step"]) for r in rows] == [3, 6]
 
 

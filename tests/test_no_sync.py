@@ -19,8 +19,18 @@ from tests.helpers import ConvNet, ReuseReLU, train_steps
 
 #: Tensor methods that read device memory on the host (a sync on CUDA), or can.
 HOST_READS = (
-    "item", "tolist", "numpy", "cpu", "to", "nonzero", "__bool__", "__float__", "__int__", "__index__",
-    "__repr__", "__format__",
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "to",
+    "nonzero",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__repr__",
+    "__format__",
 )
 
 
@@ -78,6 +88,7 @@ def test_reused_modules_and_eval_forwards_read_nothing_either(host_reads: list[s
         with torch.no_grad():
             model(torch.randn(2, 4))
         assert host_reads == []
+    assert [x.samples for x in monitor.report()] == [50, 50, 50]  # 5 training steps of 10; eval not counted
 
 
 def test_state_is_o_units() -> None:
@@ -85,8 +96,13 @@ def test_state_is_o_units() -> None:
     with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=2, batch=4, in_shape=(3, 8, 8))
     for site in monitor._sites:
-        tensors = [site.stats.peak, site.stats.samples, site.stats.forwards, site.stats.backwards,
-                   site.stats.grad_norm_sum]
+        tensors = [
+            site.stats.peak,
+            site.stats.samples,
+            site.stats.forwards,
+            site.stats.backwards,
+            site.stats.grad_norm_sum,
+        ]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         assert nbytes == site.stats.units * 4 + 4 * 8  # one float32 per unit, four float64 counters
 
@@ -114,8 +130,6 @@ def test_host_memory_stays_flat_over_a_long_run() -> None:
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
     relumon_growth = sum(
-        stat.size_diff
-        for stat in after.compare_to(before, "filename")
-        if "relumon" in stat.traceback[0].filename
+        stat.size_diff for stat in after.compare_to(before, "filename") if "relumon" in stat.traceback[0].filename
     )
     assert relumon_growth < 16 * 1024, f"relumon's host allocations grew by {relumon_growth} bytes over 3000 steps"

@@ -122,8 +122,22 @@ def test_summary_prints_a_table_per_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "run exp1  (last step 40)"
-    assert lines[1].split() == ["layer", "last", "dead", "%", "peak", "dead", "%", "first", "step", "fully", "dead",
-                                "last", "grad", "norm"]
+    assert lines[1].split() == [
+        "layer",
+        "last",
+        "dead",
+        "%",
+        "peak",
+        "dead",
+        "%",
+        "first",
+        "step",
+        "fully",
+        "dead",
+        "last",
+        "grad",
+        "norm",
+    ]
     act1 = next(line.split() for line in lines if line.startswith("act1"))
     act2 = next(line.split() for line in lines if line.startswith("act2"))
     assert act2[1:4] == ["100.0%", "100.0%", "10"]  # dead from the first window, at step 10
@@ -178,9 +192,21 @@ def test_a_real_tensorboard_serves_relumon_scalars_images_and_layout(tmp_path: P
     dead_run(tmp_path / "exp1")
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(tmp_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -195,7 +195,9 @@ def test_on_dead_raise_and_callable_and_min_samples() -> None:
 
     seen: list[str] = []
     model = dead_model()
-    with relumon.watch(model, measure_every=1, on_dead=lambda layer: seen.append(layer.name), min_samples=25) as monitor:
+    with relumon.watch(
+        model, measure_every=1, on_dead=lambda layer: seen.append(layer.name), min_samples=25
+    ) as monitor:
         train_steps(model, steps=2, batch=10)  # 20 samples < 25: no alert yet
         monitor.report()
         assert seen == []
@@ -315,7 +317,10 @@ def test_importing_relumon_does_not_import_lightning() -> None:
     import subprocess
     import sys
 
-    code = "import sys, relumon; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'tensorboard') for m in sys.modules))"
+    code = (
+        "import sys, relumon; "
+        "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'tensorboard') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
