@@ -215,3 +215,23 @@ def test_fit_a_compiled_module(pl: Any) -> None:
     assert cb.last_report["net.3"].all_dead and cb.last_report["net.1"].samples == 8
     assert _hook_count(model) == 0
     torch._dynamo.reset()
+
+
+def test_the_trainers_grad_scaler_is_found_and_norms_are_unscaled(pl: Any) -> None:
+    from importlib import import_module
+
+    mixed_precision = import_module(f"{pl.__name__}.plugins.precision").MixedPrecision
+
+    def grad_norm(scale: float | None) -> float:
+        torch.manual_seed(0)
+        cb = ReluMonitor(measure_every=1, log_every_n_steps=2)
+        plugins = []
+        if scale is not None:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            plugins = [mixed_precision("16-mixed", device="cpu", scaler=scaler)]
+        trainer(pl, [cb], max_steps=2, plugins=plugins).fit(boring_module(pl), loader(2))
+        return cb.last_report["net.1"].grad_norm
+
+    unscaled = grad_norm(None)
+    assert unscaled > 0
+    assert grad_norm(1024.0) == pytest.approx(unscaled, rel=1e-2)  # fp16 autocast, not 1024x
