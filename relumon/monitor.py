@@ -182,17 +182,22 @@ class Monitor:
         self._alerted: set[str] = set()
         self._layout_written: weakref.WeakSet[Any] = weakref.WeakSet()
 
-        for name, module in watched_modules:
-            unit = overrides.get(name, overrides.get("*"))
-            watched = _Watched(name, type(module).__name__, isinstance(module, NEGATIVE_REGIME_TYPES), unit)
-            self._watched[module] = watched
-            self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
-        self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
-        self._tracer = ProducerTracer(model, skip=set(self._watched))
         self._module_stack: list[tuple[str, nn.Module]] = []
         self._capture: Optional[ActivationCapture] = None
-        if functional:
-            self._attach_functional(model)
+        self._tracer: Optional[ProducerTracer] = None
+        try:
+            for name, module in watched_modules:
+                unit = overrides.get(name, overrides.get("*"))
+                watched = _Watched(name, type(module).__name__, isinstance(module, NEGATIVE_REGIME_TYPES), unit)
+                self._watched[module] = watched
+                self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
+            self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
+            self._tracer = ProducerTracer(model, skip=set(self._watched))
+            if functional:
+                self._attach_functional(model)
+        except BaseException:
+            self.remove()  # never leave half the hooks behind
+            raise
 
     # ------------------------------------------------------------------ hooks (the per-step path)
 
@@ -300,11 +305,12 @@ class Monitor:
         self._in_step = False
         for watched in self._watched.values():
             watched.calls = 0
-        if self._tracer.active:
+        tracer = self._tracer
+        if tracer is not None and tracer.active:
             if self._sites:  # the first training forward has been traced: producers are known
-                self._tracer.remove()
+                tracer.remove()
             else:
-                self._tracer.clear()
+                tracer.clear()
 
     def _grad_scale(self) -> Optional[Tensor]:
         scaler = self._grad_scaler
@@ -322,7 +328,9 @@ class Monitor:
                 "watched, so this call site is skipped."
             )
             return None
-        fed_by, producer = self._tracer.producer_of(args[0]) if args else (None, None)
+        fed_by, producer = (None, None)
+        if args and self._tracer is not None:
+            fed_by, producer = self._tracer.producer_of(args[0])
         ndim = out.ndim
         unit_dim = watched.unit_dim
         if unit_dim is None:
@@ -580,7 +588,8 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._tracer.remove()
+        if self._tracer is not None:
+            self._tracer.remove()
         if self._capture is not None:  # removed in the middle of a forward
             capture, self._capture = self._capture, None
             capture.__exit__(None, None, None)

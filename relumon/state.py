@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from relumon.errors import RelumonError
 from relumon.hooks import is_compiling
 
 __all__ = ["SiteStats", "GatheredSite", "gather", "distributed_world_size"]
@@ -174,6 +175,27 @@ def distributed_world_size() -> int:
     return 1
 
 
+def _collective_device() -> torch.device:
+    """A device the default process group's backend can reduce on."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_shape_on_every_rank(peaks: Tensor, sums: Tensor) -> None:
+    """Element-wise reductions of buffers that differ in size across ranks would fail deep in the backend, or worse,
+    reduce unrelated units together. One tiny all_reduce first makes every rank raise the same clear error."""
+    sizes = torch.tensor([peaks.numel(), sums.numel()], dtype=torch.int64, device=peaks.device)
+    both = torch.cat([sizes, -sizes])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    largest, smallest = both[:2].tolist(), (-both[2:]).tolist()
+    if largest != smallest:
+        raise RelumonError(
+            f"relumon's call sites differ across ranks (this rank: {peaks.numel()} units in {sums.numel()} counters; "
+            f"largest {largest}, smallest {smallest}): every rank must run the same watched layers before report()"
+        )
+
+
 def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
     """Read every site's window to the host in one transfer, reducing across ranks first when ``sync_dist``.
 
@@ -181,11 +203,15 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
     same global figures.
     """
     if not sites:
+        if sync_dist:  # still take part, or the ranks that have sites would wait forever
+            device = _collective_device()
+            _check_same_shape_on_every_rank(torch.zeros(0, device=device), torch.zeros(0, device=device))
         return []
     device = sites[0].peak.device  # sites of a model split over devices meet on the first one
     peaks = torch.cat([s.peak.to(device) for s in sites])
     sums = torch.cat([s.sum_state().to(device) for s in sites])
     if sync_dist:
+        _check_same_shape_on_every_rank(peaks, sums)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     host = torch.cat([peaks.double(), sums]).cpu()  # the one transfer

@@ -29,7 +29,9 @@ def rank_inputs(rank: int, batch: int = 4) -> torch.Tensor:
     return x
 
 
-def plain_worker(rank: int, world_size: int, port: int, out_dir: str, on_dead: str, kill_all: bool) -> None:
+def plain_worker(
+    rank: int, world_size: int, port: int, out_dir: str, on_dead: str, kill_all: bool, extra_branch_on: int = -1
+) -> None:
     import relumon
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -42,14 +44,17 @@ def plain_worker(rank: int, world_size: int, port: int, out_dir: str, on_dead: s
         result: dict[str, Any] = {}
         with relumon.watch(model, on_dead=on_dead, measure_every=1) as monitor:
             for _ in range(3):
-                model(rank_inputs(rank)).sum().backward()
-            local = monitor.report(reset=False)  # peeks, yet reduces: all ranks must call it
+                x = rank_inputs(rank)
+                if rank == extra_branch_on:  # a call site the other rank never has
+                    x = model[1](x) + 0.0
+                model(x).sum().backward()
             try:
+                local = monitor.report(reset=False)  # peeks, yet reduces: all ranks must call it
+                result["peek"] = local.to_dict()
                 report = monitor.report()
                 result["report"] = report.to_dict()
             except relumon.RelumonError as err:
                 result["error"] = str(err)
-        result["peek"] = local.to_dict()
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
         dist.barrier()
     finally:

@@ -21,8 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_plain(tmp_path: Path, on_dead: str, kill_all: bool = False) -> list[dict]:
-    args = (2, free_port(), str(tmp_path), on_dead, kill_all)
+def run_plain(tmp_path: Path, on_dead: str, kill_all: bool = False, extra_branch_on: int = -1) -> list[dict]:
+    args = (2, free_port(), str(tmp_path), on_dead, kill_all, extra_branch_on)
     mp.spawn(dist_workers.plain_worker, args=args, nprocs=2, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -46,6 +46,11 @@ def test_alerts_are_decided_identically_on_every_rank(tmp_path: Path) -> None:
     results = run_plain(tmp_path, on_dead="raise", kill_all=True)
     assert results[0]["error"] == results[1]["error"]
     assert "`1`" in results[0]["error"]
+
+
+def test_call_sites_that_differ_across_ranks_raise_on_every_rank_instead_of_hanging(tmp_path: Path) -> None:
+    results = run_plain(tmp_path, on_dead="ignore", extra_branch_on=1)
+    assert all("call sites differ across ranks" in r["error"] for r in results)
 
 
 def fit_ddp(

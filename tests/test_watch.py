@@ -360,3 +360,14 @@ def test_warnings_point_at_the_users_code() -> None:
         with pytest.warns(relumon.DeadUnitsWarning) as record:
             monitor.report()
     assert record[0].filename == __file__
+
+
+def test_a_failure_while_attaching_leaves_no_hook_behind() -> None:
+    class Unhookable(nn.ReLU):
+        def register_forward_hook(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+            raise RuntimeError("no hooks here")
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), Unhookable())
+    with pytest.raises(RuntimeError, match="no hooks here"):
+        relumon.watch(model)
+    assert _our_hooks(model) == 0
