@@ -38,6 +38,9 @@ def _pyplot() -> Any:
 def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per activation layer") -> Figure:
     """One bar per call site, in forward order: the mean gradient norm at its output, on a log scale.
 
+    With ``grad_through=True``, a black triangle per bar marks the gradient that flows through the activation to the
+    layer below (at the bottom of the axis when it is 0).
+
     Bars are coloured by the layer's state in the window: blue alive, orange half or more of the units dead, red
     every unit dead, purple every unit stuck in the negative regime (LeakyReLU). A gradient norm of 0 (nothing flows
     back, as behind a dead layer) is drawn as a hatched stub at the bottom of the axis and labelled "0". Each bar is
@@ -87,6 +90,16 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
             xytext=(0, 2),
             textcoords="offset points",
         )
+    through = [layer.grad_through_norm for layer in layers]
+    if any(math.isfinite(t) for t in through):  # with grad_through: what passes on to the layer below
+        ax.scatter(
+            list(x),
+            [t if math.isfinite(t) and t > 0 else floor * 1.5 for t in through],
+            marker="v",
+            color="black",
+            zorder=3,
+            label="gradient through",
+        )
     ax.set_xticks(
         list(x),
         [layer.name for layer in layers],
@@ -103,6 +116,7 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
             Patch(color=_PARTLY, label="≥ 50% dead"),
             Patch(color=_DEAD, label="all dead"),
             Patch(color=_NEGATIVE, label="all negative regime"),
+            *ax.get_legend_handles_labels()[0],
         ],
         fontsize=7,
         loc="upper left",

@@ -41,17 +41,18 @@ FUNCTIONAL_ACTIVATIONS: dict[Callable[..., Any], str] = _table()
 
 
 class ActivationCapture(TorchFunctionMode):
-    """Calls ``on_call(name, args, out)`` after each call of a function in `FUNCTIONAL_ACTIVATIONS`."""
+    """Calls ``on_call(name, args, kwargs, out)`` after each call of a function in `FUNCTIONAL_ACTIVATIONS`."""
 
-    def __init__(self, on_call: Callable[[str, tuple[Any, ...], Any], None]) -> None:
+    def __init__(self, on_call: Callable[[str, tuple[Any, ...], dict[str, Any], Any], None]) -> None:
         super().__init__()
         self._on_call = on_call
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict] = None
     ) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         name = FUNCTIONAL_ACTIVATIONS.get(func)
         if name is not None:
-            self._on_call(name, args, out)
+            self._on_call(name, args, kwargs, out)
         return out

@@ -67,6 +67,8 @@ class ReluMonitor(Callback):
         dormant_tau: also log the tau-dormant fraction per layer (see [`relumon.watch`][relumon.watch]).
         functional: also watch ``F.relu``-style calls inside the module's forward (see
             [`relumon.watch`][relumon.watch]).
+        grad_through: also log the gradient that flows through each activation (see
+            [`relumon.watch`][relumon.watch]).
         figures: write the gradient-flow chart and the dead-unit heatmap to TensorBoard loggers at the end of each
             training epoch and of fit (needs matplotlib).
         prefix: the first part of every logged tag.
@@ -89,6 +91,7 @@ class ReluMonitor(Callback):
         permanent_after: int = 3,
         dormant_tau: Optional[float] = None,
         functional: bool = False,
+        grad_through: bool = False,
         figures: bool = True,
         prefix: str = "relumon",
     ) -> None:
@@ -111,6 +114,7 @@ class ReluMonitor(Callback):
         self.permanent_after = permanent_after
         self.dormant_tau = dormant_tau
         self.functional = functional
+        self.grad_through = grad_through
         self.figures = figures
         self.prefix = prefix
         self.monitor: Optional[Monitor] = None
@@ -146,6 +150,7 @@ class ReluMonitor(Callback):
                 permanent_after=self.permanent_after,
                 dormant_tau=self.dormant_tau,
                 functional=self.functional,
+                grad_through=self.grad_through,
             )
         except ValueError as err:
             if "found no module" not in str(err):

@@ -95,13 +95,18 @@ class _Site:
 class _Watched:
     """A watched module: its path, its call counter for the current forward and its sites by call index."""
 
-    __slots__ = ("name", "kind", "negative_regime", "unit_dim", "calls", "sites", "warned_shape")
+    __slots__ = ("name", "kind", "negative_regime", "unit_dim", "slope", "calls", "sites", "warned_shape")
 
-    def __init__(self, name: str, kind: str, negative_regime: bool, unit_dim: Optional[int]) -> None:
+    def __init__(
+        self, name: str, kind: str, negative_regime: bool, unit_dim: Optional[int], slope: Optional[float]
+    ) -> None:
         self.name = name
         self.kind = kind
         self.negative_regime = negative_regime
         self.unit_dim = unit_dim
+        #: The activation's derivative for non-positive outputs (0 for ReLU, alpha for LeakyReLU); None if it is not
+        #: that simple (GELU...), which leaves the gradient through the activation unmeasured.
+        self.slope = slope
         self.calls = 0
         self.sites: list[_Site] = []
         self.warned_shape = False
@@ -133,6 +138,7 @@ class Monitor:
         permanent_after: int = 3,
         dormant_tau: Optional[float] = None,
         functional: bool = False,
+        grad_through: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected `model` to be a torch.nn.Module, got {type(model).__name__}")
@@ -157,6 +163,7 @@ class Monitor:
         overrides = _check_unit_dim(unit_dim, [name for name, _ in watched_modules], functional)
 
         self.track_grad = track_grad
+        self.grad_through = grad_through and track_grad
         self.on_dead = on_dead
         self.min_samples = min_samples
         self.sync_dist = sync_dist
@@ -188,7 +195,8 @@ class Monitor:
         try:
             for name, module in watched_modules:
                 unit = overrides.get(name, overrides.get("*"))
-                watched = _Watched(name, type(module).__name__, isinstance(module, NEGATIVE_REGIME_TYPES), unit)
+                negative = isinstance(module, NEGATIVE_REGIME_TYPES)
+                watched = _Watched(name, type(module).__name__, negative, unit, _slope_of(module))
                 self._watched[module] = watched
                 self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
             self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
@@ -238,7 +246,7 @@ class Monitor:
             return
         stats.observe(obs)
         if self.track_grad and out.requires_grad:
-            out.register_hook(stats.grad_hook)
+            out.register_hook(stats.grad_hook_for(out) if stats.through_slope is not None else stats.grad_hook)
 
     # ------------------------------------------------------------------ functional calls (opt-in)
 
@@ -266,7 +274,7 @@ class Monitor:
             capture.__exit__(None, None, None)
         return None
 
-    def _on_functional_call(self, fn: str, args: tuple[Any, ...], out: Any) -> None:
+    def _on_functional_call(self, fn: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         if not self._module_stack:
             return
         path, module = self._module_stack[-1]
@@ -276,7 +284,8 @@ class Monitor:
         watched = self._watched.get(site_path)
         if watched is None:
             unit = self._unit_dim_overrides.get(site_path, self._unit_dim_overrides.get("*"))
-            watched = _Watched(site_path, f"F.{fn}", fn != "relu", unit)
+            slope = 0.0 if fn == "relu" else float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
+            watched = _Watched(site_path, f"F.{fn}", fn != "relu", unit, slope)
             self._watched[site_path] = watched
         self._observe(watched, module, args, out)
 
@@ -349,6 +358,7 @@ class Monitor:
             grad_scale=self._grad_scale,
             on_backward=self._on_backward,
             track_abs=self.dormant_tau is not None,
+            through_slope=watched.slope if self.grad_through else None,
         )
         path = watched.name or "root"
         site = _Site(
@@ -502,6 +512,7 @@ class Monitor:
             dead_units=int(dead_mask.sum()),
             nonfinite_units=int(g.peak.isnan().sum()) if seen else 0,
             grad_norm=g.grad_norm_sum / g.backwards if g.backwards else math.nan,
+            grad_through_norm=g.through_sum / g.through_passes if g.through_passes else math.nan,
             negative_regime=site.negative_regime,
             dead_mask=dead_mask,
             revived_units=history.revived_units,
@@ -624,6 +635,7 @@ def watch(
     permanent_after: int = 3,
     dormant_tau: Optional[float] = None,
     functional: bool = False,
+    grad_through: bool = False,
 ) -> Monitor:
     """Attach relumon's hooks to every activation module of ``types`` in ``model``.
 
@@ -650,6 +662,10 @@ def watch(
         functional: also watch ``F.relu``, ``torch.relu``, ``x.relu()`` and ``F.leaky_relu`` calls made inside
             the model's forward (see [`relumon.functional`][relumon.functional] for the mechanism and its limits).
             Eager only.
+        grad_through: also measure the gradient that flows *through* each ReLU/LeakyReLU to the layer below,
+            ``dL/d(output)`` times the activation's derivative (1 where the output is positive, 0 or alpha
+            elsewhere), as ``grad_through_norm``. A dead layer shows a gradient at its output and none through it.
+            Costs two elementwise passes over the gradient per measured call.
 
     Returns:
         The [`Monitor`][relumon.Monitor], already watching. Use it as a context manager or call ``remove()``.
@@ -679,6 +695,7 @@ def watch(
         permanent_after=permanent_after,
         dormant_tau=dormant_tau,
         functional=functional,
+        grad_through=grad_through,
     )
 
 
@@ -686,6 +703,15 @@ def _global_rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return 0
+
+
+def _slope_of(module: nn.Module) -> Optional[float]:
+    """The derivative of ``module`` for non-positive outputs, if it is a ReLU or LeakyReLU; else None."""
+    if type(module) is nn.ReLU:
+        return 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return float(module.negative_slope)
+    return None
 
 
 def _check_types(types: Iterable[type[nn.Module]]) -> tuple[type[nn.Module], ...]:

@@ -51,6 +51,8 @@ class LayerReport:
             layer's mean of the same, Sokar et al. 2023) is ``<= tau``; else None.
         dormant_scores: CPU float per unit, the scores themselves, with ``dormant_tau`` set.
         blame: for a layer that died or whose dead fraction jumped, facts about the module that fed it.
+        grad_through_norm: with ``grad_through=True``, the mean over backward passes of the L2 norm of the gradient
+            that flows through the activation to the layer below (``dL/d(pre-activation)``); else NaN.
     """
 
     name: str
@@ -76,6 +78,7 @@ class LayerReport:
     dormant_units: Optional[int] = None
     dormant_scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
     blame: Optional[str] = None
+    grad_through_norm: float = math.nan
 
     @property
     def dead_fraction(self) -> float:
@@ -124,6 +127,7 @@ class LayerReport:
             "dead_fraction": nan_to_none(self.dead_fraction),
             "nonfinite_units": self.nonfinite_units,
             "grad_norm": nan_to_none(self.grad_norm),
+            "grad_through_norm": nan_to_none(self.grad_through_norm),
             "negative_regime": self.negative_regime,
             "dead_indices": self.dead_indices,
             "revived_units": self.revived_units,
@@ -201,8 +205,9 @@ class Report:
 
         Per site ``<prefix>/dead_fraction/<name>``, ``<prefix>/dead_units/<name>``, ``<prefix>/revived/<name>``,
         ``<prefix>/permanently_dead/<name>`` and, when a backward pass ran, ``<prefix>/grad_norm/<name>``;
-        ``<prefix>/nonfinite_units/<name>`` when non-zero; ``<prefix>/dormant_fraction/<name>`` with
-        ``dormant_tau``; and ``<prefix>/summary/dead_fraction`` over all units. Sites that saw no sample in the
+        ``<prefix>/grad_through_norm/<name>`` with ``grad_through``; ``<prefix>/nonfinite_units/<name>`` when
+        non-zero; ``<prefix>/dormant_fraction/<name>`` with ``dormant_tau``; and ``<prefix>/summary/dead_fraction``
+        over all units. Sites that saw no sample in the
         window are left out, so no NaN is ever logged.
         """
         out: dict[str, float] = {}
@@ -213,6 +218,8 @@ class Report:
             out[f"{prefix}/dead_units/{layer.tag}"] = float(layer.dead_units)
             if layer.backward_passes > 0 and math.isfinite(layer.grad_norm):
                 out[f"{prefix}/grad_norm/{layer.tag}"] = layer.grad_norm
+            if math.isfinite(layer.grad_through_norm):
+                out[f"{prefix}/grad_through_norm/{layer.tag}"] = layer.grad_through_norm
             if layer.nonfinite_units:
                 out[f"{prefix}/nonfinite_units/{layer.tag}"] = float(layer.nonfinite_units)
             out[f"{prefix}/revived/{layer.tag}"] = float(layer.revived_units)

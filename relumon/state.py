@@ -9,6 +9,9 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
   neither dead nor alive.
 - ``abs_sum`` (only with ``track_abs``, for the dormant score): float32 per unit, the sum of ``|activation|``, and
   ``positions``, the number of values summed per unit.
+- ``through_sum``, ``through_passes`` (only with a ``through_slope``): the summed norm of the gradient that flows
+  *through* the activation, ``dL/d(pre-activation) = dL/d(output) * f'``, where ``f'`` is 1 for a positive output and
+  the slope (0 for ReLU, alpha for LeakyReLU) elsewhere, and the number of backward passes it was taken in.
 - ``samples``, ``forwards``, ``backwards``, ``grad_norm_sum``: float64 tensors of shape ``(1,)``. (Not 0-d:
   torch.compile on torch 2.13 silently drops in-place updates of 0-d float64 CPU tensors made inside a compiled
   graph; shape ``(1,)`` is kept. Not views of one buffer either: in-place updates of ``unbind``/``split`` views
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,6 +51,10 @@ class SiteStats:
         device: where the activations live; the state lives there too.
         grad_scale: returns the current loss scale (a tensor on ``device``) or None, so that gradient norms are
             reported unscaled under a ``GradScaler``.
+        on_backward: called after each backward pass through the site (not under torch.compile).
+        track_abs: also sum ``|activation|`` per unit, for the dormant score.
+        through_slope: also measure the gradient that flows through the activation, whose derivative is 1 for a
+            positive output and ``through_slope`` elsewhere. None (the default) does not.
     """
 
     __slots__ = (
@@ -62,6 +69,9 @@ class SiteStats:
         "grad_norm_sum",
         "abs_sum",
         "positions",
+        "through_slope",
+        "through_sum",
+        "through_passes",
         "_grad_scale",
         "_on_backward",
         "grad_hook",
@@ -76,6 +86,7 @@ class SiteStats:
         grad_scale: Callable[[], Optional[Tensor]] = lambda: None,
         on_backward: Callable[[], None] = lambda: None,
         track_abs: bool = False,
+        through_slope: Optional[float] = None,
     ) -> None:
         self.units = units
         self.unit_dim = unit_dim
@@ -90,6 +101,12 @@ class SiteStats:
         if track_abs:
             self.abs_sum = torch.zeros(units, dtype=torch.float32, device=device)
             self.positions = torch.zeros(1, dtype=torch.float64, device=device)
+        self.through_slope = through_slope
+        self.through_sum: Optional[Tensor] = None
+        self.through_passes: Optional[Tensor] = None
+        if through_slope is not None:
+            self.through_sum = torch.zeros(1, dtype=torch.float64, device=device)
+            self.through_passes = torch.zeros(1, dtype=torch.float64, device=device)
         self._grad_scale = grad_scale
         self._on_backward = on_backward
         #: Tensor hook for the activation's output: accumulates the gradient norm of each backward pass.
@@ -130,16 +147,53 @@ class SiteStats:
 
         return grad_hook
 
+    def grad_hook_for(self, out: Tensor) -> Callable[[Tensor], None]:
+        """The tensor hook for one output when the gradient *through* the activation is measured too.
+
+        It needs that output's sign pattern, so it is made per call (a small closure); the output is already kept
+        for backward by autograd in the common cases. If the output was modified in place after the activation, its
+        signs no longer say where the activation passed gradient, and that pass adds no through-gradient.
+        """
+        if self.through_slope is None or self.through_sum is None or self.through_passes is None:
+            return self.grad_hook
+        slope, through_sum, through_passes = self.through_slope, self.through_sum, self.through_passes
+        grad_hook, grad_scale = self.grad_hook, self._grad_scale
+        version = None if is_compiling() else out._version
+
+        def grad_and_through_hook(grad: Tensor) -> None:
+            grad_hook(grad)
+            if version is not None and out._version != version:
+                return None
+            g, positive = grad.detach(), out.detach() > 0
+            flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
+            norm = torch.linalg.vector_norm(flowing, dtype=torch.float32)
+            scale = grad_scale()
+            if scale is not None:
+                norm = norm / scale
+            through_sum.add_(norm)
+            through_passes.add_(1)
+            return None
+
+        return grad_and_through_hook
+
     def _sums(self) -> list[Tensor]:
         sums = [self.samples, self.forwards, self.backwards, self.grad_norm_sum]
+        if self.through_sum is not None and self.through_passes is not None:
+            sums += [self.through_passes, self.through_sum]
         if self.abs_sum is not None and self.positions is not None:
             sums += [self.positions, self.abs_sum]
         return sums
 
     def sum_state(self) -> Tensor:
         """Everything that combines across ranks by SUM, as one float64 tensor (a copy):
-        ``[samples, forwards, backwards, grad_norm_sum]``, then ``[positions, *abs_sum]`` with ``track_abs``."""
+        ``[samples, forwards, backwards, grad_norm_sum]``, then ``[through_passes, through_sum]`` with a
+        ``through_slope``, then ``[positions, *abs_sum]`` with ``track_abs``."""
         return torch.cat([t.double() for t in self._sums()])
+
+    @property
+    def sum_state_size(self) -> int:
+        """Length of ``sum_state()``."""
+        return sum(t.numel() for t in self._sums())
 
     def reset(self) -> None:
         """Start a new window."""
@@ -166,6 +220,8 @@ class GatheredSite:
     grad_norm_sum: float
     positions: int = 0
     abs_sum: Optional[Tensor] = None  # float64, CPU, with track_abs
+    through_passes: int = 0
+    through_sum: float = 0.0
 
 
 def distributed_world_size() -> int:
@@ -219,8 +275,14 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
     gathered = []
     peak_at = sum_at = 0
     for site in sites:
-        n_sums = 4 + (1 + site.units if site.abs_sum is not None else 0)
-        row = host_sums[sum_at : sum_at + n_sums]
+        row = host_sums[sum_at : sum_at + site.sum_state_size]
+        extra: dict[str, Any] = {}
+        at = 4
+        if site.through_sum is not None:
+            extra.update(through_passes=int(row[at]), through_sum=float(row[at + 1]))
+            at += 2
+        if site.abs_sum is not None:
+            extra.update(positions=int(row[at]), abs_sum=row[at + 1 : at + 1 + site.units])
         gathered.append(
             GatheredSite(
                 peak=host_peaks[peak_at : peak_at + site.units],
@@ -228,10 +290,9 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
                 forwards=int(row[FORWARDS]),
                 backwards=int(row[BACKWARDS]),
                 grad_norm_sum=float(row[GRAD_NORM_SUM]),
-                positions=int(row[4]) if n_sums > 4 else 0,
-                abs_sum=row[5:] if n_sums > 4 else None,
+                **extra,
             )
         )
         peak_at += site.units
-        sum_at += n_sums
+        sum_at += site.sum_state_size
     return gathered

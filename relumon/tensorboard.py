@@ -15,6 +15,7 @@ METRICS: Mapping[str, str] = {
     "dead_fraction": "dead fraction per layer",
     "dead_units": "dead units per layer",
     "grad_norm": "gradient norm at the activation output",
+    "grad_through_norm": "gradient norm through the activation",
     "nonfinite_units": "units with NaN output",
     "revived": "units revived in the window",
     "permanently_dead": "permanently dead units",

@@ -211,3 +211,22 @@ def test_functional_capture_reads_nothing_on_the_host_and_exits_on_errors() -> N
             model(torch.randn(2, 3, requires_grad=True))
         assert _get_current_function_mode() is None  # the mode was left despite the error
         assert monitor.names == ["F.relu"]
+
+
+def test_functional_leaky_relu_slope_is_read_for_grad_through() -> None:
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.leaky_relu(self.fc(x), negative_slope=0.2)
+
+    model = Leaky()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.fill_(-1.0)  # every unit negative: the gradient through is exactly 0.2 times the output's
+    with relumon.watch(model, functional=True, measure_every=1, grad_through=True, on_dead="ignore") as monitor:
+        model(torch.randn(5, 3)).sum().backward()
+    layer = monitor.report()["F.leaky_relu"]
+    assert layer.grad_through_norm == pytest.approx(0.2 * layer.grad_norm)

@@ -371,3 +371,40 @@ def test_a_failure_while_attaching_leaves_no_hook_behind() -> None:
     with pytest.raises(RuntimeError, match="no hooks here"):
         relumon.watch(model)
     assert _our_hooks(model) == 0
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU])
+def test_grad_through_is_the_gradient_that_reaches_the_pre_activation(act: type[nn.Module]) -> None:
+    model = MLP(act=act)
+    kill_units(model.fc2, [0, 1, 2])
+    expected: list[torch.Tensor] = []
+
+    def record(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        args[0].register_hook(lambda g: expected.append(g.norm()))  # dL/d(pre-activation), the honest way
+
+    model.act2.register_forward_hook(record)
+    with relumon.watch(model, measure_every=1, grad_through=True) as monitor:
+        train_steps(model, steps=3)
+    act2 = monitor.report()["act2"]
+    assert act2.grad_through_norm == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    assert act2.grad_through_norm < act2.grad_norm  # dead units let nothing (or alpha) through
+
+
+def test_grad_through_shows_a_dead_layer_blocking_the_gradient() -> None:
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.bias.fill_(-1e3)
+    with relumon.watch(model, measure_every=1, grad_through=True, on_dead="ignore") as monitor:
+        train_steps(model, steps=2)
+    report = monitor.report()
+    assert report["act2"].grad_norm > 0 and report["act2"].grad_through_norm == 0.0
+    assert report.scalars()["relumon/grad_through_norm/act2"] == 0.0
+
+
+def test_grad_through_is_off_by_default() -> None:
+    model = MLP()
+    with relumon.watch(model, measure_every=1) as monitor:
+        train_steps(model, steps=1)
+    report = monitor.report()
+    assert math.isnan(report["act1"].grad_through_norm)
+    assert not any("grad_through" in tag for tag in report.scalars())
