@@ -197,7 +197,7 @@ def test_functional_names_follow_the_enclosing_module_and_modules_are_not_counte
     assert torch._C._is_torch_function_mode_enabled() is False or not torch.overrides._get_current_function_mode()
 
 
-def test_functional_capture_reads_nothing_on_the_host_and_exits_on_errors() -> None:
+def test_functional_capture_exits_its_mode_on_errors() -> None:
     from torch.overrides import _get_current_function_mode
 
     class Boom(nn.Module):

@@ -62,11 +62,14 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield calls
 
 
-@pytest.mark.parametrize("measure_every", [1, 4])
-def test_training_steps_read_nothing_on_the_host(host_reads: list[str], measure_every: int) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [{"measure_every": 1}, {"measure_every": 4}, {"measure_every": 1, "grad_through": True, "dormant_tau": 0.1}],
+)
+def test_training_steps_read_nothing_on_the_host(host_reads: list[str], options: dict) -> None:
     model = ConvNet()
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
-    with relumon.watch(model, grad_scaler=scaler, measure_every=measure_every) as monitor:
+    with relumon.watch(model, grad_scaler=scaler, **options) as monitor:
         train_steps(model, steps=1, batch=4, in_shape=(3, 8, 8))  # allocation step
         monitor.report()
         host_reads.clear()
@@ -89,6 +92,18 @@ def test_reused_modules_and_eval_forwards_read_nothing_either(host_reads: list[s
             model(torch.randn(2, 4))
         assert host_reads == []
     assert [x.samples for x in monitor.report()] == [50, 50, 50]  # 5 training steps of 10; eval not counted
+
+
+def test_functional_capture_reads_nothing_on_the_host(host_reads: list[str]) -> None:
+    from tests.test_diagnosis import FunctionalNet
+
+    model = FunctionalNet()
+    with relumon.watch(model, functional=True, measure_every=1, grad_through=True) as monitor:
+        train_steps(model, steps=1, in_shape=(4,))
+        host_reads.clear()
+        train_steps(model, steps=3, in_shape=(4,))
+        assert host_reads == []
+    assert len(monitor.report()) == 4
 
 
 def test_state_is_o_units() -> None:
