@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
 
 from torch import nn
@@ -23,7 +24,7 @@ from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.monitor import DEFAULT_TYPES, Monitor
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.tensorboard import custom_scalars_layout
-from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead
+from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead, check_types
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -107,7 +108,7 @@ class ReluMonitor(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.on_dead = on_dead
         self.min_samples = min_samples
-        self.types = tuple(types) if not isinstance(types, type) else (types,)
+        self.types = check_types(types)
         self.unit_dim = unit_dim
         self.track_grad = track_grad
         self.measure_every = measure_every
@@ -123,7 +124,7 @@ class ReluMonitor(Callback):
         self._window_start_step = 0
         self._last_logged_step = -1
         self._loaded_state: Optional[dict[str, Any]] = None
-        self._layout_written: set[int] = set()
+        self._layout_written: weakref.WeakSet[Any] = weakref.WeakSet()  # SummaryWriters that have the layout
 
     @property
     def state_key(self) -> str:
@@ -137,27 +138,28 @@ class ReluMonitor(Callback):
         if stage != "fit" or self.monitor is not None:
             return
         self._trainer = trainer
-        try:
-            self.monitor = Monitor(
-                pl_module,
-                types=self.types,
-                unit_dim=self.unit_dim,
-                track_grad=self.track_grad,
-                grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
-                on_dead=self._on_dead_layer,
-                min_samples=self.min_samples,
-                measure_every=self.measure_every,
-                permanent_after=self.permanent_after,
-                dormant_tau=self.dormant_tau,
-                functional=self.functional,
-                grad_through=self.grad_through,
-            )
-        except ValueError as err:
-            if "found no module" not in str(err):
-                raise
+        if not self.functional and not any(isinstance(m, self.types) for m in pl_module.modules()):
             if trainer.is_global_zero:
-                warn(f"{err} ReluMonitor stays idle; training goes on.")
+                looked_for = ", ".join(t.__name__ for t in self.types)
+                warn(
+                    f"relumon found no module of the watched types ({looked_for}) in {type(pl_module).__name__}. "
+                    "ReluMonitor stays idle; training goes on."
+                )
             return
+        self.monitor = Monitor(
+            pl_module,
+            types=self.types,
+            unit_dim=self.unit_dim,
+            track_grad=self.track_grad,
+            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
+            on_dead=self._on_dead_layer,
+            min_samples=self.min_samples,
+            measure_every=self.measure_every,
+            permanent_after=self.permanent_after,
+            dormant_tau=self.dormant_tau,
+            functional=self.functional,
+            grad_through=self.grad_through,
+        )
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state)
         self._window_start_step = trainer.global_step
@@ -240,9 +242,9 @@ class ReluMonitor(Callback):
             return
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None) if _is_tensorboard(logger) else None
-            if experiment is not None and id(logger) not in self._layout_written:
+            if experiment is not None and experiment not in self._layout_written:
                 experiment.add_custom_scalars(custom_scalars_layout(self.prefix))
-                self._layout_written.add(id(logger))
+                self._layout_written.add(experiment)
             logger.log_metrics(scalars, step=step)
 
     # ------------------------------------------------------------------ alerts

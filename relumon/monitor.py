@@ -22,7 +22,7 @@ from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import SiteStats, distributed_world_size, gather
 from relumon.tensorboard import custom_scalars_layout, write_scalars
 from relumon.units import infer_unit_dim
-from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead
+from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead, check_types
 
 __all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead"]
 
@@ -142,7 +142,7 @@ class Monitor:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected `model` to be a torch.nn.Module, got {type(model).__name__}")
-        self._types = _check_types(types)
+        self._types = check_types(types)
         check_on_dead(on_dead, _ON_DEAD_CHOICES)
         check_int_at_least("min_samples", min_samples)
         check_int_at_least("measure_every", measure_every)
@@ -712,19 +712,6 @@ def _slope_of(module: nn.Module) -> Optional[float]:
     if isinstance(module, nn.LeakyReLU):
         return float(module.negative_slope)
     return None
-
-
-def _check_types(types: Iterable[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
-    if isinstance(types, type):
-        types = (types,)
-    try:
-        checked = tuple(types)
-    except TypeError:
-        raise TypeError(f"expected `types` to be a tuple of nn.Module subclasses, got {types!r}") from None
-    bad = [t for t in checked if not (isinstance(t, type) and issubclass(t, nn.Module))]
-    if bad or not checked:
-        raise TypeError(f"expected `types` to be a non-empty tuple of nn.Module subclasses, got {types!r}")
-    return checked
 
 
 def _check_unit_dim(

@@ -5,9 +5,11 @@ Each error says what was expected and what was got.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-__all__ = ["check_int_at_least", "check_on_dead", "check_dormant_tau"]
+from torch import nn
+
+__all__ = ["check_int_at_least", "check_on_dead", "check_dormant_tau", "check_types"]
 
 
 def check_int_at_least(name: str, value: Any, minimum: int = 1) -> int:
@@ -29,3 +31,17 @@ def check_dormant_tau(value: Any) -> Any:
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1):
         raise ValueError(f"expected `dormant_tau` to be None or a number in [0, 1), got {value!r}")
     return value
+
+
+def check_types(types: Iterable[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
+    """``types`` as a non-empty tuple of ``nn.Module`` subclasses (one class alone is accepted), else TypeError."""
+    if isinstance(types, type):
+        types = (types,)
+    try:
+        checked = tuple(types)
+    except TypeError:
+        raise TypeError(f"expected `types` to be a tuple of nn.Module subclasses, got {types!r}") from None
+    bad = [t for t in checked if not (isinstance(t, type) and issubclass(t, nn.Module))]
+    if bad or not checked:
+        raise TypeError(f"expected `types` to be a non-empty tuple of nn.Module subclasses, got {types!r}")
+    return checked

@@ -185,11 +185,14 @@ def test_a_model_without_relu_warns_once_and_training_goes_on(pl: Any) -> None:
         ({"log_every_n_steps": 0}, "log_every_n_steps"),
         ({"min_samples": -1}, "min_samples"),
         ({"prefix": ""}, "prefix"),
+        ({"dormant_tau": 2}, "dormant_tau"),
     ],
 )
 def test_bad_arguments_are_rejected_in_init(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ReluMonitor(**kwargs)
+    with pytest.raises(TypeError, match="types"):
+        ReluMonitor(types=("ReLU",))
 
 
 def test_default_window_is_the_trainers_log_every_n_steps(pl: Any, tmp_path: Path) -> None:
