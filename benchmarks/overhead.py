@@ -1,35 +1,38 @@
 """relumon's overhead benchmark: step time with and without monitoring, in one process, as median ratios.
 
-Each workload trains for a number of *rounds*. In every round each variant runs the same number of timed training
-steps (forward, backward, optimizer step) after a few warm-up steps, in a shuffled order, so that drifts in machine
-speed hit every variant alike. A variant's ratio in a round is its median step time over the unmonitored one's in the
-same round; the reported figure is the median of those ratios over rounds.
+Every variant trains its own copy of the workload's model. The copies take turns one training step (forward,
+backward, optimizer step) at a time, in a shuffled order each turn, so that the machine's drifts in speed, which are
+larger than relumon's cost, hit every variant alike. A *round* is ``--steps`` turns; a variant's ratio in a round is
+its median step time over the unmonitored copy's, and the figure reported is the median of those ratios over
+``--rounds`` rounds, with their interquartile range.
 
 Variants:
-- ``none``: no monitor.
-- ``relumon``: ``relumon.watch(model)`` as users get it (every training step is measured exactly), with a
-  ``report()`` every ``--report-every`` steps, whose one host transfer is part of the cost.
+- ``none``: no monitor. ``none-aa``: a second unmonitored copy, whose ratio shows the method's own noise.
+- ``relumon``: ``relumon.watch(model)`` as users get it (one step in four measured), with a ``report()`` every
+  ``--report-every`` steps, whose one host transfer is part of the cost.
+- ``relumon-exact``: ``measure_every=1``, every step measured. ``relumon-every2/4/8``: other schedules.
 - ``naive-item``: the home-made monitor: a forward hook that reads the dead count and a gradient hook that reads the
   gradient norm with ``.item()`` on every step, as many hand-written monitors do.
 
-On a GPU the script also runs the relumon steps between two reports under
-``torch.cuda.set_sync_debug_mode("error")``, which turns any host sync into an error, and reports peak memory.
+On a GPU the script also runs relumon's steps between two reports under
+``torch.cuda.set_sync_debug_mode("error")``, which turns any host sync into an error, and compares peak memory.
 
-    python benchmarks/overhead.py                      # CPU workloads
-    python benchmarks/overhead.py --workloads gpu-resnet50,gpu-mlp --device cuda
+    python benchmarks/overhead.py                                   # the CPU workloads
+    python benchmarks/overhead.py --workloads gpu-resnet50,gpu-mlp  # on a CUDA machine, with torchvision
     python benchmarks/overhead.py --json results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import random
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -150,6 +153,7 @@ def naive_item(model: nn.Module) -> Iterator[Callable[[], Any]]:
 
 VARIANTS = {
     "none": no_monitor,
+    "none-aa": no_monitor,
     "relumon": relumon_default,
     "relumon-exact": relumon_exact,
     "relumon-every2": relumon_every(2),
@@ -238,44 +242,65 @@ def peak_memory(workload: Workload, device: torch.device, variant: str, steps: i
 def run_workload(
     workload: Workload, variants: list[str], rounds: int, steps: int, warmup: int, report_every: int
 ) -> dict[str, Any]:
+    """Time every variant on its own copy of one model, one step of each in turn (in a shuffled order each time).
+
+    Alternating single steps puts every variant under the same machine conditions, which drift by far more than
+    relumon costs. A round is ``steps`` such turns; a variant's ratio in a round is its median step time over the
+    unmonitored copy's. The ``none-aa`` variant, a second unmonitored copy, measures the method's own noise floor.
+    """
     device = torch.device(workload.device)
     torch.manual_seed(0)
-    model = workload.build().to(device)
+    base = workload.build().to(device)
     if workload.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step = make_step(workload, model, device)
-    medians: dict[str, list[float]] = {v: [] for v in variants}
+        base = base.to(memory_format=torch.channels_last)
     rng = random.Random(0)
-    for _ in range(rounds):
-        order = variants[:]
-        rng.shuffle(order)
-        for variant in order:
-            with VARIANTS[variant](model) as report:
-                for _ in range(warmup):
-                    step()
-                times = time_steps(step, steps, device, report, report_every)
-            medians[variant].append(statistics.median(times))
-    result: dict[str, Any] = {"workload": workload.name, "step_ms": 1e3 * statistics.median(medians["none"])}
+    per_round: dict[str, list[float]] = {v: [] for v in variants}
+    with ExitStack() as stack:
+        runs = {}
+        for variant in variants:
+            model = copy.deepcopy(base)
+            report = stack.enter_context(VARIANTS[variant](model))
+            runs[variant] = (make_step(workload, model, device), report)
+        for step, _ in runs.values():
+            for _ in range(warmup):
+                step()
+        counts = dict.fromkeys(variants, 0)
+        for _ in range(rounds):
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(steps):
+                order = variants[:]
+                rng.shuffle(order)
+                for variant in order:
+                    step, report = runs[variant]
+                    counts[variant] += 1
+                    times[variant] += time_steps(
+                        step, 1, device, report if counts[variant] % report_every == 0 else None, 1
+                    )
+            for variant in variants:
+                per_round[variant].append(statistics.median(times[variant]))
+    result: dict[str, Any] = {"workload": workload.name, "step_ms": 1e3 * statistics.median(per_round["none"])}
     for variant in variants:
-        ratios = [m / base for m, base in zip(medians[variant], medians["none"])]
+        ratios = sorted(m / b for m, b in zip(per_round[variant], per_round["none"]))
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
         result[variant] = {
             "ratio": statistics.median(ratios),
+            "iqr": [q1, q3],
             "ratios": ratios,
-            "step_ms": 1e3 * statistics.median(medians[variant]),
+            "step_ms": 1e3 * statistics.median(per_round[variant]),
         }
     if device.type == "cuda":
         result["sync_check"] = sync_check(workload, device, steps=10)
-        base = peak_memory(workload, device, "none")
-        result["peak_memory_ratio"] = peak_memory(workload, device, "relumon") / base
+        unmonitored = peak_memory(workload, device, "none")
+        result["peak_memory_ratio"] = peak_memory(workload, device, "relumon") / unmonitored
     return result
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="cpu-mlp,cpu-cnn", help=f"comma-separated, from {list(WORKLOADS)}")
-    parser.add_argument("--variants", default="none,relumon,naive-item")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per round")
+    parser.add_argument("--variants", default="none,none-aa,relumon,relumon-exact,naive-item")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--report-every", type=int, default=50, help="relumon report() every N steps")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU workloads")
@@ -300,7 +325,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
             continue
         result = run_workload(workload, variants, args.rounds, args.steps, args.warmup, args.report_every)
         results.append(result)
-        cells = "  ".join(f"{v} {result[v]['ratio']:.3f}x" for v in variants[1:])
+        cells = "  ".join(
+            f"{v} {result[v]['ratio']:.3f}x [{result[v]['iqr'][0]:.3f}, {result[v]['iqr'][1]:.3f}]"
+            for v in variants[1:]
+        )
         extra = ""
         if "sync_check" in result:
             extra = f"  sync check: {result['sync_check']}  peak memory {result['peak_memory_ratio']:.4f}x"

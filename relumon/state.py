@@ -12,14 +12,18 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
 - ``through_sum``, ``through_passes`` (only with a ``through_slope``): the summed norm of the gradient that flows
   *through* the activation, ``dL/d(pre-activation) = dL/d(output) * f'``, where ``f'`` is 1 for a positive output and
   the slope (0 for ReLU, alpha for LeakyReLU) elsewhere, and the number of backward passes it was taken in.
-- ``samples``, ``forwards``, ``backwards``, ``grad_norm_sum``: float64 tensors of shape ``(1,)``. (Not 0-d:
-  torch.compile on torch 2.13 silently drops in-place updates of 0-d float64 CPU tensors made inside a compiled
-  graph; shape ``(1,)`` is kept. Not views of one buffer either: in-place updates of ``unbind``/``split`` views
-  fail to trace.)
+- ``grad_norm_sum``: float64, shape ``(1,)``, the summed gradient norms.
+- The counts (samples, forwards, backwards, and the passes and positions above) are plain Python ints in eager
+  mode: a count needs no kernel, and its value is known on the host anyway (it comes from shapes). Inside a
+  torch.compile graph a Python int that changes every step would be guarded on and force a recompile each step, so
+  there the counts go to float64 tensors of shape ``(1,)`` instead (``samples``, ``forwards``...); ``gather`` adds
+  both. (Shape ``(1,)``, not 0-d: torch.compile on torch 2.13 silently drops in-place updates of 0-d float64 CPU
+  tensors made inside a compiled graph. Not views of one buffer either: in-place updates of ``unbind``/``split``
+  views fail to trace.)
 
-Per training step the hooks only launch in-place kernels on these tensors: nothing is read back to the host until
-`gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive if it fired on any
-rank) and the counters with SUM.
+Per training step the hooks only launch in-place kernels on device tensors and add to host ints: nothing is read
+back from the device until `gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive
+if it fired on any rank) and the counts and sums with SUM.
 """
 
 from __future__ import annotations
@@ -72,6 +76,11 @@ class SiteStats:
         "through_slope",
         "through_sum",
         "through_passes",
+        "n_samples",
+        "n_forwards",
+        "n_backwards",
+        "n_through_passes",
+        "n_positions",
         "_grad_scale",
         "_on_backward",
         "grad_hook",
@@ -107,6 +116,8 @@ class SiteStats:
         if through_slope is not None:
             self.through_sum = torch.zeros(1, dtype=torch.float64, device=device)
             self.through_passes = torch.zeros(1, dtype=torch.float64, device=device)
+        # Eager-mode counts (see the module docstring); the tensors above take them inside compiled graphs.
+        self.n_samples = self.n_forwards = self.n_backwards = self.n_through_passes = self.n_positions = 0
         self._grad_scale = grad_scale
         self._on_backward = on_backward
         #: Tensor hook for the activation's output: accumulates the gradient norm of each backward pass.
@@ -117,32 +128,42 @@ class SiteStats:
         x = out.detach()
         if self.ndim == 0:
             x = x.reshape(1)
+        compiling = is_compiling()
         if self.abs_sum is not None and self.positions is not None:
             if self.reduce_dims:
                 self.abs_sum.add_(torch.linalg.vector_norm(x, ord=1, dim=self.reduce_dims, dtype=torch.float32))
             else:
                 self.abs_sum.add_(x.abs())
-            self.positions.add_(x.numel() // self.units)
+            if compiling:
+                self.positions.add_(x.numel() // self.units)
+            else:
+                self.n_positions += x.numel() // self.units
         if self.reduce_dims:
             x = x.amax(dim=self.reduce_dims)
         torch.maximum(self.peak, x, out=self.peak)
-        self.samples.add_(batch_rows(out, self.unit_dim))
-        self.forwards.add_(1)
+        if compiling:
+            self.samples.add_(batch_rows(out, self.unit_dim))
+            self.forwards.add_(1)
+        else:
+            self.n_samples += batch_rows(out, self.unit_dim)
+            self.n_forwards += 1
 
     def _make_grad_hook(self) -> Callable[[Tensor], None]:
         # A closure rather than a bound method: torch.compile traces a closure over tensors without a graph break.
-        grad_norm_sum, backwards = self.grad_norm_sum, self.backwards
+        stats, grad_norm_sum, backwards = self, self.grad_norm_sum, self.backwards
         grad_scale, on_backward = self._grad_scale, self._on_backward
 
         def grad_hook(grad: Tensor) -> None:
             """Accumulate ``||dL/d(output)||_2`` of one backward pass. Returns None: a value would replace the grad."""
-            norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+            norm = l2_norm(grad.detach())
             scale = grad_scale()
             if scale is not None:
                 norm = norm / scale
             grad_norm_sum.add_(norm)
-            backwards.add_(1)
-            if not is_compiling():  # a Python side effect; compiled steps start through the root forward instead
+            if is_compiling():
+                backwards.add_(1)
+            else:  # Python side effects; compiled steps start through the root forward instead
+                stats.n_backwards += 1
                 on_backward()
 
         return grad_hook
@@ -156,7 +177,7 @@ class SiteStats:
         """
         if self.through_slope is None or self.through_sum is None or self.through_passes is None:
             return self.grad_hook
-        slope, through_sum, through_passes = self.through_slope, self.through_sum, self.through_passes
+        stats, slope, through_sum, through_passes = self, self.through_slope, self.through_sum, self.through_passes
         grad_hook, grad_scale = self.grad_hook, self._grad_scale
         version = None if is_compiling() else out._version
 
@@ -166,12 +187,15 @@ class SiteStats:
                 return None
             g, positive = grad.detach(), out.detach() > 0
             flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
-            norm = torch.linalg.vector_norm(flowing, dtype=torch.float32)
+            norm = l2_norm(flowing)
             scale = grad_scale()
             if scale is not None:
                 norm = norm / scale
             through_sum.add_(norm)
-            through_passes.add_(1)
+            if is_compiling():
+                through_passes.add_(1)
+            else:
+                stats.n_through_passes += 1
             return None
 
         return grad_and_through_hook
@@ -185,10 +209,19 @@ class SiteStats:
         return sums
 
     def sum_state(self) -> Tensor:
-        """Everything that combines across ranks by SUM, as one float64 tensor (a copy):
+        """The device part of everything that combines across ranks by SUM, as one float64 tensor (a copy):
         ``[samples, forwards, backwards, grad_norm_sum]``, then ``[through_passes, through_sum]`` with a
-        ``through_slope``, then ``[positions, *abs_sum]`` with ``track_abs``."""
+        ``through_slope``, then ``[positions, *abs_sum]`` with ``track_abs``. Add ``host_sum_state()``."""
         return torch.cat([t.double() for t in self._sums()])
+
+    def host_sum_state(self) -> list[float]:
+        """The eager-mode counts, laid out like ``sum_state()`` (zeros where a sum lives on the device only)."""
+        host = [float(self.n_samples), float(self.n_forwards), float(self.n_backwards), 0.0]
+        if self.through_sum is not None:
+            host += [float(self.n_through_passes), 0.0]
+        if self.abs_sum is not None:
+            host += [float(self.n_positions)] + [0.0] * self.units
+        return host
 
     @property
     def sum_state_size(self) -> int:
@@ -200,6 +233,20 @@ class SiteStats:
         self.peak.fill_(-math.inf)
         for tensor in self._sums():
             tensor.zero_()
+        self.n_samples = self.n_forwards = self.n_backwards = self.n_through_passes = self.n_positions = 0
+
+
+def l2_norm(t: Tensor) -> Tensor:
+    """``||t||_2`` as a float32 scalar tensor, accumulated in at least fp32, without a host sync.
+
+    A float32 contiguous tensor goes through ``torch.dot(t, t)`` (BLAS), about twice as fast as
+    ``linalg.vector_norm`` on the CPU; other dtypes (bf16, fp16) through ``vector_norm(dtype=float32)``, since a
+    half-precision ``dot`` would round the sum of squares to half precision.
+    """
+    if t.dtype == torch.float32 and not is_compiling() and t.is_contiguous():  # compiled code fuses vector_norm
+        flat = t.view(-1)
+        return torch.dot(flat, flat).sqrt()
+    return torch.linalg.vector_norm(t, dtype=torch.float32)
 
 
 def batch_rows(out: Tensor, unit_dim: int) -> int:
@@ -266,6 +313,8 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
     device = sites[0].peak.device  # sites of a model split over devices meet on the first one
     peaks = torch.cat([s.peak.to(device) for s in sites])
     sums = torch.cat([s.sum_state().to(device) for s in sites])
+    host_counts = [count for s in sites for count in s.host_sum_state()]
+    sums += torch.tensor(host_counts, dtype=torch.float64).to(device)
     if sync_dist:
         _check_same_shape_on_every_rank(peaks, sums)
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
