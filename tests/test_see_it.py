@@ -232,3 +232,28 @@ def test_a_real_tensorboard_serves_relumon_scalars_images_and_layout(tmp_path: P
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_captures_tensorboard_in_headless_chromium(tmp_path: Path) -> None:
+    import shutil
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    import importlib.util
+
+    import matplotlib.image
+    import numpy as np
+
+    dead_run(tmp_path / "logs" / "exp1")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "tensorboard_screenshot.py"
+    spec = importlib.util.spec_from_file_location("tensorboard_screenshot", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shots = module.main(["--logdir", str(tmp_path / "logs"), "--out", str(tmp_path / "shots"), "--size", "1200,900"])
+    assert {shot.name for shot in shots} == set(module.DASHBOARDS)
+    for shot in shots:
+        pixels = matplotlib.image.imread(shot)
+        assert pixels.shape[:2] == (900, 1200)
+        colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+        assert len(colours) > 100, f"{shot.name} looks blank: {len(colours)} colours"
