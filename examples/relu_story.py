@@ -1,4 +1,4 @@
-"""The story of ReLU, measured by relumon on synthetic data (CPU, about a minute).
+"""The story of ReLU, measured by relumon on synthetic data (CPU, seconds).
 
 1. Vanishing gradients: a deep sigmoid MLP and a deep tanh MLP against the same MLP with ReLU. The gradient that
    reaches the first layers shrinks layer after layer with sigmoid, whose derivative is at most 1/4.
