@@ -155,11 +155,7 @@ class SiteStats:
 
         def grad_hook(grad: Tensor) -> None:
             """Accumulate ``||dL/d(output)||_2`` of one backward pass. Returns None: a value would replace the grad."""
-            norm = l2_norm(grad.detach())
-            scale = grad_scale()
-            if scale is not None:
-                norm = norm / scale
-            grad_norm_sum.add_(norm)
+            grad_norm_sum.add_(unscaled_l2_norm(grad.detach(), grad_scale))
             if is_compiling():
                 backwards.add_(1)
             else:  # Python side effects; compiled steps start through the root forward instead
@@ -187,11 +183,7 @@ class SiteStats:
                 return None
             g, positive = grad.detach(), out.detach() > 0
             flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
-            norm = l2_norm(flowing)
-            scale = grad_scale()
-            if scale is not None:
-                norm = norm / scale
-            through_sum.add_(norm)
+            through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
             if is_compiling():
                 through_passes.add_(1)
             else:
@@ -247,6 +239,13 @@ def l2_norm(t: Tensor) -> Tensor:
         flat = t.view(-1)
         return torch.dot(flat, flat).sqrt()
     return torch.linalg.vector_norm(t, dtype=torch.float32)
+
+
+def unscaled_l2_norm(t: Tensor, grad_scale: Callable[[], Optional[Tensor]]) -> Tensor:
+    """``l2_norm(t)`` divided by the loss scale of a ``GradScaler`` in use (on the device: no sync), if any."""
+    norm = l2_norm(t)
+    scale = grad_scale()
+    return norm if scale is None else norm / scale
 
 
 def batch_rows(out: Tensor, unit_dim: int) -> int:
