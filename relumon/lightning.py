@@ -23,7 +23,7 @@ from torch import nn
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.monitor import DEFAULT_TYPES, Monitor
 from relumon.report import LayerReport, Report, dead_layer_message
-from relumon.tensorboard import custom_scalars_layout
+from relumon.tensorboard import write_layout_once
 from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead, check_types
 
 try:
@@ -162,8 +162,6 @@ class ReluMonitor(Callback):
         )
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state)
-        self._window_start_step = trainer.global_step
-        self._last_logged_step = trainer.global_step
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._detach()
@@ -242,9 +240,8 @@ class ReluMonitor(Callback):
             return
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None) if _is_tensorboard(logger) else None
-            if experiment is not None and experiment not in self._layout_written:
-                experiment.add_custom_scalars(custom_scalars_layout(self.prefix))
-                self._layout_written.add(experiment)
+            if experiment is not None:
+                write_layout_once(experiment, self._layout_written, self.prefix)
             logger.log_metrics(scalars, step=step)
 
     # ------------------------------------------------------------------ alerts

@@ -20,7 +20,7 @@ from relumon.history import SiteHistory
 from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import SiteStats, distributed_world_size, gather
-from relumon.tensorboard import custom_scalars_layout, write_scalars
+from relumon.tensorboard import write_layout_once, write_scalars
 from relumon.units import infer_unit_dim
 from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead, check_types
 
@@ -546,9 +546,7 @@ class Monitor:
             )
         report = self.report(step=step)
         if _global_rank() == 0:
-            if hasattr(writer, "add_custom_scalars") and writer not in self._layout_written:
-                writer.add_custom_scalars(custom_scalars_layout())
-                self._layout_written.add(writer)
+            write_layout_once(writer, self._layout_written)
             write_scalars(writer, report.scalars(), step)
         return report
 

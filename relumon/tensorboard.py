@@ -6,9 +6,10 @@ Nothing here imports tensorboard; the writer brings it.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping
 
-__all__ = ["METRICS", "custom_scalars_layout", "write_scalars"]
+__all__ = ["METRICS", "custom_scalars_layout", "write_layout_once", "write_scalars"]
 
 #: Per-layer metrics, with the chart title of each in the custom-scalars layout.
 METRICS: Mapping[str, str] = {
@@ -28,6 +29,13 @@ def custom_scalars_layout(prefix: str = "relumon") -> dict[str, dict[str, list[A
     charts = {title: ["Multiline", [rf"{prefix}/{metric}/.*"]] for metric, title in METRICS.items()}
     charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/summary/.*"]]
     return {prefix: charts}
+
+
+def write_layout_once(writer: Any, written: weakref.WeakSet[Any], prefix: str = "relumon") -> None:
+    """Write the custom-scalars layout to ``writer`` unless ``written`` already holds it; then remember it."""
+    if hasattr(writer, "add_custom_scalars") and writer not in written:
+        writer.add_custom_scalars(custom_scalars_layout(prefix))
+        written.add(writer)
 
 
 def write_scalars(writer: Any, scalars: Mapping[str, float], step: int) -> None:
