@@ -9,7 +9,8 @@ The Lightning callback lives in `relumon.lightning`; importing ``relumon`` alone
 """
 
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning
-from relumon.monitor import DEFAULT_TYPES, Monitor, watch
+from relumon.monitor import Monitor, watch
+from relumon.options import DEFAULT_TYPES, Options
 from relumon.report import LayerReport, Report
 
 __version__ = "0.1.0"
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "watch",
     "Monitor",
+    "Options",
     "Report",
     "LayerReport",
     "RelumonError",

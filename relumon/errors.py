@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from types import FrameType
+from typing import Optional
 
 __all__ = ["RelumonError", "RelumonWarning", "DeadUnitsWarning", "warn"]
 
@@ -31,7 +33,7 @@ class DeadUnitsWarning(RelumonWarning):
 
 def warn(message: str, category: type[Warning] = RelumonWarning) -> None:
     """``warnings.warn`` pointed at the first frame outside relumon, so the user sees their own call."""
-    frame = sys._getframe(1)  # our caller: stacklevel 2
+    frame: Optional[FrameType] = sys._getframe(1)  # our caller: stacklevel 2
     level = 2
     while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "relumon":
         frame = frame.f_back

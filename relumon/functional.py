@@ -48,7 +48,7 @@ class ActivationCapture(TorchFunctionMode):
         self._on_call = on_call
 
     def __torch_function__(
-        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict] = None
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)

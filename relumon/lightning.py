@@ -15,22 +15,19 @@ Example::
 
 from __future__ import annotations
 
-import weakref
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Union
-
-from torch import nn
+from typing import Any, Callable, Literal, Optional, Union
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
-from relumon.monitor import DEFAULT_TYPES, Monitor
+from relumon.monitor import Monitor
+from relumon.options import OptionAttributes, Options, check_int_at_least, check_on_dead, signature_with_options
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.tensorboard import write_layout_once
-from relumon.validation import check_dormant_tau, check_int_at_least, check_on_dead, check_types
 
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # pragma: no cover - exercised only where just pytorch_lightning is installed
     try:
-        from pytorch_lightning.callbacks import Callback
+        from pytorch_lightning.callbacks import Callback  # type: ignore[assignment]
     except ImportError:
         raise ImportError(
             "relumon.lightning needs Lightning: `pip install relumon[lightning]` (or pytorch-lightning)"
@@ -40,9 +37,11 @@ __all__ = ["ReluMonitor"]
 
 OnDeadPolicy = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[LayerReport], Any]]
 _ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
+#: Options the callback takes from the Trainer, not from its arguments.
+_FROM_TRAINER = ("grad_scaler", "sync_dist")
 
 
-class ReluMonitor(Callback):
+class ReluMonitor(OptionAttributes, Callback):
     """Log dead units and gradient flow of every ReLU-family activation, and alert when a layer dies.
 
     The callback watches the LightningModule from ``setup`` (fit only) to ``teardown``, and also removes its hooks
@@ -58,23 +57,18 @@ class ReluMonitor(Callback):
             [`DeadUnitsWarning`][relumon.DeadUnitsWarning], once per layer), ``"raise"`` (a
             [`RelumonError`][relumon.RelumonError]), ``"stop"`` (set ``trainer.should_stop`` and say why),
             ``"ignore"``, or a callable that receives the [`LayerReport`][relumon.LayerReport].
-        min_samples: no alert before a window has seen this many samples of the layer.
-        types: activation classes to watch.
-        unit_dim: as for [`relumon.watch`][relumon.watch].
-        track_grad: also log the gradient norm at each activation's output.
-        measure_every: measure one training micro-batch in every ``measure_every`` (as for
-            [`relumon.watch`][relumon.watch]); 1 measures every one exactly.
-        permanent_after: closed windows in a row after which a dead unit counts as permanently dead.
-        dormant_tau: also log the tau-dormant fraction per layer (see [`relumon.watch`][relumon.watch]).
-        functional: also watch ``F.relu``-style calls inside the module's forward (see
-            [`relumon.watch`][relumon.watch]).
-        grad_through: also log the gradient that flows through each activation (see
-            [`relumon.watch`][relumon.watch]).
         figures: write the gradient-flow chart and the dead-unit heatmap to TensorBoard loggers at the end of each
             training epoch and of fit (needs matplotlib).
         prefix: the first part of every logged tag.
+        options: a ready [`Options`][relumon.Options]; keyword arguments override its fields.
+        **kwargs: the options of [`Options`][relumon.Options] by name (``types``, ``unit_dim``, ``track_grad``,
+            ``min_samples``, ``measure_every``, ``permanent_after``, ``dormant_tau``, ``functional``,
+            ``grad_through``), as for [`relumon.watch`][relumon.watch]. ``grad_scaler`` and ``sync_dist`` come from
+            the Trainer; ``on_dead`` is the callback's own, above. With ``measure_every``, a training micro-batch
+            is a step.
 
     Attributes:
+        options: the validated [`Options`][relumon.Options] the monitor is built with.
         last_report: the most recent [`Report`][relumon.Report], or None.
         monitor: the [`Monitor`][relumon.Monitor] while fitting, else None.
     """
@@ -84,38 +78,25 @@ class ReluMonitor(Callback):
         *,
         log_every_n_steps: Optional[int] = None,
         on_dead: OnDeadPolicy = "warn",
-        min_samples: int = 1,
-        types: Iterable[type[nn.Module]] = DEFAULT_TYPES,
-        unit_dim: Union[int, Mapping[str, int], None] = None,
-        track_grad: bool = True,
-        measure_every: int = 4,
-        permanent_after: int = 3,
-        dormant_tau: Optional[float] = None,
-        functional: bool = False,
-        grad_through: bool = False,
         figures: bool = True,
         prefix: str = "relumon",
+        options: Optional[Options] = None,
+        **kwargs: Any,
     ) -> None:
+        from_trainer = sorted(set(kwargs) & set(_FROM_TRAINER))
+        if from_trainer:
+            raise TypeError(
+                f"ReluMonitor takes {from_trainer} from the Trainer (its precision plugin's GradScaler, its "
+                "process group); pass the other options only"
+            )
         if log_every_n_steps is not None:
             check_int_at_least("log_every_n_steps", log_every_n_steps)
         check_on_dead(on_dead, _ON_DEAD_CHOICES)
-        check_int_at_least("min_samples", min_samples)
-        check_int_at_least("measure_every", measure_every)
-        check_int_at_least("permanent_after", permanent_after)
-        check_dormant_tau(dormant_tau)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
+        self.options = Options.resolve(options, kwargs, owner="ReluMonitor()")
         self.log_every_n_steps = log_every_n_steps
         self.on_dead = on_dead
-        self.min_samples = min_samples
-        self.types = check_types(types)
-        self.unit_dim = unit_dim
-        self.track_grad = track_grad
-        self.measure_every = measure_every
-        self.permanent_after = permanent_after
-        self.dormant_tau = dormant_tau
-        self.functional = functional
-        self.grad_through = grad_through
         self.figures = figures
         self.prefix = prefix
         self.monitor: Optional[Monitor] = None
@@ -124,12 +105,11 @@ class ReluMonitor(Callback):
         self._window_start_step = 0
         self._last_logged_step = -1
         self._loaded_state: Optional[dict[str, Any]] = None
-        self._layout_written: weakref.WeakSet[Any] = weakref.WeakSet()  # SummaryWriters that have the layout
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            types=[t.__name__ for t in self.types], on_dead=str(self.on_dead), prefix=self.prefix
+            types=[t.__name__ for t in self.options.types], on_dead=str(self.on_dead), prefix=self.prefix
         )
 
     # ------------------------------------------------------------------ attach and detach
@@ -138,28 +118,17 @@ class ReluMonitor(Callback):
         if stage != "fit" or self.monitor is not None:
             return
         self._trainer = trainer
-        if not self.functional and not any(isinstance(m, self.types) for m in pl_module.modules()):
+        types = self.options.types
+        if not self.options.functional and not any(isinstance(m, types) for m in pl_module.modules()):
             if trainer.is_global_zero:
-                looked_for = ", ".join(t.__name__ for t in self.types)
+                looked_for = ", ".join(t.__name__ for t in types)
                 warn(
                     f"relumon found no module of the watched types ({looked_for}) in {type(pl_module).__name__}. "
                     "ReluMonitor stays idle; training goes on."
                 )
             return
-        self.monitor = Monitor(
-            pl_module,
-            types=self.types,
-            unit_dim=self.unit_dim,
-            track_grad=self.track_grad,
-            grad_scaler=getattr(trainer.precision_plugin, "scaler", None),
-            on_dead=self._on_dead_layer,
-            min_samples=self.min_samples,
-            measure_every=self.measure_every,
-            permanent_after=self.permanent_after,
-            dormant_tau=self.dormant_tau,
-            functional=self.functional,
-            grad_through=self.grad_through,
-        )
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.monitor = Monitor(pl_module, self.options.replace(grad_scaler=scaler, on_dead=self._on_dead_layer))
         if self._loaded_state is not None:
             self.monitor.load_state_dict(self._loaded_state)
 
@@ -214,9 +183,10 @@ class ReluMonitor(Callback):
         try:
             from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
 
-            figures = {
-                FIGURE_TAGS["grad_flow"]: lambda: grad_flow_figure(self.last_report),
-                FIGURE_TAGS["dead_heatmap"]: lambda: dead_heatmap_figure(self.monitor.timeline),
+            report, timeline = self.last_report, self.monitor.timeline
+            figures: dict[str, Callable[[], Any]] = {
+                FIGURE_TAGS["grad_flow"]: lambda: grad_flow_figure(report),
+                FIGURE_TAGS["dead_heatmap"]: lambda: dead_heatmap_figure(timeline),
             }
             for tag, make in figures.items():
                 for writer in writers:
@@ -241,7 +211,7 @@ class ReluMonitor(Callback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None) if _is_tensorboard(logger) else None
             if experiment is not None:
-                write_layout_once(experiment, self._layout_written, self.prefix)
+                write_layout_once(experiment, self.prefix)
             logger.log_metrics(scalars, step=step)
 
     # ------------------------------------------------------------------ alerts
@@ -272,6 +242,12 @@ class ReluMonitor(Callback):
         self._loaded_state = dict(state_dict.get("monitor", {}))
         if self.monitor is not None:
             self.monitor.load_state_dict(self._loaded_state)
+
+
+# help() and inspect.signature show the options ReluMonitor forwards, although each is declared only in Options.
+ReluMonitor.__signature__ = signature_with_options(  # type: ignore[attr-defined]
+    ReluMonitor, exclude=(*_FROM_TRAINER, "on_dead")
+)
 
 
 def _is_tensorboard(logger: Any) -> bool:

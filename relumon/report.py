@@ -111,7 +111,6 @@ class LayerReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (strict JSON: NaN becomes None), without the tensors but with the dead indices."""
-        nan_to_none = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
         return {
             "name": self.name,
             "module": self.module,
@@ -124,17 +123,17 @@ class LayerReport:
             "forwards": self.forwards,
             "backward_passes": self.backward_passes,
             "dead_units": self.dead_units,
-            "dead_fraction": nan_to_none(self.dead_fraction),
+            "dead_fraction": _nan_to_none(self.dead_fraction),
             "nonfinite_units": self.nonfinite_units,
-            "grad_norm": nan_to_none(self.grad_norm),
-            "grad_through_norm": nan_to_none(self.grad_through_norm),
+            "grad_norm": _nan_to_none(self.grad_norm),
+            "grad_through_norm": _nan_to_none(self.grad_through_norm),
             "negative_regime": self.negative_regime,
             "dead_indices": self.dead_indices,
             "revived_units": self.revived_units,
             "revived_total": self.revived_total,
             "permanently_dead_units": self.permanently_dead_units,
             "dormant_units": self.dormant_units,
-            "dormant_fraction": nan_to_none(self.dormant_fraction),
+            "dormant_fraction": _nan_to_none(self.dormant_fraction),
             "blame": self.blame,
         }
 
@@ -239,7 +238,7 @@ class Report:
 
     def __str__(self) -> str:
         show_nan = any(layer.nonfinite_units for layer in self.layers)
-        header = ("layer", "kind", "units", "samples", "dead", "dead %", "grad norm", "fed by")
+        header: tuple[str, ...] = ("layer", "kind", "units", "samples", "dead", "dead %", "grad norm", "fed by")
         header += ("NaN units",) if show_nan else ()
         rows = []
         for layer in self.layers:
@@ -263,6 +262,11 @@ class Report:
         if any(layer.all_dead for layer in self.layers):
             lines.append("* every unit dead (or stuck negative) in this window")
         return "\n".join(lines)
+
+
+def _nan_to_none(x: float) -> Optional[float]:
+    """NaN as None, for strict JSON."""
+    return None if math.isnan(x) else x
 
 
 def dead_layer_message(layer: LayerReport, steps: Optional[int] = None) -> str:

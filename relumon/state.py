@@ -238,7 +238,8 @@ def l2_norm(t: Tensor) -> Tensor:
     if t.dtype == torch.float32 and not is_compiling() and t.is_contiguous():  # compiled code fuses vector_norm
         flat = t.view(-1)
         return torch.dot(flat, flat).sqrt()
-    return torch.linalg.vector_norm(t, dtype=torch.float32)
+    norm: Tensor = torch.linalg.vector_norm(t, dtype=torch.float32)
+    return norm
 
 
 def unscaled_l2_norm(t: Tensor, grad_scale: Callable[[], Optional[Tensor]]) -> Tensor:

@@ -6,7 +6,6 @@ Nothing here imports tensorboard; the writer brings it.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Mapping
 
 __all__ = ["METRICS", "custom_scalars_layout", "write_layout_once", "write_scalars"]
@@ -24,6 +23,9 @@ METRICS: Mapping[str, str] = {
 }
 
 
+_LAYOUT_ATTRIBUTE = "_relumon_layouts"
+
+
 def custom_scalars_layout(prefix: str = "relumon") -> dict[str, dict[str, list[Any]]]:
     """The layout for ``SummaryWriter.add_custom_scalars``: one multi-line chart per metric, across layers."""
     charts = {title: ["Multiline", [rf"{prefix}/{metric}/.*"]] for metric, title in METRICS.items()}
@@ -31,11 +33,22 @@ def custom_scalars_layout(prefix: str = "relumon") -> dict[str, dict[str, list[A
     return {prefix: charts}
 
 
-def write_layout_once(writer: Any, written: weakref.WeakSet[Any], prefix: str = "relumon") -> None:
-    """Write the custom-scalars layout to ``writer`` unless ``written`` already holds it; then remember it."""
-    if hasattr(writer, "add_custom_scalars") and writer not in written:
-        writer.add_custom_scalars(custom_scalars_layout(prefix))
-        written.add(writer)
+def write_layout_once(writer: Any, prefix: str = "relumon") -> None:
+    """Write the custom-scalars layout for ``prefix`` to ``writer``, once per writer and prefix.
+
+    The writer itself remembers it (an attribute), so every monitor and callback that logs to one writer shares the
+    knowledge, and none of them holds a reference to the writer.
+    """
+    if not hasattr(writer, "add_custom_scalars"):
+        return
+    written: set[str] = getattr(writer, _LAYOUT_ATTRIBUTE, set())
+    if prefix in written:
+        return
+    writer.add_custom_scalars(custom_scalars_layout(prefix))
+    try:
+        setattr(writer, _LAYOUT_ATTRIBUTE, written | {prefix})
+    except AttributeError:  # a writer with __slots__: it may get the layout again, which TensorBoard tolerates
+        pass
 
 
 def write_scalars(writer: Any, scalars: Mapping[str, float], step: int) -> None:

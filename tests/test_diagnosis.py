@@ -112,7 +112,7 @@ def test_blame_on_a_jump_points_at_the_dead_units_biases() -> None:
 
 
 def test_blame_describes_conv_and_batchnorm_feeders() -> None:
-    from relumon.blame import describe_module
+    from relumon.diagnosis import describe_module
 
     assert describe_module(nn.Conv2d(3, 8, 3)) == "Conv2d 3→8 3×3"
     assert describe_module(nn.BatchNorm2d(6)) == "BatchNorm2d(6)"

@@ -238,3 +238,14 @@ def test_the_trainers_grad_scaler_is_found_and_norms_are_unscaled(pl: Any) -> No
     unscaled = grad_norm(None)
     assert unscaled > 0
     assert grad_norm(1024.0) == pytest.approx(unscaled, rel=1e-2)  # fp16 autocast, not 1024x
+
+
+def test_callback_forwards_options_and_takes_scaler_and_sync_from_the_trainer() -> None:
+    import relumon
+
+    cb = ReluMonitor(measure_every=2, options=relumon.Options(min_samples=5))
+    assert cb.options.measure_every == 2 and cb.min_samples == 5
+    with pytest.raises(TypeError, match="from the Trainer"):
+        ReluMonitor(sync_dist=True)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ReluMonitor(log_every=3)

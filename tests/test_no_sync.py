@@ -110,7 +110,7 @@ def test_state_is_o_units() -> None:
     model = ConvNet()
     with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=2, batch=4, in_shape=(3, 8, 8))
-    for site in monitor._sites:
+    for site in monitor._recorder.sites:
         tensors = [
             site.stats.peak,
             site.stats.samples,

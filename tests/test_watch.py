@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import relumon
+import relumon.options
 from tests.helpers import MLP, ConvNet, ReuseReLU, kill_units, train_steps
 
 
@@ -408,3 +409,18 @@ def test_grad_through_is_off_by_default() -> None:
     report = monitor.report()
     assert math.isnan(report["act1"].grad_through_norm)
     assert not any("grad_through" in tag for tag in report.scalars())
+
+
+def test_options_are_declared_once_and_shared_by_every_front_door() -> None:
+    import inspect
+
+    options = relumon.Options(measure_every=1, min_samples=2)
+    monitor = relumon.watch(MLP(), options=options, min_samples=3)
+    assert monitor.options == options.replace(min_samples=3)
+    assert monitor.measure_every == 1 and monitor.min_samples == 3  # option attributes stay readable
+    monitor.remove()
+    assert list(inspect.signature(relumon.watch).parameters)[2:] == relumon.options.option_names()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['measure_evry'\]"):
+        relumon.watch(MLP(), measure_evry=2)
+    with pytest.raises(TypeError, match="relumon.Options"):
+        relumon.watch(MLP(), options={"measure_every": 2})

@@ -1,0 +1,187 @@
+"""Diagnosis at report time: death history, blame on the feeding module, and the memory they keep across windows.
+
+Nothing here runs in the training step. It works on what [`Monitor.report()`][relumon.Monitor.report] has already
+read to the host, once per closed window:
+
+- **Death history** (`SiteHistory`): per unit, the step of the window in which it was first seen dead, how many
+  closed windows in a row it has been dead, and how many dead units came back. Host-side, O(units) per call site,
+  plain data in checkpoints.
+- **Blame** (`blame`): facts about the module that fed a dying activation. The feeding module is the one whose output
+  tensor the activation received in the first training forward (see `relumon.hooks.ProducerTracer`), not a guess from
+  names.
+- **Memory across windows** (`Diagnosis`): each site's history and last dead fraction (a jump from it triggers blame),
+  by call-site name, with the state of sites not discovered yet kept until they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BLAME_JUMP", "Diagnosis", "SiteHistory", "WindowHistory", "blame", "describe_module"]
+
+#: A rise in a layer's dead fraction, from one closed window to the next, that makes relumon blame its feeder.
+BLAME_JUMP = 0.2
+
+
+@dataclass(frozen=True)
+class WindowHistory:
+    """What one closed window changed in a site's history."""
+
+    revived_units: int  #: units dead in the previous window and alive in this one
+    revived_total: int  #: revivals since monitoring began
+    permanently_dead_units: int  #: units dead for at least ``permanent_after`` windows in a row
+    first_dead_step: Tensor  #: int64 per unit: the step of the window in which it was first seen dead, -1 if never
+    dead_streak: Tensor  #: int64 per unit: consecutive closed windows (with samples) in which it was dead
+
+
+class SiteHistory:
+    """The death history of one call site.
+
+    Args:
+        units: number of units of the site.
+    """
+
+    def __init__(self, units: int) -> None:
+        self.first_dead_step = torch.full((units,), -1, dtype=torch.int64)
+        self.dead_streak = torch.zeros(units, dtype=torch.int64)
+        self.revived_total = 0
+
+    def update(self, dead_mask: Tensor, step: int, permanent_after: int) -> WindowHistory:
+        """Fold one closed window's dead mask (CPU bool, one per unit) into the history."""
+        revived = int(((self.dead_streak > 0) & ~dead_mask).sum())
+        self.revived_total += revived
+        self.dead_streak = torch.where(dead_mask, self.dead_streak + 1, torch.zeros_like(self.dead_streak))
+        self.first_dead_step[dead_mask & (self.first_dead_step < 0)] = step
+        return self.view(revived, permanent_after)
+
+    def view(self, revived: int, permanent_after: int) -> WindowHistory:
+        """The history as it stands, without changing it."""
+        return WindowHistory(
+            revived_units=revived,
+            revived_total=self.revived_total,
+            permanently_dead_units=int((self.dead_streak >= permanent_after).sum()),
+            first_dead_step=self.first_dead_step.clone(),
+            dead_streak=self.dead_streak.clone(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "first_dead_step": self.first_dead_step.tolist(),
+            "dead_streak": self.dead_streak.tolist(),
+            "revived_total": self.revived_total,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        first = state.get("first_dead_step")
+        streak = state.get("dead_streak")
+        if first is not None and len(first) == self.first_dead_step.numel():
+            self.first_dead_step = torch.tensor(first, dtype=torch.int64)
+        if streak is not None and len(streak) == self.dead_streak.numel():
+            self.dead_streak = torch.tensor(streak, dtype=torch.int64)
+        self.revived_total = int(state.get("revived_total", 0))
+
+
+def describe_module(module: nn.Module) -> str:
+    """A short description: ``Linear 512→256``, ``Conv2d 64→128 3×3``, ``BatchNorm2d(64)``."""
+    kind = type(module).__name__
+    if isinstance(module, nn.Linear):
+        return f"{kind} {module.in_features}→{module.out_features}"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        kernel = "×".join(str(k) for k in module.kernel_size)
+        return f"{kind} {module.in_channels}→{module.out_channels} {kernel}"
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return f"{kind}({module.num_features})"
+    return kind
+
+
+def _bias_facts(bias: Tensor, dead_mask: Tensor) -> list[str]:
+    b = bias.detach().float().cpu()
+    facts = [f"{100 * float((b < 0).float().mean()):.0f}% of its biases are negative, mean {float(b.mean()):+.3g}"]
+    if 0 < int(dead_mask.sum()) < b.numel():
+        dead_b = b[dead_mask]
+        facts.append(
+            f"the dead units' biases: {100 * float((dead_b < 0).float().mean()):.0f}% negative, "
+            f"mean {float(dead_b.mean()):+.3g}"
+        )
+    return facts
+
+
+def blame(layer_name: str, fed_by: str, module: nn.Module, dead_mask: Tensor) -> Optional[str]:
+    """Explain a layer's dead units by the module that fed it.
+
+    Args:
+        layer_name: the activation's call-site name.
+        fed_by: the feeding module's path.
+        module: the feeding module.
+        dead_mask: CPU bool per unit of the activation.
+
+    Returns:
+        e.g. "`fc2` (Linear 512→256) feeds `act2`: 98% of its biases are negative, mean -3.1; its weight gradient
+        norm is 0", or None when the module has nothing to say.
+    """
+    facts: list[str] = []
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor) and bias.numel() == dead_mask.numel():
+        facts += _bias_facts(bias, dead_mask)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.grad is not None:
+        with torch.no_grad():
+            facts.append(f"its weight gradient norm is {float(weight.grad.float().norm()):.3g}")
+    if not facts:
+        return None
+    return f"`{fed_by}` ({describe_module(module)}) feeds `{layer_name}`: " + "; ".join(facts)
+
+
+class Diagnosis:
+    """What diagnosis remembers from one closed window to the next, by call-site name.
+
+    Args:
+        permanent_after: closed windows in a row after which a dead unit counts as permanently dead.
+    """
+
+    def __init__(self, permanent_after: int) -> None:
+        self.permanent_after = permanent_after
+        self._histories: dict[str, SiteHistory] = {}
+        self._last_dead_fraction: dict[str, float] = {}
+        self._pending: dict[str, Any] = {}  # from load_state_dict, for sites not discovered yet
+
+    def history(self, name: str, units: int) -> SiteHistory:
+        """The death history of call site ``name`` (made on first use, from loaded state if there is some)."""
+        history = self._histories.get(name)
+        if history is None:
+            history = self._histories[name] = SiteHistory(units)
+            if name in self._pending:
+                history.load_state_dict(self._pending.pop(name))
+        return history
+
+    def update(self, name: str, units: int, dead_mask: Optional[Tensor], step: int, close: bool) -> WindowHistory:
+        """Fold a window's dead mask (None when the site saw no sample) into the history if ``close``; else peek."""
+        history = self.history(name, units)
+        if dead_mask is not None and close:
+            return history.update(dead_mask, step, self.permanent_after)
+        return history.view(0, self.permanent_after)
+
+    def jumped(self, name: str, dead_fraction: float) -> bool:
+        """Whether ``dead_fraction`` rose by at least `BLAME_JUMP` since the last closed window of ``name``."""
+        return dead_fraction - self._last_dead_fraction.get(name, 0.0) >= BLAME_JUMP
+
+    def remember(self, name: str, dead_fraction: float) -> None:
+        """Record a closed window's dead fraction of ``name``, for the next `jumped`."""
+        self._last_dead_fraction[name] = dead_fraction
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every site's history as plain data, including loaded ones whose sites have not run yet."""
+        state = dict(self._pending)
+        state.update({name: history.state_dict() for name, history in self._histories.items()})
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict` output; sites not discovered yet get theirs when they first report."""
+        self._pending = dict(state)
+        for name in list(self._pending):
+            if name in self._histories:
+                self._histories[name].load_state_dict(self._pending.pop(name))

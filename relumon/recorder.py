@@ -1,0 +1,413 @@
+"""The per-step path: hooks that fold each training forward and backward into on-device statistics.
+
+**Everything in this module runs inside the user's training step**, so it stays cheap: per watched call it does a
+few Python checks and, on measured steps, launches in-place kernels on state that lives on the activation's device.
+It never reads device memory on the host. It knows nothing about reports: [`Monitor`][relumon.Monitor] turns the
+recorded state into a [`Report`][relumon.Report] when a window closes.
+
+What the `Recorder` does:
+
+- **Hooks.** A forward hook on every watched module, a forward pre-hook on the root module (a step boundary), and,
+  with ``functional=True``, module-tracking hooks that enter a `relumon.functional.ActivationCapture` while the model
+  runs. Facts about which forwards count are in `relumon.hooks`.
+- **Step boundaries.** A call of the root module, ``new_step()``, or the first forward after a backward pass starts
+  a training step; call counters restart there, so the n-th call of a module in a step maps to the same call site.
+- **The measurement schedule.** One training step in ``measure_every`` is measured (steps 0, n, 2n... of the run);
+  compiled code measures every step (a step counter read inside a graph would recompile it every step).
+- **Call-site discovery.** The first time a call index of a module runs, a `Site` is made
+  with its unit dim (inferred from the module that fed it, see `relumon.units`) and its `relumon.state.SiteStats`.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from relumon.errors import warn
+from relumon.functional import ActivationCapture
+from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
+from relumon.options import Options
+from relumon.state import SiteStats
+from relumon.units import infer_unit_dim
+
+__all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES"]
+
+#: Activations that pass negative values: for them "dead" means "stuck in the negative regime".
+NEGATIVE_REGIME_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+)
+
+#: Integer activation dtypes that are watched (others, such as bool or complex, are skipped with a warning).
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+_FUNCTIONAL_SITE = re.compile(r"(.+\.)?F\.(relu|leaky_relu)$")
+
+
+class Site:
+    """A call site: the n-th call of a watched module within one training step, with its on-device statistics.
+
+    Attributes:
+        name: ``<module path>`` for the first call, then ``<module path>.call2``, ``.call3``...
+        module_name: the module's path (for functional calls, the enclosing module's path plus ``F.<fn>``).
+        call: 0-based call index within a step.
+        kind: the activation's class name (``"ReLU"``) or ``"F.relu"``.
+        fed_by: path of the module whose output fed the activation in its first training forward, if any.
+        producer: a weak reference to that module.
+        negative_regime: whether the activation passes negative values (LeakyReLU...).
+        stats: the window's statistics.
+    """
+
+    __slots__ = ("name", "module_name", "call", "kind", "fed_by", "producer", "negative_regime", "stats")
+
+    def __init__(
+        self,
+        name: str,
+        module_name: str,
+        call: int,
+        kind: str,
+        fed_by: Optional[str],
+        producer: Optional[nn.Module],
+        negative_regime: bool,
+        stats: SiteStats,
+    ) -> None:
+        self.name = name
+        self.module_name = module_name
+        self.call = call
+        self.kind = kind
+        self.fed_by = fed_by
+        self.producer: Optional[weakref.ref[nn.Module]] = weakref.ref(producer) if producer is not None else None
+        self.negative_regime = negative_regime
+        self.stats = stats
+
+    def feeding_module(self) -> Optional[nn.Module]:
+        """The module that fed this site, while it is alive."""
+        return self.producer() if self.producer is not None else None
+
+
+class _Watched:
+    """A watched module: its path, its call counter for the current step and its sites by call index."""
+
+    __slots__ = ("name", "kind", "negative_regime", "unit_dim", "slope", "calls", "sites", "warned_shape")
+
+    def __init__(
+        self, name: str, kind: str, negative_regime: bool, unit_dim: Optional[int], slope: Optional[float]
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.negative_regime = negative_regime
+        self.unit_dim = unit_dim
+        #: The activation's derivative for non-positive outputs (0 for ReLU, alpha for LeakyReLU); None if it is not
+        #: that simple (GELU...), which leaves the gradient through the activation unmeasured.
+        self.slope = slope
+        self.calls = 0
+        self.sites: list[Site] = []
+        self.warned_shape = False
+
+
+class Recorder:
+    """Attaches relumon's hooks to ``model`` and records every counted training forward into per-site statistics.
+
+    Runs inside the training step (see the module docstring); reads nothing to the host.
+
+    Args:
+        model: the model to watch.
+        options: validated options; ``types``, ``unit_dim``, ``track_grad``, ``grad_scaler``, ``measure_every``,
+            ``dormant_tau``, ``functional`` and ``grad_through`` apply here.
+
+    Raises:
+        ValueError: when ``model`` has no module of the watched types (and ``functional`` is off), or ``unit_dim``
+            names modules that are not watched.
+    """
+
+    def __init__(self, model: nn.Module, options: Options) -> None:
+        self.options = options
+        types = options.types
+        watched_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+        if not watched_modules and not options.functional:
+            looked_for = ", ".join(t.__name__ for t in types)
+            raise ValueError(
+                f"relumon found no module of the watched types ({looked_for}) in {type(model).__name__}. "
+                "Pass `types=` to watch other activation classes, or `functional=True` to watch F.relu calls."
+            )
+        self._unit_dims = _unit_dim_overrides(options, [name for name, _ in watched_modules])
+        self._track_grad = options.track_grad
+        self._grad_through = options.grad_through and options.track_grad
+        self._measure_every = options.measure_every
+        self._grad_scaler = options.grad_scaler
+        self._watched: dict[Union[nn.Module, str], _Watched] = {}  # modules, and functional call sites by name
+        #: Call sites in the order they were first called.
+        self.sites: list[Site] = []
+        self._handles: list[RemovableHandle] = []
+        self._step_pending = False  # a backward finished: the next forward outside backward starts a step
+        self._in_step = False  # a counted forward happened since the last step boundary
+        self._measuring = True  # this step is one of the measured ones
+        #: Training steps with a counted forward since the recorder was attached.
+        self.steps_seen = 0
+        self._module_stack: list[tuple[str, nn.Module]] = []
+        self._capture: Optional[ActivationCapture] = None
+        self._tracer: Optional[ProducerTracer] = None
+        try:
+            for name, module in watched_modules:
+                unit = self._unit_dims.get(name, self._unit_dims.get("*"))
+                negative = isinstance(module, NEGATIVE_REGIME_TYPES)
+                watched = _Watched(name, type(module).__name__, negative, unit, _slope_of(module))
+                self._watched[module] = watched
+                self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
+            self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
+            self._tracer = ProducerTracer(model, skip={m for m in self._watched if isinstance(m, nn.Module)})
+            if options.functional:
+                self._attach_functional(model)
+        except BaseException:
+            self.remove()  # never leave half the hooks behind
+            raise
+
+    # ------------------------------------------------------------------ module hooks
+
+    def _make_forward_hook(self, watched: _Watched) -> Callable[[nn.Module, Any, Any], None]:
+        def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
+            self._observe(watched, module, args, out)
+            return None
+
+        return forward_hook
+
+    def _observe(self, watched: _Watched, module: nn.Module, args: Any, out: Any) -> None:
+        """One call of a watched activation (``module`` decides whether it is a training forward)."""
+        if not isinstance(out, Tensor) or not is_counted_forward(module):
+            return
+        if self._step_pending and not in_backward():
+            self.start_step()
+        if not self._in_step:  # the first counted forward of a step decides whether the step is measured
+            self._in_step = True
+            if is_compiling():
+                # A step counter read inside a compiled graph would be guarded on and recompile every step, so
+                # compiled code measures every step; inductor fuses the reductions into its kernels.
+                self._measuring = True
+            else:
+                self._measuring = self.steps_seen % self._measure_every == 0
+                self.steps_seen += 1
+        call = watched.calls
+        watched.calls = call + 1
+        site: Optional[Site] = (
+            watched.sites[call] if call < len(watched.sites) else _add_site_eagerly(self, watched, call, args, out)
+        )
+        if site is None or not self._measuring or out.numel() == 0:  # an empty batch adds no sample
+            return
+        stats = site.stats
+        if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
+            obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
+        else:
+            obs = out
+        if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
+            self._warn_shape(watched, site, out)
+            return
+        stats.observe(obs)
+        if self._track_grad and out.requires_grad:
+            hook = stats.grad_hook_for(out) if stats.through_slope is not None else stats.grad_hook
+            out.register_hook(hook)  # type: ignore[no-untyped-call]
+
+    # ------------------------------------------------------------------ functional calls (opt-in)
+
+    def _attach_functional(self, model: nn.Module) -> None:
+        """Track the running module on a stack; while any runs, a TorchFunctionMode catches F.relu calls."""
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._make_enter(name)))
+            self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+
+    def _make_enter(self, name: str) -> Callable[[nn.Module, Any], None]:
+        def enter(module: nn.Module, args: Any) -> None:
+            if not self._module_stack and not is_compiling():
+                self._capture = ActivationCapture(self._on_functional_call)
+                self._capture.__enter__()  # type: ignore[no-untyped-call]
+            self._module_stack.append((name, module))
+            return None
+
+        return enter
+
+    def _exit_module(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._module_stack:
+            self._module_stack.pop()
+        if not self._module_stack:
+            self._exit_capture()
+        return None
+
+    def _exit_capture(self) -> None:
+        if self._capture is not None:
+            capture, self._capture = self._capture, None
+            capture.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+
+    def _on_functional_call(self, fn: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if not self._module_stack:
+            return
+        path, module = self._module_stack[-1]
+        if module in self._watched:  # nn.ReLU calling F.relu: the module's own hook counts it
+            return
+        site_path = f"{path}.F.{fn}" if path else f"F.{fn}"
+        watched = self._watched.get(site_path)
+        if watched is None:
+            unit = self._unit_dims.get(site_path, self._unit_dims.get("*"))
+            slope = 0.0 if fn == "relu" else float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
+            watched = _Watched(site_path, f"F.{fn}", fn != "relu", unit, slope)
+            self._watched[site_path] = watched
+        self._observe(watched, module, args, out)
+
+    # ------------------------------------------------------------------ step boundaries
+
+    def _on_root_forward(self, module: nn.Module, args: Any) -> None:
+        self.start_step()
+        return None
+
+    def _on_backward(self) -> None:
+        self._step_pending = True
+
+    def start_step(self) -> None:
+        """A new training step: call counters restart, so the n-th call of a module maps to the same site.
+
+        Idempotent until a counted forward happens, so the root forward, ``Monitor.new_step()`` and a finished
+        backward can all mark the same boundary.
+        """
+        self._step_pending = False
+        self._in_step = False
+        for watched in self._watched.values():
+            watched.calls = 0
+        tracer = self._tracer
+        if tracer is not None and tracer.active:
+            if self.sites:  # the first training forward has been traced: producers are known
+                tracer.remove()
+            else:
+                tracer.clear()
+
+    # ------------------------------------------------------------------ call-site discovery
+
+    def _grad_scale(self) -> Optional[Tensor]:
+        scaler = self._grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale: Optional[Tensor] = getattr(scaler, "_scale", None)  # the live scale tensor: a host read would sync
+        return scale
+
+    def _make_site(self, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
+        if not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
+            warn(
+                f"relumon: `{watched.name}` produced a {out.dtype} tensor; only real-valued activations are "
+                "watched, so this call site is skipped."
+            )
+            return None
+        fed_by, producer = (None, None)
+        if args and self._tracer is not None:
+            fed_by, producer = self._tracer.producer_of(args[0])
+        ndim = out.ndim
+        unit_dim = watched.unit_dim
+        if unit_dim is None:
+            unit_dim = infer_unit_dim(ndim, producer)
+        elif not -max(ndim, 1) <= unit_dim < max(ndim, 1):
+            raise ValueError(
+                f"`unit_dim={unit_dim}` is out of range for `{watched.name}`, whose output has shape {tuple(out.shape)}"
+            )
+        unit_dim = unit_dim % max(ndim, 1)
+        units = out.shape[unit_dim] if ndim else 1
+        stats = SiteStats(
+            units=units,
+            unit_dim=unit_dim,
+            ndim=ndim,
+            device=out.device,
+            grad_scale=self._grad_scale,
+            on_backward=self._on_backward,
+            track_abs=self.options.dormant_tau is not None,
+            through_slope=watched.slope if self._grad_through else None,
+        )
+        path = watched.name or "root"
+        site = Site(
+            name=path if call == 0 else f"{path}.call{call + 1}",
+            module_name=watched.name,
+            call=call,
+            kind=watched.kind,
+            fed_by=fed_by,
+            producer=producer,
+            negative_regime=watched.negative_regime,
+            stats=stats,
+        )
+        # A call index can only be new if every lower one exists (calls count up from 0 each step).
+        watched.sites.append(site)
+        self.sites.append(site)
+        return site
+
+    def _warn_shape(self, watched: _Watched, site: Site, out: Tensor) -> None:
+        if watched.warned_shape:
+            return
+        watched.warned_shape = True
+        warn(
+            f"relumon: call site `{site.name}` first had {site.stats.units} units along dim "
+            f"{site.stats.unit_dim} of a {site.stats.ndim}-D output, now it produced shape {tuple(out.shape)}; "
+            "calls with the new shape are skipped. Pass `unit_dim=` to relumon.watch if the unit dim was guessed "
+            "wrong."
+        )
+
+    # ------------------------------------------------------------------ lifetime
+
+    @property
+    def watched_count(self) -> int:
+        """Watched modules, plus functional call sites found so far."""
+        return len(self._watched)
+
+    @property
+    def active(self) -> bool:
+        """True while the hooks are attached."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook. Idempotent; the statistics stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._tracer is not None:
+            self._tracer.remove()
+        self._exit_capture()  # removed in the middle of a forward
+        self._module_stack.clear()
+
+
+# Allocation runs eagerly even inside a torch.compile trace: state created in a graph would not persist. This costs
+# one graph break and one recompile on the first compiled training step only.
+@torch._dynamo.disable  # type: ignore[untyped-decorator]
+def _add_site_eagerly(recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
+    return recorder._make_site(watched, call, args, out)
+
+
+def _slope_of(module: nn.Module) -> Optional[float]:
+    """The derivative of ``module`` for non-positive outputs, if it is a ReLU or LeakyReLU; else None."""
+    if type(module) is nn.ReLU:
+        return 0.0
+    if isinstance(module, nn.LeakyReLU):
+        return float(module.negative_slope)
+    return None
+
+
+def _unit_dim_overrides(options: Options, names: list[str]) -> dict[str, int]:
+    """``options.unit_dim`` as ``{module path or "*": dim}``, after checking that the paths are watched."""
+    unit_dim = options.unit_dim
+    if unit_dim is None:
+        return {}
+    if isinstance(unit_dim, int):
+        return {"*": unit_dim}
+    unknown = [k for k in unit_dim if k != "*" and k not in names and not (options.functional and _is_functional(k))]
+    if unknown:
+        raise ValueError(f"`unit_dim` names modules that are not watched: {unknown}; watched: {names}")
+    return dict(unit_dim)
+
+
+def _is_functional(path: str) -> bool:
+    """Whether ``path`` names a functional call site, ``[<module path>.]F.relu`` or ``F.leaky_relu``."""
+    return _FUNCTIONAL_SITE.match(path) is not None
