@@ -174,14 +174,21 @@ class Diagnosis:
         self._last_dead_fraction[name] = dead_fraction
 
     def state_dict(self) -> dict[str, Any]:
-        """Every site's history as plain data, including loaded ones whose sites have not run yet."""
+        """Every site's history and last dead fraction as plain data, including loaded ones whose sites have not run
+        yet."""
         state = dict(self._pending)
-        state.update({name: history.state_dict() for name, history in self._histories.items()})
+        for name, history in self._histories.items():
+            state[name] = history.state_dict()
+            if name in self._last_dead_fraction:
+                state[name]["last_dead_fraction"] = self._last_dead_fraction[name]
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict` output; sites not discovered yet get theirs when they first report."""
         self._pending = dict(state)
+        self._last_dead_fraction = {
+            name: float(site["last_dead_fraction"]) for name, site in state.items() if "last_dead_fraction" in site
+        }
         for name in list(self._pending):
             if name in self._histories:
                 self._histories[name].load_state_dict(self._pending.pop(name))

@@ -19,7 +19,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_compiling", "in_backward", "is_counted_forward", "in_checkpoint_recompute", "ProducerTracer"]
+__all__ = [
+    "is_compiling",
+    "in_backward",
+    "is_counted_forward",
+    "in_checkpoint_recompute",
+    "keeps_meaning",
+    "PASS_THROUGH",
+    "ProducerTracer",
+]
 
 
 try:
@@ -52,25 +60,57 @@ def is_counted_forward(module: nn.Module) -> bool:
     return module.training and torch.is_grad_enabled() and not in_checkpoint_recompute()
 
 
+#: Modules that keep the meaning of their input's dims: their output's units are their input's.
+PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+
+
+def keeps_meaning(module: nn.Module, inp: Tensor, out: Tensor) -> bool:
+    """Whether ``module`` passes its input's dim meaning through: a `PASS_THROUGH` module, or any module without
+    parameters or children whose output has its input's shape (an elementwise module: an unwatched activation, a
+    scale)."""
+    if isinstance(module, PASS_THROUGH):
+        return True
+    if out.shape != inp.shape or next(module.children(), None) is not None:
+        return False
+    return next(module.parameters(recurse=False), None) is None
+
+
 class ProducerTracer:
     """Records which module produced each tensor during the first training forwards.
 
     Forward hooks on every module store ``id(output) -> (weakref(output), module path, module)``. The innermost
-    module wins, since children finish before their parents. The hooks exist only while call sites are being
+    module wins, since children finish before their parents. A module that keeps its input's dim meaning (dropout,
+    identity, adaptive pooling, any elementwise module: `keeps_meaning`) passes its input's producer on, so that
+    ``Conv1d -> Dropout -> ReLU`` is read as the conv's channels. The hooks exist only while call sites are being
     discovered; `remove()` takes them off.
     """
 
-    def __init__(self, model: nn.Module, skip: set[nn.Module]) -> None:
+    def __init__(self, model: nn.Module, transparent: set[nn.Module]) -> None:
         self._outputs: dict[int, tuple[Any, str, nn.Module]] = {}
         #: A plain bool rather than a look at the handles, so that torch.compile can trace a check of it.
         self.active = True
         self._handles = [
-            module.register_forward_hook(self._make_hook(name))
+            module.register_forward_hook(self._make_hook(name, module in transparent))
             for name, module in model.named_modules()
-            if module not in skip
         ]
 
-    def _make_hook(self, name: str) -> Callable[..., None]:
+    def _make_hook(self, name: str, transparent: bool) -> Callable[..., None]:
+        """The recording hook of one module; a ``transparent`` one (a watched activation) always passes its input's
+        producer on, so that the layer after a ReLU is fed by what fed the ReLU."""
         outputs = self._outputs
 
         def record(module: nn.Module, args: Any, out: Any) -> None:
@@ -78,7 +118,14 @@ class ProducerTracer:
                 return None
             known = outputs.get(id(out))
             if known is None or known[0]() is not out:  # ids of dead tensors get reused
-                outputs[id(out)] = (weakref.ref(out), name, module)
+                entry = (weakref.ref(out), name, module)
+                if args and isinstance(args[0], Tensor) and (transparent or keeps_meaning(module, args[0], out)):
+                    fed = outputs.get(id(args[0]))
+                    if fed is not None and fed[0]() is args[0]:
+                        entry = (entry[0], fed[1], fed[2])  # dropout after a conv still holds the conv's channels
+                    elif transparent:
+                        return None
+                outputs[id(out)] = entry
             return None
 
         return record

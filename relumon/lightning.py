@@ -44,12 +44,16 @@ _FROM_TRAINER = ("grad_scaler", "sync_dist")
 class ReluMonitor(OptionAttributes, Callback):
     """Log dead units and gradient flow of every ReLU-family activation, and alert when a layer dies.
 
-    The callback watches the LightningModule from ``setup`` (fit only) to ``teardown``, and also removes its hooks
-    when fit ends with an exception. Every training micro-batch counts; validation, test, predict and sanity-check
-    forwards never do. A window closes after every ``log_every_n_steps`` optimizer steps and at the end of fit, and
-    each closed window is logged once, at ``trainer.global_step``, to every logger in ``trainer.loggers`` from global
-    rank 0. Under DDP every rank reduces the window, so the figures are global and alerts are decided the same way on
-    all ranks.
+    The callback watches the LightningModule from ``on_fit_start`` (after ``configure_model``, so models built
+    there are watched) to ``teardown``, and also removes its hooks when fit ends with an exception. Every training
+    micro-batch is a step; validation, test, predict and sanity-check forwards never count. A window closes each time
+    ``trainer.global_step`` crosses a multiple of ``log_every_n_steps`` (once under gradient accumulation, and also
+    when several optimizer steps per batch jump over the multiple) and at the end of fit, and each closed window is
+    logged once, at ``trainer.global_step``, to every logger in ``trainer.loggers`` from global rank 0. Under DDP
+    every rank reduces the window, so the figures are global and alerts are decided the same way on all ranks.
+
+    A second ``fit`` with the same callback (a sweep) starts fresh: alerts, death history and timeline begin anew,
+    unless that fit resumes from a checkpoint (``ckpt_path``), whose saved state the callback continues.
 
     Args:
         log_every_n_steps: optimizer steps per window. ``None`` uses the Trainer's ``log_every_n_steps``.
@@ -105,19 +109,33 @@ class ReluMonitor(OptionAttributes, Callback):
         self._window_start_step = 0
         self._last_logged_step = -1
         self._loaded_state: Optional[dict[str, Any]] = None
+        self._restored = False  # _loaded_state came from a checkpoint of this fit, not from an earlier fit
 
     @property
     def state_key(self) -> str:
+        """The checkpoint key: stable across processes (a callable ``on_dead`` is named, not its address)."""
+        on_dead = self.on_dead
+        policy = on_dead if isinstance(on_dead, str) else _qualified_name(on_dead)
         return self._generate_state_key(
-            types=[t.__name__ for t in self.options.types], on_dead=str(self.on_dead), prefix=self.prefix
+            types=[t.__name__ for t in self.options.types], on_dead=policy, prefix=self.prefix
         )
 
     # ------------------------------------------------------------------ attach and detach
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self.monitor is not None:
+        if stage == "fit":
+            self._trainer = trainer
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # Attach here rather than in setup: a model built in `configure_model()` exists only after setup.
+        if self.monitor is not None:
             return
         self._trainer = trainer
+        if getattr(trainer, "ckpt_path", None) is None and not self._restored:
+            # A new fit, not a resume: a reused callback (a sweep) starts fresh, without the last run's alerts.
+            self._loaded_state = None
+            self.last_report = None
+        self._restored = False
         types = self.options.types
         if not self.options.functional and not any(isinstance(m, types) for m in pl_module.modules()):
             if trainer.is_global_zero:
@@ -133,7 +151,8 @@ class ReluMonitor(OptionAttributes, Callback):
             self.monitor.load_state_dict(self._loaded_state)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._detach()
+        if stage == "fit":
+            self._detach()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._detach()
@@ -161,8 +180,9 @@ class ReluMonitor(OptionAttributes, Callback):
             return
         step = trainer.global_step
         every = self.log_every_n_steps or trainer.log_every_n_steps or 1
-        # global_step repeats across the micro-batches of one accumulated step: close each window once.
-        if step != self._last_logged_step and step % every == 0:
+        # A window closes when global_step crosses a multiple of `every`: once under accumulation (global_step
+        # repeats across micro-batches), and also when several optimizer steps per batch jump over the multiple.
+        if step // every > self._last_logged_step // every:
             self._close_window(trainer, step)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -218,8 +238,8 @@ class ReluMonitor(OptionAttributes, Callback):
 
     def _on_dead_layer(self, layer: LayerReport) -> None:
         trainer = self._trainer
-        steps = trainer.global_step - self._window_start_step if trainer is not None else None
-        message = dead_layer_message(layer, steps=steps if steps else None)
+        optimizer_steps = trainer.global_step - self._window_start_step if trainer is not None else None
+        message = dead_layer_message(layer, optimizer_steps=optimizer_steps or None)
         if callable(self.on_dead):
             self.on_dead(layer)
         elif self.on_dead == "raise":
@@ -240,6 +260,7 @@ class ReluMonitor(OptionAttributes, Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict.get("monitor", {}))
+        self._restored = True
         if self.monitor is not None:
             self.monitor.load_state_dict(self._loaded_state)
 
@@ -248,6 +269,12 @@ class ReluMonitor(OptionAttributes, Callback):
 ReluMonitor.__signature__ = signature_with_options(  # type: ignore[attr-defined]
     ReluMonitor, exclude=(*_FROM_TRAINER, "on_dead")
 )
+
+
+def _qualified_name(fn: Any) -> str:
+    """``module.qualname`` of a callable (its class's for other callables): the same in every process."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(fn).__name__)}"
 
 
 def _is_tensorboard(logger: Any) -> bool:

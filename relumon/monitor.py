@@ -10,6 +10,7 @@ window. The monitor also keeps what a checkpoint needs (`state_dict`).
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from typing import Any, Mapping, Optional
 
@@ -22,7 +23,7 @@ from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder, Site
 from relumon.report import LayerReport, Report, dead_layer_message
-from relumon.state import GatheredSite, distributed_world_size, gather
+from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather
 from relumon.tensorboard import write_layout_once, write_scalars
 
 __all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead", "global_rank"]
@@ -56,6 +57,7 @@ class Monitor(OptionAttributes):
             raise TypeError(f"expected `model` to be a torch.nn.Module, got {type(model).__name__}")
         self.options = Options.resolve(options, kwargs, owner=type(self).__name__)
         self._model_name = type(model).__name__
+        self._model_ref = weakref.ref(model)
         self._recorder = Recorder(model, self.options)
         self._diagnosis = Diagnosis(self.options.permanent_after)
         self._timeline: deque[tuple[int, dict[str, float]]] = deque(maxlen=TIMELINE_WINDOWS)
@@ -120,59 +122,74 @@ class Monitor(OptionAttributes):
         """
         recorder = self._recorder
         step = recorder.steps_seen if step is None else step
-        sites = list(recorder.sites)
-        gathered = gather([site.stats for site in sites], self._sync())
-        layers = [self._layer_report(site, g, step, reset) for site, g in zip(sites, gathered)]
+        sites = {site.name: site for site in recorder.sites}
+        gathered = gather([(site.layout(), site.stats) for site in sites.values()], self._sync())
+        layers = [self._layer_report(layout, sites.get(layout.name), g, step, reset) for layout, g in gathered]
         # Compiled steps are measured but not counted (see the recorder): count them by their forwards then.
         steps = max(recorder.steps_seen - self._window_start, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
         if reset:
-            for site in sites:
+            for site in sites.values():
                 site.stats.reset()
             self._window += 1
             self._window_start = recorder.steps_seen
             self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0}))
             self.last_report = report
+            # A sampled window never alerts on its own: its suspects are measured on every call of the next window.
+            recorder.confirming = {x.name for x in layers if x.confirming}
+            for site in sites.values():
+                site.exact = site.name in recorder.confirming
             self._alert(report)
         return report
 
-    def _layer_report(self, site: Site, g: GatheredSite, step: int, close: bool) -> LayerReport:
-        units = site.stats.units
+    def _layer_report(
+        self, layout: SiteLayout, site: Optional[Site], g: GatheredSite, step: int, close: bool
+    ) -> LayerReport:
+        info: dict[str, Any] = layout.info
+        units = layout.units
         seen = g.samples > 0
         dead_mask = g.peak <= 0 if seen else torch.zeros(units, dtype=torch.bool)
         dead_units = int(dead_mask.sum())
         dead_fraction = dead_units / units if seen else math.nan
-        history = self._diagnosis.update(site.name, units, dead_mask if seen else None, step, close)
+        name = layout.name
+        history = self._diagnosis.update(name, units, dead_mask if seen else None, step, close)
         dormant_units = dormant_scores = None
         tau = self.options.dormant_tau
         if tau is not None and g.abs_sum is not None and g.positions > 0:
             mean_abs = g.abs_sum / g.positions
-            layer_mean = float(mean_abs.mean())
+            finite = mean_abs.isfinite()  # a NaN unit must not make every unit dormant: leave it out of the mean
+            layer_mean = float(mean_abs[finite].mean()) if bool(finite.any()) else math.nan
             dormant_scores = (mean_abs / layer_mean if layer_mean > 0 else torch.zeros_like(mean_abs)).float()
             dormant_units = int((dormant_scores <= tau).sum())
         blamed = None
-        producer = site.feeding_module()
-        if producer is not None and site.fed_by and seen:
-            if dead_units == units or self._diagnosis.jumped(site.name, dead_fraction):
-                blamed = blame(site.name, site.fed_by, producer, dead_mask)
+        all_dead = seen and dead_units == units
+        jumped = seen and self._diagnosis.jumped(name, dead_fraction)
+        fed_by: Optional[str] = info["fed_by"]
+        producer = self._module_at(fed_by) if fed_by else None
+        if producer is not None and fed_by and (all_dead or jumped):
+            blamed = blame(name, fed_by, producer, dead_mask)
         if seen and close:
-            self._diagnosis.remember(site.name, dead_fraction)
+            self._diagnosis.remember(name, dead_fraction)
+        finite_passes = g.backwards - g.nonfinite_passes
         return LayerReport(
-            name=site.name,
-            module=site.module_name,
-            call=site.call,
-            kind=site.kind,
+            name=name,
+            module=info["module_name"],
+            call=info["call"],
+            kind=info["kind"],
             units=units,
-            unit_dim=site.stats.unit_dim,
-            fed_by=site.fed_by,
+            unit_dim=info["unit_dim"],
+            fed_by=fed_by,
             samples=g.samples,
             forwards=g.forwards,
             backward_passes=g.backwards,
             dead_units=dead_units,
             nonfinite_units=int(g.peak.isnan().sum()) if seen else 0,
-            grad_norm=g.grad_norm_sum / g.backwards if g.backwards else math.nan,
+            grad_norm=g.grad_norm_sum / finite_passes if finite_passes > 0 else math.nan,
+            skipped_passes=g.nonfinite_passes,
+            unmeasured_calls=g.unmeasured,
+            confirming=g.unmeasured > 0 and (all_dead or jumped),
             grad_through_norm=g.through_sum / g.through_passes if g.through_passes else math.nan,
-            negative_regime=site.negative_regime,
+            negative_regime=info["negative_regime"],
             dead_mask=dead_mask,
             revived_units=history.revived_units,
             revived_total=history.revived_total,
@@ -183,6 +200,16 @@ class Monitor(OptionAttributes):
             dormant_scores=dormant_scores,
             blame=blamed,
         )
+
+    def _module_at(self, path: str) -> Optional[nn.Module]:
+        """The model's submodule at ``path`` (found by path, so every rank finds it, whichever rank traced it)."""
+        model = self._model_ref()
+        if model is None:
+            return None
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            return None
 
     @property
     def timeline(self) -> list[tuple[int, dict[str, float]]]:
@@ -242,7 +269,7 @@ class Monitor(OptionAttributes):
     def _alert(self, report: Report) -> None:
         on_dead = self.options.on_dead
         for layer in report.dead_layers:
-            if layer.name in self._alerted or layer.samples < self.options.min_samples:
+            if layer.name in self._alerted or layer.samples < self.options.min_samples or not layer.exact:
                 continue
             self._alerted.add(layer.name)
             if callable(on_dead):
@@ -260,15 +287,25 @@ class Monitor(OptionAttributes):
     # ------------------------------------------------------------------ state and lifetime
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain-data state to checkpoint: the alert history, the window count and each site's death history."""
+        """Plain-data state to checkpoint: everything a later report depends on.
+
+        The alert history, the window count, the training steps seen (so steps, logging steps and the sampling
+        schedule go on from there), each site's death history and last dead fraction, the sites being confirmed,
+        and the heatmap's timeline. The open window's statistics live on the device and are not included: a resumed
+        run's first window counts from the resume.
+        """
         for site in self._recorder.sites:  # every discovered site has a history, reported or not
             self._diagnosis.history(site.name, site.stats.units)
         timeline = [
             [step, {k: v for k, v in fractions.items() if not math.isnan(v)}] for step, fractions in self._timeline
         ]
+        recorder = self._recorder
         return {
             "alerted": sorted(self._alerted),
             "window": self._window,
+            "steps": recorder.steps_seen,
+            "window_steps": recorder.steps_seen - self._window_start,
+            "confirming": sorted(recorder.confirming),
             "history": self._diagnosis.state_dict(),
             "timeline": timeline,
         }
@@ -280,6 +317,12 @@ class Monitor(OptionAttributes):
         """
         self._alerted = set(state.get("alerted", ()))
         self._window = int(state.get("window", 0))
+        recorder = self._recorder
+        recorder.steps_seen = int(state.get("steps", recorder.steps_seen))
+        self._window_start = recorder.steps_seen - int(state.get("window_steps", 0))
+        recorder.confirming = set(state.get("confirming", ()))
+        for site in recorder.sites:
+            site.exact = site.name in recorder.confirming
         self._diagnosis.load_state_dict(state.get("history", {}))
         self._timeline.clear()
         self._timeline.extend((int(step), dict(fractions)) for step, fractions in state.get("timeline", []))

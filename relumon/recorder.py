@@ -12,8 +12,11 @@ What the `Recorder` does:
   runs. Facts about which forwards count are in `relumon.hooks`.
 - **Step boundaries.** A call of the root module, ``new_step()``, or the first forward after a backward pass starts
   a training step; call counters restart there, so the n-th call of a module in a step maps to the same call site.
-- **The measurement schedule.** One training step in ``measure_every`` is measured (steps 0, n, 2n... of the run);
-  compiled code measures every step (a step counter read inside a graph would recompile it every step).
+- **The measurement schedule.** About one training step in ``measure_every`` is measured, picked by a golden-ratio
+  sequence (`is_measured_step`): spread evenly, never periodic, so loops that alternate phases get every phase
+  measured. On top of it, each call site's first call of every window is measured (so no window is left without
+  figures), and a site the monitor marked `Site.exact` (a sampled death being confirmed) is measured on every call.
+  Compiled code measures every step (a step counter read inside a graph would recompile it every step).
 - **Call-site discovery.** The first time a call index of a module runs, a `Site` is made
   with its unit dim (inferred from the module that fed it, see `relumon.units`) and its `relumon.state.SiteStats`.
 """
@@ -21,7 +24,6 @@ What the `Recorder` does:
 from __future__ import annotations
 
 import re
-import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -32,8 +34,8 @@ from relumon.errors import warn
 from relumon.functional import ActivationCapture
 from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
 from relumon.options import Options
-from relumon.state import SiteStats
-from relumon.units import infer_unit_dim
+from relumon.state import SiteLayout, SiteStats, layout_of
+from relumon.units import infer_unit_dim, producer_layout_from_graph
 
 __all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES"]
 
@@ -66,12 +68,11 @@ class Site:
         call: 0-based call index within a step.
         kind: the activation's class name (``"ReLU"``) or ``"F.relu"``.
         fed_by: path of the module whose output fed the activation in its first training forward, if any.
-        producer: a weak reference to that module.
         negative_regime: whether the activation passes negative values (LeakyReLU...).
         stats: the window's statistics.
     """
 
-    __slots__ = ("name", "module_name", "call", "kind", "fed_by", "producer", "negative_regime", "stats")
+    __slots__ = ("name", "module_name", "call", "kind", "fed_by", "negative_regime", "stats", "exact")
 
     def __init__(
         self,
@@ -80,7 +81,6 @@ class Site:
         call: int,
         kind: str,
         fed_by: Optional[str],
-        producer: Optional[nn.Module],
         negative_regime: bool,
         stats: SiteStats,
     ) -> None:
@@ -89,19 +89,38 @@ class Site:
         self.call = call
         self.kind = kind
         self.fed_by = fed_by
-        self.producer: Optional[weakref.ref[nn.Module]] = weakref.ref(producer) if producer is not None else None
         self.negative_regime = negative_regime
         self.stats = stats
+        #: Measure every call, whatever the schedule: set by the monitor while a sampled death is being confirmed.
+        self.exact = False
 
-    def feeding_module(self) -> Optional[nn.Module]:
-        """The module that fed this site, while it is alive."""
-        return self.producer() if self.producer is not None else None
+    def layout(self) -> SiteLayout:
+        """What other ranks need to pair this site with theirs, and to report it if they never ran it."""
+        info = {
+            "module_name": self.module_name,
+            "call": self.call,
+            "kind": self.kind,
+            "fed_by": self.fed_by,
+            "negative_regime": self.negative_regime,
+            "unit_dim": self.stats.unit_dim,
+        }
+        return layout_of(self.name, self.stats, info)
 
 
 class _Watched:
     """A watched module: its path, its call counter for the current step and its sites by call index."""
 
-    __slots__ = ("name", "kind", "negative_regime", "unit_dim", "slope", "calls", "sites", "warned_shape")
+    __slots__ = (
+        "name",
+        "kind",
+        "negative_regime",
+        "unit_dim",
+        "slope",
+        "calls",
+        "sites",
+        "warned_shape",
+        "warned_dtype",
+    )
 
     def __init__(
         self, name: str, kind: str, negative_regime: bool, unit_dim: Optional[int], slope: Optional[float]
@@ -116,6 +135,7 @@ class _Watched:
         self.calls = 0
         self.sites: list[Site] = []
         self.warned_shape = False
+        self.warned_dtype = False
 
 
 class Recorder:
@@ -155,8 +175,10 @@ class Recorder:
         self._step_pending = False  # a backward finished: the next forward outside backward starts a step
         self._in_step = False  # a counted forward happened since the last step boundary
         self._measuring = True  # this step is one of the measured ones
-        #: Training steps with a counted forward since the recorder was attached.
+        #: Training steps with a counted forward since the recorder was attached (or since the run began, on resume).
         self.steps_seen = 0
+        #: Names of the call sites to measure on every call (the monitor confirms sampled deaths with them).
+        self.confirming: set[str] = set()
         self._module_stack: list[tuple[str, nn.Module]] = []
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
@@ -168,7 +190,7 @@ class Recorder:
                 self._watched[module] = watched
                 self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
             self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
-            self._tracer = ProducerTracer(model, skip={m for m in self._watched if isinstance(m, nn.Module)})
+            self._tracer = ProducerTracer(model, transparent={m for m in self._watched if isinstance(m, nn.Module)})
             if options.functional:
                 self._attach_functional(model)
         except BaseException:
@@ -188,6 +210,9 @@ class Recorder:
         """One call of a watched activation (``module`` decides whether it is a training forward)."""
         if not isinstance(out, Tensor) or not is_counted_forward(module):
             return
+        if not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
+            self._skip_dtype(watched, out)  # before the call index: a skipped call never shifts later sites' names
+            return
         if self._step_pending and not in_backward():
             self.start_step()
         if not self._in_step:  # the first counted forward of a step decides whether the step is measured
@@ -197,16 +222,23 @@ class Recorder:
                 # compiled code measures every step; inductor fuses the reductions into its kernels.
                 self._measuring = True
             else:
-                self._measuring = self.steps_seen % self._measure_every == 0
+                self._measuring = is_measured_step(self.steps_seen, self._measure_every)
                 self.steps_seen += 1
         call = watched.calls
         watched.calls = call + 1
         site: Optional[Site] = (
             watched.sites[call] if call < len(watched.sites) else _add_site_eagerly(self, watched, call, args, out)
         )
-        if site is None or not self._measuring or out.numel() == 0:  # an empty batch adds no sample
+        if site is None or out.numel() == 0:  # an empty batch adds no sample
             return
         stats = site.stats
+        # Sampled out, unless the site is confirming a death (exact) or has no measured call in this window yet, so
+        # that every window measures every site that ran in it.
+        if not (self._measuring or site.exact or stats.n_forwards == 0):
+            stats.n_unmeasured += 1
+            if out.requires_grad and not self._step_pending:  # any backward ends the step, measured or not
+                out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
+            return
         if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
             obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
         else:
@@ -215,9 +247,11 @@ class Recorder:
             self._warn_shape(watched, site, out)
             return
         stats.observe(obs)
-        if self._track_grad and out.requires_grad:
-            hook = stats.grad_hook_for(out) if stats.through_slope is not None else stats.grad_hook
-            out.register_hook(hook)  # type: ignore[no-untyped-call]
+        if out.requires_grad:
+            if self._track_grad:  # its first firing also marks the end of the step
+                out.register_hook(stats.grad_hook_for(out))  # type: ignore[no-untyped-call]
+            elif not is_compiling():
+                out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
 
     # ------------------------------------------------------------------ functional calls (opt-in)
 
@@ -273,11 +307,18 @@ class Recorder:
     def _on_backward(self) -> None:
         self._step_pending = True
 
+    def _backward_seen(self, grad: Tensor) -> None:
+        """Tensor hook: a backward pass reached this step's graph, so the next forward outside it starts a step."""
+        self._step_pending = True
+        return None
+
     def start_step(self) -> None:
         """A new training step: call counters restart, so the n-th call of a module maps to the same site.
 
-        Idempotent until a counted forward happens, so the root forward, ``Monitor.new_step()`` and a finished
-        backward can all mark the same boundary.
+        A step starts at a call of the root module, at ``Monitor.new_step()``, or at the first counted forward after
+        a backward pass reached the step's graph, whether or not the step was measured and whether or not gradients
+        are tracked (unmeasured calls carry a tiny hook for that alone). Idempotent until a counted forward happens,
+        so these can all mark the same boundary.
         """
         self._step_pending = False
         self._in_step = False
@@ -300,19 +341,19 @@ class Recorder:
         return scale
 
     def _make_site(self, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
-        if not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
-            warn(
-                f"relumon: `{watched.name}` produced a {out.dtype} tensor; only real-valued activations are "
-                "watched, so this call site is skipped."
-            )
-            return None
         fed_by, producer = (None, None)
         if args and self._tracer is not None:
             fed_by, producer = self._tracer.producer_of(args[0])
         ndim = out.ndim
         unit_dim = watched.unit_dim
         if unit_dim is None:
-            unit_dim = infer_unit_dim(ndim, producer)
+            layout = None
+            if producer is None and ndim >= 3 and not (self._tracer is not None and self._tracer.active):
+                # Discovered after the traced step: the autograd graph still tells a conv from a Linear.
+                # (An in-place activation's input is its output; the walk steps over the activation's own node.)
+                inp = args[0] if args and isinstance(args[0], Tensor) else out
+                layout = producer_layout_from_graph(inp)
+            unit_dim = infer_unit_dim(ndim, producer, layout)
         elif not -max(ndim, 1) <= unit_dim < max(ndim, 1):
             raise ValueError(
                 f"`unit_dim={unit_dim}` is out of range for `{watched.name}`, whose output has shape {tuple(out.shape)}"
@@ -336,14 +377,23 @@ class Recorder:
             call=call,
             kind=watched.kind,
             fed_by=fed_by,
-            producer=producer,
             negative_regime=watched.negative_regime,
             stats=stats,
         )
+        site.exact = site.name in self.confirming
         # A call index can only be new if every lower one exists (calls count up from 0 each step).
         watched.sites.append(site)
         self.sites.append(site)
         return site
+
+    def _skip_dtype(self, watched: _Watched, out: Tensor) -> None:
+        if watched.warned_dtype:
+            return
+        watched.warned_dtype = True
+        warn(
+            f"relumon: `{watched.name}` produced a {out.dtype} tensor; only real-valued activations are watched, so "
+            "such calls are skipped (they take no call index)."
+        )
 
     def _warn_shape(self, watched: _Watched, site: Site, out: Tensor) -> None:
         if watched.warned_shape:
@@ -384,6 +434,19 @@ class Recorder:
 @torch._dynamo.disable  # type: ignore[untyped-decorator]
 def _add_site_eagerly(recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
     return recorder._make_site(watched, call, args, out)
+
+
+#: The golden ratio's fractional part: steps ``s`` with ``frac(s * phi) < 1/n`` are about one in ``n``, spread
+#: evenly, and never periodic, so a loop that alternates phases (GAN D and G steps) gets every phase measured.
+_PHI = 0.6180339887498949
+
+
+def is_measured_step(step: int, measure_every: int) -> bool:
+    """Whether training step ``step`` (0-based) is one of the measured ones: about one in ``measure_every``.
+
+    Step 0 always is; ``measure_every=1`` measures every step.
+    """
+    return (step * _PHI) % 1.0 < 1.0 / measure_every
 
 
 def _slope_of(module: nn.Module) -> Optional[float]:

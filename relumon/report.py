@@ -39,6 +39,8 @@ class LayerReport:
             for LeakyReLU (stuck in the negative regime). 0 when ``samples == 0``.
         nonfinite_units: units that produced NaN in the window; they count neither as dead nor alive.
         grad_norm: mean over the window's backward passes of ``||dL/d(output)||_2``; NaN without a backward pass.
+            Each forward contributes the first gradient that reaches its output, once: later passes through the
+            same forward's graph (second-order steps, ``retain_graph`` re-runs) neither add nor count.
         negative_regime: True for activations that pass negative values (LeakyReLU...), where "dead" means "stuck
             in the negative regime" and the units still pass ``alpha * gradient``.
         dead_mask: CPU bool tensor of shape ``(units,)``, True where the unit is dead.
@@ -53,6 +55,12 @@ class LayerReport:
         blame: for a layer that died or whose dead fraction jumped, facts about the module that fed it.
         grad_through_norm: with ``grad_through=True``, the mean over backward passes of the L2 norm of the gradient
             that flows through the activation to the layer below (``dL/d(pre-activation)``); else NaN.
+        skipped_passes: backward passes whose gradient norm was inf or NaN (a ``GradScaler`` overflow step, which
+            the scaler skips); they are left out of ``grad_norm`` (and counted in ``backward_passes``).
+        unmeasured_calls: training calls of this site in the window that the sampling schedule did not measure;
+            0 means the figures are exact (`exact`).
+        confirming: the window was sampled and found every unit dead, or a jump in the dead fraction; relumon
+            measures this site on every call of the next window and alerts only if that exact window agrees.
     """
 
     name: str
@@ -79,6 +87,14 @@ class LayerReport:
     dormant_scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
     blame: Optional[str] = None
     grad_through_norm: float = math.nan
+    skipped_passes: int = 0
+    unmeasured_calls: int = 0
+    confirming: bool = False
+
+    @property
+    def exact(self) -> bool:
+        """True when every training call of the window was measured: the figures are exact, not sampled."""
+        return self.unmeasured_calls == 0
 
     @property
     def dead_fraction(self) -> float:
@@ -135,6 +151,10 @@ class LayerReport:
             "dormant_units": self.dormant_units,
             "dormant_fraction": _nan_to_none(self.dormant_fraction),
             "blame": self.blame,
+            "skipped_passes": self.skipped_passes,
+            "unmeasured_calls": self.unmeasured_calls,
+            "exact": self.exact,
+            "confirming": self.confirming,
         }
 
 
@@ -242,7 +262,8 @@ class Report:
         header += ("NaN units",) if show_nan else ()
         rows = []
         for layer in self.layers:
-            dead = f"{layer.dead_units}" + ("*" if layer.all_dead else "")
+            mark = ("?" if layer.confirming else "*") if layer.all_dead else ""
+            dead = f"{layer.dead_units}{mark}"
             frac = "-" if layer.samples == 0 else f"{100 * layer.dead_fraction:.1f}%"
             grad = "-" if layer.backward_passes == 0 else f"{layer.grad_norm:.3e}"
             row = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac, grad, layer.fed_by or "-")
@@ -259,8 +280,13 @@ class Report:
         lines = [f"relumon report, window {self.window}: {len(self)} call sites, {steps}", fmt(header)]
         lines.append("  ".join("-" * w for w in widths))
         lines.extend(fmt(r) for r in rows)
-        if any(layer.all_dead for layer in self.layers):
+        if any(layer.all_dead and not layer.confirming for layer in self.layers):
             lines.append("* every unit dead (or stuck negative) in this window")
+        if any(layer.all_dead and layer.confirming for layer in self.layers):
+            lines.append(
+                "? every measured unit dead in a sampled window: relumon measures every call of the next window to "
+                "confirm before alerting"
+            )
         return "\n".join(lines)
 
 
@@ -269,18 +295,29 @@ def _nan_to_none(x: float) -> Optional[float]:
     return None if math.isnan(x) else x
 
 
-def dead_layer_message(layer: LayerReport, steps: Optional[int] = None) -> str:
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimizer_steps: Optional[int] = None) -> str:
     """The alert text for a layer whose every unit died: names the layer, the window and what to try.
 
     Args:
         layer: the layer's report.
-        steps: training steps in the window; defaults to the layer's measured forwards.
+        steps: training steps in the window; defaults to the calls of the layer in the window (measured or not).
+        optimizer_steps: optimizer steps in the window, when they differ from training steps (gradient
+            accumulation in Lightning, where a training step is a micro-batch).
     """
-    steps = layer.forwards if not steps else steps
+    steps = steps or (layer.forwards + layer.unmeasured_calls)
     what = "stuck in the negative regime" if layer.negative_regime else "dead (output 0)"
-    window = f"{layer.samples} samples over {steps} step{'s' if steps != 1 else ''}"
-    if layer.forwards < steps:
-        window += f", {layer.forwards} of them measured"
+    measured = f", {layer.forwards} of them measured" if layer.forwards < steps else ""
+    if optimizer_steps and optimizer_steps != steps:
+        window = (
+            f"{layer.samples} samples over {_plural(optimizer_steps, 'optimizer step')}: "
+            f"{_plural(steps, 'micro-batch')}{measured}"
+        ).replace("micro-batchs", "micro-batches")
+    else:
+        window = f"{layer.samples} samples over {_plural(steps, 'step')}{measured}"
     feeder = f"`{layer.fed_by}`" if layer.fed_by else "the layer feeding it"
     if layer.negative_regime:
         why = (

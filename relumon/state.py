@@ -12,7 +12,13 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
 - ``through_sum``, ``through_passes`` (only with a ``through_slope``): the summed norm of the gradient that flows
   *through* the activation, ``dL/d(pre-activation) = dL/d(output) * f'``, where ``f'`` is 1 for a positive output and
   the slope (0 for ReLU, alpha for LeakyReLU) elsewhere, and the number of backward passes it was taken in.
-- ``grad_norm_sum``: float64, shape ``(1,)``, the summed gradient norms.
+- ``grad_norm_sum``: float64, shape ``(1,)``, the summed gradient norms of the backward passes whose norm was finite,
+  and ``nonfinite_passes``, the passes whose norm was inf or NaN (a ``GradScaler`` overflow step, which it skips):
+  they are left out of the mean and counted instead.
+- **One gradient per forward.** In eager mode each measured output gets its own small hook that counts the first
+  gradient reaching it, once: later passes through the same forward's graph (the second pass of a Hessian-vector
+  product, a ``retain_graph`` re-run) neither add to the norm nor count as passes. Under torch.compile every pass
+  counts (a per-call flag in a compiled hook would not persist).
 - The counts (samples, forwards, backwards, and the passes and positions above) are plain Python ints in eager
   mode: a count needs no kernel, and its value is known on the host anyway (it comes from shapes). Inside a
   torch.compile graph a Python int that changes every step would be guarded on and force a recompile each step, so
@@ -29,6 +35,7 @@ if it fired on any rank) and the counts and sums with SUM.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -39,10 +46,11 @@ from torch import Tensor
 from relumon.errors import RelumonError
 from relumon.hooks import is_compiling
 
-__all__ = ["SiteStats", "GatheredSite", "gather", "distributed_world_size"]
+__all__ = ["SiteStats", "GatheredSite", "SiteLayout", "gather", "layout_of", "distributed_world_size"]
 
 # Order of the counters when gathered.
-SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM = range(4)
+SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM, NONFINITE_PASSES, UNMEASURED = range(6)
+_COUNTERS = 6
 
 
 class SiteStats:
@@ -71,6 +79,8 @@ class SiteStats:
         "forwards",
         "backwards",
         "grad_norm_sum",
+        "nonfinite_passes",
+        "unmeasured",
         "abs_sum",
         "positions",
         "through_slope",
@@ -81,6 +91,7 @@ class SiteStats:
         "n_backwards",
         "n_through_passes",
         "n_positions",
+        "n_unmeasured",
         "_grad_scale",
         "_on_backward",
         "grad_hook",
@@ -102,8 +113,8 @@ class SiteStats:
         self.ndim = ndim
         self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
         self.peak = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
-        self.samples, self.forwards, self.backwards, self.grad_norm_sum = (
-            torch.zeros(1, dtype=torch.float64, device=device) for _ in range(4)
+        self.samples, self.forwards, self.backwards, self.grad_norm_sum, self.nonfinite_passes, self.unmeasured = (
+            torch.zeros(1, dtype=torch.float64, device=device) for _ in range(_COUNTERS)
         )
         self.abs_sum: Optional[Tensor] = None
         self.positions: Optional[Tensor] = None
@@ -118,9 +129,11 @@ class SiteStats:
             self.through_passes = torch.zeros(1, dtype=torch.float64, device=device)
         # Eager-mode counts (see the module docstring); the tensors above take them inside compiled graphs.
         self.n_samples = self.n_forwards = self.n_backwards = self.n_through_passes = self.n_positions = 0
+        #: Counted training calls that the sampling schedule did not measure (host only: compiled code measures all).
+        self.n_unmeasured = 0
         self._grad_scale = grad_scale
         self._on_backward = on_backward
-        #: Tensor hook for the activation's output: accumulates the gradient norm of each backward pass.
+        #: Tensor hook for outputs of compiled code: accumulates the gradient norm of every backward pass.
         self.grad_hook = self._make_grad_hook()
 
     def observe(self, out: Tensor) -> None:
@@ -150,50 +163,89 @@ class SiteStats:
 
     def _make_grad_hook(self) -> Callable[[Tensor], None]:
         # A closure rather than a bound method: torch.compile traces a closure over tensors without a graph break.
-        stats, grad_norm_sum, backwards = self, self.grad_norm_sum, self.backwards
-        grad_scale, on_backward = self._grad_scale, self._on_backward
+        grad_norm_sum, nonfinite, backwards, grad_scale = (
+            self.grad_norm_sum,
+            self.nonfinite_passes,
+            self.backwards,
+            self._grad_scale,
+        )
 
         def grad_hook(grad: Tensor) -> None:
             """Accumulate ``||dL/d(output)||_2`` of one backward pass. Returns None: a value would replace the grad."""
-            grad_norm_sum.add_(unscaled_l2_norm(grad.detach(), grad_scale))
-            if is_compiling():
-                backwards.add_(1)
-            else:  # Python side effects; compiled steps start through the root forward instead
-                stats.n_backwards += 1
-                on_backward()
+            add_norm(grad_norm_sum, nonfinite, unscaled_l2_norm(grad.detach(), grad_scale))
+            backwards.add_(1)
 
         return grad_hook
 
     def grad_hook_for(self, out: Tensor) -> Callable[[Tensor], None]:
-        """The tensor hook for one output when the gradient *through* the activation is measured too.
+        """The tensor hook for one measured output: the first gradient that reaches it counts, once.
 
-        It needs that output's sign pattern, so it is made per call (a small closure); the output is already kept
-        for backward by autograd in the common cases. If the output was modified in place after the activation, its
-        signs no longer say where the activation passed gradient, and that pass adds no through-gradient.
+        Made per call (a small closure holding a flag). With a ``through_slope`` it also measures the gradient that
+        flows through the activation, which needs that output's sign pattern; the output is already kept for backward
+        by autograd in the common cases. If the output was modified in place after the activation, its signs no
+        longer say where the activation passed gradient, and that pass adds no through-gradient. Compiled code gets
+        the shared `grad_hook` (every pass counts there).
         """
+        if is_compiling():
+            return self._compiled_hook_for(out)
+        if self.through_slope is not None:
+            return self._first_grad_and_through_hook(out)
+        stats, grad_scale = self, self._grad_scale
+        seen = [False]  # a list: the hook flips it without `nonlocal` bookkeeping. No reference to `out`: a hook on
+        # a tensor that refers to that tensor would keep it alive for good.
+
+        def first_grad_hook(grad: Tensor) -> None:
+            if seen[0]:  # a later pass through the same forward's graph (second order, retain_graph)
+                return None
+            seen[0] = True
+            add_norm(stats.grad_norm_sum, stats.nonfinite_passes, unscaled_l2_norm(grad.detach(), grad_scale))
+            stats.n_backwards += 1
+            stats._on_backward()
+            return None
+
+        return first_grad_hook
+
+    def _first_grad_and_through_hook(self, out: Tensor) -> Callable[[Tensor], None]:
+        stats, slope, through_sum, grad_scale = self, self.through_slope, self.through_sum, self._grad_scale
+        version = out._version
+        seen = [False]
+
+        def first_grad_and_through_hook(grad: Tensor) -> None:
+            if seen[0]:
+                return None
+            seen[0] = True
+            g = grad.detach()
+            add_norm(stats.grad_norm_sum, stats.nonfinite_passes, unscaled_l2_norm(g, grad_scale))
+            stats.n_backwards += 1
+            if slope is not None and through_sum is not None and out._version == version:
+                positive = out.detach() > 0
+                flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
+                through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
+                stats.n_through_passes += 1
+            stats._on_backward()
+            return None
+
+        return first_grad_and_through_hook
+
+    def _compiled_hook_for(self, out: Tensor) -> Callable[[Tensor], None]:
+        """Inside a torch.compile trace: the shared hook, plus the through-gradient when it is measured."""
         if self.through_slope is None or self.through_sum is None or self.through_passes is None:
             return self.grad_hook
-        stats, slope, through_sum, through_passes = self, self.through_slope, self.through_sum, self.through_passes
+        slope, through_sum, through_passes = self.through_slope, self.through_sum, self.through_passes
         grad_hook, grad_scale = self.grad_hook, self._grad_scale
-        version = None if is_compiling() else out._version
 
         def grad_and_through_hook(grad: Tensor) -> None:
             grad_hook(grad)
-            if version is not None and out._version != version:
-                return None
             g, positive = grad.detach(), out.detach() > 0
             flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
             through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
-            if is_compiling():
-                through_passes.add_(1)
-            else:
-                stats.n_through_passes += 1
+            through_passes.add_(1)
             return None
 
         return grad_and_through_hook
 
     def _sums(self) -> list[Tensor]:
-        sums = [self.samples, self.forwards, self.backwards, self.grad_norm_sum]
+        sums = [self.samples, self.forwards, self.backwards, self.grad_norm_sum, self.nonfinite_passes, self.unmeasured]
         if self.through_sum is not None and self.through_passes is not None:
             sums += [self.through_passes, self.through_sum]
         if self.abs_sum is not None and self.positions is not None:
@@ -201,14 +253,18 @@ class SiteStats:
         return sums
 
     def sum_state(self) -> Tensor:
-        """The device part of everything that combines across ranks by SUM, as one float64 tensor (a copy):
-        ``[samples, forwards, backwards, grad_norm_sum]``, then ``[through_passes, through_sum]`` with a
-        ``through_slope``, then ``[positions, *abs_sum]`` with ``track_abs``. Add ``host_sum_state()``."""
+        """The device part of everything that combines across ranks by SUM, as one float64 tensor (a copy).
+
+        ``[samples, forwards, backwards, grad_norm_sum, nonfinite_passes, unmeasured]``, then
+        ``[through_passes, through_sum]`` with a ``through_slope``, then ``[positions, *abs_sum]`` with
+        ``track_abs``. Add ``host_sum_state()``.
+        """
         return torch.cat([t.double() for t in self._sums()])
 
     def host_sum_state(self) -> list[float]:
         """The eager-mode counts, laid out like ``sum_state()`` (zeros where a sum lives on the device only)."""
-        host = [float(self.n_samples), float(self.n_forwards), float(self.n_backwards), 0.0]
+        host = [float(self.n_samples), float(self.n_forwards), float(self.n_backwards), 0.0, 0.0]
+        host.append(float(self.n_unmeasured))
         if self.through_sum is not None:
             host += [float(self.n_through_passes), 0.0]
         if self.abs_sum is not None:
@@ -226,6 +282,14 @@ class SiteStats:
         for tensor in self._sums():
             tensor.zero_()
         self.n_samples = self.n_forwards = self.n_backwards = self.n_through_passes = self.n_positions = 0
+        self.n_unmeasured = 0
+
+
+def add_norm(norm_sum: Tensor, nonfinite: Tensor, norm: Tensor) -> None:
+    """Add a finite ``norm`` to ``norm_sum``, or count it in ``nonfinite`` (inf/NaN: an AMP overflow). No sync."""
+    finite = norm.isfinite()
+    norm_sum.add_(torch.where(finite, norm, 0.0))
+    nonfinite.add_(finite.logical_not())
 
 
 def l2_norm(t: Tensor) -> Tensor:
@@ -265,10 +329,45 @@ class GatheredSite:
     forwards: int
     backwards: int
     grad_norm_sum: float
+    nonfinite_passes: int = 0
+    unmeasured: int = 0
     positions: int = 0
     abs_sum: Optional[Tensor] = None  # float64, CPU, with track_abs
     through_passes: int = 0
     through_sum: float = 0.0
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """What every rank must know of a call site to take part in its reduction, even one it never ran.
+
+    Attributes:
+        name: the call site's name; sites pair up across ranks by name.
+        units: the number of units (the length of its peaks).
+        through: whether it keeps the through-gradient sums.
+        abs_sum: whether it keeps the dormant-score sums.
+        info: plain data that describes the site (picklable), handed back with its figures, so that a rank can
+            report a site only another rank has run.
+    """
+
+    name: str
+    units: int
+    through: bool
+    abs_sum: bool
+    info: Any = None
+
+    @property
+    def sum_size(self) -> int:
+        """Length of the site's SUM-reduced state (see `SiteStats.sum_state`)."""
+        return _COUNTERS + (2 if self.through else 0) + (1 + self.units if self.abs_sum else 0)
+
+    def key(self) -> tuple[str, int, bool, bool]:
+        return (self.name, self.units, self.through, self.abs_sum)
+
+
+def layout_of(name: str, stats: SiteStats, info: Any = None) -> SiteLayout:
+    """The `SiteLayout` of a local site."""
+    return SiteLayout(name, stats.units, stats.through_sum is not None, stats.abs_sum is not None, info)
 
 
 def distributed_world_size() -> int:
@@ -285,63 +384,96 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _check_same_shape_on_every_rank(peaks: Tensor, sums: Tensor) -> None:
-    """Element-wise reductions of buffers that differ in size across ranks would fail deep in the backend, or worse,
-    reduce unrelated units together. One tiny all_reduce first makes every rank raise the same clear error."""
-    sizes = torch.tensor([peaks.numel(), sums.numel()], dtype=torch.int64, device=peaks.device)
-    both = torch.cat([sizes, -sizes])
+def _agree_on_sites(local: list[SiteLayout]) -> list[SiteLayout]:
+    """The call sites every rank reduces, in one order that every rank shares.
+
+    The common case costs one tiny all_reduce: a fingerprint of the local sites (names, sizes, descriptions, order)
+    that matches on every rank means every rank has the same sites in the same order. Otherwise (stochastic depth or
+    other control flow made ranks discover different sites, or in another order) the ranks exchange their site lists
+    and agree on
+    the union, paired by name: rank 0's order first, then sites only later ranks ran. A site a rank never ran takes
+    part with empty statistics. Ranks never merge unrelated sites; a name with different sizes on two ranks (a unit
+    dim inferred differently) raises the same `RelumonError` on every rank.
+    """
+    text = "\n".join(repr((layout.key(), layout.info)) for layout in local)
+    fingerprint = zlib.crc32(text.encode())
+    both = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    largest, smallest = both[:2].tolist(), (-both[2:]).tolist()
-    if largest != smallest:
-        raise RelumonError(
-            f"relumon's call sites differ across ranks (this rank: {peaks.numel()} units in {sums.numel()} counters; "
-            f"largest {largest}, smallest {smallest}): every rank must run the same watched layers before report()"
-        )
+    largest, smallest = both.tolist()
+    if largest == -smallest:
+        return local
+    lists: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(lists, local)
+    union: dict[str, SiteLayout] = {}
+    for rank, layouts in enumerate(lists):
+        for layout in layouts:
+            known = union.get(layout.name)
+            if known is None:
+                union[layout.name] = layout
+            elif known.key() != layout.key():
+                raise RelumonError(
+                    f"relumon's call sites differ across ranks: `{layout.name}` has {known.units} units on one rank "
+                    f"and {layout.units} on rank {rank}. Every rank must see the same shapes at a call site; pass "
+                    "`unit_dim=` if the unit dim was inferred differently."
+                )
+    return list(union.values())  # the first rank's description of each site, so every rank reports the same
 
 
-def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
+def gather(sites: Sequence[tuple[SiteLayout, SiteStats]], sync_dist: bool) -> list[tuple[SiteLayout, GatheredSite]]:
     """Read every site's window to the host in one transfer, reducing across ranks first when ``sync_dist``.
 
-    With ``sync_dist`` every rank must call this with the same sites in the same order; each then returns the
-    same global figures.
+    With ``sync_dist`` every rank must call this; sites pair up by name (see `_agree_on_sites`), and every rank
+    returns the same global figures for the same sites in the same order. Without it, the local sites in order.
     """
-    if not sites:
-        if sync_dist:  # still take part, or the ranks that have sites would wait forever
-            device = _collective_device()
-            _check_same_shape_on_every_rank(torch.zeros(0, device=device), torch.zeros(0, device=device))
-        return []
-    device = sites[0].peak.device  # sites of a model split over devices meet on the first one
-    peaks = torch.cat([s.peak.to(device) for s in sites])
-    sums = torch.cat([s.sum_state().to(device) for s in sites])
-    host_counts = [count for s in sites for count in s.host_sum_state()]
-    sums += torch.tensor(host_counts, dtype=torch.float64).to(device)
+    by_name = {layout.name: stats for layout, stats in sites}
+    layouts = [layout for layout, _ in sites]
     if sync_dist:
-        _check_same_shape_on_every_rank(peaks, sums)
-        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    host = torch.cat([peaks.double(), sums]).cpu()  # the one transfer
-    host_peaks, host_sums = host[: peaks.numel()].float(), host[peaks.numel() :]
+        layouts = _agree_on_sites(layouts)
+    if not layouts:
+        return []
+    local = [by_name.get(layout.name) for layout in layouts]
+    present = [stats for stats in local if stats is not None]
+    # Sites of a model split over devices meet on the first one.
+    device = present[0].peak.device if present else _collective_device()
+    peaks, sums, host_counts = [], [], []
+    for layout, stats in zip(layouts, local):
+        if stats is None:  # a site only other ranks ran: it takes part with nothing seen
+            peaks.append(torch.full((layout.units,), -math.inf, dtype=torch.float32, device=device))
+            sums.append(torch.zeros(layout.sum_size, dtype=torch.float64, device=device))
+            host_counts += [0.0] * layout.sum_size
+        else:
+            peaks.append(stats.peak.to(device))
+            sums.append(stats.sum_state().to(device))
+            host_counts += stats.host_sum_state()
+    all_peaks, all_sums = torch.cat(peaks), torch.cat(sums)
+    all_sums += torch.tensor(host_counts, dtype=torch.float64).to(device)
+    if sync_dist:
+        dist.all_reduce(all_peaks, op=dist.ReduceOp.MAX)
+        dist.all_reduce(all_sums, op=dist.ReduceOp.SUM)
+    host = torch.cat([all_peaks.double(), all_sums]).cpu()  # the one transfer
+    host_peaks, host_sums = host[: all_peaks.numel()].float(), host[all_peaks.numel() :]
     gathered = []
     peak_at = sum_at = 0
-    for site in sites:
-        row = host_sums[sum_at : sum_at + site.sum_state_size]
+    for layout in layouts:
+        row = host_sums[sum_at : sum_at + layout.sum_size]
         extra: dict[str, Any] = {}
-        at = 4
-        if site.through_sum is not None:
+        at = _COUNTERS
+        if layout.through:
             extra.update(through_passes=int(row[at]), through_sum=float(row[at + 1]))
             at += 2
-        if site.abs_sum is not None:
-            extra.update(positions=int(row[at]), abs_sum=row[at + 1 : at + 1 + site.units])
-        gathered.append(
-            GatheredSite(
-                peak=host_peaks[peak_at : peak_at + site.units],
-                samples=int(row[SAMPLES]),
-                forwards=int(row[FORWARDS]),
-                backwards=int(row[BACKWARDS]),
-                grad_norm_sum=float(row[GRAD_NORM_SUM]),
-                **extra,
-            )
+        if layout.abs_sum:
+            extra.update(positions=int(row[at]), abs_sum=row[at + 1 : at + 1 + layout.units])
+        site = GatheredSite(
+            peak=host_peaks[peak_at : peak_at + layout.units],
+            samples=int(row[SAMPLES]),
+            forwards=int(row[FORWARDS]),
+            backwards=int(row[BACKWARDS]),
+            grad_norm_sum=float(row[GRAD_NORM_SUM]),
+            nonfinite_passes=int(row[NONFINITE_PASSES]),
+            unmeasured=int(row[UNMEASURED]),
+            **extra,
         )
-        peak_at += site.units
-        sum_at += site.sum_state_size
+        gathered.append((layout, site))
+        peak_at += layout.units
+        sum_at += layout.sum_size
     return gathered

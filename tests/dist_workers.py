@@ -61,6 +61,48 @@ def plain_worker(
         dist.destroy_process_group()
 
 
+class StochasticDepth(nn.Module):
+    """Residual blocks ``a`` and ``b`` (``b`` dead: bias -1e3) and ``c``, which only rank 1 ever runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.b = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
+        self.c = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        with torch.no_grad():
+            self.b[0].bias.fill_(-1e3)
+        self.skip: set[str] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in ("a", "b", "c"):
+            if name not in self.skip:
+                x = x + getattr(self, name)(x)
+        return x
+
+
+def depth_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """Rank 0 skips block ``a`` on step 0, rank 1 skips ``b``: the ranks discover the sites in different orders."""
+    import relumon
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = StochasticDepth()
+        result: dict[str, Any] = {}
+        with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
+            for step in range(3):
+                model.skip = {"a" if rank == 0 else "b"} if step == 0 else set()
+                if rank == 0:
+                    model.skip.add("c")
+                model(torch.randn(5, 4)).sum().backward()
+            result["local_names"] = monitor.names
+            result["report"] = monitor.report().to_dict()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 class SplitData(Dataset):
     """Index i has x0 > 0 when i is odd: with DistributedSampler(shuffle=False) rank 1 gets the odd indices."""
 

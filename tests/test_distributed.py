@@ -53,6 +53,22 @@ def test_call_sites_that_differ_across_ranks_raise_on_every_rank_instead_of_hang
     assert all("call sites differ across ranks" in r["error"] for r in results)
 
 
+def test_ranks_pair_call_sites_by_name_and_agree_on_the_union(tmp_path: Path) -> None:
+    mp.spawn(dist_workers.depth_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0]["local_names"] == ["b.1", "a.1"] and results[1]["local_names"] == ["a.1", "c.1", "b.1"]
+    reports = [r["report"] for r in results]
+    for report in reports:
+        for layer in report["layers"]:
+            layer.pop("blame")
+    assert reports[0] == reports[1]  # the same global report, in one order, on every rank
+    layers = {layer["name"]: layer for layer in reports[0]["layers"]}
+    assert [layer["name"] for layer in reports[0]["layers"]] == ["b.1", "a.1", "c.1"]  # rank 0's order, then the rest
+    assert layers["b.1"]["dead_units"] == 6 and layers["b.1"]["samples"] == 5 * 5  # 2 steps on rank 0, 3 on rank 1
+    assert layers["a.1"]["samples"] == 5 * 5
+    assert layers["c.1"]["samples"] == 3 * 5  # run by rank 1 alone, reported by both
+
+
 def fit_ddp(
     namespace: str, tmp_path: Path, *, on_dead: str, kill_all: bool, max_steps: int
 ) -> tuple[list[dict], list[dict]]:

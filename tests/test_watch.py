@@ -326,18 +326,25 @@ def test_importing_relumon_does_not_import_lightning() -> None:
     assert out.strip() == "False"
 
 
-def test_default_measures_one_step_in_four_and_says_so() -> None:
+def test_default_measures_one_step_in_four_and_confirms_a_death_before_alerting() -> None:
     model = MLP()
     with torch.no_grad():
         model.fc2.bias.fill_(-1e3)
     assert relumon.watch(model).measure_every == 4
-    with pytest.warns(relumon.DeadUnitsWarning, match=r"12 samples over 10 steps, 3 of them measured"):
-        with relumon.watch(model) as monitor:
-            train_steps(model, steps=10, batch=4)  # steps 0, 4 and 8 are measured
+    with relumon.watch(model) as monitor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", relumon.DeadUnitsWarning)  # a sampled window never alerts on its own
+            train_steps(model, steps=10, batch=4)  # steps 0, 2 and 5 are measured (a golden-ratio sequence)
             report = monitor.report()
-    assert report.steps == 10
-    assert [(x.samples, x.forwards, x.backward_passes) for x in report] == [(12, 3, 3)] * 2
-    assert "10 steps, 3 measured" in str(report)
+        assert report.steps == 10
+        assert [(x.samples, x.forwards, x.unmeasured_calls) for x in report] == [(12, 3, 7)] * 2
+        assert report["act2"].all_dead and report["act2"].confirming and not report["act2"].exact
+        assert "10 steps, 3 measured" in str(report) and "128?" not in str(report) and "12?" in str(report)
+        with pytest.warns(relumon.DeadUnitsWarning, match=r"40 samples over 10 steps\)"):
+            train_steps(model, steps=10, batch=4)  # the confirming window measures act2 on every step
+            confirmed = monitor.report()
+    assert confirmed["act2"].exact and confirmed["act2"].forwards == 10 and not confirmed["act2"].confirming
+    assert confirmed["act1"].forwards < 10  # only the suspect pays for the confirmation
 
 
 def test_step_boundaries_are_idempotent() -> None:
