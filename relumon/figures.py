@@ -31,6 +31,7 @@ def _pyplot() -> Any:
         from matplotlib.figure import Figure  # noqa: F401  (pyplot's global state is avoided on purpose)
     except ImportError:
         raise RelumonError("relumon's pictures need matplotlib: `pip install relumon[tensorboard]`") from None
+    show_inline_in_notebooks()
     return matplotlib
 
 

@@ -252,11 +252,10 @@ class Report:
     def plot(self) -> Figure:
         """The gradient-flow chart of this window ([`grad_flow_figure`][relumon.figures.grad_flow_figure]).
 
-        A notebook cell ending in ``report.plot()`` shows it. Needs matplotlib (the ``tensorboard`` extra).
+        A notebook cell ending in ``report.plot()`` shows it inline, with or without pyplot. Needs matplotlib (the ``tensorboard`` extra).
         """
-        from relumon.figures import grad_flow_figure, show_inline_in_notebooks
+        from relumon.figures import grad_flow_figure
 
-        show_inline_in_notebooks()
         return grad_flow_figure(self)
 
     def _repr_html_(self) -> str:
