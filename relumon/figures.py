@@ -39,7 +39,7 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
     """One bar per call site, in forward order: the mean gradient norm at its output, on a log scale.
 
     The gradient norm is the L2 norm of ``dL/d(output)`` over the whole batch tensor, averaged over the window's
-    backward passes: it grows with the batch size and depends on the loss reduction (sum or mean).
+    backward passes: it scales with the batch size and the loss reduction (sum or mean).
 
     With ``grad_through=True``, a black triangle per bar marks the gradient that flows through the activation to the
     layer below (at the bottom of the axis when it is 0).

@@ -252,7 +252,8 @@ class Report:
     def plot(self) -> Figure:
         """The gradient-flow chart of this window ([`grad_flow_figure`][relumon.figures.grad_flow_figure]).
 
-        A notebook cell ending in ``report.plot()`` shows it inline, with or without pyplot. Needs matplotlib (the ``tensorboard`` extra).
+        A notebook cell ending in ``report.plot()`` shows it inline, with or without pyplot. Needs matplotlib (the
+        ``notebook`` or ``tensorboard`` extra).
         """
         from relumon.figures import grad_flow_figure
 
@@ -323,7 +324,7 @@ class Report:
 
 #: Under every table: what "grad norm" is.
 _GRAD_NORM_NOTE = (
-    "grad norm: mean L2 norm of dL/d(output) over the whole batch tensor (grows with batch size; depends on the "
+    "grad norm: mean L2 norm of dL/d(output) over the whole batch tensor (it scales with the batch size and the "
     "loss reduction)"
 )
 
