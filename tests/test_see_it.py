@@ -235,7 +235,9 @@ def test_a_real_tensorboard_serves_relumon_scalars_images_and_layout(tmp_path: P
         assert {"relumon/grad_flow", "relumon/dead_heatmap"} <= set(images["exp1"])
         layout = _get(f"{base}/data/plugin/custom_scalars/layout")
         titles = [chart["title"] for category in layout["category"] for chart in category["chart"]]
-        assert "dead fraction per layer" in titles and "gradient norm at the activation output" in titles
+        assert "dead fraction per layer" in titles
+        assert "gradient norm at the activation output (L2 over the batch tensor)" in titles
+        assert "units with NaN output" not in titles  # only what is logged
     finally:
         server.terminate()
         server.wait(timeout=10)
