@@ -1,10 +1,13 @@
-"""The dying-ReLU problem in Lightning, and LeakyReLU as the cure, watched by relumon's ReluMonitor.
+"""The dying-ReLU problem in Lightning, and what LeakyReLU does and does not change, watched by ReluMonitor.
 
-The same MLP is trained twice on synthetic data with a learning rate that is too high: once with ReLU and once with
-LeakyReLU. ReluMonitor logs dead units and gradient flow to TensorBoard and warns when a whole layer dies. At the end
-the script prints a comparison of the two runs.
+The same MLP is trained twice on synthetic data with a learning rate that is too high (SGD at 1.0): once with ReLU
+and once with LeakyReLU. ReluMonitor logs dead units and gradient flow to TensorBoard and warns when a whole layer
+dies. At the end the script prints a comparison of the two runs and what it shows: the high learning rate pushes
+most of the last hidden layer below zero with either activation (all of it with ReLU, about 95 % with LeakyReLU).
+LeakyReLU does not prevent that, but its stuck units still pass alpha * gradient, so the gradient keeps reaching the
+first layer, where ReLU's is 0. The cause is the learning rate.
 
-    python examples/lightning_dying_relu.py
+    python examples/lightning_dying_relu.py             # lr 1.0: ReLU loses a layer, LeakyReLU 95 % of one
     tensorboard --logdir runs/lightning_dying_relu
 """
 
@@ -101,9 +104,15 @@ def main(argv: list[str] | None = None) -> dict[str, relumon.Report]:
             layer = reports[name][layer_name]
             cells += f"{100 * layer.dead_fraction:>21.1f}%{layer.grad_norm:>22.2e}"
         print(f"{layer_name:<8}{cells}")
+    relu, leaky = reports["ReLU"], reports["LeakyReLU"]
+    worst = max(leaky, key=lambda layer: layer.dead_fraction)
     print(
-        "\nReLU layers whose units all died pass no gradient back: the layers before them stop learning.\n"
-        "LeakyReLU units stuck in the negative regime still pass alpha * gradient, so the network keeps learning."
+        f"\nReLU: {len(relu.dead_layers)} layer(s) with every unit dead, and the first layer's gradient norm is "
+        f"{relu.layers[0].grad_norm:.2e}: the layers below a dead layer get no gradient and stop learning.\n"
+        f"LeakyReLU: {100 * worst.dead_fraction:.0f}% of `{worst.name}` is stuck in the negative regime, so it did "
+        "not escape the learning rate either. But stuck units still pass alpha * gradient: the first layer's "
+        f"gradient norm is {leaky.layers[0].grad_norm:.2e}, and every layer keeps learning.\n"
+        "The cause is the learning rate: try --lr 0.01."
     )
     print(f"\nView both runs:  tensorboard --logdir {args.logdir}")
     return reports

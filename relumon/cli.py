@@ -3,9 +3,12 @@
     relumon summary runs/
     relumon summary runs/ --json
 
-For each run (a directory holding TensorBoard event files) it prints one row per layer: the last and the peak dead
-percentage, the first step at which every unit was dead, and the last gradient norm. A missing or empty directory,
-or one without relumon scalars, gets a one-line error and a non-zero exit status.
+For each run (a directory holding TensorBoard event files) it prints one row per layer: the last and the highest dead
+percentage over the logged windows ("max dead %"), the first step at which every unit was dead, and the last
+gradient norm (the L2 norm of dL/d(output) over the whole batch tensor). A run is named by its path under LOGDIR, or
+by the directory's own name when LOGDIR is itself the run. ``--json`` prints the same facts as JSON, with dead shares
+as fractions in [0, 1] (not percentages), plus each layer's number of logged windows and its last step. A missing
+or empty directory, or one without relumon scalars, gets a one-line error and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def _runs(logdir: str) -> list[str]:
 
 
 def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, Any]]]:
-    """Per run (path relative to ``logdir``), one summary dict per layer, in the order the layers were logged.
+    """Per run, one summary dict per layer, in the order the layers were logged.
+
+    A run is keyed by its path relative to ``logdir``, or by the directory's name when ``logdir`` is the run itself.
 
     Raises:
         FileNotFoundError: ``logdir`` does not exist.
@@ -74,20 +79,21 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
                     "windows": len(dead),
                     "last_step": dead[-1].step,
                     "last_dead_fraction": dead[-1].value,
-                    "peak_dead_fraction": max(e.value for e in dead),
+                    "max_dead_fraction": max(e.value for e in dead),
                     "first_step_fully_dead": fully_dead[0] if fully_dead else None,
                     "last_grad_norm": grads[-1].value if grads else None,
                 }
             )
         if layers:
-            summary[os.path.relpath(run, logdir)] = layers
+            name = os.path.relpath(run, logdir)
+            summary[os.path.basename(os.path.abspath(run)) if name == "." else name] = layers
     if not summary:
         raise LookupError(f"no relumon scalars ({dead_prefix}...) in the event files under {logdir}")
     return summary
 
 
 def _table(layers: list[dict[str, Any]]) -> str:
-    header = ("layer", "last dead %", "peak dead %", "first step fully dead", "last grad norm")
+    header = ("layer", "last dead %", "max dead %", "first step fully dead", "last grad norm")
     rows = []
     for x in layers:
         grad = x["last_grad_norm"]
@@ -95,7 +101,7 @@ def _table(layers: list[dict[str, Any]]) -> str:
             (
                 x["layer"],
                 f"{100 * x['last_dead_fraction']:.1f}%",
-                f"{100 * x['peak_dead_fraction']:.1f}%",
+                f"{100 * x['max_dead_fraction']:.1f}%",
                 "-" if x["first_step_fully_dead"] is None else str(x["first_step_fully_dead"]),
                 "-" if grad is None or (isinstance(grad, float) and math.isnan(grad)) else f"{grad:.3e}",
             )
@@ -113,7 +119,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     summary_parser = commands.add_parser("summary", help="summarise relumon's scalars in TensorBoard logs")
     summary_parser.add_argument("logdir", help="a TensorBoard log directory (searched recursively for runs)")
-    summary_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    summary_parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of tables: fractions in [0, 1], plus windows and last step per layer",
+    )
     summary_parser.add_argument("--prefix", default="relumon", help="the tag prefix relumon logged with")
     args = parser.parse_args(argv)
 

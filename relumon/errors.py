@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from types import FrameType
@@ -31,11 +32,41 @@ class DeadUnitsWarning(RelumonWarning):
     """
 
 
+#: Packages whose frames stand between relumon and the user's code: the warning skips them too. Under Lightning the
+#: first frame outside relumon is the Trainer's own; the user's line is the ``trainer.fit(...)`` that led there.
+_FRAMEWORK_PACKAGES = frozenset({"relumon", "lightning", "pytorch_lightning", "lightning_fabric", "torch"})
+
+
 def warn(message: str, category: type[Warning] = RelumonWarning) -> None:
-    """``warnings.warn`` pointed at the first frame outside relumon, so the user sees their own call."""
-    frame: Optional[FrameType] = sys._getframe(1)  # our caller: stacklevel 2
-    level = 2
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "relumon":
+    """``warnings.warn`` pointed at the user's code: the first frame outside relumon, Lightning and torch.
+
+    Without such a frame (a spawned worker, say) it points at the first frame outside relumon.
+    """
+    caller: Optional[FrameType] = sys._getframe(1)  # our caller: stacklevel 2
+    frame, level = caller, 2
+    first_outside: Optional[int] = None
+    while frame is not None:
+        package = frame.f_globals.get("__name__", "").split(".")[0]
+        if package != "relumon" and first_outside is None:
+            first_outside = level
+        if package not in _FRAMEWORK_PACKAGES:
+            break
         frame = frame.f_back
         level += 1
+    if frame is None:
+        level = first_outside if first_outside is not None else 2
+    elif _drops_the_category(frame.f_code.co_filename):
+        # Lightning's warning formatter prints "file:line: message", without the category, for every file whose
+        # path contains "lightning" (a user's train_lightning.py too). Keep the category name in sight.
+        message = f"{category.__name__}: {message}"
     warnings.warn(message, category, stacklevel=level)
+
+
+def _drops_the_category(filename: str) -> bool:
+    """True when Lightning's ``warnings.formatwarning`` is in force and would print ``filename`` without a category."""
+    formatter = warnings.formatwarning
+    return formatter.__module__.split(".")[0] in (
+        "lightning",
+        "lightning_fabric",
+        "pytorch_lightning",
+    ) and "lightning" in os.path.abspath(filename)

@@ -1,6 +1,7 @@
-"""Pictures of a run for TensorBoard: the gradient-flow chart and the dead-unit heatmap.
+"""Pictures of a run: the gradient-flow chart and the dead-unit heatmap.
 
-Both are matplotlib figures drawn with the Agg backend (no display needed). matplotlib comes with the
+Both are matplotlib ``Figure`` objects made without pyplot: no display is needed, nothing stays open in pyplot once
+they are dropped, and the matplotlib backend a notebook chose is left alone. matplotlib comes with the
 ``tensorboard`` extra: ``pip install relumon[tensorboard]``. Write them with ``SummaryWriter.add_figure`` (Lightning's
 ``TensorBoardLogger.experiment`` is a ``SummaryWriter``), or through [`log_figures()`][relumon.Monitor.log_figures].
 """
@@ -27,16 +28,18 @@ _ALIVE, _PARTLY, _DEAD, _NEGATIVE = "#4C72B0", "#DD8452", "#C44E52", "#8172B3"
 def _pyplot() -> Any:
     try:
         import matplotlib
-
-        matplotlib.use("Agg", force=False)
         from matplotlib.figure import Figure  # noqa: F401  (pyplot's global state is avoided on purpose)
     except ImportError:
         raise RelumonError("relumon's pictures need matplotlib: `pip install relumon[tensorboard]`") from None
+    show_inline_in_notebooks()
     return matplotlib
 
 
 def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per activation layer") -> Figure:
     """One bar per call site, in forward order: the mean gradient norm at its output, on a log scale.
+
+    The gradient norm is the L2 norm of ``dL/d(output)`` over the whole batch tensor, averaged over the window's
+    backward passes: it scales with the batch size and the loss reduction (sum or mean).
 
     With ``grad_through=True``, a black triangle per bar marks the gradient that flows through the activation to the
     layer below (at the bottom of the axis when it is 0).
@@ -107,7 +110,7 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
         ha="right" if len(layers) > 4 else "center",
         fontsize=8,
     )
-    ax.set_ylabel("mean ||dL/d(output)||  (log)")
+    ax.set_ylabel("grad norm: mean L2 norm of dL/d(output)\nover the batch tensor (log)", fontsize=8)
     ax.set_title(f"{title}\nwindow {report.window}, {report.steps} steps", fontsize=10)
     ax.grid(axis="y", which="major", alpha=0.3)
     ax.legend(
@@ -173,3 +176,33 @@ def dead_heatmap_figure(
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="dead fraction", shrink=0.9)
     return fig
+
+
+def show_inline_in_notebooks() -> None:
+    """Let IPython show relumon's figures as PNG, as it does pyplot's, when a notebook shell is running.
+
+    relumon draws without pyplot, so IPython knows no way to show its ``Figure`` objects until pyplot's inline
+    backend has been loaded. This registers the same PNG formatter that backend would, and changes nothing else (no
+    backend switch). Outside IPython it does nothing.
+    """
+    import sys
+
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None:
+        return
+    from matplotlib.figure import Figure
+
+    formatter = shell.display_formatter.formatters["image/png"]
+    try:
+        formatter.lookup_by_type(Figure)
+    except KeyError:
+        formatter.for_type(Figure, _png)
+
+
+def _png(figure: Figure) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()

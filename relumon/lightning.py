@@ -15,9 +15,11 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal, Optional, Union
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
+from relumon.loggers import PictureWriter, is_tensorboard
 from relumon.monitor import Monitor
 from relumon.options import OptionAttributes, Options, check_int_at_least, check_on_dead, signature_with_options
 from relumon.report import LayerReport, Report, dead_layer_message
@@ -61,8 +63,13 @@ class ReluMonitor(OptionAttributes, Callback):
             [`DeadUnitsWarning`][relumon.DeadUnitsWarning], once per layer), ``"raise"`` (a
             [`RelumonError`][relumon.RelumonError]), ``"stop"`` (set ``trainer.should_stop`` and say why),
             ``"ignore"``, or a callable that receives the [`LayerReport`][relumon.LayerReport].
-        figures: write the gradient-flow chart and the dead-unit heatmap to TensorBoard loggers at the end of each
-            training epoch and of fit (needs matplotlib).
+        figures: write the gradient-flow chart and the dead-unit heatmap at the end of each training epoch and of
+            fit, once per step, to every logger that can show an image: TensorBoard (images), Weights & Biases
+            (images under the same keys) and MLflow (PNG artifacts under ``relumon/``). Needs matplotlib. A logger
+            that fails to take a picture gets one warning and no more pictures; training goes on.
+        prog_bar: show the overall dead share of the last closed window in Lightning's progress bar, as
+            ``dead%`` (a percentage, e.g. ``dead%=12.5``; ``<prefix>/dead%`` with another ``prefix``). It is updated
+            whenever a window closes during training, and readable in ``trainer.progress_bar_metrics``.
         prefix: the first part of every logged tag.
         options: a ready [`Options`][relumon.Options]; keyword arguments override its fields.
         **kwargs: the options of [`Options`][relumon.Options] by name (``types``, ``unit_dim``, ``track_grad``,
@@ -83,6 +90,7 @@ class ReluMonitor(OptionAttributes, Callback):
         log_every_n_steps: Optional[int] = None,
         on_dead: OnDeadPolicy = "warn",
         figures: bool = True,
+        prog_bar: bool = False,
         prefix: str = "relumon",
         options: Optional[Options] = None,
         **kwargs: Any,
@@ -102,6 +110,7 @@ class ReluMonitor(OptionAttributes, Callback):
         self.log_every_n_steps = log_every_n_steps
         self.on_dead = on_dead
         self.figures = figures
+        self.prog_bar = prog_bar
         self.prefix = prefix
         self.monitor: Optional[Monitor] = None
         self.last_report: Optional[Report] = None
@@ -110,6 +119,8 @@ class ReluMonitor(OptionAttributes, Callback):
         self._last_logged_step = -1
         self._loaded_state: Optional[dict[str, Any]] = None
         self._restored = False  # _loaded_state came from a checkpoint of this fit, not from an earlier fit
+        self._pictures = PictureWriter()
+        self._pictures_due = False
 
     @property
     def state_key(self) -> str:
@@ -184,9 +195,17 @@ class ReluMonitor(OptionAttributes, Callback):
         # repeats across micro-batches), and also when several optimizer steps per batch jump over the multiple.
         if step // every > self._last_logged_step // every:
             self._close_window(trainer, step)
+            if self.prog_bar:
+                self._show_in_progress_bar(pl_module)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._log_figures(trainer)
+        # Written at the next epoch's start or at the end of fit, whichever comes first: when this epoch was the last,
+        # the end of fit closes one more window at the same step, and the pictures should show it, once.
+        self._pictures_due = True
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._pictures_due:
+            self._log_figures(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is not None and trainer.global_step != self._last_logged_step:
@@ -194,26 +213,29 @@ class ReluMonitor(OptionAttributes, Callback):
         self._log_figures(trainer)
 
     def _log_figures(self, trainer: Any) -> None:
-        """The gradient-flow chart and the dead-unit heatmap, to every TensorBoard logger, from rank 0."""
+        """The gradient-flow chart and the dead-unit heatmap, to every logger that shows images, from rank 0."""
+        self._pictures_due = False
         if self.monitor is None or self.last_report is None or not trainer.is_global_zero or not self.figures:
             return
-        writers = [logger.experiment for logger in trainer.loggers if _is_tensorboard(logger)]
-        if not writers:
-            return
-        try:
-            from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
+        from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
 
-            report, timeline = self.last_report, self.monitor.timeline
-            figures: dict[str, Callable[[], Any]] = {
-                FIGURE_TAGS["grad_flow"]: lambda: grad_flow_figure(report),
-                FIGURE_TAGS["dead_heatmap"]: lambda: dead_heatmap_figure(timeline),
-            }
-            for tag, make in figures.items():
-                for writer in writers:
-                    writer.add_figure(tag.replace("relumon", self.prefix, 1), make(), global_step=trainer.global_step)
-        except RelumonError as err:  # matplotlib missing: say so once, keep training
-            self.figures = False
-            warn(f"{err}. ReluMonitor goes on without pictures.")
+        report, timeline = self.last_report, self.monitor.timeline
+        pictures: dict[str, Callable[[], Any]] = {
+            FIGURE_TAGS["grad_flow"].replace("relumon", self.prefix, 1): lambda: grad_flow_figure(report),
+            FIGURE_TAGS["dead_heatmap"].replace("relumon", self.prefix, 1): lambda: dead_heatmap_figure(timeline),
+        }
+        self._pictures.write(trainer.loggers, pictures, trainer.global_step)
+
+    def _show_in_progress_bar(self, pl_module: Any) -> None:
+        """The last closed window's overall dead share, in percent, in the progress bar (not sent to loggers)."""
+        report = self.last_report
+        if report is None or math.isnan(report.dead_fraction):
+            return
+        key = "dead%" if self.prefix == "relumon" else f"{self.prefix}/dead%"
+        # A Python float: Lightning makes it a tensor on the module's device, only when a window closes.
+        pl_module.log(
+            key, 100.0 * report.dead_fraction, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1
+        )
 
     def _close_window(self, trainer: Any, step: int) -> None:
         assert self.monitor is not None
@@ -229,9 +251,9 @@ class ReluMonitor(OptionAttributes, Callback):
         if not scalars:
             return
         for logger in trainer.loggers:
-            experiment = getattr(logger, "experiment", None) if _is_tensorboard(logger) else None
+            experiment = getattr(logger, "experiment", None) if is_tensorboard(logger) else None
             if experiment is not None:
-                write_layout_once(experiment, self.prefix)
+                write_layout_once(experiment, self.prefix, scalars)
             logger.log_metrics(scalars, step=step)
 
     # ------------------------------------------------------------------ alerts
@@ -275,8 +297,3 @@ def _qualified_name(fn: Any) -> str:
     """``module.qualname`` of a callable (its class's for other callables): the same in every process."""
     target = fn if hasattr(fn, "__qualname__") else type(fn)
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', type(fn).__name__)}"
-
-
-def _is_tensorboard(logger: Any) -> bool:
-    """A TensorBoardLogger of either namespace, without importing tensorboard."""
-    return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)

@@ -219,10 +219,19 @@ class Monitor(OptionAttributes):
     def log(self, writer: Any, step: int) -> Report:
         """Close the window with [`report()`][relumon.Monitor.report]; write its scalars to a ``SummaryWriter``.
 
-        Tags are ``relumon/dead_fraction/<name>``, ``relumon/dead_units/<name>``, ``relumon/grad_norm/<name>``,
-        ``relumon/nonfinite_units/<name>`` (when non-zero) and ``relumon/summary/dead_fraction``. The first call
-        for a writer also writes a custom-scalars layout: one multi-line chart per metric across layers. Under
-        ``torch.distributed`` call it on every rank; only global rank 0 writes.
+        Tags, per call site that saw samples in the window:
+
+        - ``relumon/dead_fraction/<name>`` and ``relumon/dead_units/<name>``;
+        - ``relumon/revived/<name>`` and ``relumon/permanently_dead/<name>`` (the death history);
+        - ``relumon/grad_norm/<name>`` when a backward pass ran;
+        - ``relumon/grad_through_norm/<name>`` with ``grad_through=True``;
+        - ``relumon/nonfinite_units/<name>`` when non-zero;
+        - ``relumon/dormant_fraction/<name>`` with ``dormant_tau``;
+
+        and ``relumon/summary/dead_fraction`` over all units ([`Report.scalars()`][relumon.Report.scalars] lists the
+        same). The first call for a writer also writes a custom-scalars layout: one multi-line chart per metric
+        across layers, for the metrics logged; a metric that first appears later (a NaN unit) adds its chart then.
+        Under ``torch.distributed`` call it on every rank; only global rank 0 writes.
 
         Args:
             writer: a ``torch.utils.tensorboard.SummaryWriter``, or anything with ``add_scalar``.
@@ -237,8 +246,9 @@ class Monitor(OptionAttributes):
             )
         report = self.report(step=step)
         if global_rank() == 0:
-            write_layout_once(writer)
-            write_scalars(writer, report.scalars(), step)
+            scalars = report.scalars()
+            write_layout_once(writer, tags=scalars)
+            write_scalars(writer, scalars, step)
         return report
 
     def log_figures(self, writer: Any, step: int) -> None:

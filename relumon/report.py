@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, overload
 
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["LayerReport", "Report", "sanitize_tag", "dead_layer_message"]
 
@@ -157,6 +161,18 @@ class LayerReport:
             "confirming": self.confirming,
         }
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the layer's facts as a two-column table, highlighted like its row in the report."""
+        rows = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(label)}</th><td style='text-align:left'>"
+            f"{html.escape(value(self))}</td></tr>"
+            for label, value in _HTML_FACTS
+            if value(self)
+        )
+        style = _row_style(self)
+        title = f"{html.escape(self.name)} ({html.escape(self.kind)})"
+        return f"<table><caption style='{style}'>relumon: call site {title}</caption>{rows}</table>"
+
 
 class Report:
     """The layers of one closed window, in forward order.
@@ -253,6 +269,49 @@ class Report:
         """Plain-data form (JSON-serialisable)."""
         return {"window": self.window, "steps": self.steps, "layers": [layer.to_dict() for layer in self.layers]}
 
+    def plot(self) -> Figure:
+        """The gradient-flow chart of this window ([`grad_flow_figure`][relumon.figures.grad_flow_figure]).
+
+        A notebook cell ending in ``report.plot()`` shows it inline, with or without pyplot. Needs matplotlib (the
+        ``notebook`` or ``tensorboard`` extra).
+        """
+        from relumon.figures import grad_flow_figure
+
+        return grad_flow_figure(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the table of ``str(report)``, with dead and mostly dead layers highlighted."""
+        columns = [c for c in _HTML_COLUMNS if c.shown(self)]
+        head = "".join(
+            f"<th title='{html.escape(c.help)}' style='text-align:{c.align}'>{html.escape(c.header)}</th>"
+            for c in columns
+        )
+        body = "".join(
+            f"<tr class='{' '.join(_row_classes(layer))}' style='{_row_style(layer)}'>"
+            + "".join(f"<td style='text-align:{c.align}'>{html.escape(c.cell(layer))}</td>" for c in columns)
+            + "</tr>"
+            for layer in self.layers
+        )
+        notes = [_GRAD_NORM_NOTE]
+        if self.dead_layers:
+            notes.insert(0, "* every unit dead (or stuck negative) in this window")
+        legend = " ".join(
+            f"<span style='{style};padding:0 4px'>{html.escape(state)}</span>"
+            for state, style in _STATE_STYLES.items()
+            if any(state in _row_classes(layer) for layer in self.layers)
+        )
+        foot = "<br>".join(html.escape(note) for note in notes) + (f"<br>{legend}" if legend else "")
+        return (
+            f"<table class='relumon-report'><caption style='text-align:left'>{html.escape(self._title())}</caption>"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+            f"<p style='font-size:smaller'>{foot}</p>"
+        )
+
+    def _title(self) -> str:
+        measured = max((layer.forwards for layer in self.layers), default=0)
+        steps = f"{self.steps} steps" + (f", {measured} measured" if measured < self.steps else "")
+        return f"relumon report, window {self.window} (0-based): {len(self)} call sites, {steps}"
+
     def __repr__(self) -> str:
         return f"Report(window={self.window}, layers={len(self)}, dead_layers={[x.name for x in self.dead_layers]})"
 
@@ -275,9 +334,7 @@ class Report:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
             return "  ".join(cells).rstrip()
 
-        measured = max((layer.forwards for layer in self.layers), default=0)
-        steps = f"{self.steps} steps" + (f", {measured} measured" if measured < self.steps else "")
-        lines = [f"relumon report, window {self.window}: {len(self)} call sites, {steps}", fmt(header)]
+        lines = [self._title(), fmt(header)]
         lines.append("  ".join("-" * w for w in widths))
         lines.extend(fmt(r) for r in rows)
         if any(layer.all_dead and not layer.confirming for layer in self.layers):
@@ -287,7 +344,105 @@ class Report:
                 "? every measured unit dead in a sampled window: relumon measures every call of the next window to "
                 "confirm before alerting"
             )
+        lines.append(_GRAD_NORM_NOTE)
         return "\n".join(lines)
+
+
+#: Under every table: what "grad norm" is.
+_GRAD_NORM_NOTE = (
+    "grad norm: mean L2 norm of dL/d(output) over the whole batch tensor (it scales with the batch size and the "
+    "loss reduction)"
+)
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One column of the HTML table: its header, the hover help, the cell text and when the column is shown."""
+
+    header: str
+    help: str
+    cell: Callable[[LayerReport], str]
+    align: str = "right"
+    shown: Callable[[Report], bool] = lambda report: True
+
+
+def _dead_cell(x: LayerReport) -> str:
+    return f"{x.dead_units} of {x.units}" + ("*" if x.all_dead else "")
+
+
+def _percent(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f} %"
+
+
+def _norm(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3e}"
+
+
+# The columns of str(report), in its order. Adding a column is one line here.
+_HTML_COLUMNS: tuple[_Column, ...] = (
+    _Column("layer", "the call site", lambda x: x.name, "left"),
+    _Column("kind", "the activation class", lambda x: x.kind, "left"),
+    _Column("units", "features or channels", lambda x: str(x.units)),
+    _Column("samples", "batch rows measured in the window", lambda x: str(x.samples)),
+    _Column("dead", "units with output <= 0 for every measured sample", _dead_cell),
+    _Column("dead %", "dead units over units", lambda x: "-" if x.samples == 0 else _percent(x.dead_fraction)),
+    _Column("grad norm", _GRAD_NORM_NOTE, lambda x: "-" if x.backward_passes == 0 else _norm(x.grad_norm)),
+    _Column("fed by", "the module whose output fed the activation", lambda x: x.fed_by or "-", "left"),
+    _Column(
+        "NaN units",
+        "units that produced NaN in the window",
+        lambda x: str(x.nonfinite_units),
+        shown=lambda report: any(layer.nonfinite_units for layer in report),
+    ),
+)
+
+# Row states, highlighted in the HTML table: a CSS class and its inline style. Adding a state is one line in each.
+_ROW_STATES: tuple[tuple[str, Callable[[LayerReport], bool]], ...] = (
+    ("dead", lambda x: x.all_dead and not x.negative_regime),
+    ("negative regime", lambda x: x.all_dead and x.negative_regime),
+    ("half or more dead", lambda x: x.samples > 0 and not x.all_dead and x.dead_fraction >= 0.5),
+    ("no samples", lambda x: x.samples == 0),
+)
+_STATE_STYLES: dict[str, str] = {
+    "dead": "background-color:#f4c7c9",
+    "negative regime": "background-color:#ddd5ec",
+    "half or more dead": "background-color:#f8dcc6",
+    "no samples": "color:#888888",
+}
+
+# The facts of LayerReport._repr_html_: a label and the value's text ("" leaves the row out).
+_HTML_FACTS: tuple[tuple[str, Callable[[LayerReport], str]], ...] = (
+    ("state", lambda x: ", ".join(_row_classes(x)) or "alive"),
+    ("units", lambda x: f"{x.units} (dim {x.unit_dim})"),
+    ("samples", lambda x: f"{x.samples} over {x.forwards} measured forwards, {x.backward_passes} backward passes"),
+    ("dead", lambda x: f"{x.dead_units} of {x.units} ({_percent(x.dead_fraction)})"),
+    ("dead units", lambda x: _indices(x.dead_indices)),
+    (
+        "negative regime",
+        lambda x: "yes: dead means stuck negative; alpha * gradient still flows" if x.negative_regime else "",
+    ),
+    ("grad norm", lambda x: f"{_norm(x.grad_norm)} (L2 over the whole batch tensor)"),
+    ("grad through", lambda x: "" if math.isnan(x.grad_through_norm) else _norm(x.grad_through_norm)),
+    ("NaN units", lambda x: str(x.nonfinite_units) if x.nonfinite_units else ""),
+    ("revived", lambda x: f"{x.revived_units} this window, {x.revived_total} in all"),
+    ("permanently dead", lambda x: str(x.permanently_dead_units)),
+    ("dormant", lambda x: "" if x.dormant_units is None else f"{x.dormant_units} ({_percent(x.dormant_fraction)})"),
+    ("fed by", lambda x: x.fed_by or ""),
+    ("blame", lambda x: x.blame or ""),
+)
+
+
+def _indices(indices: list[int], limit: int = 32) -> str:
+    text = ", ".join(str(i) for i in indices[:limit])
+    return text + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
+
+
+def _row_classes(layer: LayerReport) -> list[str]:
+    return [state for state, applies in _ROW_STATES if applies(layer)]
+
+
+def _row_style(layer: LayerReport) -> str:
+    return ";".join(_STATE_STYLES[state] for state in _row_classes(layer))
 
 
 def _nan_to_none(x: float) -> Optional[float]:

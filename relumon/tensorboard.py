@@ -6,16 +6,16 @@ Nothing here imports tensorboard; the writer brings it.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
-__all__ = ["METRICS", "custom_scalars_layout", "write_layout_once", "write_scalars"]
+__all__ = ["METRICS", "custom_scalars_layout", "logged_metrics", "write_layout_once", "write_scalars"]
 
 #: Per-layer metrics, with the chart title of each in the custom-scalars layout.
 METRICS: Mapping[str, str] = {
     "dead_fraction": "dead fraction per layer",
     "dead_units": "dead units per layer",
-    "grad_norm": "gradient norm at the activation output",
-    "grad_through_norm": "gradient norm through the activation",
+    "grad_norm": "gradient norm at the activation output (L2 over the batch tensor)",
+    "grad_through_norm": "gradient norm through the activation (L2 over the batch tensor)",
     "nonfinite_units": "units with NaN output",
     "revived": "units revived in the window",
     "permanently_dead": "permanently dead units",
@@ -24,29 +24,53 @@ METRICS: Mapping[str, str] = {
 
 
 _LAYOUT_ATTRIBUTE = "_relumon_layouts"
+#: The chart of the overall dead fraction, for the tags ``<prefix>/summary/...``.
+_SUMMARY = "summary"
 
 
-def custom_scalars_layout(prefix: str = "relumon") -> dict[str, dict[str, list[Any]]]:
-    """The layout for ``SummaryWriter.add_custom_scalars``: one multi-line chart per metric, across layers."""
-    charts = {title: ["Multiline", [rf"{prefix}/{metric}/.*"]] for metric, title in METRICS.items()}
-    charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/summary/.*"]]
+def logged_metrics(tags: Iterable[str], prefix: str = "relumon") -> set[str]:
+    """The metrics (``dead_fraction``, ``grad_norm``..., ``summary``) that ``<prefix>/<metric>/...`` tags name."""
+    start = f"{prefix}/"
+    return {tag[len(start) :].split("/", 1)[0] for tag in tags if tag.startswith(start)} & {*METRICS, _SUMMARY}
+
+
+def custom_scalars_layout(
+    prefix: str = "relumon", metrics: Optional[Iterable[str]] = None
+) -> dict[str, dict[str, list[Any]]]:
+    """The layout for ``SummaryWriter.add_custom_scalars``: one multi-line chart per metric, across layers.
+
+    Args:
+        prefix: the tag prefix.
+        metrics: the metrics to chart (names from ``METRICS``, and ``"summary"`` for the overall dead fraction);
+            None charts them all.
+    """
+    wanted = {*METRICS, _SUMMARY} if metrics is None else set(metrics)
+    charts = {title: ["Multiline", [rf"{prefix}/{metric}/.*"]] for metric, title in METRICS.items() if metric in wanted}
+    if _SUMMARY in wanted:
+        charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/{_SUMMARY}/.*"]]
     return {prefix: charts}
 
 
-def write_layout_once(writer: Any, prefix: str = "relumon") -> None:
-    """Write the custom-scalars layout for ``prefix`` to ``writer``, once per writer and prefix.
+def write_layout_once(writer: Any, prefix: str = "relumon", tags: Optional[Iterable[str]] = None) -> None:
+    """Write the custom-scalars layout for the metrics logged under ``prefix`` to ``writer``, once per metric set.
 
-    The writer itself remembers it (an attribute), so every monitor and callback that logs to one writer shares the
-    knowledge, and none of them holds a reference to the writer.
+    Only metrics that ``tags`` (the tags about to be written) name get a chart, so a run without ``grad_through``,
+    ``dormant_tau`` or NaN units shows no empty chart for them. When a later call brings a metric with no chart yet
+    (the first NaN unit, say), the layout is written again with that chart added: TensorBoard shows the latest.
+    ``tags=None`` charts every metric. The writer itself remembers what it was given (an attribute), so every
+    monitor and callback that logs to one writer shares the knowledge, and none of them holds a reference to it.
     """
     if not hasattr(writer, "add_custom_scalars"):
         return
-    written: set[str] = getattr(writer, _LAYOUT_ATTRIBUTE, set())
-    if prefix in written:
+    wanted = {*METRICS, _SUMMARY} if tags is None else logged_metrics(tags, prefix)
+    written: dict[str, frozenset[str]] = getattr(writer, _LAYOUT_ATTRIBUTE, {})
+    charted = written.get(prefix, frozenset())
+    if not wanted or wanted <= charted:
         return
-    writer.add_custom_scalars(custom_scalars_layout(prefix))
+    charted = charted | wanted
+    writer.add_custom_scalars(custom_scalars_layout(prefix, charted))
     try:
-        setattr(writer, _LAYOUT_ATTRIBUTE, written | {prefix})
+        setattr(writer, _LAYOUT_ATTRIBUTE, {**written, prefix: charted})
     except AttributeError:  # a writer with __slots__: it may get the layout again, which TensorBoard tolerates
         pass
 

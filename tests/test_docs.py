@@ -29,6 +29,10 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert "measure_every" in api and "ReluMonitor" in api  # mkdocstrings rendered the docstrings
     for image in ("tensorboard_custom_scalars.png", "tensorboard_images.png", "grad_flow_dying_relu.png"):
         assert (tmp_path / "site" / "img" / image).is_file()
+    where = (tmp_path / "site" / "where_to_look" / "index.html").read_text()
+    for image in ("wandb_grad_flow.png", "mlflow_dead_heatmap.png", "tensorboard_images.png"):
+        assert f"img/{image}" in where
+    assert "relumon-report" in where and "dead%=" in where  # the notebook table and the progress bar
 
 
 def test_every_docs_image_is_referenced_and_exists() -> None:

@@ -45,7 +45,7 @@ def test_plain_torch_example_kills_a_layer(tmp_path: Path) -> None:
     assert any(issubclass(w.category, relumon.DeadUnitsWarning) for w in record)
 
 
-def test_lightning_example_relu_dies_leaky_survives(tmp_path: Path) -> None:
+def test_lightning_example_relu_dies_leaky_keeps_the_gradient_flowing(tmp_path: Path) -> None:
     pytest.importorskip("lightning")
     import relumon
 
@@ -54,3 +54,4 @@ def test_lightning_example_relu_dies_leaky_survives(tmp_path: Path) -> None:
     assert reports["ReLU"].dead_layers
     assert not reports["LeakyReLU"].dead_layers
     assert reports["LeakyReLU"].layers[0].grad_norm > 0 == reports["ReLU"].layers[0].grad_norm
+    assert max(x.dead_fraction for x in reports["LeakyReLU"]) > 0.5  # the learning rate hurts LeakyReLU too

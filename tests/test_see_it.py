@@ -108,8 +108,8 @@ def test_lightning_writes_pictures_each_epoch_and_at_the_end(namespace: str, tmp
     acc = EventAccumulator(str(tmp_path / "pics" / "version_0"), size_guidance={"images": 0})
     acc.Reload()
     steps = [e.step for e in acc.Images("relumon/grad_flow")]
-    assert steps == [4, 8, 8]  # end of epoch 1, end of epoch 2, end of fit
-    assert len(acc.Images("relumon/dead_heatmap")) == 3
+    assert steps == [4, 8]  # end of epoch 1; end of epoch 2, which is the end of fit: once per step
+    assert [e.step for e in acc.Images("relumon/dead_heatmap")] == [4, 8]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -127,7 +127,7 @@ def test_summary_prints_a_table_per_run(tmp_path: Path) -> None:
         "last",
         "dead",
         "%",
-        "peak",
+        "max",
         "dead",
         "%",
         "first",
@@ -145,12 +145,19 @@ def test_summary_prints_a_table_per_run(tmp_path: Path) -> None:
     assert act1[4] == "0.000e+00"  # nothing flows back through the dead act2
 
 
+def test_summary_of_a_single_run_names_the_directory(tmp_path: Path) -> None:
+    dead_run(tmp_path / "exp1")
+    result = run_cli("summary", str(tmp_path / "exp1"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "run exp1  (last step 40)"
+
+
 def test_summary_json(tmp_path: Path) -> None:
     dead_run(tmp_path / "exp1")
     result = run_cli("summary", str(tmp_path), "--json")
     data = json.loads(result.stdout)
     act2 = next(x for x in data["runs"]["exp1"] if x["layer"] == "act2")
-    assert act2["first_step_fully_dead"] == 10 and act2["peak_dead_fraction"] == 1.0 and act2["windows"] == 4
+    assert act2["first_step_fully_dead"] == 10 and act2["max_dead_fraction"] == 1.0 and act2["windows"] == 4
 
 
 @pytest.mark.parametrize(
@@ -228,7 +235,9 @@ def test_a_real_tensorboard_serves_relumon_scalars_images_and_layout(tmp_path: P
         assert {"relumon/grad_flow", "relumon/dead_heatmap"} <= set(images["exp1"])
         layout = _get(f"{base}/data/plugin/custom_scalars/layout")
         titles = [chart["title"] for category in layout["category"] for chart in category["chart"]]
-        assert "dead fraction per layer" in titles and "gradient norm at the activation output" in titles
+        assert "dead fraction per layer" in titles
+        assert "gradient norm at the activation output (L2 over the batch tensor)" in titles
+        assert "units with NaN output" not in titles  # only what is logged
     finally:
         server.terminate()
         server.wait(timeout=10)

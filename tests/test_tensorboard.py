@@ -75,3 +75,51 @@ def test_tags_are_sanitised() -> None:
     assert sanitize_tag("blocks.0.act") == "blocks.0.act"
     assert sanitize_tag("enc:act #1") == "enc_act__1"
     assert sanitize_tag("") == "root"
+
+
+def layout_titles(acc: EventAccumulator) -> list[list[str]]:
+    """The chart titles of each custom-scalars layout written, oldest first."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layouts = [
+        layout_pb2.Layout.FromString(e.tensor_proto.string_val[0]) for e in acc.Tensors("custom_scalars__config__")
+    ]
+    return [[chart.title for category in layout.category for chart in category.chart] for layout in layouts]
+
+
+def test_layout_charts_only_what_is_logged_and_grows_when_a_metric_appears(tmp_path: Path) -> None:
+    model = MLP()
+    writer = SummaryWriter(str(tmp_path))
+    with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
+        for step in (10, 20):
+            train_steps(model, steps=2, batch=4)
+            monitor.log(writer, step)
+        model(torch.full((4, 8), float("nan"))).sum().backward()  # NaN units: a metric not logged so far
+        monitor.log(writer, 30)
+    writer.close()
+
+    acc = read_events(tmp_path)
+    first, latest = layout_titles(acc)  # the second layout is written only when NaN units first appear
+    assert first == [
+        "dead fraction per layer",
+        "dead units per layer",
+        "gradient norm at the activation output (L2 over the batch tensor)",
+        "units revived in the window",
+        "permanently dead units",
+        "overall dead fraction",
+    ]
+    assert latest == first[:3] + ["units with NaN output"] + first[3:]
+    assert "relumon/nonfinite_units/act1" in acc.Tags()["scalars"]
+
+
+def test_lightning_layout_follows_the_options(tmp_path: Path) -> None:
+    pl = pytest.importorskip("lightning.pytorch")
+    from relumon.lightning import ReluMonitor
+    from tests.lightning_helpers import boring_module, loader, trainer
+
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="layout", version=0)
+    callback = ReluMonitor(log_every_n_steps=2, measure_every=1, grad_through=True, dormant_tau=0.1, figures=False)
+    trainer(pl, [callback], logger=logger).fit(boring_module(pl), loader(4))
+    (titles,) = layout_titles(read_events(tmp_path / "layout" / "version_0"))
+    assert "gradient norm through the activation (L2 over the batch tensor)" in titles
+    assert "tau-dormant fraction per layer" in titles and "units with NaN output" not in titles
