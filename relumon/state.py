@@ -7,11 +7,15 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
   LeakyReLU output is ``< 0`` exactly where its pre-activation is, so ``peak <= 0`` means stuck in the negative
   regime. ``torch.maximum`` propagates NaN, so a unit that produced NaN has a NaN peak and counts as *non-finite*,
   neither dead nor alive.
+- ``floor`` (only for a capped activation, ReLU6): float32 per unit, the smallest output seen (``+inf`` before any).
+  A unit whose floor is ``>= cap`` output the cap (6) for every sample and position: it is *saturated* and, like a
+  dead unit, passes no gradient. One ``amin`` per measured call, for capped sites only.
 - ``abs_sum`` (only with ``track_abs``, for the dormant score): float32 per unit, the sum of ``|activation|``, and
   ``positions``, the number of values summed per unit.
 - ``through_sum``, ``through_passes`` (only with a ``through_slope``): the summed norm of the gradient that flows
   *through* the activation, ``dL/d(pre-activation) = dL/d(output) * f'``, where ``f'`` is 1 for a positive output and
-  the slope (0 for ReLU, alpha for LeakyReLU) elsewhere, and the number of backward passes it was taken in.
+  the slope (0 for ReLU, alpha for LeakyReLU) elsewhere (and 0 at a ReLU6's cap), and the number of backward passes
+  it was taken in.
 - ``grad_norm_sum``: float64, shape ``(1,)``, the summed gradient norms.
 - The counts (samples, forwards, backwards, and the passes and positions above) are plain Python ints in eager
   mode: a count needs no kernel, and its value is known on the host anyway (it comes from shapes). Inside a
@@ -23,7 +27,7 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
 
 Per training step the hooks only launch in-place kernels on device tensors and add to host ints: nothing is read
 back from the device until `gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive
-if it fired on any rank) and the counts and sums with SUM.
+if it fired on any rank), the floors with MIN and the counts and sums with SUM.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class SiteStats:
         track_abs: also sum ``|activation|`` per unit, for the dormant score.
         through_slope: also measure the gradient that flows through the activation, whose derivative is 1 for a
             positive output and ``through_slope`` elsewhere. None (the default) does not.
+        cap: the activation's upper cap (6 for ReLU6), or None. With a cap, each unit's smallest output is kept too
+            (saturation), and the gradient through is 0 at the cap.
     """
 
     __slots__ = (
@@ -67,6 +73,8 @@ class SiteStats:
         "ndim",
         "reduce_dims",
         "peak",
+        "cap",
+        "floor",
         "samples",
         "forwards",
         "backwards",
@@ -96,12 +104,17 @@ class SiteStats:
         on_backward: Callable[[], None] = lambda: None,
         track_abs: bool = False,
         through_slope: Optional[float] = None,
+        cap: Optional[float] = None,
     ) -> None:
         self.units = units
         self.unit_dim = unit_dim
         self.ndim = ndim
         self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
         self.peak = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
+        self.cap = cap
+        self.floor: Optional[Tensor] = None
+        if cap is not None:
+            self.floor = torch.full((units,), math.inf, dtype=torch.float32, device=device)
         self.samples, self.forwards, self.backwards, self.grad_norm_sum = (
             torch.zeros(1, dtype=torch.float64, device=device) for _ in range(4)
         )
@@ -138,6 +151,9 @@ class SiteStats:
                 self.positions.add_(x.numel() // self.units)
             else:
                 self.n_positions += x.numel() // self.units
+        if self.floor is not None:
+            low = x.amin(dim=self.reduce_dims) if self.reduce_dims else x
+            torch.minimum(self.floor, low, out=self.floor)
         if self.reduce_dims:
             x = x.amax(dim=self.reduce_dims)
         torch.maximum(self.peak, x, out=self.peak)
@@ -174,7 +190,7 @@ class SiteStats:
         if self.through_slope is None or self.through_sum is None or self.through_passes is None:
             return self.grad_hook
         stats, slope, through_sum, through_passes = self, self.through_slope, self.through_sum, self.through_passes
-        grad_hook, grad_scale = self.grad_hook, self._grad_scale
+        grad_hook, grad_scale, cap = self.grad_hook, self._grad_scale, self.cap
         version = None if is_compiling() else out._version
 
         def grad_and_through_hook(grad: Tensor) -> None:
@@ -182,6 +198,8 @@ class SiteStats:
             if version is not None and out._version != version:
                 return None
             g, positive = grad.detach(), out.detach() > 0
+            if cap is not None:  # ReLU6: no gradient at the cap either
+                positive &= out.detach() < cap
             flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
             through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
             if is_compiling():
@@ -220,9 +238,23 @@ class SiteStats:
         """Length of ``sum_state()``."""
         return sum(t.numel() for t in self._sums())
 
+    def peak_state(self) -> Tensor:
+        """Everything that combines across ranks by MAX, as one float32 tensor: the peaks, then, with a cap, the
+        negated floors (the MAX of negated floors is minus their MIN)."""
+        if self.floor is None:
+            return self.peak
+        return torch.cat([self.peak, -self.floor])
+
+    @property
+    def peak_state_size(self) -> int:
+        """Length of ``peak_state()``."""
+        return self.units * (2 if self.floor is not None else 1)
+
     def reset(self) -> None:
         """Start a new window."""
         self.peak.fill_(-math.inf)
+        if self.floor is not None:
+            self.floor.fill_(math.inf)
         for tensor in self._sums():
             tensor.zero_()
         self.n_samples = self.n_forwards = self.n_backwards = self.n_through_passes = self.n_positions = 0
@@ -269,6 +301,7 @@ class GatheredSite:
     abs_sum: Optional[Tensor] = None  # float64, CPU, with track_abs
     through_passes: int = 0
     through_sum: float = 0.0
+    floor: Optional[Tensor] = None  # float32, CPU, for a capped activation
 
 
 def distributed_world_size() -> int:
@@ -311,7 +344,7 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
             _check_same_shape_on_every_rank(torch.zeros(0, device=device), torch.zeros(0, device=device))
         return []
     device = sites[0].peak.device  # sites of a model split over devices meet on the first one
-    peaks = torch.cat([s.peak.to(device) for s in sites])
+    peaks = torch.cat([s.peak_state().to(device) for s in sites])
     sums = torch.cat([s.sum_state().to(device) for s in sites])
     host_counts = [count for s in sites for count in s.host_sum_state()]
     sums += torch.tensor(host_counts, dtype=torch.float64).to(device)
@@ -332,6 +365,8 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
             at += 2
         if site.abs_sum is not None:
             extra.update(positions=int(row[at]), abs_sum=row[at + 1 : at + 1 + site.units])
+        if site.floor is not None:
+            extra.update(floor=-host_peaks[peak_at + site.units : peak_at + 2 * site.units])
         gathered.append(
             GatheredSite(
                 peak=host_peaks[peak_at : peak_at + site.units],
@@ -342,6 +377,6 @@ def gather(sites: Sequence[SiteStats], sync_dist: bool) -> list[GatheredSite]:
                 **extra,
             )
         )
-        peak_at += site.units
+        peak_at += site.peak_state_size
         sum_at += site.sum_state_size
     return gathered

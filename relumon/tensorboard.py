@@ -20,6 +20,10 @@ METRICS: Mapping[str, str] = {
     "revived": "units revived in the window",
     "permanently_dead": "permanently dead units",
     "dormant_fraction": "tau-dormant fraction per layer",
+    "saturated_units": "units saturated at the cap (ReLU6)",
+    "root_death": "dead layers that start a cascade (roots)",
+    "consequence": "dead layers an upstream death explains",
+    "blocked": "layers whose gradient a dead layer blocks",
 }
 
 
@@ -29,7 +33,8 @@ _LAYOUT_ATTRIBUTE = "_relumon_layouts"
 def custom_scalars_layout(prefix: str = "relumon") -> dict[str, dict[str, list[Any]]]:
     """The layout for ``SummaryWriter.add_custom_scalars``: one multi-line chart per metric, across layers."""
     charts = {title: ["Multiline", [rf"{prefix}/{metric}/.*"]] for metric, title in METRICS.items()}
-    charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/summary/.*"]]
+    charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/summary/dead_fraction"]]
+    charts["dead cascades: roots and consequences"] = ["Multiline", [rf"{prefix}/summary/.*_deaths"]]
     return {prefix: charts}
 
 
