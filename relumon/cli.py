@@ -5,7 +5,10 @@
 
 For each run (a directory holding TensorBoard event files) it prints one row per layer: the last and the highest dead
 percentage over the logged windows ("max dead %"), the first step at which every unit was dead, and the last
-gradient norm (the L2 norm of dL/d(output) over the whole batch tensor). A run is named by its path under LOGDIR, or
+gradient norm (the L2 norm of dL/d(output) over the whole batch tensor) and a note on the last window: a dead layer
+is the ``root`` of its cascade or ``caused by`` an upstream death (named when one root died in that window), and a
+zero gradient is ``blocked`` by a dead layer downstream. Activations outside the ReLU family (Tanh, Sigmoid...) show
+their gradient only. A run is named by its path under LOGDIR, or
 by the directory's own name when LOGDIR is itself the run. ``--json`` prints the same facts as JSON, with dead shares
 as fractions in [0, 1] (not percentages), plus each layer's number of logged windows and its last step. A missing
 or empty directory, or one without relumon scalars, gets a one-line error and a non-zero exit status.
@@ -58,30 +61,56 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
     runs = _runs(logdir)
     if not runs:
         raise LookupError(f"no TensorBoard event files under {logdir}")
-    dead_prefix = f"{prefix}/dead_fraction/"
+    dead_prefix, grad_prefix = f"{prefix}/dead_fraction/", f"{prefix}/grad_norm/"
     summary: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         acc = EventAccumulator(run, size_guidance={"scalars": 0})
         acc.Reload()
-        tags = acc.Tags().get("scalars", [])
+        tags = set(acc.Tags().get("scalars", []))
+
+        def last(metric: str, name: str, acc: Any = acc, tags: set[str] = tags) -> Optional[Any]:
+            tag = f"{prefix}/{metric}/{name}"
+            return acc.Scalars(tag)[-1] if tag in tags else None
+
+        names: dict[str, None] = {}
+        for tag in acc.Tags().get("scalars", []):
+            for metric_prefix in (dead_prefix, grad_prefix):
+                if tag.startswith(metric_prefix):
+                    names[tag[len(metric_prefix) :]] = None
+        # The roots of the last window of each step, to name the root of a consequence when there was only one.
+        roots_at: dict[int, list[str]] = {}
+        for name in names:
+            root = last("root_death", name)
+            if root is not None and root.value >= 1.0:
+                roots_at.setdefault(root.step, []).append(name)
         layers = []
-        for tag in tags:
-            if not tag.startswith(dead_prefix):
-                continue
-            name = tag[len(dead_prefix) :]
-            dead = acc.Scalars(tag)
-            grad_tag = f"{prefix}/grad_norm/{name}"
+        for name in names:
+            dead_tag = dead_prefix + name
+            dead = acc.Scalars(dead_tag) if dead_tag in tags else []
+            grad_tag = grad_prefix + name
             grads = acc.Scalars(grad_tag) if grad_tag in tags else []
             fully_dead = [e.step for e in dead if e.value >= 1.0]
+            events = dead or grads
+            note = None
+            root, consequence, blocked = last("root_death", name), last("consequence", name), last("blocked", name)
+            if root is not None and root.value >= 1.0:
+                note = "root of a dead cascade"
+            elif consequence is not None and consequence.value >= 1.0:
+                roots = roots_at.get(consequence.step, [])
+                note = f"caused by `{roots[0]}`" if len(roots) == 1 else "caused by an upstream death"
+            elif blocked is not None and blocked.value >= 1.0:
+                note = "gradient blocked by a dead layer downstream"
             layers.append(
                 {
                     "layer": name,
-                    "windows": len(dead),
-                    "last_step": dead[-1].step,
-                    "last_dead_fraction": dead[-1].value,
-                    "max_dead_fraction": max(e.value for e in dead),
+                    "counts_dead": bool(dead),
+                    "windows": len(events),
+                    "last_step": events[-1].step,
+                    "last_dead_fraction": dead[-1].value if dead else None,
+                    "max_dead_fraction": max(e.value for e in dead) if dead else None,
                     "first_step_fully_dead": fully_dead[0] if fully_dead else None,
                     "last_grad_norm": grads[-1].value if grads else None,
+                    "note": note,
                 }
             )
         if layers:
@@ -93,23 +122,26 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
 
 
 def _table(layers: list[dict[str, Any]]) -> str:
-    header = ("layer", "last dead %", "max dead %", "first step fully dead", "last grad norm")
+    header = ("layer", "last dead %", "max dead %", "first step fully dead", "last grad norm", "note")
     rows = []
     for x in layers:
         grad = x["last_grad_norm"]
+        last, peak = x["last_dead_fraction"], x["max_dead_fraction"]
         rows.append(
             (
                 x["layer"],
-                f"{100 * x['last_dead_fraction']:.1f}%",
-                f"{100 * x['max_dead_fraction']:.1f}%",
+                "-" if last is None else f"{100 * last:.1f}%",
+                "-" if peak is None else f"{100 * peak:.1f}%",
                 "-" if x["first_step_fully_dead"] is None else str(x["first_step_fully_dead"]),
                 "-" if grad is None or (isinstance(grad, float) and math.isnan(grad)) else f"{grad:.3e}",
+                x["note"] or ("gradient only (not ReLU-family)" if not x["counts_dead"] else ""),
             )
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []
+    left = (0, len(header) - 1)
     for row in [header, tuple("-" * w for w in widths), *rows]:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -23,6 +23,7 @@ __all__ = ["grad_flow_figure", "dead_heatmap_figure", "FIGURE_TAGS"]
 FIGURE_TAGS = {"grad_flow": "relumon/grad_flow", "dead_heatmap": "relumon/dead_heatmap"}
 
 _ALIVE, _PARTLY, _DEAD, _NEGATIVE = "#4C72B0", "#DD8452", "#C44E52", "#8172B3"
+_CONSEQUENCE = "#EDB8B9"  # a lighter red: dead because an upstream death left it no signal
 
 
 def _pyplot() -> Any:
@@ -45,9 +46,12 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
     layer below (at the bottom of the axis when it is 0).
 
     Bars are coloured by the layer's state in the window: blue alive, orange half or more of the units dead, red
-    every unit dead, purple every unit stuck in the negative regime (LeakyReLU). A gradient norm of 0 (nothing flows
-    back, as behind a dead layer) is drawn as a hatched stub at the bottom of the axis and labelled "0". Each bar is
-    labelled with the layer's dead percentage.
+    every unit dead or saturated (the root of a dead cascade), light red with cross-hatching a dead layer that an
+    upstream death explains (a consequence, see [`LayerReport.caused_by`][relumon.LayerReport]), purple every unit
+    stuck in the negative regime (LeakyReLU). A gradient norm of 0 (nothing flows back, as behind a dead layer) is
+    drawn as a hatched stub at the bottom of the axis and labelled "0", with the dead layer that blocks it when
+    relumon knows it ("0, blocked by `5`"). Each bar is labelled with the layer's dead percentage (none for
+    activations outside the ReLU family, which get gradient flow only).
     """
     _pyplot()
     from matplotlib.figure import Figure
@@ -67,10 +71,12 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
     for layer, norm in zip(layers, norms):
         zero = not (math.isfinite(norm) and norm > 0)
         heights.append(floor * 1.5 if zero else norm)
-        hatches.append("//" if zero else "")
-        if layer.all_dead:
+        hatches.append("xx" if layer.caused_by is not None else "//" if zero else "")
+        if layer.caused_by is not None:
+            colors.append(_CONSEQUENCE)
+        elif layer.all_dead_or_saturated:
             colors.append(_NEGATIVE if layer.negative_regime else _DEAD)
-        elif layer.dead_fraction >= 0.5:
+        elif layer.counts_dead and layer.dead_fraction >= 0.5:
             colors.append(_PARTLY)
         else:
             colors.append(_ALIVE)
@@ -82,7 +88,10 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
     ax.set_ylim(bottom=floor, top=max(heights) * 10 ** ((0.3 if rotated else 0.12) * decades))  # room for labels
     for bar, layer, norm in zip(bars, layers, norms):
         zero = not (math.isfinite(norm) and norm > 0)
-        label = ("0, " if zero else "") + f"{100 * layer.dead_fraction:.0f}% dead"
+        parts = [f"0, blocked by {layer.blocked_by}" if zero and layer.blocked_by else "0"] if zero else []
+        if layer.counts_dead:
+            parts.append(f"{100 * layer.dead_fraction:.0f}% dead")
+        label = ", ".join(parts)
         ax.annotate(
             label,
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -117,7 +126,8 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
         handles=[
             Patch(color=_ALIVE, label="alive"),
             Patch(color=_PARTLY, label="≥ 50% dead"),
-            Patch(color=_DEAD, label="all dead"),
+            Patch(color=_DEAD, label="all dead or saturated (root)"),
+            Patch(facecolor=_CONSEQUENCE, hatch="xx", edgecolor="black", label="dead: caused upstream"),
             Patch(color=_NEGATIVE, label="all negative regime"),
             *ax.get_legend_handles_labels()[0],
         ],

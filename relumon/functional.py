@@ -1,4 +1,4 @@
-"""Capture of functional activation calls (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``...).
+"""Capture of functional activation calls (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.relu6``, ``F.leaky_relu``...).
 
 Many models call activations as functions inside ``forward`` instead of using modules, so module hooks never see
 them. With ``relumon.watch(model, functional=True)`` relumon tracks which module of the model is running (forward
@@ -9,9 +9,9 @@ call site is named by the enclosing module's path plus the function: ``encoder.b
 
 Limits:
 - Only the functions listed here are caught: ``F.relu``/``F.relu_``, ``torch.relu``/``torch.relu_``,
-  ``Tensor.relu``/``Tensor.relu_``, ``F.leaky_relu``/``F.leaky_relu_``. Calls made inside a watched activation
-  module (``nn.ReLU`` calls ``F.relu``) are that module's and are not counted twice. Other ops (``clamp(min=0)``,
-  ``torch.maximum(x, 0)``) are not activations relumon can recognise.
+  ``Tensor.relu``/``Tensor.relu_``, ``F.relu6``, ``F.leaky_relu``/``F.leaky_relu_``. Calls made inside a watched
+  activation module (``nn.ReLU`` calls ``F.relu``) are that module's and are not counted twice. Other ops
+  (``clamp(min=0)``, ``torch.maximum(x, 0)``) are not activations relumon can recognise.
 - The mode sees every torch call made during the model's forward, which adds Python work to each op: functional
   capture is opt-in.
 - It is eager-only: under ``torch.compile`` the mode is not entered, and functional calls are not watched.
@@ -29,9 +29,10 @@ __all__ = ["FUNCTIONAL_ACTIVATIONS", "ActivationCapture"]
 
 
 def _table() -> dict[Callable[..., Any], str]:
-    names = {
+    names: dict[str, list[Any]] = {
         "relu": [F.relu, torch.relu, torch.Tensor.relu, getattr(F, "relu_", None), torch.relu_, torch.Tensor.relu_],
         "leaky_relu": [F.leaky_relu, getattr(F, "leaky_relu_", None)],
+        "relu6": [F.relu6],
     }
     return {fn: name for name, fns in names.items() for fn in fns if fn is not None}
 

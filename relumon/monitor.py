@@ -9,6 +9,7 @@ window. The monitor also keeps what a checkpoint needs (`state_dict`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections import deque
@@ -18,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from relumon.cascade import find_blockers, find_roots
 from relumon.diagnosis import Diagnosis, blame
-from relumon.errors import DeadUnitsWarning, RelumonError, warn
+from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
-from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder, Site
+from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather
 from relumon.tensorboard import write_layout_once, write_scalars
@@ -65,6 +67,7 @@ class Monitor(OptionAttributes):
         self._window = 0
         self._window_start = 0  # the recorder's steps_seen when the open window started
         self._alerted: set[str] = set()
+        self._idle_checked = False
 
     # ------------------------------------------------------------------ the per-step side, delegated
 
@@ -75,6 +78,8 @@ class Monitor(OptionAttributes):
         calls submodules of the watched model directly (the Lightning callback does so before every batch).
         """
         self._recorder.start_step()
+        if torch.is_grad_enabled():
+            self._recorder.training_seen = True
 
     @property
     def names(self) -> list[str]:
@@ -124,7 +129,9 @@ class Monitor(OptionAttributes):
         step = recorder.steps_seen if step is None else step
         sites = {site.name: site for site in recorder.sites}
         gathered = gather([(site.layout(), site.stats) for site in sites.values()], self._sync())
-        layers = [self._layer_report(layout, sites.get(layout.name), g, step, reset) for layout, g in gathered]
+        layers = self._explain(
+            [self._layer_report(layout, g, step, reset) for layout, g in gathered], [layout for layout, _ in gathered]
+        )
         # Compiled steps are measured but not counted (see the recorder): count them by their forwards then.
         steps = max(recorder.steps_seen - self._window_start, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
@@ -133,26 +140,31 @@ class Monitor(OptionAttributes):
                 site.stats.reset()
             self._window += 1
             self._window_start = recorder.steps_seen
-            self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0}))
+            self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0 and x.counts_dead}))
             self.last_report = report
             # A sampled window never alerts on its own: its suspects are measured on every call of the next window.
             recorder.confirming = {x.name for x in layers if x.confirming}
             for site in sites.values():
                 site.exact = site.name in recorder.confirming
+            if not self._idle_checked and (steps > 0 or recorder.training_seen):
+                self._idle_checked = True
+                self._warn_idle()
             self._alert(report)
         return report
 
-    def _layer_report(
-        self, layout: SiteLayout, site: Optional[Site], g: GatheredSite, step: int, close: bool
-    ) -> LayerReport:
+    def _layer_report(self, layout: SiteLayout, g: GatheredSite, step: int, close: bool) -> LayerReport:
+        """One site's figures, from its description (``layout.info``: this rank's or, for a site only another rank
+        ran, that rank's) and its gathered statistics. Cascades and blame come after, in `_explain`."""
         info: dict[str, Any] = layout.info
-        units = layout.units
+        name, units = layout.name, layout.units
         seen = g.samples > 0
-        dead_mask = g.peak <= 0 if seen else torch.zeros(units, dtype=torch.bool)
+        counted = seen and bool(info["counts_dead"])
+        dead_mask = g.peak <= 0 if counted else torch.zeros(units, dtype=torch.bool)
         dead_units = int(dead_mask.sum())
-        dead_fraction = dead_units / units if seen else math.nan
-        name = layout.name
-        history = self._diagnosis.update(name, units, dead_mask if seen else None, step, close)
+        cap: Optional[float] = info["cap"]
+        saturated = int((g.floor >= cap).sum()) if counted and g.floor is not None and cap is not None else 0
+        dead_fraction = dead_units / units if counted else math.nan
+        history = self._diagnosis.update(name, units, dead_mask if counted else None, step, close)
         dormant_units = dormant_scores = None
         tau = self.options.dormant_tau
         if tau is not None and g.abs_sum is not None and g.positions > 0:
@@ -161,16 +173,13 @@ class Monitor(OptionAttributes):
             layer_mean = float(mean_abs[finite].mean()) if bool(finite.any()) else math.nan
             dormant_scores = (mean_abs / layer_mean if layer_mean > 0 else torch.zeros_like(mean_abs)).float()
             dormant_units = int((dormant_scores <= tau).sum())
-        blamed = None
-        all_dead = seen and dead_units == units
-        jumped = seen and self._diagnosis.jumped(name, dead_fraction)
-        fed_by: Optional[str] = info["fed_by"]
-        producer = self._module_at(fed_by) if fed_by else None
-        if producer is not None and fed_by and (all_dead or jumped):
-            blamed = blame(name, fed_by, producer, dead_mask)
-        if seen and close:
+        # Blame is decided once the cascades are known (`_explain`): only roots and jumps get it.
+        all_dead = counted and dead_units + saturated == units
+        jumped = counted and self._diagnosis.jumped(name, dead_fraction)
+        if counted and close:
             self._diagnosis.remember(name, dead_fraction)
         finite_passes = g.backwards - g.nonfinite_passes
+        fed_by: Optional[str] = info["fed_by"]
         return LayerReport(
             name=name,
             module=info["module_name"],
@@ -198,7 +207,10 @@ class Monitor(OptionAttributes):
             dead_streak=history.dead_streak,
             dormant_units=dormant_units,
             dormant_scores=dormant_scores,
-            blame=blamed,
+            blame="" if all_dead or jumped else None,  # a placeholder that `_explain` fills in or clears
+            saturated_units=saturated,
+            cap=cap,
+            counts_dead=bool(info["counts_dead"]),
         )
 
     def _module_at(self, path: str) -> Optional[nn.Module]:
@@ -210,6 +222,37 @@ class Monitor(OptionAttributes):
             return model.get_submodule(path)
         except AttributeError:
             return None
+
+    def _explain(self, layers: list[LayerReport], layouts: list[SiteLayout]) -> list[LayerReport]:
+        """Dead cascades (``caused_by``, ``consequences``), blocked gradients (``blocked_by``) and blame for roots.
+
+        Uses the upstream sites recorded once at discovery (see `relumon.cascade`); host-side, O(sites).
+        """
+        order = [x.name for x in layers]
+        upstream = {x.name: x.info["upstream"] for x in layouts}
+        from_input = {x.name: x.info["from_input"] for x in layouts}
+        dead = {x.name for x in layers if x.all_dead_or_saturated}
+        silent = {x.name for x in layers if x.carries_no_signal}
+        zero_grad = {x.name for x in layers if x.backward_passes > 0 and x.grad_norm == 0}
+        root_of = find_roots(order, upstream, from_input, dead, silent)
+        blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
+        explained = []
+        for layer in layers:
+            caused_by = root_of.get(layer.name)
+            blamed = None
+            producer = self._module_at(layer.fed_by) if layer.fed_by else None
+            if layer.blame is not None and caused_by is None and producer is not None and layer.fed_by:
+                blamed = blame(layer.name, layer.fed_by, producer, layer.dead_mask)
+            explained.append(
+                dataclasses.replace(
+                    layer,
+                    caused_by=caused_by,
+                    consequences=tuple(name for name in order if root_of.get(name) == layer.name),
+                    blocked_by=blocked_by.get(layer.name),
+                    blame=blamed,
+                )
+            )
+        return explained
 
     @property
     def timeline(self) -> list[tuple[int, dict[str, float]]]:
@@ -277,8 +320,9 @@ class Monitor(OptionAttributes):
     # ------------------------------------------------------------------ alerts
 
     def _alert(self, report: Report) -> None:
+        """One alert per dead cascade, for its root; the message names the sites that died with it."""
         on_dead = self.options.on_dead
-        for layer in report.dead_layers:
+        for layer in report.roots:
             if layer.name in self._alerted or layer.samples < self.options.min_samples or not layer.exact:
                 continue
             self._alerted.add(layer.name)
@@ -288,6 +332,30 @@ class Monitor(OptionAttributes):
                 raise RelumonError(dead_layer_message(layer, report.steps))
             elif on_dead == "warn" and global_rank() == 0:
                 warn(dead_layer_message(layer, report.steps), DeadUnitsWarning)
+
+    def _warn_idle(self) -> None:
+        """After the first window with training steps: name the watched modules that never ran in one."""
+        if global_rank() != 0:
+            return
+        recorder = self._recorder
+        idle = recorder.idle_modules()
+        shown = ", ".join(f"`{name or 'root'}`" for name in idle[:5])
+        shown += f" and {len(idle) - 5} more" if len(idle) > 5 else ""
+        if not recorder.sites:
+            what = f"none of the {len(idle)} watched module(s) ran in a training forward ({shown})" if idle else ""
+            if self.options.functional:
+                what += ("; " if what else "") + "functional=True found no F.relu, F.relu6 or F.leaky_relu call"
+                hint = "Pass `types=` to watch other activation classes."
+            else:
+                hint = "If the model calls F.relu (or torch.relu, x.relu()) in `forward`, pass `functional=True`."
+            warn(f"relumon: {what}, so nothing is being measured. {hint}", RelumonWarning)
+        elif idle:
+            warn(
+                f"relumon: {len(idle)} watched module(s) never ran in a training forward: {shown}. A module that is "
+                "declared but not called (an `nn.ReLU` attribute next to `F.relu` in `forward`) is not measured; "
+                "`functional=True` watches functional calls.",
+                RelumonWarning,
+            )
 
     @property
     def alerted(self) -> frozenset[str]:

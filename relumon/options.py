@@ -27,8 +27,9 @@ __all__ = [
     "signature_with_options",
 ]
 
-#: The activation types watched by default.
-DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU)
+#: The activation types watched by default: the ReLU family. ``nn.ReLU6`` subclasses ``nn.Hardtanh``, not ``nn.ReLU``,
+#: so it is listed on its own.
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.RReLU, nn.PReLU)
 
 #: What [`relumon.watch`][relumon.watch] does when a layer dies (the Lightning callback adds ``"stop"``).
 OnDead = Union[Literal["warn", "raise", "ignore"], Callable[[Any], Any]]
@@ -45,7 +46,11 @@ class Options:
     from the Trainer, and ``on_dead``, which it handles itself (adding ``"stop"``).
 
     Attributes:
-        types: activation classes to watch (one class alone is accepted). Default ``(nn.ReLU, nn.LeakyReLU)``.
+        types: activation classes to watch (one class alone is accepted). Default: the ReLU family, ``(nn.ReLU,
+            nn.LeakyReLU, nn.ReLU6, nn.RReLU, nn.PReLU)``. ReLU and ReLU6 count dead units (output 0; ReLU6 also
+            saturated units, output 6); LeakyReLU, PReLU and RReLU count units stuck in the negative regime. Other
+            classes (``nn.Tanh``, ``nn.Sigmoid``...) get gradient flow only, except those whose negative outputs mark
+            a negative regime (ELU, GELU, SiLU...), which count it too.
         unit_dim: the dimension that indexes units. ``None`` infers it per call site from the activation's rank and
             the module that fed it (dim 1 for conv feature maps, the last dim otherwise); an int applies to every
             site; a mapping from module path to int overrides single modules (key ``"*"`` for the rest).
@@ -63,12 +68,13 @@ class Options:
         permanent_after: a unit dead for this many closed windows in a row counts as permanently dead.
         dormant_tau: also report tau-dormant units (Sokar et al., ICML 2023): a unit whose mean ``|activation|``,
             divided by the layer's mean of the same, is ``<= tau``. Costs one more reduction per measured call.
-        functional: also watch ``F.relu``, ``torch.relu``, ``x.relu()`` and ``F.leaky_relu`` calls made inside
-            the model's forward (see [`relumon.functional`][relumon.functional] for the mechanism and its limits).
-            Eager only.
-        grad_through: also measure the gradient that flows *through* each ReLU/LeakyReLU to the layer below,
+        functional: also watch ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.relu6`` and ``F.leaky_relu`` calls made
+            inside the model's forward (see [`relumon.functional`][relumon.functional] for the mechanism and its
+            limits). Eager only.
+        grad_through: also measure the gradient that flows *through* each ReLU/ReLU6/LeakyReLU to the layer below,
             ``dL/d(output)`` times the activation's derivative (1 where the output is positive, 0 or alpha
-            elsewhere), as ``grad_through_norm``. A dead layer shows a gradient at its output and none through it.
+            elsewhere, and 0 at a ReLU6's cap of 6), as ``grad_through_norm``. A dead layer shows a gradient at its
+            output and none through it.
             Costs two elementwise passes over the gradient per measured call.
 
     Raises:

@@ -19,6 +19,8 @@ What the `Recorder` does:
   Compiled code measures every step (a step counter read inside a graph would recompile it every step).
 - **Call-site discovery.** The first time a call index of a module runs, a `Site` is made
   with its unit dim (inferred from the module that fed it, see `relumon.units`) and its `relumon.state.SiteStats`.
+  In the first training forward discovery also records the site's nearest upstream sites in the autograd graph
+  (`relumon.cascade.upstream_sites`, once per site; later steps add nothing).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from relumon.cascade import upstream_sites
 from relumon.errors import warn
 from relumon.functional import ActivationCapture
 from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
@@ -37,7 +40,10 @@ from relumon.options import Options
 from relumon.state import SiteLayout, SiteStats, layout_of
 from relumon.units import infer_unit_dim, producer_layout_from_graph
 
-__all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES"]
+__all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES", "ZERO_FLOOR_TYPES", "counts_dead"]
+
+#: Activations whose output is 0 for non-positive inputs: a unit is dead when its output was 0 everywhere.
+ZERO_FLOOR_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
 #: Activations that pass negative values: for them "dead" means "stuck in the negative regime".
 NEGATIVE_REGIME_TYPES: tuple[type[nn.Module], ...] = (
@@ -56,7 +62,7 @@ NEGATIVE_REGIME_TYPES: tuple[type[nn.Module], ...] = (
 #: Integer activation dtypes that are watched (others, such as bool or complex, are skipped with a warning).
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
-_FUNCTIONAL_SITE = re.compile(r"(.+\.)?F\.(relu|leaky_relu)$")
+_FUNCTIONAL_SITE = re.compile(r"(.+\.)?F\.(relu|relu6|leaky_relu)$")
 
 
 class Site:
@@ -70,9 +76,26 @@ class Site:
         fed_by: path of the module whose output fed the activation in its first training forward, if any.
         negative_regime: whether the activation passes negative values (LeakyReLU...).
         stats: the window's statistics.
+        counts_dead: whether dead units are counted (the ReLU family and activations with a negative regime); else
+            gradient flow only.
+        upstream: names of the nearest upstream sites in the autograd graph of the first training forward; None when
+            unknown (discovered later, or under torch.compile).
+        from_input: whether a path from the site reaches the data input without crossing another site.
     """
 
-    __slots__ = ("name", "module_name", "call", "kind", "fed_by", "negative_regime", "stats", "exact")
+    __slots__ = (
+        "name",
+        "module_name",
+        "call",
+        "kind",
+        "fed_by",
+        "negative_regime",
+        "stats",
+        "counts_dead",
+        "upstream",
+        "from_input",
+        "exact",
+    )
 
     def __init__(
         self,
@@ -83,6 +106,7 @@ class Site:
         fed_by: Optional[str],
         negative_regime: bool,
         stats: SiteStats,
+        counts_dead: bool = True,
     ) -> None:
         self.name = name
         self.module_name = module_name
@@ -93,6 +117,9 @@ class Site:
         self.stats = stats
         #: Measure every call, whatever the schedule: set by the monitor while a sampled death is being confirmed.
         self.exact = False
+        self.counts_dead = counts_dead
+        self.upstream: Optional[tuple[str, ...]] = None
+        self.from_input = True
 
     def layout(self) -> SiteLayout:
         """What other ranks need to pair this site with theirs, and to report it if they never ran it."""
@@ -103,6 +130,10 @@ class Site:
             "fed_by": self.fed_by,
             "negative_regime": self.negative_regime,
             "unit_dim": self.stats.unit_dim,
+            "counts_dead": self.counts_dead,
+            "cap": self.stats.cap,
+            "upstream": self.upstream,
+            "from_input": self.from_input,
         }
         return layout_of(self.name, self.stats, info)
 
@@ -120,10 +151,20 @@ class _Watched:
         "sites",
         "warned_shape",
         "warned_dtype",
+        "cap",
+        "counts_dead",
+        "skipped",
     )
 
     def __init__(
-        self, name: str, kind: str, negative_regime: bool, unit_dim: Optional[int], slope: Optional[float]
+        self,
+        name: str,
+        kind: str,
+        negative_regime: bool,
+        unit_dim: Optional[int],
+        slope: Optional[float],
+        cap: Optional[float] = None,
+        counts_dead: bool = True,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -132,10 +173,14 @@ class _Watched:
         #: The activation's derivative for non-positive outputs (0 for ReLU, alpha for LeakyReLU); None if it is not
         #: that simple (GELU...), which leaves the gradient through the activation unmeasured.
         self.slope = slope
+        #: The activation's upper cap (6 for ReLU6): a unit whose output was the cap everywhere is saturated.
+        self.cap = cap
+        self.counts_dead = counts_dead
         self.calls = 0
         self.sites: list[Site] = []
         self.warned_shape = False
         self.warned_dtype = False
+        self.skipped = False  # ran in a training forward with a dtype that is not watched
 
 
 class Recorder:
@@ -182,11 +227,17 @@ class Recorder:
         self._module_stack: list[tuple[str, nn.Module]] = []
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
+        #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
+        self._graph_nodes: Optional[dict[Any, str]] = {}
+        #: Whether a training forward of the root module, or a ``new_step()`` with grad enabled, has happened.
+        self.training_seen = False
         try:
             for name, module in watched_modules:
                 unit = self._unit_dims.get(name, self._unit_dims.get("*"))
-                negative = isinstance(module, NEGATIVE_REGIME_TYPES)
-                watched = _Watched(name, type(module).__name__, negative, unit, _slope_of(module))
+                negative = _is_negative_regime(module)
+                watched = _Watched(
+                    name, type(module).__name__, negative, unit, _slope_of(module), _cap_of(module), counts_dead(module)
+                )
                 self._watched[module] = watched
                 self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
             self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
@@ -227,7 +278,9 @@ class Recorder:
         call = watched.calls
         watched.calls = call + 1
         site: Optional[Site] = (
-            watched.sites[call] if call < len(watched.sites) else _add_site_eagerly(self, watched, call, args, out)
+            watched.sites[call]
+            if call < len(watched.sites)
+            else _add_site_eagerly(self, watched, call, args, out, is_compiling())
         )
         if site is None or out.numel() == 0:  # an empty batch adds no sample
             return
@@ -293,8 +346,11 @@ class Recorder:
         watched = self._watched.get(site_path)
         if watched is None:
             unit = self._unit_dims.get(site_path, self._unit_dims.get("*"))
-            slope = 0.0 if fn == "relu" else float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
-            watched = _Watched(site_path, f"F.{fn}", fn != "relu", unit, slope)
+            if fn == "leaky_relu":
+                slope = float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
+            else:
+                slope = 0.0
+            watched = _Watched(site_path, f"F.{fn}", fn == "leaky_relu", unit, slope, 6.0 if fn == "relu6" else None)
             self._watched[site_path] = watched
         self._observe(watched, module, args, out)
 
@@ -302,6 +358,8 @@ class Recorder:
 
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         self.start_step()
+        if not self.training_seen and not is_compiling() and is_counted_forward(module):
+            self.training_seen = True
         return None
 
     def _on_backward(self) -> None:
@@ -330,6 +388,8 @@ class Recorder:
                 tracer.remove()
             else:
                 tracer.clear()
+        if self._graph_nodes is not None:  # the same for the autograd graph: its walk is done once
+            self._graph_nodes = None if self.sites else {}
 
     # ------------------------------------------------------------------ call-site discovery
 
@@ -340,7 +400,9 @@ class Recorder:
         scale: Optional[Tensor] = getattr(scaler, "_scale", None)  # the live scale tensor: a host read would sync
         return scale
 
-    def _make_site(self, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
+    def _make_site(
+        self, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool = False
+    ) -> Optional[Site]:
         fed_by, producer = (None, None)
         if args and self._tracer is not None:
             fed_by, producer = self._tracer.producer_of(args[0])
@@ -369,6 +431,7 @@ class Recorder:
             on_backward=self._on_backward,
             track_abs=self.options.dormant_tau is not None,
             through_slope=watched.slope if self._grad_through else None,
+            cap=watched.cap,
         )
         path = watched.name or "root"
         site = Site(
@@ -379,8 +442,10 @@ class Recorder:
             fed_by=fed_by,
             negative_regime=watched.negative_regime,
             stats=stats,
+            counts_dead=watched.counts_dead,
         )
         site.exact = site.name in self.confirming
+        self._record_upstream(site, out, compiled)
         # A call index can only be new if every lower one exists (calls count up from 0 each step).
         watched.sites.append(site)
         self.sites.append(site)
@@ -390,10 +455,30 @@ class Recorder:
         if watched.warned_dtype:
             return
         watched.warned_dtype = True
+        watched.skipped = True
         warn(
             f"relumon: `{watched.name}` produced a {out.dtype} tensor; only real-valued activations are watched, so "
             "such calls are skipped (they take no call index)."
         )
+
+    def _record_upstream(self, site: Site, out: Tensor, compiled: bool) -> None:
+        """In the first training forward, walk the autograd graph from ``out`` to the nearest upstream sites.
+
+        Under torch.compile there is no eager graph to walk: the upstream stays unknown.
+        """
+        known = self._graph_nodes
+        if known is None or compiled:
+            return
+        grad_fn = out.grad_fn
+        site.upstream, site.from_input = upstream_sites(grad_fn, known)
+        if grad_fn is not None:
+            known[grad_fn] = site.name
+
+    def idle_modules(self) -> list[str]:
+        """Paths of the watched modules that never ran in a training forward."""
+        return [
+            w.name for key, w in self._watched.items() if isinstance(key, nn.Module) and not w.sites and not w.skipped
+        ]
 
     def _warn_shape(self, watched: _Watched, site: Site, out: Tensor) -> None:
         if watched.warned_shape:
@@ -427,13 +512,38 @@ class Recorder:
             self._tracer.remove()
         self._exit_capture()  # removed in the middle of a forward
         self._module_stack.clear()
+        self._graph_nodes = None
 
 
 # Allocation runs eagerly even inside a torch.compile trace: state created in a graph would not persist. This costs
 # one graph break and one recompile on the first compiled training step only.
 @torch._dynamo.disable  # type: ignore[untyped-decorator]
-def _add_site_eagerly(recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
-    return recorder._make_site(watched, call, args, out)
+def _add_site_eagerly(
+    recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool
+) -> Optional[Site]:
+    return recorder._make_site(watched, call, args, out, compiled)
+
+
+def counts_dead(module: nn.Module) -> bool:
+    """Whether relumon counts dead units of ``module``: the ReLU family, and activations with a negative regime.
+
+    Other activations (Tanh, Sigmoid...) get gradient flow only: "dead" has no meaning for them.
+    """
+    return isinstance(module, ZERO_FLOOR_TYPES + NEGATIVE_REGIME_TYPES)
+
+
+def _is_negative_regime(module: nn.Module) -> bool:
+    """Whether ``module`` passes negative values. RReLU does while its random slope can be above 0 (the default)."""
+    if isinstance(module, nn.RReLU):
+        return float(module.upper) > 0
+    return isinstance(module, NEGATIVE_REGIME_TYPES)
+
+
+def _cap_of(module: nn.Module) -> Optional[float]:
+    """The upper cap of a capped activation (6 for ReLU6), else None."""
+    if isinstance(module, nn.ReLU6):
+        return float(module.max_val)
+    return None
 
 
 #: The golden ratio's fractional part: steps ``s`` with ``frac(s * phi) < 1/n`` are about one in ``n``, spread
@@ -450,8 +560,12 @@ def is_measured_step(step: int, measure_every: int) -> bool:
 
 
 def _slope_of(module: nn.Module) -> Optional[float]:
-    """The derivative of ``module`` for non-positive outputs, if it is a ReLU or LeakyReLU; else None."""
-    if type(module) is nn.ReLU:
+    """The derivative of ``module`` for non-positive outputs, if it is a ReLU, ReLU6 or LeakyReLU; else None.
+
+    ReLU6 also passes no gradient at its cap, which `relumon.state.SiteStats` handles with the site's cap. RReLU's
+    training slope is random and PReLU's is learned: their gradient through is left unmeasured.
+    """
+    if type(module) is nn.ReLU or type(module) is nn.ReLU6:
         return 0.0
     if isinstance(module, nn.LeakyReLU):
         return float(module.negative_slope)
@@ -472,5 +586,5 @@ def _unit_dim_overrides(options: Options, names: list[str]) -> dict[str, int]:
 
 
 def _is_functional(path: str) -> bool:
-    """Whether ``path`` names a functional call site, ``[<module path>.]F.relu`` or ``F.leaky_relu``."""
+    """Whether ``path`` names a functional call site, ``[<module path>.]F.relu``, ``F.relu6`` or ``F.leaky_relu``."""
     return _FUNCTIONAL_SITE.match(path) is not None

@@ -39,8 +39,9 @@ class LayerReport:
         samples: batch rows seen in the window (training forwards only).
         forwards: training forwards seen in the window.
         backward_passes: backward passes through this site in the window.
-        dead_units: units whose output was ``<= 0`` for every sample and position: 0 for ReLU (dead), negative
-            for LeakyReLU (stuck in the negative regime). 0 when ``samples == 0``.
+        dead_units: units whose output was ``<= 0`` for every sample and position: 0 for ReLU and ReLU6 (dead),
+            negative for LeakyReLU, PReLU and RReLU (stuck in the negative regime). 0 when ``samples == 0`` or
+            ``counts_dead`` is False.
         nonfinite_units: units that produced NaN in the window; they count neither as dead nor alive.
         grad_norm: mean over the window's backward passes of ``||dL/d(output)||_2``; NaN without a backward pass.
             Each forward contributes the first gradient that reaches its output, once: later passes through the
@@ -65,6 +66,17 @@ class LayerReport:
             0 means the figures are exact (`exact`).
         confirming: the window was sampled and found every unit dead, or a jump in the dead fraction; relumon
             measures this site on every call of the next window and alerts only if that exact window agrees.
+        saturated_units: for a capped activation (ReLU6), units whose output was the cap for every sample and
+            position: like dead units they pass no gradient. 0 for activations without a cap.
+        cap: the activation's cap (6.0 for ReLU6), or None.
+        counts_dead: False for activations outside the ReLU family (Tanh, Sigmoid...), which get gradient flow only:
+            their ``dead_units`` and ``saturated_units`` are 0 and ``dead_fraction`` is NaN.
+        caused_by: for a layer whose every unit was dead or saturated because an upstream death left it no signal,
+            the name of the cascade's **root** (the first dead site no upstream death explains); None for roots and
+            for live layers. See `relumon.cascade` for the rule.
+        consequences: for a root, the names of the dead sites it explains, in forward order.
+        blocked_by: for a layer whose output gradient was exactly 0, the dead (or saturated) layer downstream that
+            passes no gradient back to it, where one explains it; else None.
     """
 
     name: str
@@ -100,10 +112,17 @@ class LayerReport:
         """True when every training call of the window was measured: the figures are exact, not sampled."""
         return self.unmeasured_calls == 0
 
+    saturated_units: int = 0
+    cap: Optional[float] = None
+    counts_dead: bool = True
+    caused_by: Optional[str] = None
+    consequences: tuple[str, ...] = ()
+    blocked_by: Optional[str] = None
+
     @property
     def dead_fraction(self) -> float:
-        """``dead_units / units``; NaN when the window saw no sample of this site."""
-        if self.samples == 0:
+        """``dead_units / units``; NaN when the window saw no sample of this site, or it does not count dead units."""
+        if self.samples == 0 or not self.counts_dead:
             return math.nan
         return self.dead_units / self.units
 
@@ -117,7 +136,25 @@ class LayerReport:
     @property
     def all_dead(self) -> bool:
         """True when the window saw samples and every unit was dead."""
-        return self.samples > 0 and self.dead_units == self.units
+        return self.samples > 0 and self.counts_dead and self.dead_units == self.units
+
+    @property
+    def all_dead_or_saturated(self) -> bool:
+        """True when the window saw samples and every unit was dead (or stuck negative) or saturated at its cap."""
+        return self.samples > 0 and self.counts_dead and self.dead_units + self.saturated_units == self.units
+
+    @property
+    def carries_no_signal(self) -> bool:
+        """Every unit output a constant (0, or the cap) for the whole window: nothing passes forward or back.
+
+        A layer stuck in the negative regime still passes a (scaled) signal, so it is not silent.
+        """
+        return self.all_dead_or_saturated and not self.negative_regime
+
+    @property
+    def is_root(self) -> bool:
+        """Every unit dead or saturated, and no upstream death explains it: the root of a (possibly 1-site) cascade."""
+        return self.all_dead_or_saturated and self.caused_by is None
 
     @property
     def dead_indices(self) -> list[int]:
@@ -142,8 +179,10 @@ class LayerReport:
             "samples": self.samples,
             "forwards": self.forwards,
             "backward_passes": self.backward_passes,
-            "dead_units": self.dead_units,
+            "counts_dead": self.counts_dead,
+            "dead_units": self.dead_units if self.counts_dead else None,
             "dead_fraction": _nan_to_none(self.dead_fraction),
+            "saturated_units": self.saturated_units if self.counts_dead else None,
             "nonfinite_units": self.nonfinite_units,
             "grad_norm": _nan_to_none(self.grad_norm),
             "grad_through_norm": _nan_to_none(self.grad_through_norm),
@@ -159,6 +198,9 @@ class LayerReport:
             "unmeasured_calls": self.unmeasured_calls,
             "exact": self.exact,
             "confirming": self.confirming,
+            "caused_by": self.caused_by,
+            "consequences": list(self.consequences),
+            "blocked_by": self.blocked_by,
         }
 
     def _repr_html_(self) -> str:
@@ -220,8 +262,13 @@ class Report:
 
     @property
     def dead_layers(self) -> list[LayerReport]:
-        """Layers whose every unit was dead in this window."""
-        return [layer for layer in self.layers if layer.all_dead]
+        """Layers whose every unit was dead (or stuck negative, or saturated at its cap) in this window."""
+        return [layer for layer in self.layers if layer.all_dead_or_saturated]
+
+    @property
+    def roots(self) -> list[LayerReport]:
+        """Dead layers that no upstream death explains: one per dead cascade, each with its ``consequences``."""
+        return [layer for layer in self.layers if layer.is_root]
 
     @property
     def samples(self) -> int:
@@ -230,39 +277,54 @@ class Report:
 
     @property
     def dead_fraction(self) -> float:
-        """Dead units over all units of the sites that saw samples; NaN if none did."""
-        seen = [layer for layer in self.layers if layer.samples > 0]
+        """Dead units over all units of the sites that saw samples and count dead units; NaN if none did."""
+        seen = [layer for layer in self.layers if layer.samples > 0 and layer.counts_dead]
         units = sum(layer.units for layer in seen)
         return sum(layer.dead_units for layer in seen) / units if units else math.nan
 
     def scalars(self, prefix: str = "relumon") -> dict[str, float]:
         """Scalar values keyed by TensorBoard tag.
 
-        Per site ``<prefix>/dead_fraction/<name>``, ``<prefix>/dead_units/<name>``, ``<prefix>/revived/<name>``,
-        ``<prefix>/permanently_dead/<name>`` and, when a backward pass ran, ``<prefix>/grad_norm/<name>``;
-        ``<prefix>/grad_through_norm/<name>`` with ``grad_through``; ``<prefix>/nonfinite_units/<name>`` when
-        non-zero; ``<prefix>/dormant_fraction/<name>`` with ``dormant_tau``; and ``<prefix>/summary/dead_fraction``
-        over all units. Sites that saw no sample in the
-        window are left out, so no NaN is ever logged.
+        Per site that counts dead units: ``<prefix>/dead_fraction/<name>``, ``<prefix>/dead_units/<name>``,
+        ``<prefix>/revived/<name>``, ``<prefix>/permanently_dead/<name>``, ``<prefix>/root_death/<name>`` (1 when every
+        unit was dead or saturated and no upstream death explains it, else 0), ``<prefix>/consequence/<name>`` (1
+        when an upstream death explains it) and, for a capped activation (ReLU6), ``<prefix>/saturated_units/<name>``.
+        Per site, when a backward pass ran: ``<prefix>/grad_norm/<name>`` and ``<prefix>/blocked/<name>`` (1 when a
+        dead layer downstream blocked its gradient). ``<prefix>/grad_through_norm/<name>`` with ``grad_through``;
+        ``<prefix>/nonfinite_units/<name>`` when non-zero; ``<prefix>/dormant_fraction/<name>`` with ``dormant_tau``.
+        Over the window: ``<prefix>/summary/dead_fraction`` over all counted units, ``<prefix>/summary/root_deaths``
+        and ``<prefix>/summary/consequence_deaths``. Sites that saw no sample in the window are left out, so no NaN
+        is ever logged; activations outside the ReLU family (``counts_dead`` False) get the gradient scalars only.
         """
         out: dict[str, float] = {}
         for layer in self.layers:
             if layer.samples == 0:
                 continue
-            out[f"{prefix}/dead_fraction/{layer.tag}"] = layer.dead_fraction
-            out[f"{prefix}/dead_units/{layer.tag}"] = float(layer.dead_units)
+            if layer.counts_dead:
+                out[f"{prefix}/dead_fraction/{layer.tag}"] = layer.dead_fraction
+                out[f"{prefix}/dead_units/{layer.tag}"] = float(layer.dead_units)
+                if layer.cap is not None:
+                    out[f"{prefix}/saturated_units/{layer.tag}"] = float(layer.saturated_units)
             if layer.backward_passes > 0 and math.isfinite(layer.grad_norm):
                 out[f"{prefix}/grad_norm/{layer.tag}"] = layer.grad_norm
+                out[f"{prefix}/blocked/{layer.tag}"] = float(layer.blocked_by is not None)
             if math.isfinite(layer.grad_through_norm):
                 out[f"{prefix}/grad_through_norm/{layer.tag}"] = layer.grad_through_norm
             if layer.nonfinite_units:
                 out[f"{prefix}/nonfinite_units/{layer.tag}"] = float(layer.nonfinite_units)
-            out[f"{prefix}/revived/{layer.tag}"] = float(layer.revived_units)
-            out[f"{prefix}/permanently_dead/{layer.tag}"] = float(layer.permanently_dead_units)
+            if layer.counts_dead:
+                out[f"{prefix}/revived/{layer.tag}"] = float(layer.revived_units)
+                out[f"{prefix}/permanently_dead/{layer.tag}"] = float(layer.permanently_dead_units)
+                out[f"{prefix}/root_death/{layer.tag}"] = float(layer.is_root)
+                out[f"{prefix}/consequence/{layer.tag}"] = float(layer.caused_by is not None)
             if layer.dormant_units is not None:
                 out[f"{prefix}/dormant_fraction/{layer.tag}"] = layer.dormant_fraction
         if out:
-            out[f"{prefix}/summary/dead_fraction"] = self.dead_fraction
+            if any(layer.samples > 0 and layer.counts_dead for layer in self.layers):
+                out[f"{prefix}/summary/dead_fraction"] = self.dead_fraction
+            roots = self.roots
+            out[f"{prefix}/summary/root_deaths"] = float(len(roots))
+            out[f"{prefix}/summary/consequence_deaths"] = float(sum(len(r.consequences) for r in roots))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,18 +379,25 @@ class Report:
 
     def __str__(self) -> str:
         show_nan = any(layer.nonfinite_units for layer in self.layers)
-        header: tuple[str, ...] = ("layer", "kind", "units", "samples", "dead", "dead %", "grad norm", "fed by")
-        header += ("NaN units",) if show_nan else ()
+        show_sat = any(layer.cap is not None for layer in self.layers)
+        notes = [_note(layer) for layer in self.layers]
+        header: tuple[str, ...] = ("layer", "kind", "units", "samples", "dead", "dead %")
+        header += ("saturated",) if show_sat else ()
+        header += ("grad norm", "fed by") + (("NaN units",) if show_nan else ()) + (("note",) if any(notes) else ())
         rows = []
-        for layer in self.layers:
-            mark = ("?" if layer.confirming else "*") if layer.all_dead else ""
-            dead = f"{layer.dead_units}{mark}"
-            frac = "-" if layer.samples == 0 else f"{100 * layer.dead_fraction:.1f}%"
+        for layer, note in zip(self.layers, notes):
+            counted = layer.counts_dead and layer.samples > 0
+            mark = ("?" if layer.confirming else "*") if layer.all_dead_or_saturated else ""
+            dead = f"{layer.dead_units}{mark}" if counted else "-"
+            frac = f"{100 * layer.dead_fraction:.1f}%" if counted else "-"
             grad = "-" if layer.backward_passes == 0 else f"{layer.grad_norm:.3e}"
-            row = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac, grad, layer.fed_by or "-")
-            rows.append(row + ((str(layer.nonfinite_units),) if show_nan else ()))
+            row: tuple[str, ...] = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac)
+            if show_sat:
+                row += (str(layer.saturated_units) if counted and layer.cap is not None else "-",)
+            row += (grad, layer.fed_by or "-") + ((str(layer.nonfinite_units),) if show_nan else ())
+            rows.append(row + ((note,) if any(notes) else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        right = {2, 3, 4, 5, 6, 8}
+        right = {i for i, h in enumerate(header) if h not in ("layer", "kind", "fed by", "note")}
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
@@ -337,9 +406,9 @@ class Report:
         lines = [self._title(), fmt(header)]
         lines.append("  ".join("-" * w for w in widths))
         lines.extend(fmt(r) for r in rows)
-        if any(layer.all_dead and not layer.confirming for layer in self.layers):
-            lines.append("* every unit dead (or stuck negative) in this window")
-        if any(layer.all_dead and layer.confirming for layer in self.layers):
+        if any(layer.all_dead_or_saturated and not layer.confirming for layer in self.layers):
+            lines.append("* every unit dead (or stuck negative, or saturated) in this window")
+        if any(layer.all_dead_or_saturated and layer.confirming for layer in self.layers):
             lines.append(
                 "? every measured unit dead in a sampled window: relumon measures every call of the next window to "
                 "confirm before alerting"
@@ -367,7 +436,10 @@ class _Column:
 
 
 def _dead_cell(x: LayerReport) -> str:
-    return f"{x.dead_units} of {x.units}" + ("*" if x.all_dead else "")
+    if not (x.counts_dead and x.samples > 0):
+        return "-"
+    mark = ("?" if x.confirming else "*") if x.all_dead_or_saturated else ""
+    return f"{x.dead_units} of {x.units}{mark}"
 
 
 def _percent(x: float) -> str:
@@ -385,7 +457,13 @@ _HTML_COLUMNS: tuple[_Column, ...] = (
     _Column("units", "features or channels", lambda x: str(x.units)),
     _Column("samples", "batch rows measured in the window", lambda x: str(x.samples)),
     _Column("dead", "units with output <= 0 for every measured sample", _dead_cell),
-    _Column("dead %", "dead units over units", lambda x: "-" if x.samples == 0 else _percent(x.dead_fraction)),
+    _Column("dead %", "dead units over units", lambda x: _percent(x.dead_fraction)),
+    _Column(
+        "saturated",
+        "units at the cap (6 for ReLU6) for every measured sample: like dead units they pass no gradient",
+        lambda x: str(x.saturated_units) if x.counts_dead and x.samples > 0 and x.cap is not None else "-",
+        shown=lambda report: any(layer.cap is not None for layer in report),
+    ),
     _Column("grad norm", _GRAD_NORM_NOTE, lambda x: "-" if x.backward_passes == 0 else _norm(x.grad_norm)),
     _Column("fed by", "the module whose output fed the activation", lambda x: x.fed_by or "-", "left"),
     _Column(
@@ -394,18 +472,27 @@ _HTML_COLUMNS: tuple[_Column, ...] = (
         lambda x: str(x.nonfinite_units),
         shown=lambda report: any(layer.nonfinite_units for layer in report),
     ),
+    _Column(
+        "note",
+        "a dead layer's place in its cascade (root or caused by), or the dead layer that blocks a zero gradient",
+        lambda x: _note(x),
+        "left",
+        shown=lambda report: any(_note(layer) for layer in report),
+    ),
 )
 
 # Row states, highlighted in the HTML table: a CSS class and its inline style. Adding a state is one line in each.
 _ROW_STATES: tuple[tuple[str, Callable[[LayerReport], bool]], ...] = (
-    ("dead", lambda x: x.all_dead and not x.negative_regime),
+    ("dead", lambda x: x.all_dead_or_saturated and not x.negative_regime and x.caused_by is None),
     ("negative regime", lambda x: x.all_dead and x.negative_regime),
+    ("consequence", lambda x: x.caused_by is not None),
     ("half or more dead", lambda x: x.samples > 0 and not x.all_dead and x.dead_fraction >= 0.5),
     ("no samples", lambda x: x.samples == 0),
 )
 _STATE_STYLES: dict[str, str] = {
     "dead": "background-color:#f4c7c9",
     "negative regime": "background-color:#ddd5ec",
+    "consequence": "background-color:#fbe7e8",
     "half or more dead": "background-color:#f8dcc6",
     "no samples": "color:#888888",
 }
@@ -427,6 +514,10 @@ _HTML_FACTS: tuple[tuple[str, Callable[[LayerReport], str]], ...] = (
     ("revived", lambda x: f"{x.revived_units} this window, {x.revived_total} in all"),
     ("permanently dead", lambda x: str(x.permanently_dead_units)),
     ("dormant", lambda x: "" if x.dormant_units is None else f"{x.dormant_units} ({_percent(x.dormant_fraction)})"),
+    ("saturated", lambda x: f"{x.saturated_units} of {x.units} at {x.cap:g}" if x.cap is not None else ""),
+    ("caused by", lambda x: f"the death of `{x.caused_by}` upstream" if x.caused_by else ""),
+    ("consequences", lambda x: ", ".join(x.consequences)),
+    ("blocked by", lambda x: f"`{x.blocked_by}`" if x.blocked_by else ""),
     ("fed by", lambda x: x.fed_by or ""),
     ("blame", lambda x: x.blame or ""),
 )
@@ -445,6 +536,18 @@ def _row_style(layer: LayerReport) -> str:
     return ";".join(_STATE_STYLES[state] for state in _row_classes(layer))
 
 
+def _note(layer: LayerReport) -> str:
+    """The table's note on a layer: its place in a dead cascade, or what blocks its gradient."""
+    notes = []
+    if layer.caused_by is not None:
+        notes.append(f"caused by `{layer.caused_by}`")
+    elif layer.consequences:
+        notes.append(f"root: {len(layer.consequences)} downstream dead")
+    if layer.blocked_by is not None and layer.caused_by is None:
+        notes.append(f"blocked by `{layer.blocked_by}`")
+    return "; ".join(notes)
+
+
 def _nan_to_none(x: float) -> Optional[float]:
     """NaN as None, for strict JSON."""
     return None if math.isnan(x) else x
@@ -455,16 +558,25 @@ def _plural(n: int, word: str) -> str:
 
 
 def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimizer_steps: Optional[int] = None) -> str:
-    """The alert text for a layer whose every unit died: names the layer, the window and what to try.
+    """The alert text for a layer whose every unit died (or saturated): names the layer, the window, what to try and
+    the call sites downstream that died with it.
 
     Args:
-        layer: the layer's report.
+        layer: the layer's report (a root, see [`LayerReport.caused_by`][relumon.LayerReport]).
         steps: training steps in the window; defaults to the calls of the layer in the window (measured or not).
         optimizer_steps: optimizer steps in the window, when they differ from training steps (gradient
             accumulation in Lightning, where a training step is a micro-batch).
     """
     steps = steps or (layer.forwards + layer.unmeasured_calls)
-    what = "stuck in the negative regime" if layer.negative_regime else "dead (output 0)"
+    cap = f"{layer.cap:g}" if layer.cap is not None else ""
+    if layer.negative_regime:
+        what = "stuck in the negative regime"
+    elif layer.saturated_units == layer.units:
+        what = f"saturated at {cap} (output {cap} everywhere)"
+    elif layer.saturated_units:
+        what = f"dead (output 0) or saturated at {cap} ({layer.dead_units} dead, {layer.saturated_units} saturated)"
+    else:
+        what = "dead (output 0)"
     measured = f", {layer.forwards} of them measured" if layer.forwards < steps else ""
     if optimizer_steps and optimizer_steps != steps:
         window = (
@@ -479,6 +591,11 @@ def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimize
             f"Its units still pass alpha*gradient, but the layer carries no positive signal. "
             f"Try a lower learning rate, or the init or bias of {feeder}."
         )
+    elif layer.saturated_units:
+        why = (
+            f"Saturated {layer.kind} units pass no gradient, like dead ones, so the weights feeding them stop "
+            f"learning. Try a lower learning rate, or the init, bias or normalisation of {feeder}."
+        )
     else:
         why = (
             f"Dead ReLU units get no gradient, so the weights feeding them stop learning. "
@@ -490,4 +607,9 @@ def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimize
     )
     if layer.blame:
         message += f" Blame: {layer.blame}."
+    if layer.consequences:
+        n = len(layer.consequences)
+        shown = ", ".join(f"`{name}`" for name in layer.consequences[:3])
+        more = f" and {n - 3} more" if n > 3 else ""
+        message += f" {n} call site{'s' if n != 1 else ''} downstream died with it, left without signal: {shown}{more}."
     return message

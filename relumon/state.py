@@ -7,11 +7,15 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
   LeakyReLU output is ``< 0`` exactly where its pre-activation is, so ``peak <= 0`` means stuck in the negative
   regime. ``torch.maximum`` propagates NaN, so a unit that produced NaN has a NaN peak and counts as *non-finite*,
   neither dead nor alive.
+- ``floor`` (only for a capped activation, ReLU6): float32 per unit, the smallest output seen (``+inf`` before any).
+  A unit whose floor is ``>= cap`` output the cap (6) for every sample and position: it is *saturated* and, like a
+  dead unit, passes no gradient. One ``amin`` per measured call, for capped sites only.
 - ``abs_sum`` (only with ``track_abs``, for the dormant score): float32 per unit, the sum of ``|activation|``, and
   ``positions``, the number of values summed per unit.
 - ``through_sum``, ``through_passes`` (only with a ``through_slope``): the summed norm of the gradient that flows
   *through* the activation, ``dL/d(pre-activation) = dL/d(output) * f'``, where ``f'`` is 1 for a positive output and
-  the slope (0 for ReLU, alpha for LeakyReLU) elsewhere, and the number of backward passes it was taken in.
+  the slope (0 for ReLU, alpha for LeakyReLU) elsewhere (and 0 at a ReLU6's cap), and the number of backward passes
+  it was taken in.
 - ``grad_norm_sum``: float64, shape ``(1,)``, the summed gradient norms of the backward passes whose norm was finite,
   and ``nonfinite_passes``, the passes whose norm was inf or NaN (a ``GradScaler`` overflow step, which it skips):
   they are left out of the mean and counted instead.
@@ -29,7 +33,7 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
 
 Per training step the hooks only launch in-place kernels on device tensors and add to host ints: nothing is read
 back from the device until `gather` runs at report time. Across processes the peaks reduce with MAX (a unit is alive
-if it fired on any rank) and the counts and sums with SUM.
+if it fired on any rank), the floors with MIN and the counts and sums with SUM.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class SiteStats:
         track_abs: also sum ``|activation|`` per unit, for the dormant score.
         through_slope: also measure the gradient that flows through the activation, whose derivative is 1 for a
             positive output and ``through_slope`` elsewhere. None (the default) does not.
+        cap: the activation's upper cap (6 for ReLU6), or None. With a cap, each unit's smallest output is kept too
+            (saturation), and the gradient through is 0 at the cap.
     """
 
     __slots__ = (
@@ -75,6 +81,8 @@ class SiteStats:
         "ndim",
         "reduce_dims",
         "peak",
+        "cap",
+        "floor",
         "samples",
         "forwards",
         "backwards",
@@ -107,12 +115,17 @@ class SiteStats:
         on_backward: Callable[[], None] = lambda: None,
         track_abs: bool = False,
         through_slope: Optional[float] = None,
+        cap: Optional[float] = None,
     ) -> None:
         self.units = units
         self.unit_dim = unit_dim
         self.ndim = ndim
         self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
         self.peak = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
+        self.cap = cap
+        self.floor: Optional[Tensor] = None
+        if cap is not None:
+            self.floor = torch.full((units,), math.inf, dtype=torch.float32, device=device)
         self.samples, self.forwards, self.backwards, self.grad_norm_sum, self.nonfinite_passes, self.unmeasured = (
             torch.zeros(1, dtype=torch.float64, device=device) for _ in range(_COUNTERS)
         )
@@ -151,6 +164,9 @@ class SiteStats:
                 self.positions.add_(x.numel() // self.units)
             else:
                 self.n_positions += x.numel() // self.units
+        if self.floor is not None:
+            low = x.amin(dim=self.reduce_dims) if self.reduce_dims else x
+            torch.minimum(self.floor, low, out=self.floor)
         if self.reduce_dims:
             x = x.amax(dim=self.reduce_dims)
         torch.maximum(self.peak, x, out=self.peak)
@@ -206,7 +222,13 @@ class SiteStats:
         return first_grad_hook
 
     def _first_grad_and_through_hook(self, out: Tensor) -> Callable[[Tensor], None]:
-        stats, slope, through_sum, grad_scale = self, self.through_slope, self.through_sum, self._grad_scale
+        stats, slope, through_sum, grad_scale, cap = (
+            self,
+            self.through_slope,
+            self.through_sum,
+            self._grad_scale,
+            self.cap,
+        )
         version = out._version
         seen = [False]
 
@@ -219,6 +241,8 @@ class SiteStats:
             stats.n_backwards += 1
             if slope is not None and through_sum is not None and out._version == version:
                 positive = out.detach() > 0
+                if cap is not None:  # ReLU6: no gradient at the cap either
+                    positive &= out.detach() < cap
                 flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
                 through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
                 stats.n_through_passes += 1
@@ -232,11 +256,13 @@ class SiteStats:
         if self.through_slope is None or self.through_sum is None or self.through_passes is None:
             return self.grad_hook
         slope, through_sum, through_passes = self.through_slope, self.through_sum, self.through_passes
-        grad_hook, grad_scale = self.grad_hook, self._grad_scale
+        grad_hook, grad_scale, cap = self.grad_hook, self._grad_scale, self.cap
 
         def grad_and_through_hook(grad: Tensor) -> None:
             grad_hook(grad)
             g, positive = grad.detach(), out.detach() > 0
+            if cap is not None:  # ReLU6: no gradient at the cap either
+                positive &= out.detach() < cap
             flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
             through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
             through_passes.add_(1)
@@ -276,9 +302,23 @@ class SiteStats:
         """Length of ``sum_state()``."""
         return sum(t.numel() for t in self._sums())
 
+    def peak_state(self) -> Tensor:
+        """Everything that combines across ranks by MAX, as one float32 tensor: the peaks, then, with a cap, the
+        negated floors (the MAX of negated floors is minus their MIN)."""
+        if self.floor is None:
+            return self.peak
+        return torch.cat([self.peak, -self.floor])
+
+    @property
+    def peak_state_size(self) -> int:
+        """Length of ``peak_state()``."""
+        return self.units * (2 if self.floor is not None else 1)
+
     def reset(self) -> None:
         """Start a new window."""
         self.peak.fill_(-math.inf)
+        if self.floor is not None:
+            self.floor.fill_(math.inf)
         for tensor in self._sums():
             tensor.zero_()
         self.n_samples = self.n_forwards = self.n_backwards = self.n_through_passes = self.n_positions = 0
@@ -335,6 +375,7 @@ class GatheredSite:
     abs_sum: Optional[Tensor] = None  # float64, CPU, with track_abs
     through_passes: int = 0
     through_sum: float = 0.0
+    floor: Optional[Tensor] = None  # float32, CPU, for a capped activation
 
 
 @dataclass(frozen=True)
@@ -346,6 +387,7 @@ class SiteLayout:
         units: the number of units (the length of its peaks).
         through: whether it keeps the through-gradient sums.
         abs_sum: whether it keeps the dormant-score sums.
+        capped: whether it keeps a per-unit floor (a capped activation, for saturation).
         info: plain data that describes the site (picklable), handed back with its figures, so that a rank can
             report a site only another rank has run.
     """
@@ -354,20 +396,28 @@ class SiteLayout:
     units: int
     through: bool
     abs_sum: bool
+    capped: bool = False
     info: Any = None
+
+    @property
+    def peak_size(self) -> int:
+        """Length of the site's MAX-reduced state (see `SiteStats.peak_state`)."""
+        return self.units * (2 if self.capped else 1)
 
     @property
     def sum_size(self) -> int:
         """Length of the site's SUM-reduced state (see `SiteStats.sum_state`)."""
         return _COUNTERS + (2 if self.through else 0) + (1 + self.units if self.abs_sum else 0)
 
-    def key(self) -> tuple[str, int, bool, bool]:
-        return (self.name, self.units, self.through, self.abs_sum)
+    def key(self) -> tuple[str, int, bool, bool, bool]:
+        return (self.name, self.units, self.through, self.abs_sum, self.capped)
 
 
 def layout_of(name: str, stats: SiteStats, info: Any = None) -> SiteLayout:
     """The `SiteLayout` of a local site."""
-    return SiteLayout(name, stats.units, stats.through_sum is not None, stats.abs_sum is not None, info)
+    return SiteLayout(
+        name, stats.units, stats.through_sum is not None, stats.abs_sum is not None, stats.floor is not None, info
+    )
 
 
 def distributed_world_size() -> int:
@@ -438,11 +488,11 @@ def gather(sites: Sequence[tuple[SiteLayout, SiteStats]], sync_dist: bool) -> li
     peaks, sums, host_counts = [], [], []
     for layout, stats in zip(layouts, local):
         if stats is None:  # a site only other ranks ran: it takes part with nothing seen
-            peaks.append(torch.full((layout.units,), -math.inf, dtype=torch.float32, device=device))
+            peaks.append(torch.full((layout.peak_size,), -math.inf, dtype=torch.float32, device=device))
             sums.append(torch.zeros(layout.sum_size, dtype=torch.float64, device=device))
             host_counts += [0.0] * layout.sum_size
         else:
-            peaks.append(stats.peak.to(device))
+            peaks.append(stats.peak_state().to(device))
             sums.append(stats.sum_state().to(device))
             host_counts += stats.host_sum_state()
     all_peaks, all_sums = torch.cat(peaks), torch.cat(sums)
@@ -463,6 +513,8 @@ def gather(sites: Sequence[tuple[SiteLayout, SiteStats]], sync_dist: bool) -> li
             at += 2
         if layout.abs_sum:
             extra.update(positions=int(row[at]), abs_sum=row[at + 1 : at + 1 + layout.units])
+        if layout.capped:
+            extra.update(floor=-host_peaks[peak_at + layout.units : peak_at + 2 * layout.units])
         site = GatheredSite(
             peak=host_peaks[peak_at : peak_at + layout.units],
             samples=int(row[SAMPLES]),
@@ -474,6 +526,6 @@ def gather(sites: Sequence[tuple[SiteLayout, SiteStats]], sync_dist: bool) -> li
             **extra,
         )
         gathered.append((layout, site))
-        peak_at += layout.units
+        peak_at += layout.peak_size
         sum_at += layout.sum_size
     return gathered

@@ -20,18 +20,27 @@ METRICS: Mapping[str, str] = {
     "revived": "units revived in the window",
     "permanently_dead": "permanently dead units",
     "dormant_fraction": "tau-dormant fraction per layer",
+    "saturated_units": "units saturated at the cap (ReLU6)",
+    "root_death": "dead layers that start a cascade (roots)",
+    "consequence": "dead layers an upstream death explains",
+    "blocked": "layers whose gradient a dead layer blocks",
 }
 
 
 _LAYOUT_ATTRIBUTE = "_relumon_layouts"
 #: The chart of the overall dead fraction, for the tags ``<prefix>/summary/...``.
 _SUMMARY = "summary"
+#: The chart of root and consequence deaths, for the tags ``<prefix>/summary/..._deaths``.
+_CASCADES = "cascades"
 
 
 def logged_metrics(tags: Iterable[str], prefix: str = "relumon") -> set[str]:
     """The metrics (``dead_fraction``, ``grad_norm``..., ``summary``) that ``<prefix>/<metric>/...`` tags name."""
     start = f"{prefix}/"
-    return {tag[len(start) :].split("/", 1)[0] for tag in tags if tag.startswith(start)} & {*METRICS, _SUMMARY}
+    names = {tag[len(start) :].split("/", 1)[0] for tag in tags if tag.startswith(start)} & {*METRICS, _SUMMARY}
+    if any(tag.startswith(f"{start}{_SUMMARY}/") and tag.endswith("_deaths") for tag in tags):
+        names.add(_CASCADES)
+    return names
 
 
 def custom_scalars_layout(
@@ -44,10 +53,12 @@ def custom_scalars_layout(
         metrics: the metrics to chart (names from ``METRICS``, and ``"summary"`` for the overall dead fraction);
             None charts them all.
     """
-    wanted = {*METRICS, _SUMMARY} if metrics is None else set(metrics)
+    wanted = {*METRICS, _SUMMARY, _CASCADES} if metrics is None else set(metrics)
     charts = {title: ["Multiline", [rf"{prefix}/{metric}/.*"]] for metric, title in METRICS.items() if metric in wanted}
     if _SUMMARY in wanted:
-        charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/{_SUMMARY}/.*"]]
+        charts["overall dead fraction"] = ["Multiline", [rf"{prefix}/{_SUMMARY}/dead_fraction"]]
+    if _CASCADES in wanted:
+        charts["dead cascades: roots and consequences"] = ["Multiline", [rf"{prefix}/{_SUMMARY}/.*_deaths"]]
     return {prefix: charts}
 
 

@@ -92,3 +92,25 @@ def test_compiled_code_measures_every_step_whatever_measure_every() -> None:
         run(torch.compile(model), [torch.randn(4, 8) for _ in range(5)])
     report = monitor.report()
     assert report.steps == 5 and report["1"].forwards == 5 and report["1"].samples == 20
+
+
+def test_compiled_deaths_are_each_their_own_root() -> None:
+    """No eager autograd graph to walk under compile: upstream is unknown, so no death is called a consequence."""
+
+    def cascade() -> nn.Sequential:
+        model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+        with torch.no_grad():
+            model[0].bias.fill_(-1e3)  # act 1 dies...
+            model[2].bias.zero_()  # ...and leaves act 3 with an all-zero output
+        return model
+
+    inputs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    eager_model, compiled_model = cascade(), cascade()
+    with relumon.watch(eager_model, measure_every=1, on_dead="ignore") as eager:
+        run(eager_model, inputs)
+    with relumon.watch(compiled_model, measure_every=1, on_dead="ignore") as compiled:
+        run(torch.compile(compiled_model), inputs)
+    assert [x.name for x in eager.report().roots] == ["1"] and eager.last_report["3"].caused_by == "1"
+    report = compiled.report()
+    assert [x.name for x in report.dead_layers] == ["1", "3"]
+    assert [x.name for x in report.roots] == ["1", "3"] and all(x.caused_by is None for x in report)

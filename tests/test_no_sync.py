@@ -81,6 +81,18 @@ def test_training_steps_read_nothing_on_the_host(host_reads: list[str], options:
     assert host_reads, "the detector must see report()'s one transfer, or it detects nothing"
 
 
+def test_relu6_saturation_and_cascades_read_nothing_on_the_host(host_reads: list[str]) -> None:
+    from tests.nets import SmallMobileNetV2, SmallResNet, train
+
+    for model in (SmallMobileNetV2(), SmallResNet()):
+        with relumon.watch(model, measure_every=1, grad_through=True) as monitor:
+            train(model, steps=1)  # allocation step
+            host_reads.clear()
+            train(model, steps=2)
+            assert host_reads == []
+        assert monitor.report().layers[0].saturated_units == 0
+
+
 def test_reused_modules_and_eval_forwards_read_nothing_either(host_reads: list[str]) -> None:
     model = ReuseReLU()
     with relumon.watch(model, measure_every=1) as monitor:

@@ -137,12 +137,15 @@ def test_summary_prints_a_table_per_run(tmp_path: Path) -> None:
         "last",
         "grad",
         "norm",
+        "note",
     ]
     act1 = next(line.split() for line in lines if line.startswith("act1"))
     act2 = next(line.split() for line in lines if line.startswith("act2"))
     assert act2[1:4] == ["100.0%", "100.0%", "10"]  # dead from the first window, at step 10
     assert act1[3] == "-" and float(act1[1].rstrip("%")) >= 50.0
-    assert act1[4] == "0.000e+00"  # nothing flows back through the dead act2
+    assert act1[4] == "0.000e+00"  # nothing flows back through the dead act2...
+    assert " ".join(act1[5:]) == "gradient blocked by a dead layer downstream"  # ...and the table says so
+    assert " ".join(act2[5:]) == "root of a dead cascade"
 
 
 def test_summary_of_a_single_run_names_the_directory(tmp_path: Path) -> None:

@@ -106,7 +106,11 @@ def test_layout_charts_only_what_is_logged_and_grows_when_a_metric_appears(tmp_p
         "gradient norm at the activation output (L2 over the batch tensor)",
         "units revived in the window",
         "permanently dead units",
+        "dead layers that start a cascade (roots)",
+        "dead layers an upstream death explains",
+        "layers whose gradient a dead layer blocks",
         "overall dead fraction",
+        "dead cascades: roots and consequences",
     ]
     assert latest == first[:3] + ["units with NaN output"] + first[3:]
     assert "relumon/nonfinite_units/act1" in acc.Tags()["scalars"]
