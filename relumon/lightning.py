@@ -106,6 +106,19 @@ class ReluMonitor(OptionAttributes, Callback):
         self._last_logged_step = -1
         self._loaded_state: Optional[dict[str, Any]] = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Plain state for pickling (``ddp_spawn`` pickles every callback to start its workers).
+
+        Mid-fit, the live monitor (bound to the model's hooks) and the Trainer are left out; the monitor's checkpoint
+        state travels instead, so an unpickled callback resumes the same history when it is next set up.
+        """
+        state = dict(self.__dict__)
+        if self.monitor is not None:
+            state["_loaded_state"] = self.monitor.state_dict()
+        state["monitor"] = None
+        state["_trainer"] = None
+        return state
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(

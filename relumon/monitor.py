@@ -72,6 +72,7 @@ class Monitor(OptionAttributes):
         Calling the watched model itself, or a backward pass, already does this. Call it yourself only when a step
         calls submodules of the watched model directly (the Lightning callback does so before every batch).
         """
+        self._recorder.leave_stale_capture()
         self._recorder.start_step()
 
     @property
@@ -119,10 +120,15 @@ class Monitor(OptionAttributes):
             RelumonError: with ``on_dead="raise"``, when a layer's every unit is dead for the first time.
         """
         recorder = self._recorder
+        recorder.leave_stale_capture()
         step = recorder.steps_seen if step is None else step
         sites = list(recorder.sites)
-        gathered = gather([site.stats for site in sites], self._sync())
-        layers = [self._layer_report(site, g, step, reset) for site, g in zip(sites, gathered)]
+        synced = self._sync()
+        gathered = gather([site.stats for site in sites], synced)
+        # Under torch.distributed, blame may gather sharded parameters: only safe when every rank holds the same
+        # global report, hence decides to blame the same sites in the same order.
+        gather_sharded = synced or distributed_world_size() == 1
+        layers = [self._layer_report(site, g, step, reset, gather_sharded) for site, g in zip(sites, gathered)]
         # Compiled steps are measured but not counted (see the recorder): count them by their forwards then.
         steps = max(recorder.steps_seen - self._window_start, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
@@ -136,7 +142,7 @@ class Monitor(OptionAttributes):
             self._alert(report)
         return report
 
-    def _layer_report(self, site: Site, g: GatheredSite, step: int, close: bool) -> LayerReport:
+    def _layer_report(self, site: Site, g: GatheredSite, step: int, close: bool, gather_sharded: bool) -> LayerReport:
         units = site.stats.units
         seen = g.samples > 0
         dead_mask = g.peak <= 0 if seen else torch.zeros(units, dtype=torch.bool)
@@ -154,7 +160,7 @@ class Monitor(OptionAttributes):
         producer = site.feeding_module()
         if producer is not None and site.fed_by and seen:
             if dead_units == units or self._diagnosis.jumped(site.name, dead_fraction):
-                blamed = blame(site.name, site.fed_by, producer, dead_mask)
+                blamed = blame(site.name, site.fed_by, producer, dead_mask, gather_sharded=gather_sharded)
         if seen and close:
             self._diagnosis.remember(site.name, dead_fraction)
         return LayerReport(
@@ -182,6 +188,7 @@ class Monitor(OptionAttributes):
             dormant_units=dormant_units,
             dormant_scores=dormant_scores,
             blame=blamed,
+            disabled=site.disabled,
         )
 
     @property
@@ -290,6 +297,14 @@ class Monitor(OptionAttributes):
 
     def __enter__(self) -> Monitor:
         return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a relumon.Monitor is bound to the live model it watches (hooks, modules, on-device state) and cannot be "
+            "pickled or copied. Pickle `monitor.state_dict()` (plain data) or a `monitor.report()` instead, and keep "
+            "the Monitor out of objects you pickle, copy or torch.save (e.g. not as a model attribute). A pickled or "
+            "copied model is never watched by the original's monitor."
+        )
 
     def __exit__(self, *exc_info: Any) -> None:
         self.remove()

@@ -16,21 +16,36 @@ What the `Recorder` does:
   compiled code measures every step (a step counter read inside a graph would recompile it every step).
 - **Call-site discovery.** The first time a call index of a module runs, a `Site` is made
   with its unit dim (inferred from the module that fed it, see `relumon.units`) and its `relumon.state.SiteStats`.
+- **Never breaking the training step.** An unexpected exception inside these hooks disables the call site it
+  happened in (or the module, before its site exists), with one `RelumonWarning` naming both; the report marks the
+  site ``disabled``. ``RELUMON_STRICT=1`` re-raises instead. Calls under ``torch.func`` transforms are skipped, with
+  one warning. The module hooks are `relumon.hooks.OwnHook` objects, inert in pickled and copied models.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import weakref
+from types import FrameType
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from relumon.errors import warn
-from relumon.functional import ActivationCapture
-from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
+from relumon.errors import RelumonWarning, is_strict, warn
+from relumon.functional import ActivationCapture, leave_mode
+from relumon.hooks import (
+    OwnHook,
+    ProducerTracer,
+    frame_running,
+    in_backward,
+    in_functorch_transform,
+    is_compiling,
+    is_counted_forward,
+)
 from relumon.options import Options
 from relumon.state import SiteStats
 from relumon.units import infer_unit_dim
@@ -69,9 +84,22 @@ class Site:
         producer: a weak reference to that module.
         negative_regime: whether the activation passes negative values (LeakyReLU...).
         stats: the window's statistics.
+        disabled: why relumon stopped measuring this site (an error inside its hooks), or None.
+        grad_hook: the tensor hook registered on the site's outputs (``stats.grad_hook``, errors contained).
     """
 
-    __slots__ = ("name", "module_name", "call", "kind", "fed_by", "producer", "negative_regime", "stats")
+    __slots__ = (
+        "name",
+        "module_name",
+        "call",
+        "kind",
+        "fed_by",
+        "producer",
+        "negative_regime",
+        "stats",
+        "disabled",
+        "grad_hook",
+    )
 
     def __init__(
         self,
@@ -92,6 +120,8 @@ class Site:
         self.producer: Optional[weakref.ref[nn.Module]] = weakref.ref(producer) if producer is not None else None
         self.negative_regime = negative_regime
         self.stats = stats
+        self.disabled: Optional[str] = None
+        self.grad_hook: Callable[[Tensor], None] = stats.grad_hook
 
     def feeding_module(self) -> Optional[nn.Module]:
         """The module that fed this site, while it is alive."""
@@ -101,7 +131,7 @@ class Site:
 class _Watched:
     """A watched module: its path, its call counter for the current step and its sites by call index."""
 
-    __slots__ = ("name", "kind", "negative_regime", "unit_dim", "slope", "calls", "sites", "warned_shape")
+    __slots__ = ("name", "kind", "negative_regime", "unit_dim", "slope", "calls", "sites", "warned_shape", "disabled")
 
     def __init__(
         self, name: str, kind: str, negative_regime: bool, unit_dim: Optional[int], slope: Optional[float]
@@ -116,6 +146,8 @@ class _Watched:
         self.calls = 0
         self.sites: list[Site] = []
         self.warned_shape = False
+        #: Why the whole module was disabled (an error before its call site existed), or None.
+        self.disabled: Optional[str] = None
 
 
 class Recorder:
@@ -157,7 +189,9 @@ class Recorder:
         self._measuring = True  # this step is one of the measured ones
         #: Training steps with a counted forward since the recorder was attached.
         self.steps_seen = 0
-        self._module_stack: list[tuple[str, nn.Module]] = []
+        #: Running modules, with the frame of each module call (None under compile), for functional capture.
+        self._module_stack: list[tuple[str, nn.Module, Optional[FrameType]]] = []
+        self._warned_transform = False
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         try:
@@ -166,8 +200,9 @@ class Recorder:
                 negative = isinstance(module, NEGATIVE_REGIME_TYPES)
                 watched = _Watched(name, type(module).__name__, negative, unit, _slope_of(module))
                 self._watched[module] = watched
-                self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
-            self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
+                hook = OwnHook(functools.partial(self._observe, watched), module)
+                self._handles.append(module.register_forward_hook(hook))
+            self._handles.append(model.register_forward_pre_hook(OwnHook(self._on_root_forward, model)))
             self._tracer = ProducerTracer(model, skip={m for m in self._watched if isinstance(m, nn.Module)})
             if options.functional:
                 self._attach_functional(model)
@@ -177,62 +212,124 @@ class Recorder:
 
     # ------------------------------------------------------------------ module hooks
 
-    def _make_forward_hook(self, watched: _Watched) -> Callable[[nn.Module, Any, Any], None]:
-        def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
-            self._observe(watched, module, args, out)
-            return None
-
-        return forward_hook
-
     def _observe(self, watched: _Watched, module: nn.Module, args: Any, out: Any) -> None:
         """One call of a watched activation (``module`` decides whether it is a training forward)."""
-        if not isinstance(out, Tensor) or not is_counted_forward(module):
+        if not isinstance(out, Tensor) or not is_counted_forward(module) or watched.disabled is not None:
             return
-        if self._step_pending and not in_backward():
-            self.start_step()
-        if not self._in_step:  # the first counted forward of a step decides whether the step is measured
-            self._in_step = True
-            if is_compiling():
-                # A step counter read inside a compiled graph would be guarded on and recompile every step, so
-                # compiled code measures every step; inductor fuses the reductions into its kernels.
-                self._measuring = True
+        if not is_compiling() and in_functorch_transform():
+            self._skip_transformed(watched)
+            return
+        site: Optional[Site] = None
+        try:
+            if self._step_pending and not in_backward():
+                self.start_step()
+            if not self._in_step:  # the first counted forward of a step decides whether the step is measured
+                self._in_step = True
+                if is_compiling():
+                    # A step counter read inside a compiled graph would be guarded on and recompile every step, so
+                    # compiled code measures every step; inductor fuses the reductions into its kernels.
+                    self._measuring = True
+                else:
+                    self._measuring = self.steps_seen % self._measure_every == 0
+                    self.steps_seen += 1
+            call = watched.calls
+            watched.calls = call + 1
+            sites = watched.sites
+            site = sites[call] if call < len(sites) else _add_site_eagerly(self, watched, call, args, out)
+            if site is None or site.disabled is not None or not self._measuring or out.numel() == 0:
+                return  # (an empty batch adds no sample)
+            stats = site.stats
+            if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
+                obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
             else:
-                self._measuring = self.steps_seen % self._measure_every == 0
-                self.steps_seen += 1
-        call = watched.calls
-        watched.calls = call + 1
-        site: Optional[Site] = (
-            watched.sites[call] if call < len(watched.sites) else _add_site_eagerly(self, watched, call, args, out)
-        )
-        if site is None or not self._measuring or out.numel() == 0:  # an empty batch adds no sample
-            return
-        stats = site.stats
-        if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
-            obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
+                obs = out
+            if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
+                self._warn_shape(watched, site, out)
+                return
+            stats.observe(obs)
+            if self._track_grad and out.requires_grad:
+                if stats.through_slope is None:
+                    hook = site.grad_hook
+                else:
+                    hook = self._guard_grad_hook(watched, site, stats.grad_hook_for(out))
+                out.register_hook(hook)  # type: ignore[no-untyped-call]
+        except Exception as err:
+            self._disable(watched, site, err)
+
+    # ------------------------------------------------------------------ errors and transforms
+
+    def _disable(self, watched: _Watched, site: Optional[Site], err: Exception) -> None:
+        """Contain an unexpected error of relumon's per-step path: disable the call site (or, before it exists, the
+        module), say so once, and let training go on. ``RELUMON_STRICT=1`` re-raises instead."""
+        if is_strict():
+            raise err
+        reason = f"{type(err).__name__}: {err}"
+        if site is not None:
+            if site.disabled is not None:
+                return
+            site.disabled = reason
+            name = site.name
         else:
-            obs = out
-        if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
-            self._warn_shape(watched, site, out)
+            if watched.disabled is not None:
+                return
+            watched.disabled = reason
+            for known in watched.sites:
+                known.disabled = known.disabled or reason
+            name = watched.name or "root"
+        warn(
+            f"relumon: an error inside relumon's hooks at call site `{name}` ({reason}); relumon stops measuring this "
+            "site and training goes on. The report marks it `disabled`. Please report this; set RELUMON_STRICT=1 to "
+            "raise such errors instead.",
+            RelumonWarning,
+        )
+
+    def _guard_grad_hook(
+        self, watched: _Watched, site: Site, hook: Callable[[Tensor], None]
+    ) -> Callable[[Tensor], None]:
+        """``hook``, with its errors contained like the forward hook's (it runs inside the user's backward)."""
+
+        def guarded_grad_hook(grad: Tensor) -> None:
+            if site.disabled is not None:
+                return None
+            try:
+                hook(grad)
+            except Exception as err:
+                self._disable(watched, site, err)
+            return None
+
+        return guarded_grad_hook
+
+    def _skip_transformed(self, watched: _Watched) -> None:
+        if self._warned_transform:
             return
-        stats.observe(obs)
-        if self._track_grad and out.requires_grad:
-            hook = stats.grad_hook_for(out) if stats.through_slope is not None else stats.grad_hook
-            out.register_hook(hook)  # type: ignore[no-untyped-call]
+        self._warned_transform = True
+        warn(
+            f"relumon: `{watched.name or 'root'}` ran under a torch.func transform (vmap, grad, jacrev...). relumon "
+            "does not measure calls under transforms (their tensors are batched or wrapped views of the real "
+            "samples); ordinary training forwards before and after are measured as usual.",
+            RelumonWarning,
+        )
 
     # ------------------------------------------------------------------ functional calls (opt-in)
 
     def _attach_functional(self, model: nn.Module) -> None:
         """Track the running module on a stack; while any runs, a TorchFunctionMode catches F.relu calls."""
         for name, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._make_enter(name)))
-            self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+            self._handles.append(module.register_forward_pre_hook(OwnHook(self._make_enter(name), module)))
+            self._handles.append(module.register_forward_hook(OwnHook(self._exit_module, module), always_call=True))
 
     def _make_enter(self, name: str) -> Callable[[nn.Module, Any], None]:
         def enter(module: nn.Module, args: Any) -> None:
-            if not self._module_stack and not is_compiling():
+            stack = self._module_stack
+            if is_compiling():  # frames do not trace; the mode is eager-only anyway
+                stack.append((name, module, None))
+                return None
+            if stack and not self._stack_running():
+                self.leave_stale_capture()  # a forward ended by a BaseException left its modules on the stack
+            if not stack:
                 self._capture = ActivationCapture(self._on_functional_call)
                 self._capture.__enter__()  # type: ignore[no-untyped-call]
-            self._module_stack.append((name, module))
+            stack.append((name, module, _module_call_frame()))
             return None
 
         return enter
@@ -247,12 +344,28 @@ class Recorder:
     def _exit_capture(self) -> None:
         if self._capture is not None:
             capture, self._capture = self._capture, None
-            capture.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+            leave_mode(capture)
+
+    def _stack_running(self) -> bool:
+        """Whether the innermost module call on the stack still runs (False after a BaseException ended it)."""
+        frame = self._module_stack[-1][2]
+        return frame is None or frame_running(frame)
+
+    def leave_stale_capture(self) -> None:
+        """Leave the functional capture if the forward that entered it ended without leaving it.
+
+        Python runs no hook when a ``BaseException`` such as ``KeyboardInterrupt`` unwinds a forward, so the mode
+        stays on the stack until relumon runs again: the next forward of the model, ``report()``, ``new_step()`` or
+        ``remove()`` call this. Calls caught meanwhile are not recorded.
+        """
+        if self._module_stack and not self._stack_running():
+            self._module_stack.clear()
+            self._exit_capture()
 
     def _on_functional_call(self, fn: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        if not self._module_stack:
+        if not self._module_stack or not self._stack_running():
             return
-        path, module = self._module_stack[-1]
+        path, module, _ = self._module_stack[-1]
         if module in self._watched:  # nn.ReLU calling F.relu: the module's own hook counts it
             return
         site_path = f"{path}.F.{fn}" if path else f"F.{fn}"
@@ -267,7 +380,12 @@ class Recorder:
     # ------------------------------------------------------------------ step boundaries
 
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
-        self.start_step()
+        try:
+            self.start_step()
+        except Exception as err:  # pragma: no cover - start_step only resets counters
+            if is_strict():
+                raise
+            warn(f"relumon: an error inside relumon's step boundary ({type(err).__name__}: {err})", RelumonWarning)
         return None
 
     def _on_backward(self) -> None:
@@ -340,6 +458,7 @@ class Recorder:
             negative_regime=watched.negative_regime,
             stats=stats,
         )
+        site.grad_hook = self._guard_grad_hook(watched, site, stats.grad_hook)
         # A call index can only be new if every lower one exists (calls count up from 0 each step).
         watched.sites.append(site)
         self.sites.append(site)
@@ -384,6 +503,19 @@ class Recorder:
 @torch._dynamo.disable  # type: ignore[untyped-decorator]
 def _add_site_eagerly(recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
     return recorder._make_site(watched, call, args, out)
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _module_call_frame() -> Optional[FrameType]:
+    """The frame of the ``nn.Module._call_impl`` that is running our forward (pre-)hook, if found nearby."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    for _ in range(8):
+        if frame is None or frame.f_code is _CALL_IMPL:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _slope_of(module: nn.Module) -> Optional[float]:

@@ -53,6 +53,8 @@ class LayerReport:
         blame: for a layer that died or whose dead fraction jumped, facts about the module that fed it.
         grad_through_norm: with ``grad_through=True``, the mean over backward passes of the L2 norm of the gradient
             that flows through the activation to the layer below (``dL/d(pre-activation)``); else NaN.
+        disabled: None, or why relumon stopped measuring this site: an unexpected error inside its hooks (e.g.
+            ``"RuntimeError: ..."``), contained so that training goes on. Its figures cover the time before.
     """
 
     name: str
@@ -79,6 +81,7 @@ class LayerReport:
     dormant_scores: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
     blame: Optional[str] = None
     grad_through_norm: float = math.nan
+    disabled: Optional[str] = None
 
     @property
     def dead_fraction(self) -> float:
@@ -135,6 +138,7 @@ class LayerReport:
             "dormant_units": self.dormant_units,
             "dormant_fraction": _nan_to_none(self.dormant_fraction),
             "blame": self.blame,
+            "disabled": self.disabled,
         }
 
 
@@ -242,7 +246,7 @@ class Report:
         header += ("NaN units",) if show_nan else ()
         rows = []
         for layer in self.layers:
-            dead = f"{layer.dead_units}" + ("*" if layer.all_dead else "")
+            dead = f"{layer.dead_units}" + ("*" if layer.all_dead else "") + ("!" if layer.disabled else "")
             frac = "-" if layer.samples == 0 else f"{100 * layer.dead_fraction:.1f}%"
             grad = "-" if layer.backward_passes == 0 else f"{layer.grad_norm:.3e}"
             row = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac, grad, layer.fed_by or "-")
@@ -261,6 +265,9 @@ class Report:
         lines.extend(fmt(r) for r in rows)
         if any(layer.all_dead for layer in self.layers):
             lines.append("* every unit dead (or stuck negative) in this window")
+        for layer in self.layers:
+            if layer.disabled is not None:
+                lines.append(f"! `{layer.name}` disabled after an error inside relumon: {layer.disabled}")
         return "\n".join(lines)
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from relumon.errors import RelumonError
 from relumon.hooks import is_compiling
 
-__all__ = ["SiteStats", "GatheredSite", "gather", "distributed_world_size"]
+__all__ = ["SiteStats", "GatheredSite", "gather", "distributed_world_size", "abs_sum", "l2_norm"]
 
 # Order of the counters when gathered.
 SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM = range(4)
@@ -131,7 +131,7 @@ class SiteStats:
         compiling = is_compiling()
         if self.abs_sum is not None and self.positions is not None:
             if self.reduce_dims:
-                self.abs_sum.add_(torch.linalg.vector_norm(x, ord=1, dim=self.reduce_dims, dtype=torch.float32))
+                self.abs_sum.add_(abs_sum(x, self.reduce_dims))
             else:
                 self.abs_sum.add_(x.abs())
             if compiling:
@@ -175,13 +175,16 @@ class SiteStats:
             return self.grad_hook
         stats, slope, through_sum, through_passes = self, self.through_slope, self.through_sum, self.through_passes
         grad_hook, grad_scale = self.grad_hook, self._grad_scale
+        # Not `out` itself: a hook registered on a tensor that holds that tensor is never freed by autograd. The
+        # detached alias shares its storage and version counter, and autograd keeps the storage for backward anyway.
+        out = out.detach()
         version = None if is_compiling() else out._version
 
         def grad_and_through_hook(grad: Tensor) -> None:
             grad_hook(grad)
             if version is not None and out._version != version:
                 return None
-            g, positive = grad.detach(), out.detach() > 0
+            g, positive = grad.detach(), out > 0
             flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
             through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
             if is_compiling():
@@ -229,7 +232,7 @@ class SiteStats:
 
 
 def l2_norm(t: Tensor) -> Tensor:
-    """``||t||_2`` as a float32 scalar tensor, accumulated in at least fp32, without a host sync.
+    """``||t||_2`` as a float32 scalar tensor (float64 for a float64 ``t``), accumulated in at least fp32, no sync.
 
     A float32 contiguous tensor goes through ``torch.dot(t, t)`` (BLAS), about twice as fast as
     ``linalg.vector_norm`` on the CPU; other dtypes (bf16, fp16) through ``vector_norm(dtype=float32)``, since a
@@ -238,7 +241,23 @@ def l2_norm(t: Tensor) -> Tensor:
     if t.dtype == torch.float32 and not is_compiling() and t.is_contiguous():  # compiled code fuses vector_norm
         flat = t.view(-1)
         return torch.dot(flat, flat).sqrt()
-    norm: Tensor = torch.linalg.vector_norm(t, dtype=torch.float32)
+    if t.dtype == torch.float64:  # vector_norm cannot narrow its accumulation to fp32; fp64 is at least fp32
+        norm: Tensor = torch.linalg.vector_norm(t)
+        return norm
+    norm = torch.linalg.vector_norm(t, dtype=torch.float32)
+    return norm
+
+
+def abs_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``|x|`` summed over ``dims``, accumulated in at least fp32: fp32 for half precision and fp32 inputs, fp64 for
+    fp64, exact integers for integer activations (``vector_norm`` takes neither a narrowing dtype nor integers)."""
+    if not x.is_floating_point():
+        return x.abs().sum(dim=dims)
+    norm: Tensor = (
+        torch.linalg.vector_norm(x, ord=1, dim=dims)
+        if x.dtype == torch.float64
+        else torch.linalg.vector_norm(x, ord=1, dim=dims, dtype=torch.float32)
+    )
     return norm
 
 
