@@ -117,6 +117,10 @@ class ReluMonitor(OptionAttributes, Callback):
             state["_loaded_state"] = self.monitor.state_dict()
         state["monitor"] = None
         state["_trainer"] = None
+        # The Trainer binds the LightningModule's `log` and `log_dict` onto every callback at fit start: pickling
+        # them would drag the whole model along (and fail for a locally defined LightningModule).
+        state.pop("log", None)
+        state.pop("log_dict", None)
         return state
 
     @property
