@@ -89,7 +89,8 @@ class SiteHistory:
 
 def describe_module(module: nn.Module) -> str:
     """A short description: ``Linear 512→256``, ``Conv2d 64→128 3×3``, ``BatchNorm2d(64)``."""
-    kind = type(module).__name__
+    # FSDP2's fully_shard swaps in a subclass (FSDPLinear): name the user's class.
+    kind = next(c.__name__ for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed"))
     if isinstance(module, nn.Linear):
         return f"{kind} {module.in_features}→{module.out_features}"
     if isinstance(module, nn.modules.conv._ConvNd):
