@@ -219,25 +219,25 @@ class Recorder:
         if not is_compiling() and in_functorch_transform():
             self._skip_transformed(watched)
             return
-        site: Optional[Site] = None
+        if self._step_pending and not in_backward():
+            self.start_step()
+        if not self._in_step:  # the first counted forward of a step decides whether the step is measured
+            self._in_step = True
+            if is_compiling():
+                # A step counter read inside a compiled graph would be guarded on and recompile every step, so
+                # compiled code measures every step; inductor fuses the reductions into its kernels.
+                self._measuring = True
+            else:
+                self._measuring = self.steps_seen % self._measure_every == 0
+                self.steps_seen += 1
+        call = watched.calls
+        watched.calls = call + 1
+        # Outside the try below: the first compiled step breaks the graph here, and torch.compile cannot resume
+        # inside a try block (it would run this whole hook eagerly from then on). It contains its own errors.
+        site = watched.sites[call] if call < len(watched.sites) else _add_site_eagerly(self, watched, call, args, out)
+        if site is None or site.disabled is not None or not self._measuring or out.numel() == 0:
+            return  # (an empty batch adds no sample)
         try:
-            if self._step_pending and not in_backward():
-                self.start_step()
-            if not self._in_step:  # the first counted forward of a step decides whether the step is measured
-                self._in_step = True
-                if is_compiling():
-                    # A step counter read inside a compiled graph would be guarded on and recompile every step, so
-                    # compiled code measures every step; inductor fuses the reductions into its kernels.
-                    self._measuring = True
-                else:
-                    self._measuring = self.steps_seen % self._measure_every == 0
-                    self.steps_seen += 1
-            call = watched.calls
-            watched.calls = call + 1
-            sites = watched.sites
-            site = sites[call] if call < len(sites) else _add_site_eagerly(self, watched, call, args, out)
-            if site is None or site.disabled is not None or not self._measuring or out.numel() == 0:
-                return  # (an empty batch adds no sample)
             stats = site.stats
             if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
                 obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
@@ -502,7 +502,13 @@ class Recorder:
 # one graph break and one recompile on the first compiled training step only.
 @torch._dynamo.disable  # type: ignore[untyped-decorator]
 def _add_site_eagerly(recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor) -> Optional[Site]:
-    return recorder._make_site(watched, call, args, out)
+    try:
+        return recorder._make_site(watched, call, args, out)
+    except ValueError:  # a `unit_dim=` out of range for this output: the user's error, raised as before
+        raise
+    except Exception as err:
+        recorder._disable(watched, None, err)
+        return None
 
 
 _CALL_IMPL = nn.Module._call_impl.__code__
