@@ -8,7 +8,9 @@ read to the host, once per closed window:
   plain data in checkpoints.
 - **Blame** (`blame`): facts about the module that fed a dying activation. The feeding module is the one whose output
   tensor the activation received in the first training forward (see `relumon.hooks.ProducerTracer`), not a guess from
-  names.
+  names. The facts are about whole parameters: a DTensor parameter (FSDP2's ``fully_shard``) is gathered with
+  ``full_tensor()``, a collective. That is safe because blame runs on every rank for the same sites of the same
+  global report; a report that is not reduced across ranks leaves sharded parameters out.
 - **Memory across windows** (`Diagnosis`): each site's history and last dead fraction (a jump from it triggers blame),
   by call-site name, with the state of sites not discovered yet kept until they are.
 """
@@ -87,7 +89,8 @@ class SiteHistory:
 
 def describe_module(module: nn.Module) -> str:
     """A short description: ``Linear 512→256``, ``Conv2d 64→128 3×3``, ``BatchNorm2d(64)``."""
-    kind = type(module).__name__
+    # FSDP2's fully_shard swaps in a subclass (FSDPLinear): name the user's class.
+    kind = next(c.__name__ for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed"))
     if isinstance(module, nn.Linear):
         return f"{kind} {module.in_features}→{module.out_features}"
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -98,8 +101,19 @@ def describe_module(module: nn.Module) -> str:
     return kind
 
 
+def _is_sharded(t: Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel), told apart without importing torch.distributed.tensor."""
+    return callable(getattr(t, "full_tensor", None))
+
+
+def _whole(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor is gathered (collective: every rank must call this, in the same order)."""
+    full: Tensor = t.full_tensor() if _is_sharded(t) else t  # type: ignore[attr-defined]
+    return full
+
+
 def _bias_facts(bias: Tensor, dead_mask: Tensor) -> list[str]:
-    b = bias.detach().float().cpu()
+    b = _whole(bias.detach()).float().cpu()
     facts = [f"{100 * float((b < 0).float().mean()):.0f}% of its biases are negative, mean {float(b.mean()):+.3g}"]
     if 0 < int(dead_mask.sum()) < b.numel():
         dead_b = b[dead_mask]
@@ -110,7 +124,9 @@ def _bias_facts(bias: Tensor, dead_mask: Tensor) -> list[str]:
     return facts
 
 
-def blame(layer_name: str, fed_by: str, module: nn.Module, dead_mask: Tensor) -> Optional[str]:
+def blame(
+    layer_name: str, fed_by: str, module: nn.Module, dead_mask: Tensor, *, gather_sharded: bool = True
+) -> Optional[str]:
     """Explain a layer's dead units by the module that fed it.
 
     Args:
@@ -118,6 +134,9 @@ def blame(layer_name: str, fed_by: str, module: nn.Module, dead_mask: Tensor) ->
         fed_by: the feeding module's path.
         module: the feeding module.
         dead_mask: CPU bool per unit of the activation.
+        gather_sharded: gather DTensor parameters (a collective). Pass True only when every rank calls ``blame``
+            for the same sites in the same order, as it does for a report reduced across ranks; False leaves sharded
+            parameters out.
 
     Returns:
         e.g. "`fc2` (Linear 512→256) feeds `act2`: 98% of its biases are negative, mean -3.1; its weight gradient
@@ -125,12 +144,14 @@ def blame(layer_name: str, fed_by: str, module: nn.Module, dead_mask: Tensor) ->
     """
     facts: list[str] = []
     bias = getattr(module, "bias", None)
-    if isinstance(bias, Tensor) and bias.numel() == dead_mask.numel():
+    if isinstance(bias, Tensor) and bias.numel() == dead_mask.numel() and (gather_sharded or not _is_sharded(bias)):
         facts += _bias_facts(bias, dead_mask)
     weight = getattr(module, "weight", None)
-    if isinstance(weight, Tensor) and weight.grad is not None:
+    grad = weight.grad if isinstance(weight, Tensor) else None
+    if grad is not None and (gather_sharded or not _is_sharded(grad)):
         with torch.no_grad():
-            facts.append(f"its weight gradient norm is {float(weight.grad.float().norm()):.3g}")
+            norm = _whole(grad.float().norm())  # a sharded gradient's norm reduces its shards' norms: a scalar
+            facts.append(f"its weight gradient norm is {float(norm):.3g}")
     if not facts:
         return None
     return f"`{fed_by}` ({describe_module(module)}) feeds `{layer_name}`: " + "; ".join(facts)

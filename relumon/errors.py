@@ -8,7 +8,11 @@ import warnings
 from types import FrameType
 from typing import Optional
 
-__all__ = ["RelumonError", "RelumonWarning", "DeadUnitsWarning", "warn"]
+__all__ = ["RelumonError", "RelumonWarning", "DeadUnitsWarning", "STRICT_ENV", "is_strict", "warn"]
+
+#: Environment variable that makes an error inside relumon's per-step hooks propagate instead of disabling the call
+#: site (``RELUMON_STRICT=1``). relumon's own test suite runs strict.
+STRICT_ENV = "RELUMON_STRICT"
 
 
 class RelumonError(RuntimeError):
@@ -70,3 +74,11 @@ def _drops_the_category(filename: str) -> bool:
         "lightning_fabric",
         "pytorch_lightning",
     ) and "lightning" in os.path.abspath(filename)
+
+
+def is_strict() -> bool:
+    """Whether ``RELUMON_STRICT`` asks errors inside relumon's hooks to propagate (``1``, ``true``, ``yes``, ``on``).
+
+    Read only when an error happens, so it costs nothing per step and can be changed at any time.
+    """
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes", "on")

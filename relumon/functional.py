@@ -15,6 +15,11 @@ Limits:
 - The mode sees every torch call made during the model's forward, which adds Python work to each op: functional
   capture is opt-in.
 - It is eager-only: under ``torch.compile`` the mode is not entered, and functional calls are not watched.
+- A forward ended by an ``Exception`` leaves the mode through the always-called forward hooks. A ``BaseException``
+  (``KeyboardInterrupt``: Ctrl-C in a notebook) skips those hooks, and Python runs nothing of relumon's while it
+  unwinds. Each entry of the module stack therefore keeps the frame of its module call: calls caught while that
+  frame no longer runs are not recorded, and the next relumon call (any forward of the model, ``report()``,
+  ``new_step()``, ``remove()``) takes the stale mode off the stack.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["FUNCTIONAL_ACTIVATIONS", "ActivationCapture"]
+__all__ = ["FUNCTIONAL_ACTIVATIONS", "ActivationCapture", "leave_mode"]
 
 
 def _table() -> dict[Callable[..., Any], str]:
@@ -57,3 +62,19 @@ class ActivationCapture(TorchFunctionMode):
         if name is not None:
             self._on_call(name, args, kwargs, out)
         return out
+
+
+def leave_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off this thread's torch-function mode stack, wherever it is, keeping the others in order.
+
+    ``mode.__exit__`` pops whatever is on top, which is another mode if one was entered after ``mode`` (and not left).
+    Must not be called from inside ``mode``'s own ``__torch_function__``, where torch has popped it temporarily.
+    """
+    above = []
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for other in reversed(above):
+        torch._C._push_on_torch_function_stack(other)

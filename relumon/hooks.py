@@ -9,11 +9,20 @@ Facts this relies on (see the project's field notes, verified on torch 2.13):
   with grad disabled (not counted) and the recompute runs inside backward (counted). With ``use_reentrant=False``
   the first pass counts and the recompute runs under checkpoint's ``_recomputation_hook`` saved-tensor hooks, which
   we detect and skip, so samples never double and no extra site appears.
+- PyTorch pickles a module's hook dicts with it (``torch.save(model)``, ``pickle.dumps``), and ``copy.deepcopy``
+  copies them. relumon's module hooks are therefore `OwnHook` objects: they run only for the module they were
+  registered on, and a pickled or deep-copied one becomes an `InertHook` that does nothing. A saved or copied model
+  is never watched by the original's monitor.
+- Under ``torch.func`` transforms (``vmap``, ``grad``...) hooks receive wrapped tensors that in-place updates of
+  relumon's state cannot take (``Batching rule not implemented for aten::maximum.out``); `in_functorch_transform`
+  tells such calls apart.
 """
 
 from __future__ import annotations
 
+import sys
 import weakref
+from types import FrameType
 from typing import Any, Callable, Optional
 
 import torch
@@ -26,6 +35,12 @@ __all__ = [
     "in_checkpoint_recompute",
     "keeps_meaning",
     "PASS_THROUGH",
+    "in_functorch_transform",
+    "frame_running",
+    "OwnHook",
+    "OwnPreHook",
+    "TracerHook",
+    "InertHook",
     "ProducerTracer",
 ]
 
@@ -49,6 +64,83 @@ def in_checkpoint_recompute() -> bool:
     if not hooks:
         return False
     return "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
+
+
+def in_functorch_transform() -> bool:
+    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``...), whose tensors are wrapped."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def frame_running(frame: FrameType) -> bool:
+    """Whether ``frame`` is still executing: it is an ancestor of our caller. Frames of a finished call, even one that
+    a traceback keeps alive, are not on the stack any more."""
+    current: Optional[FrameType] = sys._getframe(1)
+    while current is not None:
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
+
+
+class InertHook:
+    """What a relumon hook becomes in a pickled or deep-copied model: a hook that does nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "relumon.hooks.InertHook()"
+
+
+class OwnHook:
+    """A module hook that calls ``fn(module, *args)`` only for the module it was registered on.
+
+    A pickled (``torch.save(model)``) or deep-copied model gets an `InertHook` in its place, and a shallow copy that
+    shares the hook dicts is skipped by the identity check: relumon never watches a copy through the original's
+    monitor, and its hooks never stop a model from pickling.
+    """
+
+    __slots__ = ("fn", "module")
+
+    def __init__(self, fn: Callable[..., None], module: nn.Module) -> None:
+        self.fn = fn
+        self.module = module
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        if module is self.module:
+            self.fn(module, *args)
+        return None  # a value would replace the module's inputs or output
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (InertHook, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InertHook:
+        return InertHook()
+
+
+class OwnPreHook(OwnHook):
+    """`OwnHook` for forward pre-hooks. Its own ``__call__`` (code object) keeps torch.compile's recompile budget,
+    which is counted per code object, apart from the forward hooks'."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        if module is self.module:
+            self.fn(module, *args)
+        return None
+
+
+class TracerHook(OwnHook):
+    """`OwnHook` for `ProducerTracer`'s hooks, with its own ``__call__`` for the same reason as `OwnPreHook`."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        if module is self.module:
+            self.fn(module, *args)
+        return None
 
 
 def is_counted_forward(module: nn.Module) -> bool:
@@ -104,7 +196,7 @@ class ProducerTracer:
         #: A plain bool rather than a look at the handles, so that torch.compile can trace a check of it.
         self.active = True
         self._handles = [
-            module.register_forward_hook(self._make_hook(name, module in transparent))
+            module.register_forward_hook(TracerHook(self._make_hook(name, module in transparent), module))
             for name, module in model.named_modules()
         ]
 

@@ -122,6 +122,23 @@ class ReluMonitor(OptionAttributes, Callback):
         self._pictures = PictureWriter()
         self._pictures_due = False
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Plain state for pickling (``ddp_spawn`` pickles every callback to start its workers).
+
+        Mid-fit, the live monitor (bound to the model's hooks) and the Trainer are left out; the monitor's checkpoint
+        state travels instead, so an unpickled callback resumes the same history when it is next set up.
+        """
+        state = dict(self.__dict__)
+        if self.monitor is not None:
+            state["_loaded_state"] = self.monitor.state_dict()
+        state["monitor"] = None
+        state["_trainer"] = None
+        # The Trainer binds the LightningModule's `log` and `log_dict` onto every callback at fit start: pickling
+        # them would drag the whole model along (and fail for a locally defined LightningModule).
+        state.pop("log", None)
+        state.pop("log_dict", None)
+        return state
+
     @property
     def state_key(self) -> str:
         """The checkpoint key: stable across processes (a callable ``on_dead`` is named, not its address)."""

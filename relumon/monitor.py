@@ -77,6 +77,7 @@ class Monitor(OptionAttributes):
         Calling the watched model itself, or a backward pass, already does this. Call it yourself only when a step
         calls submodules of the watched model directly (the Lightning callback does so before every batch).
         """
+        self._recorder.leave_stale_capture()
         self._recorder.start_step()
         if torch.is_grad_enabled():
             self._recorder.training_seen = True
@@ -126,11 +127,18 @@ class Monitor(OptionAttributes):
             RelumonError: with ``on_dead="raise"``, when a layer's every unit is dead for the first time.
         """
         recorder = self._recorder
+        recorder.leave_stale_capture()
         step = recorder.steps_seen if step is None else step
         sites = {site.name: site for site in recorder.sites}
-        gathered = gather([(site.layout(), site.stats) for site in sites.values()], self._sync())
+        synced = self._sync()
+        gathered = gather([(site.layout(), site.stats) for site in sites.values()], synced)
+        # Under torch.distributed, blame may gather sharded parameters: only safe when every rank holds the same
+        # global report, hence decides to blame the same sites in the same order.
+        gather_sharded = synced or distributed_world_size() == 1
         layers = self._explain(
-            [self._layer_report(layout, g, step, reset) for layout, g in gathered], [layout for layout, _ in gathered]
+            [self._layer_report(layout, g, step, reset) for layout, g in gathered],
+            [layout for layout, _ in gathered],
+            gather_sharded,
         )
         # Compiled steps are measured but not counted (see the recorder): count them by their forwards then.
         steps = max(recorder.steps_seen - self._window_start, max((x.forwards for x in layers), default=0))
@@ -211,6 +219,7 @@ class Monitor(OptionAttributes):
             saturated_units=saturated,
             cap=cap,
             counts_dead=bool(info["counts_dead"]),
+            disabled=info.get("disabled"),
         )
 
     def _module_at(self, path: str) -> Optional[nn.Module]:
@@ -223,7 +232,9 @@ class Monitor(OptionAttributes):
         except AttributeError:
             return None
 
-    def _explain(self, layers: list[LayerReport], layouts: list[SiteLayout]) -> list[LayerReport]:
+    def _explain(
+        self, layers: list[LayerReport], layouts: list[SiteLayout], gather_sharded: bool = True
+    ) -> list[LayerReport]:
         """Dead cascades (``caused_by``, ``consequences``), blocked gradients (``blocked_by``) and blame for roots.
 
         Uses the upstream sites recorded once at discovery (see `relumon.cascade`); host-side, O(sites).
@@ -242,7 +253,7 @@ class Monitor(OptionAttributes):
             blamed = None
             producer = self._module_at(layer.fed_by) if layer.fed_by else None
             if layer.blame is not None and caused_by is None and producer is not None and layer.fed_by:
-                blamed = blame(layer.name, layer.fed_by, producer, layer.dead_mask)
+                blamed = blame(layer.name, layer.fed_by, producer, layer.dead_mask, gather_sharded=gather_sharded)
             explained.append(
                 dataclasses.replace(
                     layer,
@@ -411,6 +422,14 @@ class Monitor(OptionAttributes):
 
     def __enter__(self) -> Monitor:
         return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a relumon.Monitor is bound to the live model it watches (hooks, modules, on-device state) and cannot be "
+            "pickled or copied. Pickle `monitor.state_dict()` (plain data) or a `monitor.report()` instead, and keep "
+            "the Monitor out of objects you pickle, copy or torch.save (e.g. not as a model attribute). A pickled or "
+            "copied model is never watched by the original's monitor."
+        )
 
     def __exit__(self, *exc_info: Any) -> None:
         self.remove()

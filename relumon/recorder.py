@@ -21,11 +21,18 @@ What the `Recorder` does:
   with its unit dim (inferred from the module that fed it, see `relumon.units`) and its `relumon.state.SiteStats`.
   In the first training forward discovery also records the site's nearest upstream sites in the autograd graph
   (`relumon.cascade.upstream_sites`, once per site; later steps add nothing).
+- **Never breaking the training step.** An unexpected exception inside these hooks disables the call site it
+  happened in (or the module, before its site exists), with one `RelumonWarning` naming both; the report marks the
+  site ``disabled``. ``RELUMON_STRICT=1`` re-raises instead. Calls under ``torch.func`` transforms are skipped, with
+  one warning. The module hooks are `relumon.hooks.OwnHook` objects, inert in pickled and copied models.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
+from types import FrameType
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -33,9 +40,18 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from relumon.cascade import upstream_sites
-from relumon.errors import warn
-from relumon.functional import ActivationCapture
-from relumon.hooks import ProducerTracer, in_backward, is_compiling, is_counted_forward
+from relumon.errors import RelumonWarning, is_strict, warn
+from relumon.functional import ActivationCapture, leave_mode
+from relumon.hooks import (
+    OwnHook,
+    OwnPreHook,
+    ProducerTracer,
+    frame_running,
+    in_backward,
+    in_functorch_transform,
+    is_compiling,
+    is_counted_forward,
+)
 from relumon.options import Options
 from relumon.state import SiteLayout, SiteStats, layout_of
 from relumon.units import infer_unit_dim, producer_layout_from_graph
@@ -81,6 +97,8 @@ class Site:
         upstream: names of the nearest upstream sites in the autograd graph of the first training forward; None when
             unknown (discovered later, or under torch.compile).
         from_input: whether a path from the site reaches the data input without crossing another site.
+        disabled: why relumon stopped measuring this site (an error inside its hooks), or None.
+        grad_hook: the tensor hook registered on the site's outputs (``stats.grad_hook``, errors contained).
     """
 
     __slots__ = (
@@ -95,6 +113,8 @@ class Site:
         "upstream",
         "from_input",
         "exact",
+        "disabled",
+        "grad_hook",
     )
 
     def __init__(
@@ -120,6 +140,8 @@ class Site:
         self.counts_dead = counts_dead
         self.upstream: Optional[tuple[str, ...]] = None
         self.from_input = True
+        self.disabled: Optional[str] = None
+        self.grad_hook: Callable[[Tensor], None] = stats.grad_hook
 
     def layout(self) -> SiteLayout:
         """What other ranks need to pair this site with theirs, and to report it if they never ran it."""
@@ -134,6 +156,7 @@ class Site:
             "cap": self.stats.cap,
             "upstream": self.upstream,
             "from_input": self.from_input,
+            "disabled": self.disabled,
         }
         return layout_of(self.name, self.stats, info)
 
@@ -154,6 +177,7 @@ class _Watched:
         "cap",
         "counts_dead",
         "skipped",
+        "disabled",
     )
 
     def __init__(
@@ -181,6 +205,8 @@ class _Watched:
         self.warned_shape = False
         self.warned_dtype = False
         self.skipped = False  # ran in a training forward with a dtype that is not watched
+        #: Why the whole module was disabled (an error before its call site existed), or None.
+        self.disabled: Optional[str] = None
 
 
 class Recorder:
@@ -224,7 +250,9 @@ class Recorder:
         self.steps_seen = 0
         #: Names of the call sites to measure on every call (the monitor confirms sampled deaths with them).
         self.confirming: set[str] = set()
-        self._module_stack: list[tuple[str, nn.Module]] = []
+        #: Running modules, with the frame of each module call (None under compile), for functional capture.
+        self._module_stack: list[tuple[str, nn.Module, Optional[FrameType]]] = []
+        self._warned_transform = False
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -239,8 +267,9 @@ class Recorder:
                     name, type(module).__name__, negative, unit, _slope_of(module), _cap_of(module), counts_dead(module)
                 )
                 self._watched[module] = watched
-                self._handles.append(module.register_forward_hook(self._make_forward_hook(watched)))
-            self._handles.append(model.register_forward_pre_hook(self._on_root_forward))
+                hook = OwnHook(functools.partial(self._observe, watched), module)
+                self._handles.append(module.register_forward_hook(hook))
+            self._handles.append(model.register_forward_pre_hook(OwnPreHook(self._on_root_forward, model)))
             self._tracer = ProducerTracer(model, transparent={m for m in self._watched if isinstance(m, nn.Module)})
             if options.functional:
                 self._attach_functional(model)
@@ -250,16 +279,12 @@ class Recorder:
 
     # ------------------------------------------------------------------ module hooks
 
-    def _make_forward_hook(self, watched: _Watched) -> Callable[[nn.Module, Any, Any], None]:
-        def forward_hook(module: nn.Module, args: Any, out: Any) -> None:
-            self._observe(watched, module, args, out)
-            return None
-
-        return forward_hook
-
     def _observe(self, watched: _Watched, module: nn.Module, args: Any, out: Any) -> None:
         """One call of a watched activation (``module`` decides whether it is a training forward)."""
-        if not isinstance(out, Tensor) or not is_counted_forward(module):
+        if not isinstance(out, Tensor) or not is_counted_forward(module) or watched.disabled is not None:
+            return
+        if not is_compiling() and in_functorch_transform():
+            self._skip_transformed(watched)
             return
         if not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
             self._skip_dtype(watched, out)  # before the call index: a skipped call never shifts later sites' names
@@ -277,12 +302,14 @@ class Recorder:
                 self.steps_seen += 1
         call = watched.calls
         watched.calls = call + 1
+        # Outside the try below: the first compiled step breaks the graph here, and torch.compile cannot resume
+        # inside a try block (it would run this whole hook eagerly from then on). It contains its own errors.
         site: Optional[Site] = (
             watched.sites[call]
             if call < len(watched.sites)
             else _add_site_eagerly(self, watched, call, args, out, is_compiling())
         )
-        if site is None or out.numel() == 0:  # an empty batch adds no sample
+        if site is None or site.disabled is not None or out.numel() == 0:  # an empty batch adds no sample
             return
         stats = site.stats
         # Sampled out, unless the site is confirming a death (exact) or has no measured call in this window yet, so
@@ -292,34 +319,101 @@ class Recorder:
             if out.requires_grad and not self._step_pending:  # any backward ends the step, measured or not
                 out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
             return
-        if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
-            obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
+        try:
+            if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
+                obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
+            else:
+                obs = out
+            if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
+                self._warn_shape(watched, site, out)
+                return
+            stats.observe(obs)
+            if out.requires_grad:
+                if not self._track_grad:
+                    if not is_compiling():
+                        out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
+                elif is_compiling() and stats.through_slope is None:
+                    out.register_hook(site.grad_hook)  # type: ignore[no-untyped-call]
+                else:  # its first firing also marks the end of the step
+                    hook = self._guard_grad_hook(watched, site, stats.grad_hook_for(out))
+                    out.register_hook(hook)  # type: ignore[no-untyped-call]
+        except Exception as err:
+            self._disable(watched, site, err)
+
+    # ------------------------------------------------------------------ errors and transforms
+
+    def _disable(self, watched: _Watched, site: Optional[Site], err: Exception) -> None:
+        """Contain an unexpected error of relumon's per-step path: disable the call site (or, before it exists, the
+        module), say so once, and let training go on. ``RELUMON_STRICT=1`` re-raises instead."""
+        if is_strict():
+            raise err
+        reason = f"{type(err).__name__}: {err}"
+        if site is not None:
+            if site.disabled is not None:
+                return
+            site.disabled = reason
+            name = site.name
         else:
-            obs = out
-        if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
-            self._warn_shape(watched, site, out)
+            if watched.disabled is not None:
+                return
+            watched.disabled = reason
+            for known in watched.sites:
+                known.disabled = known.disabled or reason
+            name = watched.name or "root"
+        warn(
+            f"relumon: an error inside relumon's hooks at call site `{name}` ({reason}); relumon stops measuring this "
+            "site and training goes on. The report marks it `disabled`. Please report this; set RELUMON_STRICT=1 to "
+            "raise such errors instead.",
+            RelumonWarning,
+        )
+
+    def _guard_grad_hook(
+        self, watched: _Watched, site: Site, hook: Callable[[Tensor], None]
+    ) -> Callable[[Tensor], None]:
+        """``hook``, with its errors contained like the forward hook's (it runs inside the user's backward)."""
+
+        def guarded_grad_hook(grad: Tensor) -> None:
+            if site.disabled is not None:
+                return None
+            try:
+                hook(grad)
+            except Exception as err:
+                self._disable(watched, site, err)
+            return None
+
+        return guarded_grad_hook
+
+    def _skip_transformed(self, watched: _Watched) -> None:
+        if self._warned_transform:
             return
-        stats.observe(obs)
-        if out.requires_grad:
-            if self._track_grad:  # its first firing also marks the end of the step
-                out.register_hook(stats.grad_hook_for(out))  # type: ignore[no-untyped-call]
-            elif not is_compiling():
-                out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
+        self._warned_transform = True
+        warn(
+            f"relumon: `{watched.name or 'root'}` ran under a torch.func transform (vmap, grad, jacrev...). relumon "
+            "does not measure calls under transforms (their tensors are batched or wrapped views of the real "
+            "samples); ordinary training forwards before and after are measured as usual.",
+            RelumonWarning,
+        )
 
     # ------------------------------------------------------------------ functional calls (opt-in)
 
     def _attach_functional(self, model: nn.Module) -> None:
         """Track the running module on a stack; while any runs, a TorchFunctionMode catches F.relu calls."""
         for name, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._make_enter(name)))
-            self._handles.append(module.register_forward_hook(self._exit_module, always_call=True))
+            self._handles.append(module.register_forward_pre_hook(OwnPreHook(self._make_enter(name), module)))
+            self._handles.append(module.register_forward_hook(OwnHook(self._exit_module, module), always_call=True))
 
     def _make_enter(self, name: str) -> Callable[[nn.Module, Any], None]:
         def enter(module: nn.Module, args: Any) -> None:
-            if not self._module_stack and not is_compiling():
+            stack = self._module_stack
+            if is_compiling():  # frames do not trace; the mode is eager-only anyway
+                stack.append((name, module, None))
+                return None
+            if stack and not self._stack_running():
+                self.leave_stale_capture()  # a forward ended by a BaseException left its modules on the stack
+            if not stack:
                 self._capture = ActivationCapture(self._on_functional_call)
                 self._capture.__enter__()  # type: ignore[no-untyped-call]
-            self._module_stack.append((name, module))
+            stack.append((name, module, _module_call_frame()))
             return None
 
         return enter
@@ -334,12 +428,28 @@ class Recorder:
     def _exit_capture(self) -> None:
         if self._capture is not None:
             capture, self._capture = self._capture, None
-            capture.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+            leave_mode(capture)
+
+    def _stack_running(self) -> bool:
+        """Whether the innermost module call on the stack still runs (False after a BaseException ended it)."""
+        frame = self._module_stack[-1][2]
+        return frame is None or frame_running(frame)
+
+    def leave_stale_capture(self) -> None:
+        """Leave the functional capture if the forward that entered it ended without leaving it.
+
+        Python runs no hook when a ``BaseException`` such as ``KeyboardInterrupt`` unwinds a forward, so the mode
+        stays on the stack until relumon runs again: the next forward of the model, ``report()``, ``new_step()`` or
+        ``remove()`` call this. Calls caught meanwhile are not recorded.
+        """
+        if self._module_stack and not self._stack_running():
+            self._module_stack.clear()
+            self._exit_capture()
 
     def _on_functional_call(self, fn: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        if not self._module_stack:
+        if not self._module_stack or not self._stack_running():
             return
-        path, module = self._module_stack[-1]
+        path, module, _ = self._module_stack[-1]
         if module in self._watched:  # nn.ReLU calling F.relu: the module's own hook counts it
             return
         site_path = f"{path}.F.{fn}" if path else f"F.{fn}"
@@ -357,9 +467,14 @@ class Recorder:
     # ------------------------------------------------------------------ step boundaries
 
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
-        self.start_step()
-        if not self.training_seen and not is_compiling() and is_counted_forward(module):
-            self.training_seen = True
+        try:
+            self.start_step()
+            if not self.training_seen and not is_compiling() and is_counted_forward(module):
+                self.training_seen = True
+        except Exception as err:  # pragma: no cover - start_step only resets counters
+            if is_strict():
+                raise
+            warn(f"relumon: an error inside relumon's step boundary ({type(err).__name__}: {err})", RelumonWarning)
         return None
 
     def _on_backward(self) -> None:
@@ -446,6 +561,7 @@ class Recorder:
         )
         site.exact = site.name in self.confirming
         self._record_upstream(site, out, compiled)
+        site.grad_hook = self._guard_grad_hook(watched, site, stats.grad_hook)
         # A call index can only be new if every lower one exists (calls count up from 0 each step).
         watched.sites.append(site)
         self.sites.append(site)
@@ -521,7 +637,26 @@ class Recorder:
 def _add_site_eagerly(
     recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool
 ) -> Optional[Site]:
-    return recorder._make_site(watched, call, args, out, compiled)
+    try:
+        return recorder._make_site(watched, call, args, out, compiled)
+    except ValueError:  # a `unit_dim=` out of range for this output: the user's error, raised as before
+        raise
+    except Exception as err:
+        recorder._disable(watched, None, err)
+        return None
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _module_call_frame() -> Optional[FrameType]:
+    """The frame of the ``nn.Module._call_impl`` that is running our forward (pre-)hook, if found nearby."""
+    frame: Optional[FrameType] = sys._getframe(1)
+    for _ in range(8):
+        if frame is None or frame.f_code is _CALL_IMPL:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def counts_dead(module: nn.Module) -> bool:

@@ -77,6 +77,8 @@ class LayerReport:
         consequences: for a root, the names of the dead sites it explains, in forward order.
         blocked_by: for a layer whose output gradient was exactly 0, the dead (or saturated) layer downstream that
             passes no gradient back to it, where one explains it; else None.
+        disabled: None, or why relumon stopped measuring this site: an unexpected error inside its hooks (e.g.
+            ``"RuntimeError: ..."``), contained so that training goes on. Its figures cover the time before.
     """
 
     name: str
@@ -107,17 +109,18 @@ class LayerReport:
     unmeasured_calls: int = 0
     confirming: bool = False
 
-    @property
-    def exact(self) -> bool:
-        """True when every training call of the window was measured: the figures are exact, not sampled."""
-        return self.unmeasured_calls == 0
-
     saturated_units: int = 0
     cap: Optional[float] = None
     counts_dead: bool = True
     caused_by: Optional[str] = None
     consequences: tuple[str, ...] = ()
     blocked_by: Optional[str] = None
+    disabled: Optional[str] = None
+
+    @property
+    def exact(self) -> bool:
+        """True when every training call of the window was measured: the figures are exact, not sampled."""
+        return self.unmeasured_calls == 0
 
     @property
     def dead_fraction(self) -> float:
@@ -201,6 +204,7 @@ class LayerReport:
             "caused_by": self.caused_by,
             "consequences": list(self.consequences),
             "blocked_by": self.blocked_by,
+            "disabled": self.disabled,
         }
 
     def _repr_html_(self) -> str:
@@ -388,7 +392,7 @@ class Report:
         for layer, note in zip(self.layers, notes):
             counted = layer.counts_dead and layer.samples > 0
             mark = ("?" if layer.confirming else "*") if layer.all_dead_or_saturated else ""
-            dead = f"{layer.dead_units}{mark}" if counted else "-"
+            dead = (f"{layer.dead_units}{mark}" if counted else "-") + ("!" if layer.disabled else "")
             frac = f"{100 * layer.dead_fraction:.1f}%" if counted else "-"
             grad = "-" if layer.backward_passes == 0 else f"{layer.grad_norm:.3e}"
             row: tuple[str, ...] = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac)
@@ -414,6 +418,9 @@ class Report:
                 "confirm before alerting"
             )
         lines.append(_GRAD_NORM_NOTE)
+        for layer in self.layers:
+            if layer.disabled is not None:
+                lines.append(f"! `{layer.name}` disabled after an error inside relumon: {layer.disabled}")
         return "\n".join(lines)
 
 
@@ -488,6 +495,7 @@ _ROW_STATES: tuple[tuple[str, Callable[[LayerReport], bool]], ...] = (
     ("consequence", lambda x: x.caused_by is not None),
     ("half or more dead", lambda x: x.samples > 0 and not x.all_dead and x.dead_fraction >= 0.5),
     ("no samples", lambda x: x.samples == 0),
+    ("disabled", lambda x: x.disabled is not None),
 )
 _STATE_STYLES: dict[str, str] = {
     "dead": "background-color:#f4c7c9",
@@ -495,6 +503,7 @@ _STATE_STYLES: dict[str, str] = {
     "consequence": "background-color:#fbe7e8",
     "half or more dead": "background-color:#f8dcc6",
     "no samples": "color:#888888",
+    "disabled": "font-style:italic",
 }
 
 # The facts of LayerReport._repr_html_: a label and the value's text ("" leaves the row out).
@@ -520,6 +529,7 @@ _HTML_FACTS: tuple[tuple[str, Callable[[LayerReport], str]], ...] = (
     ("blocked by", lambda x: f"`{x.blocked_by}`" if x.blocked_by else ""),
     ("fed by", lambda x: x.fed_by or ""),
     ("blame", lambda x: x.blame or ""),
+    ("disabled", lambda x: f"after an error inside relumon: {x.disabled}" if x.disabled else ""),
 )
 
 

@@ -50,7 +50,16 @@ from torch import Tensor
 from relumon.errors import RelumonError
 from relumon.hooks import is_compiling
 
-__all__ = ["SiteStats", "GatheredSite", "SiteLayout", "gather", "layout_of", "distributed_world_size"]
+__all__ = [
+    "SiteStats",
+    "GatheredSite",
+    "SiteLayout",
+    "gather",
+    "layout_of",
+    "distributed_world_size",
+    "abs_sum",
+    "l2_norm",
+]
 
 # Order of the counters when gathered.
 SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM, NONFINITE_PASSES, UNMEASURED = range(6)
@@ -157,7 +166,7 @@ class SiteStats:
         compiling = is_compiling()
         if self.abs_sum is not None and self.positions is not None:
             if self.reduce_dims:
-                self.abs_sum.add_(torch.linalg.vector_norm(x, ord=1, dim=self.reduce_dims, dtype=torch.float32))
+                self.abs_sum.add_(abs_sum(x, self.reduce_dims))
             else:
                 self.abs_sum.add_(x.abs())
             if compiling:
@@ -229,6 +238,9 @@ class SiteStats:
             self._grad_scale,
             self.cap,
         )
+        # Not `out` itself: a hook registered on a tensor that holds that tensor is never freed by autograd. The
+        # detached alias shares its storage and version counter, and autograd keeps the storage for backward anyway.
+        out = out.detach()
         version = out._version
         seen = [False]
 
@@ -240,9 +252,9 @@ class SiteStats:
             add_norm(stats.grad_norm_sum, stats.nonfinite_passes, unscaled_l2_norm(g, grad_scale))
             stats.n_backwards += 1
             if slope is not None and through_sum is not None and out._version == version:
-                positive = out.detach() > 0
+                positive = out > 0
                 if cap is not None:  # ReLU6: no gradient at the cap either
-                    positive &= out.detach() < cap
+                    positive &= out < cap
                 flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
                 through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
                 stats.n_through_passes += 1
@@ -257,12 +269,13 @@ class SiteStats:
             return self.grad_hook
         slope, through_sum, through_passes = self.through_slope, self.through_sum, self.through_passes
         grad_hook, grad_scale, cap = self.grad_hook, self._grad_scale, self.cap
+        out = out.detach()  # not `out` itself: see `_first_grad_and_through_hook`
 
         def grad_and_through_hook(grad: Tensor) -> None:
             grad_hook(grad)
-            g, positive = grad.detach(), out.detach() > 0
+            g, positive = grad.detach(), out > 0
             if cap is not None:  # ReLU6: no gradient at the cap either
-                positive &= out.detach() < cap
+                positive &= out < cap
             flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
             through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
             through_passes.add_(1)
@@ -333,7 +346,7 @@ def add_norm(norm_sum: Tensor, nonfinite: Tensor, norm: Tensor) -> None:
 
 
 def l2_norm(t: Tensor) -> Tensor:
-    """``||t||_2`` as a float32 scalar tensor, accumulated in at least fp32, without a host sync.
+    """``||t||_2`` as a float32 scalar tensor (float64 for a float64 ``t``), accumulated in at least fp32, no sync.
 
     A float32 contiguous tensor goes through ``torch.dot(t, t)`` (BLAS), about twice as fast as
     ``linalg.vector_norm`` on the CPU; other dtypes (bf16, fp16) through ``vector_norm(dtype=float32)``, since a
@@ -342,7 +355,23 @@ def l2_norm(t: Tensor) -> Tensor:
     if t.dtype == torch.float32 and not is_compiling() and t.is_contiguous():  # compiled code fuses vector_norm
         flat = t.view(-1)
         return torch.dot(flat, flat).sqrt()
-    norm: Tensor = torch.linalg.vector_norm(t, dtype=torch.float32)
+    if t.dtype == torch.float64:  # vector_norm cannot narrow its accumulation to fp32; fp64 is at least fp32
+        norm: Tensor = torch.linalg.vector_norm(t)
+        return norm
+    norm = torch.linalg.vector_norm(t, dtype=torch.float32)
+    return norm
+
+
+def abs_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``|x|`` summed over ``dims``, accumulated in at least fp32: fp32 for half precision and fp32 inputs, fp64 for
+    fp64, exact integers for integer activations (``vector_norm`` takes neither a narrowing dtype nor integers)."""
+    if not x.is_floating_point():
+        return x.abs().sum(dim=dims)
+    norm: Tensor = (
+        torch.linalg.vector_norm(x, ord=1, dim=dims)
+        if x.dtype == torch.float64
+        else torch.linalg.vector_norm(x, ord=1, dim=dims, dtype=torch.float32)
+    )
     return norm
 
 

@@ -199,3 +199,97 @@ def lightning_worker(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fsdp2_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """FSDP2 (``fully_shard``) on CPU/gloo: 4 of the 8 units after the first Linear and all 6 after the second are
+    forced dead; each rank trains on its own data and writes its two reports and the layers its alert callback
+    received."""
+    import relumon
+    from tests.helpers import kill_units
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard  # type: ignore[no-redef]
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # the same initial weights on every rank
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 1))
+        kill_units(model[0], [0, 1, 2, 3])  # a jump in the dead fraction: blame indexes the dead units' biases
+        kill_units(model[2], list(range(6)))  # the whole layer dies: an alert
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer)
+        fully_shard(model)
+        alerts: list[str] = []
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+        reports = []
+        with relumon.watch(model, measure_every=1, on_dead=lambda layer: alerts.append(layer.name)) as monitor:
+            for _window in range(2):
+                for _ in range(2):
+                    opt.zero_grad()
+                    model(torch.randn(4, 4, generator=gen)).pow(2).mean().backward()
+                    opt.step()
+                reports.append(monitor.report().to_dict())
+        sharded = type(model[2].bias).__name__
+        result = {"reports": reports, "alerts": alerts, "bias": sharded}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+class ReportWriter:
+    """Writes each rank's last relumon report at the end of fit (the rank's own view, from inside the worker)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        from relumon.lightning import ReluMonitor
+
+        monitor = next(cb for cb in trainer.callbacks if isinstance(cb, ReluMonitor))
+        result = {
+            "global_step": trainer.global_step,
+            "report": monitor.last_report.to_dict() if monitor.last_report else None,
+        }
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+def spawn_fit(out_dir: str, port: int, strategy: str) -> None:
+    """Run in a fresh interpreter: a Lightning fit that starts its own 2 workers (``ddp_spawn`` pickles the
+    callbacks to start them; ``ddp_notebook`` forks)."""
+    import warnings
+
+    import lightning.pytorch as pl
+
+    from relumon.lightning import ReluMonitor
+
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    writer = ReportWriterCallback
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_steps=4,
+        callbacks=[ReluMonitor(log_every_n_steps=2, on_dead="ignore", measure_every=1), writer(out_dir)],
+        logger=pl.loggers.CSVLogger(out_dir, name="spawn", version=0),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(lightning_module(pl))
+
+
+try:
+    from lightning.pytorch import Callback as _Callback
+
+    class ReportWriterCallback(ReportWriter, _Callback):
+        """`ReportWriter` as a Lightning callback (module level, so that ``ddp_spawn`` can pickle it)."""
+
+except ImportError:  # pragma: no cover - only pytorch_lightning installed
+    pass
