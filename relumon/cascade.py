@@ -42,6 +42,17 @@ __all__ = ["upstream_sites", "find_roots", "find_blockers"]
 
 #: Autograd nodes that read a parameter at data-chosen positions (an embedding lookup): a signal from the data.
 _LOOKUPS = ("Embedding", "Index", "Gather", "Take")
+#: Nodes that join tensors elementwise or side by side: a ``None`` edge there is a tensor without grad (the data
+#: input, on a shortcut or a wide path) that carries signal around the sites on the other edges.
+_JOINS = ("AddBackward", "SubBackward", "CatBackward", "StackBackward", "WhereBackward")
+
+
+def node_key(node: Any) -> tuple[int, int]:
+    """A key for an autograd node that holds no reference to it: its id and its sequence number (which grows with
+    every node made), so a freed node's reused id never matches. Holding the nodes themselves would keep every
+    graph, and its saved activations, alive for as long as discovery lasts."""
+    seq = getattr(node, "_sequence_nr", None)
+    return (id(node), int(seq()) if callable(seq) else -1)
 
 
 def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, ...], bool]:
@@ -50,13 +61,14 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
     A path ends at a site's output node (that site is upstream), at a parameter's ``AccumulateGrad`` (no signal), at
     the ``AccumulateGrad`` of a leaf that is not a parameter (an input that requires grad: data), or at a ``None``
     edge: a tensor that needs no gradient. Such a tensor is the data input, a constant buffer, or an absent optional
-    argument (a conv without bias); a ``None`` edge counts as data only at a node with no site upstream of it, so
-    that a conv or BatchNorm fed by a site does not count its missing bias or its buffers as data. An embedding lookup
+    argument (a conv without bias); a ``None`` edge counts as data at a node with no site upstream of it, and at an
+    add or cat (a residual shortcut or a wide path from the raw input), but not at a conv or BatchNorm fed by a site,
+    whose missing bias or buffers are no signal. An embedding lookup
     with no site upstream counts as data too (its indices are).
 
     Args:
         grad_fn: the output's ``grad_fn`` (the activation's own autograd node, inplace or not), or None.
-        known: the output ``grad_fn`` of every site discovered so far in this forward, mapped to the site's name.
+        known: the `node_key` of the output ``grad_fn`` of every site discovered so far, mapped to the site's name.
 
     Returns:
         ``(names, from_input)``: the sites whose outputs are reached first on the way back, in forward order of
@@ -73,8 +85,9 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
         key = id(node)
         if key in done:
             continue
-        if node is not grad_fn and node in known:
-            done[key] = (frozenset((known[node],)), False)
+        site = known.get(node_key(node)) if node is not grad_fn else None
+        if site is not None:
+            done[key] = (frozenset((site,)), False)
             continue
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
         if variable is not None:
@@ -87,9 +100,12 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
             continue
         sites: frozenset[str] = frozenset().union(*(done[id(c)][0] for c in children))
         data = any(done[id(c)][1] for c in children)
-        if not sites and (
-            len(children) < len(node.next_functions) or type(node).__name__.startswith(_LOOKUPS)
-        ):  # a tensor without grad (or a lookup) where no site is upstream: the data
+        name = type(node).__name__
+        if len(children) < len(node.next_functions) and (not sites or name.startswith(_JOINS)):
+            # A tensor without grad where no site is upstream, or joined to a site's path by an add or a cat (a
+            # residual shortcut, a wide path): the data. (A conv's missing bias behind a site is not.)
+            data = True
+        elif not sites and name.startswith(_LOOKUPS):  # an embedding lookup: its indices are data
             data = True
         done[key] = (sites, data)
     sites, from_input = done[id(grad_fn)]

@@ -126,7 +126,7 @@ class ReluMonitor(OptionAttributes, Callback):
         """Plain state for pickling (``ddp_spawn`` pickles every callback to start its workers).
 
         Mid-fit, the live monitor (bound to the model's hooks) and the Trainer are left out; the monitor's checkpoint
-        state travels instead, so an unpickled callback resumes the same history when it is next set up.
+        state travels instead (a later fit that resumes from a checkpoint continues it; a new fit starts fresh).
         """
         state = dict(self.__dict__)
         if self.monitor is not None:
@@ -164,6 +164,8 @@ class ReluMonitor(OptionAttributes, Callback):
             self._loaded_state = None
             self.last_report = None
         self._restored = False
+        self._pictures = PictureWriter()  # a new fit: its loggers, its steps
+        self._pictures_due = False
         types = self.options.types
         if not self.options.functional and not any(isinstance(m, types) for m in pl_module.modules()):
             if trainer.is_global_zero:

@@ -25,7 +25,7 @@ from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
 from relumon.report import LayerReport, Report, dead_layer_message
-from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather
+from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather, sum_over_ranks
 from relumon.tensorboard import write_layout_once, write_scalars
 
 __all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead", "global_rank"]
@@ -140,8 +140,12 @@ class Monitor(OptionAttributes):
             [layout for layout, _ in gathered],
             gather_sharded,
         )
-        # Compiled steps are measured but not counted (see the recorder): count them by their forwards then.
-        steps = max(recorder.steps_seen - self._window_start, max((x.forwards for x in layers), default=0))
+        # Under torch.distributed, steps add up over ranks, like samples and forwards. Compiled steps are measured but
+        # not counted (see the recorder): count them by their forwards then.
+        steps = recorder.steps_seen - self._window_start
+        if synced:
+            steps = sum_over_ranks(steps)
+        steps = max(steps, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
         if reset:
             for site in sites.values():
@@ -154,7 +158,7 @@ class Monitor(OptionAttributes):
             recorder.confirming = {x.name for x in layers if x.confirming}
             for site in sites.values():
                 site.exact = site.name in recorder.confirming
-            if not self._idle_checked and (steps > 0 or recorder.training_seen):
+            if not self._idle_checked and (steps > 0 or recorder.training_seen or self._model_has_gradients()):
                 self._idle_checked = True
                 self._warn_idle()
             self._alert(report)
@@ -204,7 +208,8 @@ class Monitor(OptionAttributes):
             grad_norm=g.grad_norm_sum / finite_passes if finite_passes > 0 else math.nan,
             skipped_passes=g.nonfinite_passes,
             unmeasured_calls=g.unmeasured,
-            confirming=g.unmeasured > 0 and (all_dead or jumped),
+            # An alert is decided once per layer: a layer already alerted on needs no second confirmation.
+            confirming=g.unmeasured > 0 and (all_dead or jumped) and name not in self._alerted,
             grad_through_norm=g.through_sum / g.through_passes if g.through_passes else math.nan,
             negative_regime=info["negative_regime"],
             dead_mask=dead_mask,
@@ -344,6 +349,12 @@ class Monitor(OptionAttributes):
             elif on_dead == "warn" and global_rank() == 0:
                 warn(dead_layer_message(layer, report.steps), DeadUnitsWarning)
 
+    def _model_has_gradients(self) -> bool:
+        """Whether any parameter of the model has a gradient: training happened, even through methods that neither
+        call the model nor any watched module (a host-side check of ``.grad``, no device read)."""
+        model = self._model_ref()
+        return model is not None and any(p.grad is not None for p in model.parameters())
+
     def _warn_idle(self) -> None:
         """After the first window with training steps: name the watched modules that never ran in one."""
         if global_rank() != 0:
@@ -356,7 +367,10 @@ class Monitor(OptionAttributes):
             what = f"none of the {len(idle)} watched module(s) ran in a training forward ({shown})" if idle else ""
             if self.options.functional:
                 what += ("; " if what else "") + "functional=True found no F.relu, F.relu6 or F.leaky_relu call"
-                hint = "Pass `types=` to watch other activation classes."
+                hint = (
+                    "Functional calls are caught while a module's `forward` runs: a call in another method "
+                    "(`vae.encode`) is not. Pass `types=` to watch other activation classes."
+                )
             else:
                 hint = "If the model calls F.relu (or torch.relu, x.relu()) in `forward`, pass `functional=True`."
             warn(f"relumon: {what}, so nothing is being measured. {hint}", RelumonWarning)
@@ -393,7 +407,6 @@ class Monitor(OptionAttributes):
             "alerted": sorted(self._alerted),
             "window": self._window,
             "steps": recorder.steps_seen,
-            "window_steps": recorder.steps_seen - self._window_start,
             "confirming": sorted(recorder.confirming),
             "history": self._diagnosis.state_dict(),
             "timeline": timeline,
@@ -408,7 +421,7 @@ class Monitor(OptionAttributes):
         self._window = int(state.get("window", 0))
         recorder = self._recorder
         recorder.steps_seen = int(state.get("steps", recorder.steps_seen))
-        self._window_start = recorder.steps_seen - int(state.get("window_steps", 0))
+        self._window_start = recorder.steps_seen  # the open window's statistics are not saved: it starts here
         recorder.confirming = set(state.get("confirming", ()))
         for site in recorder.sites:
             site.exact = site.name in recorder.confirming

@@ -62,9 +62,11 @@ class Options:
         min_samples: a window must have seen at least this many samples of a layer before it can alert.
         sync_dist: reduce reports across ``torch.distributed`` ranks. ``None`` does so whenever a process group of
             more than one rank is initialised.
-        measure_every: measure one training step in every ``measure_every``: steps 0, n, 2n... of the run. The
-            default 4 keeps the overhead near zero (see ``docs/benchmarks.md``); "dead" then means 0 for every
-            *measured* sample, and ``samples`` counts only those. ``measure_every=1`` measures every step exactly.
+        measure_every: measure about one training step in every ``measure_every``, spread by a golden-ratio
+            sequence (never periodic, so alternating phases all get measured), plus each call site's first call in
+            every window. The default 4 keeps the overhead near zero (see ``docs/benchmarks.md``); "dead" then means
+            0 for every *measured* sample, ``samples`` counts only those, and a sampled window never alerts on its own
+            (see ``LayerReport.confirming``). ``measure_every=1`` measures every step exactly.
         permanent_after: a unit dead for this many closed windows in a row counts as permanently dead.
         dormant_tau: also report tau-dormant units (Sokar et al., ICML 2023): a unit whose mean ``|activation|``,
             divided by the layer's mean of the same, is ``<= tau``. Costs one more reduction per measured call.

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from relumon.cascade import upstream_sites
+from relumon.cascade import node_key, upstream_sites
 from relumon.errors import RelumonWarning, is_strict, warn
 from relumon.functional import ActivationCapture, leave_mode
 from relumon.hooks import (
@@ -74,6 +74,10 @@ NEGATIVE_REGIME_TYPES: tuple[type[nn.Module], ...] = (
     nn.Mish,
     nn.Hardswish,
 )
+
+#: Calls of one watched module within one step beyond which relumon assumes it missed a step boundary (a model driven
+#: through its methods whose outputs are detached, with no backward through them): it starts a new step and warns.
+MAX_CALLS_PER_STEP = 256
 
 #: Integer activation dtypes that are watched (others, such as bool or complex, are skipped with a warning).
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
@@ -253,6 +257,7 @@ class Recorder:
         #: Running modules, with the frame of each module call (None under compile), for functional capture.
         self._module_stack: list[tuple[str, nn.Module, Optional[FrameType]]] = []
         self._warned_transform = False
+        self._warned_boundary = False
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -289,6 +294,9 @@ class Recorder:
         if not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
             self._skip_dtype(watched, out)  # before the call index: a skipped call never shifts later sites' names
             return
+        if watched.calls >= MAX_CALLS_PER_STEP:  # no step boundary in sight: bound the call sites, say so once
+            self._warn_no_boundary(watched)
+            self._step_pending = True
         if self._step_pending and not in_backward():
             self.start_step()
         if not self._in_step:  # the first counted forward of a step decides whether the step is measured
@@ -547,6 +555,7 @@ class Recorder:
             track_abs=self.options.dormant_tau is not None,
             through_slope=watched.slope if self._grad_through else None,
             cap=watched.cap,
+            peak_dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
         )
         path = watched.name or "root"
         site = Site(
@@ -566,6 +575,19 @@ class Recorder:
         watched.sites.append(site)
         self.sites.append(site)
         return site
+
+    def _warn_no_boundary(self, watched: _Watched) -> None:
+        if self._warned_boundary:
+            return
+        self._warned_boundary = True
+        warn(
+            f"relumon: `{watched.name or 'root'}` ran {MAX_CALLS_PER_STEP} times without a step boundary (no call of "
+            "the watched model, no backward pass through its activations, no `monitor.new_step()`), so relumon "
+            "starts a new step every "
+            f"{MAX_CALLS_PER_STEP} calls to bound its call sites. Call `monitor.new_step()` at the start of each "
+            "training step (e.g. for a model driven through its methods whose outputs are detached).",
+            RelumonWarning,
+        )
 
     def _skip_dtype(self, watched: _Watched, out: Tensor) -> None:
         if watched.warned_dtype:
@@ -588,7 +610,7 @@ class Recorder:
         grad_fn = out.grad_fn
         site.upstream, site.from_input = upstream_sites(grad_fn, known)
         if grad_fn is not None:
-            known[grad_fn] = site.name
+            known[node_key(grad_fn)] = site.name
 
     def idle_modules(self) -> list[str]:
         """Paths of the watched modules that never ran in a training forward."""

@@ -64,8 +64,9 @@ class LayerReport:
             the scaler skips); they are left out of ``grad_norm`` (and counted in ``backward_passes``).
         unmeasured_calls: training calls of this site in the window that the sampling schedule did not measure;
             0 means the figures are exact (`exact`).
-        confirming: the window was sampled and found every unit dead, or a jump in the dead fraction; relumon
-            measures this site on every call of the next window and alerts only if that exact window agrees.
+        confirming: the window was sampled and found every unit dead, or a jump in the dead fraction, in a layer not
+            alerted on yet; relumon measures this site on every call of the next window and alerts only if that
+            exact window agrees.
         saturated_units: for a capped activation (ReLU6), units whose output was the cap for every sample and
             position: like dead units they pass no gradient. 0 for activations without a cap.
         cap: the activation's cap (6.0 for ReLU6), or None.
@@ -358,9 +359,7 @@ class Report:
             + "</tr>"
             for layer in self.layers
         )
-        notes = [_GRAD_NORM_NOTE]
-        if self.dead_layers:
-            notes.insert(0, "* every unit dead (or stuck negative) in this window")
+        notes = self._footnotes()
         legend = " ".join(
             f"<span style='{style};padding:0 4px'>{html.escape(state)}</span>"
             for state, style in _STATE_STYLES.items()
@@ -394,7 +393,7 @@ class Report:
             mark = ("?" if layer.confirming else "*") if layer.all_dead_or_saturated else ""
             dead = (f"{layer.dead_units}{mark}" if counted else "-") + ("!" if layer.disabled else "")
             frac = f"{100 * layer.dead_fraction:.1f}%" if counted else "-"
-            grad = "-" if layer.backward_passes == 0 else f"{layer.grad_norm:.3e}"
+            grad = "-" if layer.backward_passes == 0 or math.isnan(layer.grad_norm) else f"{layer.grad_norm:.3e}"
             row: tuple[str, ...] = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac)
             if show_sat:
                 row += (str(layer.saturated_units) if counted and layer.cap is not None else "-",)
@@ -410,18 +409,24 @@ class Report:
         lines = [self._title(), fmt(header)]
         lines.append("  ".join("-" * w for w in widths))
         lines.extend(fmt(r) for r in rows)
+        lines.extend(self._footnotes())
+        return "\n".join(lines)
+
+    def _footnotes(self) -> list[str]:
+        """The notes under the table, the same in the text and the HTML view."""
+        notes = []
         if any(layer.all_dead_or_saturated and not layer.confirming for layer in self.layers):
-            lines.append("* every unit dead (or stuck negative, or saturated) in this window")
+            notes.append("* every unit dead (or stuck negative, or saturated) in this window")
         if any(layer.all_dead_or_saturated and layer.confirming for layer in self.layers):
-            lines.append(
+            notes.append(
                 "? every measured unit dead in a sampled window: relumon measures every call of the next window to "
                 "confirm before alerting"
             )
-        lines.append(_GRAD_NORM_NOTE)
         for layer in self.layers:
             if layer.disabled is not None:
-                lines.append(f"! `{layer.name}` disabled after an error inside relumon: {layer.disabled}")
-        return "\n".join(lines)
+                notes.append(f"! `{layer.name}` disabled after an error inside relumon: {layer.disabled}")
+        notes.append(_GRAD_NORM_NOTE)
+        return notes
 
 
 #: Under every table: what "grad norm" is.

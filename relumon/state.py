@@ -125,16 +125,19 @@ class SiteStats:
         track_abs: bool = False,
         through_slope: Optional[float] = None,
         cap: Optional[float] = None,
+        peak_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.units = units
         self.unit_dim = unit_dim
         self.ndim = ndim
         self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
-        self.peak = torch.full((units,), -math.inf, dtype=torch.float32, device=device)
+        # float32 for every activation dtype but float64, whose tiny positive outputs (1e-60) would round to 0 in
+        # float32 and read as dead.
+        self.peak = torch.full((units,), -math.inf, dtype=peak_dtype, device=device)
         self.cap = cap
         self.floor: Optional[Tensor] = None
         if cap is not None:
-            self.floor = torch.full((units,), math.inf, dtype=torch.float32, device=device)
+            self.floor = torch.full((units,), math.inf, dtype=peak_dtype, device=device)
         self.samples, self.forwards, self.backwards, self.grad_norm_sum, self.nonfinite_passes, self.unmeasured = (
             torch.zeros(1, dtype=torch.float64, device=device) for _ in range(_COUNTERS)
         )
@@ -393,7 +396,7 @@ def batch_rows(out: Tensor, unit_dim: int) -> int:
 class GatheredSite:
     """One site's window statistics, on the host."""
 
-    peak: Tensor  # float32, CPU
+    peak: Tensor  # float64, CPU
     samples: int
     forwards: int
     backwards: int
@@ -463,6 +466,13 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def sum_over_ranks(count: int) -> int:
+    """``count`` summed over the ranks of the default process group (every rank must call it)."""
+    total = torch.tensor([count], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total.item())
+
+
 def _agree_on_sites(local: list[SiteLayout]) -> list[SiteLayout]:
     """The call sites every rank reduces, in one order that every rank shares.
 
@@ -530,7 +540,7 @@ def gather(sites: Sequence[tuple[SiteLayout, SiteStats]], sync_dist: bool) -> li
         dist.all_reduce(all_peaks, op=dist.ReduceOp.MAX)
         dist.all_reduce(all_sums, op=dist.ReduceOp.SUM)
     host = torch.cat([all_peaks.double(), all_sums]).cpu()  # the one transfer
-    host_peaks, host_sums = host[: all_peaks.numel()].float(), host[all_peaks.numel() :]
+    host_peaks, host_sums = host[: all_peaks.numel()], host[all_peaks.numel() :]  # float64: no rounding to 0
     gathered = []
     peak_at = sum_at = 0
     for layout in layouts:

@@ -406,3 +406,26 @@ def test_lightning_warns_about_idle_modules(tmp_path: Path) -> None:
     with pytest.warns(relumon.RelumonWarning, match=r"`net.act`, `net.act2`") as record:
         trainer(pl, [ReluMonitor(log_every_n_steps=2)], max_steps=4).fit(Idle(), loader(4))
     assert sum("ran in a training forward" in str(w.message) for w in record) == 1
+
+
+def test_a_dead_layer_that_also_sees_the_raw_input_is_its_own_root() -> None:
+    """A wide path (``cat``) or a residual shortcut from the raw input carries signal around a dead site."""
+
+    class Wide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fa, self.a = nn.Linear(4, 16), nn.ReLU()
+            self.fb, self.b = nn.Linear(20, 16), nn.ReLU()
+            self.head = nn.Linear(16, 1)
+            with torch.no_grad():
+                self.fa.bias.fill_(-1e3)
+                self.fb.bias.fill_(-1e3)  # b dies of its own bias, not of a's death
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(self.fb(torch.cat([self.a(self.fa(x)), x], dim=1))))
+
+    model = Wide()
+    with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
+        model(torch.randn(3, 4)).sum().backward()
+        report = monitor.report()
+    assert report["b"].caused_by is None and [x.name for x in report.roots] == ["a", "b"]

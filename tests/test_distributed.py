@@ -65,6 +65,7 @@ def test_ranks_pair_call_sites_by_name_and_agree_on_the_union(tmp_path: Path) ->
         for layer in report["layers"]:
             layer.pop("blame")
     assert reports[0] == reports[1]  # the same global report, in one order, on every rank
+    assert reports[0]["steps"] == 2 * 3  # steps add up over ranks, like samples and forwards
     layers = {layer["name"]: layer for layer in reports[0]["layers"]}
     assert [layer["name"] for layer in reports[0]["layers"]] == ["b.1", "a.1", "c.1"]  # rank 0's order, then the rest
     assert layers["b.1"]["dead_units"] == 6 and layers["b.1"]["samples"] == 5 * 5  # 2 steps on rank 0, 3 on rank 1

@@ -417,3 +417,84 @@ def test_lightning_accumulation_message_says_what_was_measured() -> None:
         trainer(
             lightning_pl, [ReluMonitor(log_every_n_steps=1, figures=False)], accumulate_grad_batches=4, max_steps=4
         ).fit(boring_module(lightning_pl, dead_fc2=True), loader(16))
+
+
+# --------------------------------------------------------------------------- found in review
+
+
+def test_a_detached_model_driven_through_methods_keeps_its_call_sites_bounded() -> None:
+    """A distillation teacher called as ``teacher.logits(x).detach()``: no root call, no backward through it."""
+    from relumon.recorder import MAX_CALLS_PER_STEP
+
+    class Teacher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 8)
+            self.act = nn.ReLU()
+
+        def logits(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.fc(x))
+
+    teacher = Teacher()
+    with pytest.warns(relumon.RelumonWarning, match="monitor.new_step"), relumon.watch(teacher) as monitor:
+        for _ in range(MAX_CALLS_PER_STEP + 10):
+            teacher.logits(torch.randn(2, 4)).detach()
+    assert len(monitor.names) == MAX_CALLS_PER_STEP
+
+
+def test_a_float64_unit_with_tiny_positive_outputs_is_alive() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)).double()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.fill_(1e-60)  # positive, but 0 in float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", relumon.DeadUnitsWarning)
+        with relumon.watch(model, measure_every=1) as monitor:
+            model(torch.randn(4, 4, dtype=torch.float64)).sum().backward()
+            report = monitor.report()
+    assert report["1"].dead_units == 0
+
+
+def test_the_idle_warning_also_fires_for_a_model_driven_through_its_methods() -> None:
+    class Declared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.act = nn.ReLU()  # declared, but `encode` calls F.relu
+
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.relu(self.fc(x))
+
+    model = Declared()
+    with pytest.warns(relumon.RelumonWarning, match="none of the 1 watched module"):
+        with relumon.watch(model) as monitor:
+            model.encode(torch.randn(3, 4)).sum().backward()
+            monitor.report()
+
+
+def test_a_resumed_runs_first_window_counts_from_the_resume() -> None:
+    model = MLP()
+    with relumon.watch(model, measure_every=1) as first:
+        train_steps(model, steps=3, batch=2)  # an open window: its statistics are not saved
+        state = first.state_dict()
+    with relumon.watch(model, measure_every=1) as resumed:
+        resumed.load_state_dict(state)
+        train_steps(model, steps=2, batch=2)
+        report = resumed.report()
+    assert report.steps == 2 and all(layer.exact for layer in report)
+    assert "2 steps" in str(report) and "measured" not in str(report).splitlines()[0]
+
+
+def test_a_reused_callback_writes_pictures_in_every_fit(tmp_path: object) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.lightning_helpers import boring_module, loader, trainer
+
+    ReluMonitor = _lightning()
+    cb = ReluMonitor(log_every_n_steps=4)
+    for run in ("a", "b"):
+        logger = lightning_pl.loggers.TensorBoardLogger(str(tmp_path), name=run, version=0)
+        trainer(lightning_pl, [cb], logger=logger, max_steps=8).fit(boring_module(lightning_pl), loader(8))
+        acc = EventAccumulator(f"{tmp_path}/{run}/version_0", size_guidance={"images": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Images("relumon/grad_flow")] == [8], run
