@@ -258,6 +258,7 @@ class Recorder:
         self._module_stack: list[tuple[str, nn.Module, Optional[FrameType]]] = []
         self._warned_transform = False
         self._warned_boundary = False
+        self._root_step = False  # the open step began with a call of the root module
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -324,7 +325,9 @@ class Recorder:
         # that every window measures every site that ran in it.
         if not (self._measuring or site.exact or stats.n_forwards == 0):
             stats.n_unmeasured += 1
-            if out.requires_grad and not self._step_pending:  # any backward ends the step, measured or not
+            # Any backward ends the step, measured or not: a tiny hook tells, unless a call of the model itself
+            # marks the steps (the common `model(x)` loop pays nothing for it).
+            if out.requires_grad and not (self._step_pending or self._root_step):
                 out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
             return
         try:
@@ -477,6 +480,7 @@ class Recorder:
     def _on_root_forward(self, module: nn.Module, args: Any) -> None:
         try:
             self.start_step()
+            self._root_step = True  # this step's boundary is the root call: no backward detection needed
             if not self.training_seen and not is_compiling() and is_counted_forward(module):
                 self.training_seen = True
         except Exception as err:  # pragma: no cover - start_step only resets counters
@@ -502,6 +506,7 @@ class Recorder:
         so these can all mark the same boundary.
         """
         self._step_pending = False
+        self._root_step = False
         self._in_step = False
         for watched in self._watched.values():
             watched.calls = 0

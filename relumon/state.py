@@ -200,7 +200,7 @@ class SiteStats:
 
         def grad_hook(grad: Tensor) -> None:
             """Accumulate ``||dL/d(output)||_2`` of one backward pass. Returns None: a value would replace the grad."""
-            add_norm(grad_norm_sum, nonfinite, unscaled_l2_norm(grad.detach(), grad_scale))
+            add_grad_norm(grad_norm_sum, nonfinite, grad.detach(), grad_scale)
             backwards.add_(1)
 
         return grad_hook
@@ -226,7 +226,7 @@ class SiteStats:
             if seen[0]:  # a later pass through the same forward's graph (second order, retain_graph)
                 return None
             seen[0] = True
-            add_norm(stats.grad_norm_sum, stats.nonfinite_passes, unscaled_l2_norm(grad.detach(), grad_scale))
+            add_grad_norm(stats.grad_norm_sum, stats.nonfinite_passes, grad.detach(), grad_scale)
             stats.n_backwards += 1
             stats._on_backward()
             return None
@@ -252,7 +252,7 @@ class SiteStats:
                 return None
             seen[0] = True
             g = grad.detach()
-            add_norm(stats.grad_norm_sum, stats.nonfinite_passes, unscaled_l2_norm(g, grad_scale))
+            add_grad_norm(stats.grad_norm_sum, stats.nonfinite_passes, g, grad_scale)
             stats.n_backwards += 1
             if slope is not None and through_sum is not None and out._version == version:
                 positive = out > 0
@@ -341,8 +341,21 @@ class SiteStats:
         self.n_unmeasured = 0
 
 
-def add_norm(norm_sum: Tensor, nonfinite: Tensor, norm: Tensor) -> None:
-    """Add a finite ``norm`` to ``norm_sum``, or count it in ``nonfinite`` (inf/NaN: an AMP overflow). No sync."""
+def add_grad_norm(
+    norm_sum: Tensor, nonfinite: Tensor, grad: Tensor, grad_scale: Callable[[], Optional[Tensor]]
+) -> None:
+    """Add ``||grad||_2`` (unscaled) to ``norm_sum``. No sync.
+
+    Under a ``GradScaler`` an inf/NaN norm is an overflow step, which the scaler skips: it is counted in
+    ``nonfinite`` instead of added (three more tiny kernels, paid only with a scaler). Without one, nothing skips a
+    step, and a non-finite norm is the training's own state: it is added as it is.
+    """
+    norm = l2_norm(grad)
+    scale = grad_scale()
+    if scale is None:
+        norm_sum.add_(norm)
+        return
+    norm = norm / scale
     finite = norm.isfinite()
     norm_sum.add_(torch.where(finite, norm, 0.0))
     nonfinite.add_(finite.logical_not())
