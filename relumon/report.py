@@ -60,8 +60,8 @@ class LayerReport:
         blame: for a layer that died or whose dead fraction jumped, facts about the module that fed it.
         grad_through_norm: with ``grad_through=True``, the mean over backward passes of the L2 norm of the gradient
             that flows through the activation to the layer below (``dL/d(pre-activation)``); else NaN.
-        skipped_passes: backward passes whose gradient norm was inf or NaN (a ``GradScaler`` overflow step, which
-            the scaler skips); they are left out of ``grad_norm`` (and counted in ``backward_passes``).
+        skipped_passes: under a ``GradScaler``, backward passes whose gradient norm was inf or NaN (overflow steps,
+            which the scaler skips); they are left out of ``grad_norm`` (and counted in ``backward_passes``).
         unmeasured_calls: training calls of this site in the window that the sampling schedule did not measure;
             0 means the figures are exact (`exact`).
         confirming: the window was sampled and found every unit dead, or a jump in the dead fraction, in a layer not
