@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from relumon.units import ADAPTIVE_POOLS
+
 __all__ = [
     "is_compiling",
     "in_backward",
@@ -161,12 +163,7 @@ PASS_THROUGH: tuple[type[nn.Module], ...] = (
     nn.Dropout3d,
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
+    *ADAPTIVE_POOLS,
 )
 
 

@@ -16,7 +16,23 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-__all__ = ["infer_unit_dim", "producer_layout_from_graph", "CHANNEL_FIRST_PRODUCERS", "FEATURE_LAST_PRODUCERS"]
+__all__ = [
+    "infer_unit_dim",
+    "producer_layout_from_graph",
+    "ADAPTIVE_POOLS",
+    "CHANNEL_FIRST_PRODUCERS",
+    "FEATURE_LAST_PRODUCERS",
+]
+
+#: Adaptive pooling: keeps the channels (dim 1) of its input, whatever its output size.
+ADAPTIVE_POOLS: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
 
 #: Producers whose outputs carry their features in dim 1 (``N, C, ...``).
 CHANNEL_FIRST_PRODUCERS: tuple[type[nn.Module], ...] = (
@@ -40,12 +56,7 @@ CHANNEL_FIRST_PRODUCERS: tuple[type[nn.Module], ...] = (
     nn.AvgPool1d,
     nn.AvgPool2d,
     nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
+    *ADAPTIVE_POOLS,
 )
 
 #: Producers whose outputs carry their features in the last dim (``..., F``).
