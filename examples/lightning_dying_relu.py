@@ -3,11 +3,11 @@
 The same MLP is trained twice on synthetic data with a learning rate that is too high (SGD at 1.0): once with ReLU
 and once with LeakyReLU. ReluMonitor logs dead units and gradient flow to TensorBoard and warns when a whole layer
 dies. At the end the script prints a comparison of the two runs and what it shows: the high learning rate pushes
-most of the last hidden layer below zero with either activation (all of it with ReLU, about 95 % with LeakyReLU).
+most of the last hidden layer below zero with either activation (all of it with ReLU, about 94 % with LeakyReLU).
 LeakyReLU does not prevent that, but its stuck units still pass alpha * gradient, so the gradient keeps reaching the
 first layer, where ReLU's is 0. The cause is the learning rate.
 
-    python examples/lightning_dying_relu.py             # lr 1.0: ReLU loses a layer, LeakyReLU 95 % of one
+    python examples/lightning_dying_relu.py             # lr 1.0: ReLU loses a layer, LeakyReLU about 94 % of one
     tensorboard --logdir runs/lightning_dying_relu
 """
 

@@ -91,7 +91,8 @@ def grad_flow_figure(report: Report, title: str = "relumon: gradient flow per ac
         parts = [f"0, blocked by {layer.blocked_by}" if zero and layer.blocked_by else "0"] if zero else []
         if layer.counts_dead:
             parts.append(f"{100 * layer.dead_fraction:.0f}% dead")
-        label = ", ".join(parts)
+        # One line per fact, so that neighbouring labels do not run into each other (rotated: one line).
+        label = ", ".join(parts) if rotated else "\n".join(parts)
         ax.annotate(
             label,
             (bar.get_x() + bar.get_width() / 2, bar.get_height()),

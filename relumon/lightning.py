@@ -59,9 +59,10 @@ class ReluMonitor(OptionAttributes, Callback):
 
     Args:
         log_every_n_steps: optimizer steps per window. ``None`` uses the Trainer's ``log_every_n_steps``.
-        on_dead: what to do the first time a window finds every unit of a layer dead: ``"warn"`` (a
-            [`DeadUnitsWarning`][relumon.DeadUnitsWarning], once per layer), ``"raise"`` (a
-            [`RelumonError`][relumon.RelumonError]), ``"stop"`` (set ``trainer.should_stop`` and say why),
+        on_dead: what to do the first time a window measured on every call finds every unit of a layer dead (once
+            per dead cascade, for its root): ``"warn"`` (a [`DeadUnitsWarning`][relumon.DeadUnitsWarning]),
+            ``"raise"`` (a [`RelumonError`][relumon.RelumonError]), ``"stop"`` (set ``trainer.should_stop`` and say
+            why),
             ``"ignore"``, or a callable that receives the [`LayerReport`][relumon.LayerReport].
         figures: write the gradient-flow chart and the dead-unit heatmap at the end of each training epoch and of
             fit, once per step, to every logger that can show an image: TensorBoard (images), Weights & Biases
@@ -71,7 +72,9 @@ class ReluMonitor(OptionAttributes, Callback):
             ``dead%`` (a percentage, e.g. ``dead%=12.5``; ``<prefix>/dead%`` with another ``prefix``). It is updated
             whenever a window closes during training, and readable in ``trainer.progress_bar_metrics``.
         prefix: the first part of every logged tag.
-        options: a ready [`Options`][relumon.Options]; keyword arguments override its fields.
+        options: a ready [`Options`][relumon.Options]; keyword arguments override its fields. Its ``on_dead`` applies
+            unless ``on_dead`` is given here; its ``grad_scaler`` and ``sync_dist`` must be None (the Trainer's are
+            used).
         **kwargs: the options of [`Options`][relumon.Options] by name (``types``, ``unit_dim``, ``track_grad``,
             ``min_samples``, ``measure_every``, ``permanent_after``, ``dormant_tau``, ``functional``,
             ``grad_through``), as for [`relumon.watch`][relumon.watch]. ``grad_scaler`` and ``sync_dist`` come from
@@ -106,6 +109,12 @@ class ReluMonitor(OptionAttributes, Callback):
         check_on_dead(on_dead, _ON_DEAD_CHOICES)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
+        if options is not None and isinstance(options, Options):
+            given = [name for name in _FROM_TRAINER if getattr(options, name) is not None]
+            if given:
+                raise TypeError(f"ReluMonitor takes {given} from the Trainer; pass an `options=` without them")
+            if on_dead == "warn" and options.on_dead != "warn":
+                on_dead = options.on_dead  # the callback's own `on_dead` wins when given; else the options' one
         self.options = Options.resolve(options, kwargs, owner="ReluMonitor()")
         self.log_every_n_steps = log_every_n_steps
         self.on_dead = on_dead

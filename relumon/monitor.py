@@ -124,7 +124,10 @@ class Monitor(OptionAttributes):
             A [`Report`][relumon.Report] with one [`LayerReport`][relumon.LayerReport] per call site, in forward order.
 
         Raises:
-            RelumonError: with ``on_dead="raise"``, when a layer's every unit is dead for the first time.
+            RelumonError: with ``on_dead="raise"``, when a layer's every unit is dead for the first time (confirmed
+                by a window measured on every call; once per cascade, for its root); with ``sync_dist=True`` and no
+                initialised process group; and, on every rank alike, when a call site has a different number of
+                units on two ranks.
         """
         recorder = self._recorder
         recorder.leave_stale_capture()

@@ -56,7 +56,8 @@ class Options:
             site; a mapping from module path to int overrides single modules (key ``"*"`` for the rest).
         track_grad: also record the gradient norm at each activation's output.
         grad_scaler: a ``torch.amp.GradScaler`` in use, so that gradient norms are reported unscaled.
-        on_dead: what to do the first time a closed window finds every unit of a layer dead: ``"warn"`` (a
+        on_dead: what to do the first time a window measured on every call finds every unit of a layer dead (once per
+            dead cascade, for its root; a sampled window is confirmed first): ``"warn"`` (a
             [`DeadUnitsWarning`][relumon.DeadUnitsWarning]), ``"raise"`` (a [`RelumonError`][relumon.RelumonError]),
             ``"ignore"``, or a callable that receives the [`LayerReport`][relumon.LayerReport].
         min_samples: a window must have seen at least this many samples of a layer before it can alert.

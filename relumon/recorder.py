@@ -341,7 +341,7 @@ class Recorder:
             stats.observe(obs)
             if out.requires_grad:
                 if not self._track_grad:
-                    if not is_compiling():
+                    if not (is_compiling() or self._root_step):
                         out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
                 elif is_compiling() and stats.through_slope is None:
                     out.register_hook(site.grad_hook)  # type: ignore[no-untyped-call]
@@ -659,7 +659,7 @@ class Recorder:
 
 
 # Allocation runs eagerly even inside a torch.compile trace: state created in a graph would not persist. This costs
-# one graph break and one recompile on the first compiled training step only.
+# a graph break per new call site, on the first compiled training step only.
 @torch._dynamo.disable  # type: ignore[untyped-decorator]
 def _add_site_eagerly(
     recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool

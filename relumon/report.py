@@ -36,16 +36,17 @@ class LayerReport:
         unit_dim: the activation dimension that indexes units.
         fed_by: path of the module whose output fed this activation in the first training forward, if it was a
             module's output.
-        samples: batch rows seen in the window (training forwards only).
-        forwards: training forwards seen in the window.
+        samples: batch rows measured in the window (training forwards only).
+        forwards: training forwards measured in the window (``unmeasured_calls`` counts the others).
         backward_passes: backward passes through this site in the window.
-        dead_units: units whose output was ``<= 0`` for every sample and position: 0 for ReLU and ReLU6 (dead),
+        dead_units: units whose output was ``<= 0`` for every measured sample and position: 0 for ReLU and ReLU6 (dead),
             negative for LeakyReLU, PReLU and RReLU (stuck in the negative regime). 0 when ``samples == 0`` or
             ``counts_dead`` is False.
         nonfinite_units: units that produced NaN in the window; they count neither as dead nor alive.
         grad_norm: mean over the window's backward passes of ``||dL/d(output)||_2``; NaN without a backward pass.
             Each forward contributes the first gradient that reaches its output, once: later passes through the
-            same forward's graph (second-order steps, ``retain_graph`` re-runs) neither add nor count.
+            same forward's graph (second-order steps, ``retain_graph`` re-runs) neither add nor count (eager mode;
+            under ``torch.compile`` every pass counts).
         negative_regime: True for activations that pass negative values (LeakyReLU...), where "dead" means "stuck
             in the negative regime" and the units still pass ``alpha * gradient``.
         dead_mask: CPU bool tensor of shape ``(units,)``, True where the unit is dead.

@@ -249,3 +249,7 @@ def test_callback_forwards_options_and_takes_scaler_and_sync_from_the_trainer() 
         ReluMonitor(sync_dist=True)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ReluMonitor(log_every=3)
+    with pytest.raises(TypeError, match="from the Trainer"):
+        ReluMonitor(options=relumon.Options(sync_dist=False))
+    assert ReluMonitor(options=relumon.Options(on_dead="raise")).on_dead == "raise"  # the options' on_dead applies
+    assert ReluMonitor(on_dead="stop", options=relumon.Options(on_dead="raise")).on_dead == "stop"  # unless given
