@@ -157,6 +157,8 @@ def infer_unit_dim(ndim: int, producer: Optional[nn.Module] = None, layout: Opti
     """
     if ndim <= 1:
         return 0
+    if isinstance(producer, nn.modules.conv._ConvNd) and ndim == len(producer.kernel_size) + 1:
+        return 0  # an unbatched conv output, (C, H, W) for a Conv2d: its channels are dim 0, and it is one sample
     if ndim == 2:
         return 1
     if isinstance(producer, CHANNEL_FIRST_PRODUCERS):

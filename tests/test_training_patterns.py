@@ -498,3 +498,11 @@ def test_a_reused_callback_writes_pictures_in_every_fit(tmp_path: object) -> Non
         acc = EventAccumulator(f"{tmp_path}/{run}/version_0", size_guidance={"images": 0})
         acc.Reload()
         assert [e.step for e in acc.Images("relumon/grad_flow")] == [8], run
+
+
+def test_an_unbatched_conv_output_has_its_channels_as_units() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU())
+    with relumon.watch(model, measure_every=1) as monitor:
+        model(torch.randn(3, 7, 9)).sum().backward()  # (C, H, W): no batch dim
+        report = monitor.report()
+    assert (report["1"].units, report["1"].unit_dim, report["1"].samples) == (5, 0, 1)
