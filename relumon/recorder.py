@@ -177,7 +177,6 @@ class _Watched:
         "calls",
         "sites",
         "warned_shape",
-        "warned_dtype",
         "cap",
         "counts_dead",
         "skipped",
@@ -207,7 +206,6 @@ class _Watched:
         self.calls = 0
         self.sites: list[Site] = []
         self.warned_shape = False
-        self.warned_dtype = False
         self.skipped = False  # ran in a training forward with a dtype that is not watched
         #: Why the whole module was disabled (an error before its call site existed), or None.
         self.disabled: Optional[str] = None
@@ -595,9 +593,8 @@ class Recorder:
         )
 
     def _skip_dtype(self, watched: _Watched, out: Tensor) -> None:
-        if watched.warned_dtype:
+        if watched.skipped:  # said once per module
             return
-        watched.warned_dtype = True
         watched.skipped = True
         warn(
             f"relumon: `{watched.name}` produced a {out.dtype} tensor; only real-valued activations are watched, so "

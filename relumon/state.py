@@ -255,11 +255,7 @@ class SiteStats:
             add_grad_norm(stats.grad_norm_sum, stats.nonfinite_passes, g, grad_scale)
             stats.n_backwards += 1
             if slope is not None and through_sum is not None and out._version == version:
-                positive = out > 0
-                if cap is not None:  # ReLU6: no gradient at the cap either
-                    positive &= out < cap
-                flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
-                through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
+                through_sum.add_(through_norm(g, out, slope, cap, grad_scale))
                 stats.n_through_passes += 1
             stats._on_backward()
             return None
@@ -276,11 +272,7 @@ class SiteStats:
 
         def grad_and_through_hook(grad: Tensor) -> None:
             grad_hook(grad)
-            g, positive = grad.detach(), out > 0
-            if cap is not None:  # ReLU6: no gradient at the cap either
-                positive &= out < cap
-            flowing = g * positive if slope == 0 else torch.where(positive, g, g * slope)
-            through_sum.add_(unscaled_l2_norm(flowing, grad_scale))
+            through_sum.add_(through_norm(grad.detach(), out, slope, cap, grad_scale))
             through_passes.add_(1)
             return None
 
@@ -313,22 +305,12 @@ class SiteStats:
             host += [float(self.n_positions)] + [0.0] * self.units
         return host
 
-    @property
-    def sum_state_size(self) -> int:
-        """Length of ``sum_state()``."""
-        return sum(t.numel() for t in self._sums())
-
     def peak_state(self) -> Tensor:
         """Everything that combines across ranks by MAX, as one float32 tensor: the peaks, then, with a cap, the
         negated floors (the MAX of negated floors is minus their MIN)."""
         if self.floor is None:
             return self.peak
         return torch.cat([self.peak, -self.floor])
-
-    @property
-    def peak_state_size(self) -> int:
-        """Length of ``peak_state()``."""
-        return self.units * (2 if self.floor is not None else 1)
 
     def reset(self) -> None:
         """Start a new window."""
@@ -389,6 +371,18 @@ def abs_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
         else torch.linalg.vector_norm(x, ord=1, dim=dims, dtype=torch.float32)
     )
     return norm
+
+
+def through_norm(
+    grad: Tensor, out: Tensor, slope: float, cap: Optional[float], grad_scale: Callable[[], Optional[Tensor]]
+) -> Tensor:
+    """``||dL/d(pre-activation)||_2`` from the output gradient and the output: the gradient passes where the output
+    is positive (and, with a ``cap``, below it: ReLU6), and ``slope`` times it elsewhere. Unscaled, no sync."""
+    positive = out > 0
+    if cap is not None:  # ReLU6: no gradient at the cap either
+        positive &= out < cap
+    flowing = grad * positive if slope == 0 else torch.where(positive, grad, grad * slope)
+    return unscaled_l2_norm(flowing, grad_scale)
 
 
 def unscaled_l2_norm(t: Tensor, grad_scale: Callable[[], Optional[Tensor]]) -> Tensor:
