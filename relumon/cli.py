@@ -12,6 +12,10 @@ their gradient only. A run is named by its path under LOGDIR, or
 by the directory's own name when LOGDIR is itself the run. ``--json`` prints the same facts as JSON, with dead shares
 as fractions in [0, 1] (not percentages), plus each layer's number of logged windows and its last step. A missing
 or empty directory, or one without relumon scalars, gets a one-line error and a non-zero exit status.
+
+A run is read the way TensorBoard shows it: one value per tag and step, the latest written winning, across all the
+event files of the run (a script re-run into the same directory adds a second event file; its values replace the
+first run's at the same steps rather than doubling the windows).
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ def _runs(logdir: str) -> list[str]:
     return sorted(runs)
 
 
+def _per_step(events: list[Any]) -> list[Any]:
+    """One event per step, the latest written winning (as TensorBoard shows a run of several event files), by step."""
+    latest: dict[int, Any] = {}
+    for event in sorted(events, key=lambda e: e.wall_time):  # stable: ties keep the order they were read in
+        latest[event.step] = event
+    return [latest[step] for step in sorted(latest)]
+
+
 def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, Any]]]:
     """Per run, one summary dict per layer, in the order the layers were logged.
 
@@ -68,9 +80,12 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
         acc.Reload()
         tags = set(acc.Tags().get("scalars", []))
 
-        def last(metric: str, name: str, acc: Any = acc, tags: set[str] = tags) -> Optional[Any]:
-            tag = f"{prefix}/{metric}/{name}"
-            return acc.Scalars(tag)[-1] if tag in tags else None
+        def scalars(tag: str, acc: Any = acc, tags: set[str] = tags) -> list[Any]:
+            return _per_step(acc.Scalars(tag)) if tag in tags else []
+
+        def last(metric: str, name: str) -> Optional[Any]:
+            events = scalars(f"{prefix}/{metric}/{name}")
+            return events[-1] if events else None
 
         names: dict[str, None] = {}
         for tag in acc.Tags().get("scalars", []):
@@ -86,9 +101,8 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
         layers = []
         for name in names:
             dead_tag = dead_prefix + name
-            dead = acc.Scalars(dead_tag) if dead_tag in tags else []
-            grad_tag = grad_prefix + name
-            grads = acc.Scalars(grad_tag) if grad_tag in tags else []
+            dead = scalars(dead_tag)
+            grads = scalars(grad_prefix + name)
             fully_dead = [e.step for e in dead if e.value >= 1.0]
             events = dead or grads
             note = None

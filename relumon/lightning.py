@@ -41,6 +41,8 @@ OnDeadPolicy = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[Layer
 _ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
 #: Options the callback takes from the Trainer, not from its arguments.
 _FROM_TRAINER = ("grad_scaler", "sync_dist")
+#: The callback's own arguments (the rest go to Options).
+_OWN_ARGUMENTS = ("log_every_n_steps", "on_dead", "figures", "prog_bar", "prefix", "options")
 
 
 class ReluMonitor(OptionAttributes, Callback):
@@ -115,7 +117,9 @@ class ReluMonitor(OptionAttributes, Callback):
                 raise TypeError(f"ReluMonitor takes {given} from the Trainer; pass an `options=` without them")
             if on_dead == "warn" and options.on_dead != "warn":
                 on_dead = options.on_dead  # the callback's own `on_dead` wins when given; else the options' one
-        self.options = Options.resolve(options, kwargs, owner="ReluMonitor()")
+        self.options = Options.resolve(
+            options, kwargs, owner="ReluMonitor()", own=_OWN_ARGUMENTS, excluded=(*_FROM_TRAINER, "on_dead")
+        )
         self.log_every_n_steps = log_every_n_steps
         self.on_dead = on_dead
         self.figures = figures
@@ -239,6 +243,9 @@ class ReluMonitor(OptionAttributes, Callback):
         if self.monitor is not None and trainer.global_step != self._last_logged_step:
             self._close_window(trainer, trainer.global_step)
         self._log_figures(trainer)
+        if self.monitor is not None:
+            # A warning at the end of fit, from rank 0, like Lightning's own end-of-fit advice.
+            self.monitor.warn_unconfirmed()
 
     def _log_figures(self, trainer: Any) -> None:
         """The gradient-flow chart and the dead-unit heatmap, to every logger that shows images, from rank 0."""
@@ -289,7 +296,14 @@ class ReluMonitor(OptionAttributes, Callback):
     def _on_dead_layer(self, layer: LayerReport) -> None:
         trainer = self._trainer
         optimizer_steps = trainer.global_step - self._window_start_step if trainer is not None else None
-        message = dead_layer_message(layer, optimizer_steps=optimizer_steps or None)
+        monitor = self.monitor
+        message = dead_layer_message(
+            layer,
+            optimizer_steps=optimizer_steps or None,
+            # Alerts run while the window closes, after the monitor has opened the next one.
+            window=monitor.window - 1 if monitor is not None else None,
+            step=trainer.global_step if trainer is not None else None,
+        )
         if callable(self.on_dead):
             self.on_dead(layer)
         elif self.on_dead == "raise":

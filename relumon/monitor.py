@@ -57,7 +57,14 @@ class Monitor(OptionAttributes):
     def __init__(self, model: nn.Module, options: Optional[Options] = None, **kwargs: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected `model` to be a torch.nn.Module, got {type(model).__name__}")
-        self.options = Options.resolve(options, kwargs, owner=type(self).__name__)
+        self.options = Options.resolve(options, kwargs, owner=type(self).__name__, own=("model", "options"))
+        if self.options.sync_dist and not (dist.is_available() and dist.is_initialized()):
+            # Said here rather than at the first report(), which may be hours into the run.
+            raise RelumonError(
+                "`sync_dist=True` needs an initialised torch.distributed process group, and there is none. Call "
+                "`torch.distributed.init_process_group(...)` before `relumon.watch(...)`, or leave `sync_dist=None` "
+                "(the default: reduce across ranks whenever a process group of more than one rank is initialised)."
+            )
         self._model_name = type(model).__name__
         self._model_ref = weakref.ref(model)
         self._recorder = Recorder(model, self.options)
@@ -68,6 +75,7 @@ class Monitor(OptionAttributes):
         self._window_start = 0  # the recorder's steps_seen when the open window started
         self._alerted: set[str] = set()
         self._idle_checked = False
+        self._unconfirmed_said: Optional[int] = None  # the window whose unconfirmed deaths were last reported
 
     # ------------------------------------------------------------------ the per-step side, delegated
 
@@ -150,6 +158,16 @@ class Monitor(OptionAttributes):
             steps = sum_over_ranks(steps)
         steps = max(steps, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
+        if reset and steps == 0:
+            # As torchmetrics' compute() before update(): say so, and keep the window open for the steps to come.
+            if global_rank() == 0:
+                warn(
+                    f"relumon: report() was called before any training step of window {self._window}: the report is "
+                    "empty and the window stays open. Call it after training steps (a training forward: grad "
+                    "enabled, model in training mode).",
+                    RelumonWarning,
+                )
+            return report
         if reset:
             for site in sites.values():
                 site.stats.reset()
@@ -164,7 +182,7 @@ class Monitor(OptionAttributes):
             if not self._idle_checked and (steps > 0 or recorder.training_seen or self._model_has_gradients()):
                 self._idle_checked = True
                 self._warn_idle()
-            self._alert(report)
+            self._alert(report, step)
         return report
 
     def _layer_report(self, layout: SiteLayout, g: GatheredSite, step: int, close: bool) -> LayerReport:
@@ -269,6 +287,8 @@ class Monitor(OptionAttributes):
                     consequences=tuple(name for name in order if root_of.get(name) == layer.name),
                     blocked_by=blocked_by.get(layer.name),
                     blame=blamed,
+                    # A consequence never alerts (its root does), so it is not worth measuring every call for.
+                    confirming=layer.confirming and caused_by is None,
                 )
             )
         return explained
@@ -338,7 +358,7 @@ class Monitor(OptionAttributes):
 
     # ------------------------------------------------------------------ alerts
 
-    def _alert(self, report: Report) -> None:
+    def _alert(self, report: Report, step: int) -> None:
         """One alert per dead cascade, for its root; the message names the sites that died with it."""
         on_dead = self.options.on_dead
         for layer in report.roots:
@@ -348,9 +368,9 @@ class Monitor(OptionAttributes):
             if callable(on_dead):
                 on_dead(layer)
             elif on_dead == "raise":
-                raise RelumonError(dead_layer_message(layer, report.steps))
+                raise RelumonError(dead_layer_message(layer, report.steps, window=report.window, step=step))
             elif on_dead == "warn" and global_rank() == 0:
-                warn(dead_layer_message(layer, report.steps), DeadUnitsWarning)
+                warn(dead_layer_message(layer, report.steps, window=report.window, step=step), DeadUnitsWarning)
 
     def _model_has_gradients(self) -> bool:
         """Whether any parameter of the model has a gradient: training happened, even through methods that neither
@@ -433,8 +453,45 @@ class Monitor(OptionAttributes):
         self._timeline.extend((int(step), dict(fractions)) for step, fractions in state.get("timeline", []))
 
     def remove(self) -> None:
-        """Remove every hook relumon put on the model. Idempotent; the statistics stay readable."""
+        """Remove every hook relumon put on the model. Idempotent; the statistics stay readable.
+
+        When the last closed window left layers that look dead but could not be confirmed (a `?` in its table),
+        says so once (see [`warn_unconfirmed()`][relumon.Monitor.warn_unconfirmed]).
+        """
+        if self._recorder.active:
+            self.warn_unconfirmed()
         self._recorder.remove()
+
+    def unconfirmed(self) -> list[LayerReport]:
+        """Layers of the last closed window that look dead but were not confirmed: its sampled window found every
+        measured unit dead, and no window measured on every call has closed since (``confirming`` is True)."""
+        report = self.last_report
+        return [] if report is None else [x for x in report.layers if x.confirming]
+
+    def warn_unconfirmed(self) -> None:
+        """Say once which layers look dead but could not be confirmed, and why (training ended first).
+
+        Called by [`remove()`][relumon.Monitor.remove] (so by leaving a ``with relumon.watch(...)`` block) and by the
+        Lightning callback at the end of fit. Nothing happens when every suspect was confirmed or cleared. Only
+        global rank 0 warns.
+        """
+        suspects = self.unconfirmed()
+        if not suspects or self._unconfirmed_said == self._window or global_rank() != 0:
+            return
+        self._unconfirmed_said = self._window
+        report = self.last_report
+        assert report is not None
+        names = ", ".join(f"`{x.name}`" for x in suspects[:5]) + (
+            f" and {len(suspects) - 5} more" if len(suspects) > 5 else ""
+        )
+        measured = max(x.forwards for x in suspects)
+        warn(
+            f"relumon: {names} looked dead in window {report.window} (0-based) but could not be confirmed: that "
+            f"window was sampled ({measured} of its {_steps(report.steps)} measured), and training ended before a "
+            "window measured on every call could confirm it, so no alert was given. Measure every step "
+            "(`measure_every=1`) or close windows more often to have short runs confirmed.",
+            RelumonWarning,
+        )
 
     def __enter__(self) -> Monitor:
         return self
@@ -456,6 +513,10 @@ class Monitor(OptionAttributes):
             f"Monitor({self._model_name}, watched={self._recorder.watched_count}, sites={len(self._recorder.sites)}, "
             f"window={self._window}, {state})"
         )
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n != 1 else ''}"
 
 
 def watch(model: nn.Module, *, options: Optional[Options] = None, **kwargs: Any) -> Monitor:

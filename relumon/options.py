@@ -119,13 +119,23 @@ class Options:
             )
 
     @classmethod
-    def resolve(cls, options: Optional[Options], overrides: Mapping[str, Any], *, owner: str) -> Options:
+    def resolve(
+        cls,
+        options: Optional[Options],
+        overrides: Mapping[str, Any],
+        *,
+        owner: str,
+        own: Sequence[str] = ("options",),
+        excluded: Sequence[str] = (),
+    ) -> Options:
         """``options`` (or the defaults) with ``overrides`` applied, naming ``owner`` in the error for an unknown key.
 
         Args:
             options: a ready [`Options`][relumon.Options], or None for the defaults.
             overrides: keyword arguments, each the name of an option.
             owner: the callable the keywords were given to, for the error message (e.g. ``"relumon.watch()"``).
+            own: ``owner``'s own keyword arguments, listed in the error next to the options it forwards.
+            excluded: options ``owner`` does not accept (left out of the list in the error).
 
         Raises:
             TypeError: for a keyword that names no option, or an ``options`` that is not an ``Options``.
@@ -134,7 +144,11 @@ class Options:
             raise TypeError(f"expected `options` to be a relumon.Options, got {type(options).__name__}")
         unknown = sorted(set(overrides) - set(option_names()))
         if unknown:
-            raise TypeError(f"{owner} got unexpected keyword argument(s) {unknown}; its options are {option_names()}")
+            accepted = [name for name in option_names() if name not in excluded and name not in own]
+            raise TypeError(
+                f"{owner} got unexpected keyword argument(s) {unknown}; its own arguments are {list(own)} and the "
+                f"options it forwards to relumon.Options are {accepted}"
+            )
         if options is None:
             return cls(**overrides)
         return dataclasses.replace(options, **overrides) if overrides else options

@@ -374,9 +374,13 @@ class Report:
         )
 
     def _title(self) -> str:
-        measured = max((layer.forwards for layer in self.layers), default=0)
-        steps = f"{self.steps} steps" + (f", {measured} measured" if measured < self.steps else "")
-        return f"relumon report, window {self.window} (0-based): {len(self)} call sites, {steps}"
+        # A site being confirmed is measured on every call: the sampled sites tell how many steps were measured.
+        sampled = [layer.forwards for layer in self.layers if layer.unmeasured_calls > 0]
+        measured = f", {max(sampled)} measured" if sampled else ""
+        return (
+            f"relumon report, window {self.window} (0-based): {_plural(len(self), 'call site')}, "
+            f"{_plural(self.steps, 'step')}{measured}"
+        )
 
     def __repr__(self) -> str:
         return f"Report(window={self.window}, layers={len(self)}, dead_layers={[x.name for x in self.dead_layers]})"
@@ -384,10 +388,14 @@ class Report:
     def __str__(self) -> str:
         show_nan = any(layer.nonfinite_units for layer in self.layers)
         show_sat = any(layer.cap is not None for layer in self.layers)
+        show_dormant = _shows_dormant(self)
+        show_through = _shows_grad_through(self)
         notes = [_note(layer) for layer in self.layers]
         header: tuple[str, ...] = ("layer", "kind", "units", "samples", "dead", "dead %")
         header += ("saturated",) if show_sat else ()
-        header += ("grad norm", "fed by") + (("NaN units",) if show_nan else ()) + (("note",) if any(notes) else ())
+        header += ("dormant",) if show_dormant else ()
+        header += ("grad norm",) + (("grad through",) if show_through else ()) + ("fed by",)
+        header += (("NaN units",) if show_nan else ()) + (("note",) if any(notes) else ())
         rows = []
         for layer, note in zip(self.layers, notes):
             counted = layer.counts_dead and layer.samples > 0
@@ -395,10 +403,14 @@ class Report:
             dead = (f"{layer.dead_units}{mark}" if counted else "-") + ("!" if layer.disabled else "")
             frac = f"{100 * layer.dead_fraction:.1f}%" if counted else "-"
             grad = "-" if layer.backward_passes == 0 or math.isnan(layer.grad_norm) else f"{layer.grad_norm:.3e}"
-            row: tuple[str, ...] = (layer.name, layer.kind, str(layer.units), str(layer.samples), dead, frac)
+            kind = _kind_cell(layer)
+            row: tuple[str, ...] = (layer.name, kind, str(layer.units), str(layer.samples), dead, frac)
             if show_sat:
                 row += (str(layer.saturated_units) if counted and layer.cap is not None else "-",)
-            row += (grad, layer.fed_by or "-") + ((str(layer.nonfinite_units),) if show_nan else ())
+            if show_dormant:
+                row += (_dormant_cell(layer),)
+            row += (grad,) + ((_norm(layer.grad_through_norm),) if show_through else ()) + (layer.fed_by or "-",)
+            row += (str(layer.nonfinite_units),) if show_nan else ()
             rows.append(row + ((note,) if any(notes) else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         right = {i for i, h in enumerate(header) if h not in ("layer", "kind", "fed by", "note")}
@@ -423,10 +435,16 @@ class Report:
                 "? every measured unit dead in a sampled window: relumon measures every call of the next window to "
                 "confirm before alerting"
             )
+        if any(layer.negative_regime and layer.counts_dead for layer in self.layers):
+            notes.append(_NEGATIVE_REGIME_NOTE)
         for layer in self.layers:
             if layer.disabled is not None:
                 notes.append(f"! `{layer.name}` disabled after an error inside relumon: {layer.disabled}")
         notes.append(_GRAD_NORM_NOTE)
+        if _shows_grad_through(self):
+            notes.append(_GRAD_THROUGH_NOTE)
+        if _shows_dormant(self):
+            notes.append(_DORMANT_NOTE)
         return notes
 
 
@@ -435,6 +453,36 @@ _GRAD_NORM_NOTE = (
     "grad norm: mean L2 norm of dL/d(output) over the whole batch tensor (it scales with the batch size and the "
     "loss reduction)"
 )
+
+
+#: Under tables with a LeakyReLU-like row: what "dead" means for it.
+_NEGATIVE_REGIME_NOTE = (
+    "(neg.) negative regime: dead counts units stuck below 0 for every measured sample; they still pass alpha * "
+    "gradient"
+)
+#: Under tables with ``grad_through=True``.
+_GRAD_THROUGH_NOTE = (
+    "grad through: mean L2 norm of dL/d(pre-activation), the gradient that flows through the activation to the "
+    "layer below"
+)
+#: Under tables with ``dormant_tau`` set.
+_DORMANT_NOTE = "dormant: units whose mean |activation| over the layer's mean is <= dormant_tau (Sokar et al., 2023)"
+
+
+def _shows_dormant(report: Report) -> bool:
+    return any(layer.dormant_units is not None for layer in report.layers)
+
+
+def _shows_grad_through(report: Report) -> bool:
+    return any(not math.isnan(layer.grad_through_norm) for layer in report.layers)
+
+
+def _kind_cell(layer: LayerReport) -> str:
+    return f"{layer.kind} (neg.)" if layer.negative_regime and layer.counts_dead else layer.kind
+
+
+def _dormant_cell(layer: LayerReport) -> str:
+    return "-" if layer.dormant_units is None else str(layer.dormant_units)
 
 
 @dataclass(frozen=True)
@@ -466,7 +514,7 @@ def _norm(x: float) -> str:
 # The columns of str(report), in its order. Adding a column is one line here.
 _HTML_COLUMNS: tuple[_Column, ...] = (
     _Column("layer", "the call site", lambda x: x.name, "left"),
-    _Column("kind", "the activation class", lambda x: x.kind, "left"),
+    _Column("kind", "the activation class; (neg.): dead means stuck in the negative regime", _kind_cell, "left"),
     _Column("units", "features or channels", lambda x: str(x.units)),
     _Column("samples", "batch rows measured in the window", lambda x: str(x.samples)),
     _Column("dead", "units with output <= 0 for every measured sample", _dead_cell),
@@ -477,7 +525,9 @@ _HTML_COLUMNS: tuple[_Column, ...] = (
         lambda x: str(x.saturated_units) if x.counts_dead and x.samples > 0 and x.cap is not None else "-",
         shown=lambda report: any(layer.cap is not None for layer in report),
     ),
+    _Column("dormant", _DORMANT_NOTE, _dormant_cell, shown=_shows_dormant),
     _Column("grad norm", _GRAD_NORM_NOTE, lambda x: "-" if x.backward_passes == 0 else _norm(x.grad_norm)),
+    _Column("grad through", _GRAD_THROUGH_NOTE, lambda x: _norm(x.grad_through_norm), shown=_shows_grad_through),
     _Column("fed by", "the module whose output fed the activation", lambda x: x.fed_by or "-", "left"),
     _Column(
         "NaN units",
@@ -573,7 +623,14 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
-def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimizer_steps: Optional[int] = None) -> str:
+def dead_layer_message(
+    layer: LayerReport,
+    steps: Optional[int] = None,
+    optimizer_steps: Optional[int] = None,
+    *,
+    window: Optional[int] = None,
+    step: Optional[int] = None,
+) -> str:
     """The alert text for a layer whose every unit died (or saturated): names the layer, the window, what to try and
     the call sites downstream that died with it.
 
@@ -582,6 +639,8 @@ def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimize
         steps: training steps in the window; defaults to the calls of the layer in the window (measured or not).
         optimizer_steps: optimizer steps in the window, when they differ from training steps (gradient
             accumulation in Lightning, where a training step is a micro-batch).
+        window: the window's number (0-based), named in the message when given.
+        step: the step at which the window closed, named in the message when given.
     """
     steps = steps or (layer.forwards + layer.unmeasured_calls)
     cap = f"{layer.cap:g}" if layer.cap is not None else ""
@@ -594,13 +653,14 @@ def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimize
     else:
         what = "dead (output 0)"
     measured = f", {layer.forwards} of them measured" if layer.forwards < steps else ""
+    window_index = window
     if optimizer_steps and optimizer_steps != steps:
-        window = (
+        span = (
             f"{layer.samples} samples over {_plural(optimizer_steps, 'optimizer step')}: "
             f"{_plural(steps, 'micro-batch')}{measured}"
         ).replace("micro-batchs", "micro-batches")
     else:
-        window = f"{layer.samples} samples over {_plural(steps, 'step')}{measured}"
+        span = f"{layer.samples} samples over {_plural(steps, 'step')}{measured}"
     feeder = f"`{layer.fed_by}`" if layer.fed_by else "the layer feeding it"
     if layer.negative_regime:
         why = (
@@ -617,9 +677,11 @@ def dead_layer_message(layer: LayerReport, steps: Optional[int] = None, optimize
             f"Dead ReLU units get no gradient, so the weights feeding them stop learning. "
             f"Try a lower learning rate, LeakyReLU, or the init or bias of {feeder}."
         )
+    which = "the last window" if window_index is None else f"window {window_index} (0-based)"
+    ended = "" if step is None else f", which closed at step {step}"
     message = (
-        f"relumon: all {layer.units} units of `{layer.name}` ({layer.kind}) were {what} for the last window "
-        f"({window}). {why}"
+        f"relumon: all {layer.units} units of `{layer.name}` ({layer.kind}) were {what} for {which}{ended} "
+        f"({span}). {why}"
     )
     if layer.blame:
         message += f" Blame: {layer.blame}."
