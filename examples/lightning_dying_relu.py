@@ -9,11 +9,15 @@ first layer, where ReLU's is 0. The cause is the learning rate.
 
     python examples/lightning_dying_relu.py             # lr 1.0: ReLU loses a layer, LeakyReLU about 94 % of one
     tensorboard --logdir runs/lightning_dying_relu
+
+Each run starts clean: the script first removes its own run directories (runs/lightning_dying_relu/ReLU/lr1...), so
+a re-run replaces them rather than adding a second event file to each run. Nothing else is touched.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import warnings
 from pathlib import Path
 
@@ -65,6 +69,9 @@ def make_loader(n: int = 4096, features: int = 32, batch_size: int = 64) -> Data
 
 def train(act: type[nn.Module], lr: float, epochs: int, logdir: Path) -> relumon.Report:
     pl.seed_everything(0, verbose=False)
+    shutil.rmtree(
+        logdir / act.__name__ / f"lr{lr:g}", ignore_errors=True
+    )  # this run's own directory: a re-run replaces it
     monitor = ReluMonitor(log_every_n_steps=16)
     trainer = pl.Trainer(
         max_epochs=epochs,

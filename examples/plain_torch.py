@@ -7,11 +7,15 @@ fires, and the loss stops improving. Run it again with ``--lr 0.01`` to see a he
     python examples/plain_torch.py                 # too high a learning rate: layers die
     python examples/plain_torch.py --lr 0.01       # healthy
     tensorboard --logdir runs                      # look at relumon/dead_fraction/* and relumon/grad_norm/*
+
+Each run starts clean: it first removes its own run directory (runs/plain_torch/lr1 for ``--lr 1.0``), so a re-run
+replaces the run rather than adding a second event file to it. Other runs are left alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import warnings
 from pathlib import Path
 
@@ -61,7 +65,9 @@ def main(argv: list[str] | None = None) -> relumon.Report:
     except ImportError:  # tensorboard is optional: report to the terminal only
         writer = None
     else:
-        writer = SummaryWriter(str(args.logdir / f"lr{args.lr:g}"))
+        run_dir = args.logdir / f"lr{args.lr:g}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # this run's own directory: a re-run replaces it
+        writer = SummaryWriter(str(run_dir))
 
     warnings.simplefilter("always", relumon.DeadUnitsWarning)
     with relumon.watch(model) as monitor:

@@ -8,6 +8,8 @@
    connections, x + f(x), which give the gradient a path around every block.
 
 Each run is written to TensorBoard under runs/relu_story/, with the gradient-flow chart and the dead-unit heatmap.
+Each run starts clean: the script first removes its own run directories (runs/relu_story/1_vanishing/ReLU...), so a
+second run replaces the first rather than adding a second event file to the same run. Nothing else is touched.
 
     python examples/relu_story.py
     tensorboard --logdir runs/relu_story
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import textwrap
 import warnings
 from pathlib import Path
@@ -80,6 +83,7 @@ def train(
     torch.manual_seed(0)
     x, y = regression_data()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    shutil.rmtree(logdir, ignore_errors=True)  # this run's own directory: a re-run replaces it (see the docstring)
     writer = SummaryWriter(str(logdir))
     with warnings.catch_warnings(record=True) as alerts:
         warnings.simplefilter("always", relumon.DeadUnitsWarning)

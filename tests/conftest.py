@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -14,3 +16,20 @@ os.environ["RELUMON_STRICT"] = "1"
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _runs_in_repo() -> set[str]:
+    runs = _REPO / "runs"
+    return {p.name for p in runs.iterdir()} if runs.is_dir() else set()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_runs_left_in_the_repo() -> Iterator[None]:
+    """Tests write event files under tmp_path: a run directory appearing in the checkout is a leftover."""
+    before = _runs_in_repo()
+    yield
+    new = sorted(_runs_in_repo() - before)
+    assert not new, f"the tests left run directories in {_REPO / 'runs'}: {new} (write to tmp_path)"

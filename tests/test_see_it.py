@@ -89,9 +89,11 @@ def test_plain_api_writes_images_and_layout(tmp_path: Path) -> None:
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
 
 
-def test_log_figures_before_any_window_is_a_clear_error() -> None:
+def test_log_figures_before_any_window_is_a_clear_error(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path))  # never log_dir=None: that writes runs/<date>_<host>/ into the cwd
     with relumon.watch(MLP()) as monitor, pytest.raises(relumon.RelumonError, match="no window closed"):
-        monitor.log_figures(SummaryWriter(log_dir=None, comment="unused"), 0)
+        monitor.log_figures(writer, 0)
+    writer.close()
 
 
 @pytest.mark.parametrize("namespace", ["lightning.pytorch"])
