@@ -124,7 +124,9 @@ class Monitor(OptionAttributes):
 
         Args:
             reset: close the window (start a new one), update the death history and run the ``on_dead`` alerts.
-                ``False`` peeks and changes nothing.
+                ``False`` peeks and changes nothing. Before any training step of the window, ``report()`` warns and
+                keeps the window open (it returns the empty report), as torchmetrics' ``compute()`` before
+                ``update()`` does.
             step: the step to record in the death history (``first_dead_step``); defaults to the number of
                 training steps seen so far. [`log()`][relumon.Monitor.log] passes its ``step``.
 
