@@ -160,7 +160,10 @@ class Monitor(OptionAttributes):
             steps = sum_over_ranks(steps)
         steps = max(steps, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
-        if reset and steps == 0:
+        # No step of a watched site: before any training, or a model whose watched modules never run (training
+        # happened: the idle warning below says so). Under sync the summed steps decide alike on every rank.
+        before_training = steps == 0 and (synced or not (recorder.training_seen or self._model_has_gradients()))
+        if reset and before_training:
             # As torchmetrics' compute() before update(): say so, and keep the window open for the steps to come.
             if global_rank() == 0:
                 warn(
