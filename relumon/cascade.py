@@ -7,13 +7,17 @@ outputs its own bias (0 at init) and the next ReLU outputs 0 too. One cause, man
 **What is recorded (once).** During the first training forward, when a call site is discovered, the recorder walks
 the autograd graph back from the site's output (`upstream_sites`): from its ``grad_fn`` through ``next_functions``,
 stopping at the nearest other sites' output nodes. A path that ends at a parameter's ``AccumulateGrad`` carries no
-signal. A ``None`` edge (a tensor that needs no gradient) is the data input, a constant buffer or an absent optional
-argument (a conv without bias): it counts as data only where no site lies upstream of the node that has it. The
-``AccumulateGrad`` of a leaf that is not a parameter (an input that requires grad) and an embedding lookup with no
-site upstream count as data too. The graph links across residual adds and ``torch.cat``, which module hooks cannot
-see. The walk visits each graph node between a
-site and its nearest upstream sites once; it runs for the sites of the first training forward only and adds nothing
-to later steps.
+signal. A ``None`` edge (a tensor that needs no gradient) is the data input, a constant buffer, a frozen parameter or
+an absent optional argument (a conv without bias). Where no site lies upstream of the node that has it, it is the
+data. Where a site's path meets it, it counts as data at a **join**: any node other than a product (``mul``, ``mm``,
+a conv, whose dead input gives a dead output whatever its other operand holds) or a norm or dropout (whose absent or
+frozen parameters and masks are no signal). Joins are residual adds and ``torch.cat``, which module hooks cannot see,
+but equally a slice assignment into a buffer (``feat[:, :6] = h; feat[:, 6:] = wide``, a ``CopySlices`` node),
+``index_put``, ``index_copy``, ``torch.maximum(site, data)`` or ``addmm(data, site, w)``: the rule names the few ops
+that cannot join, so an op it does not know errs towards a join. The ``AccumulateGrad`` of a leaf that is not a
+parameter (an input that requires grad) and an embedding lookup with no site upstream count as data too. The walk
+visits each graph node between a site and its nearest upstream sites once; it runs for the sites of the first
+training forward only and adds nothing to later steps.
 
 **The rule (at report time).** A call site whose every unit was dead or saturated in the window is a
 **consequence** when no path from it reaches the data input without crossing another site, and every nearest
@@ -27,8 +31,10 @@ first of those dead layers in forward order.
 
 **Limits.** Sites first called after the first training forward, and every site under ``torch.compile`` (there is no
 eager graph to walk), have an unknown upstream: each of their deaths is its own root. A constant tensor that needs no
-gradient counts as data, so a site fed by one is a root (relumon errs towards more roots, never hiding a death). A
-reentrant ``torch.utils.checkpoint`` segment starts from a detached input: the first site in it is a root.
+gradient counts as data, so a site fed by one is a root (relumon errs towards more roots, never hiding a death): a
+buffer made without grad (``torch.zeros``) and then filled from sites alone, and the frozen bias of a Linear
+(``addmm``) are such constants. A reentrant ``torch.utils.checkpoint`` segment starts from a detached input: the
+first site in it is a root.
 """
 
 from __future__ import annotations
@@ -42,9 +48,29 @@ __all__ = ["upstream_sites", "find_roots", "find_blockers"]
 
 #: Autograd nodes that read a parameter at data-chosen positions (an embedding lookup): a signal from the data.
 _LOOKUPS = ("Embedding", "Index", "Gather", "Take")
-#: Nodes that join tensors elementwise or side by side: a ``None`` edge there is a tensor without grad (the data
-#: input, on a shortcut or a wide path) that carries signal around the sites on the other edges.
-_JOINS = ("AddBackward", "SubBackward", "CatBackward", "StackBackward", "WhereBackward")
+#: Nodes whose operands without grad cannot carry a signal past dead sites on their other edges: products (a constant
+#: factor, dropout's mask, a frozen weight) and layers whose absent or frozen parameters are such an operand (a conv
+#: without bias, a norm without affine parameters): a dead input gives a dead output whatever that operand holds.
+#: Every other node with such an operand next to a site's path is a **join**: an add, a cat, a slice assignment
+#: (``CopySlices``), ``index_put``/``index_copy``, ``torch.maximum``, ``addmm``'s added operand... mixes that operand
+#: (the data input, or a constant) into the signal, as a residual shortcut does.
+_NO_SIGNAL_OPERAND = (
+    "ConvolutionBackward",
+    "CudnnConvolutionBackward",
+    "MkldnnConvolutionBackward",
+    "MulBackward",
+    "DivBackward",
+    "MmBackward",
+    "BmmBackward",
+    "MvBackward",
+    "DotBackward",
+    "NativeBatchNorm",
+    "CudnnBatchNorm",
+    "MiopenBatchNorm",
+    "NativeLayerNorm",
+    "NativeGroupNorm",
+    "NativeDropoutBackward",
+)
 
 
 def node_key(node: Any) -> tuple[int, int]:
@@ -61,10 +87,11 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
     A path ends at a site's output node (that site is upstream), at a parameter's ``AccumulateGrad`` (no signal), at
     the ``AccumulateGrad`` of a leaf that is not a parameter (an input that requires grad: data), or at a ``None``
     edge: a tensor that needs no gradient. Such a tensor is the data input, a constant buffer, or an absent optional
-    argument (a conv without bias); a ``None`` edge counts as data at a node with no site upstream of it, and at an
-    add or cat (a residual shortcut or a wide path from the raw input), but not at a conv or BatchNorm fed by a site,
-    whose missing bias or buffers are no signal. An embedding lookup
-    with no site upstream counts as data too (its indices are).
+    argument (a conv without bias); a ``None`` edge counts as data at a node with no site upstream of it, and at a
+    join (an add, a cat, a slice assignment, ``index_put``, ``maximum``, ``addmm``...: any node but the products,
+    norms and dropout of `_NO_SIGNAL_OPERAND`), but not at a conv, a product or a norm fed by a site, whose missing
+    bias, constant factor or frozen parameters are no signal. An embedding lookup with no site upstream counts as
+    data too (its indices are).
 
     Args:
         grad_fn: the output's ``grad_fn`` (the activation's own autograd node, inplace or not), or None.
@@ -101,9 +128,9 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
         sites: frozenset[str] = frozenset().union(*(done[id(c)][0] for c in children))
         data = any(done[id(c)][1] for c in children)
         name = type(node).__name__
-        if len(children) < len(node.next_functions) and (not sites or name.startswith(_JOINS)):
-            # A tensor without grad where no site is upstream, or joined to a site's path by an add or a cat (a
-            # residual shortcut, a wide path): the data. (A conv's missing bias behind a site is not.)
+        if len(children) < len(node.next_functions) and (not sites or not name.startswith(_NO_SIGNAL_OPERAND)):
+            # A tensor without grad where no site is upstream, or joined to a site's path (a residual shortcut, a
+            # wide path, a buffer filled from both): the data. (A conv's missing bias behind a site is not.)
             data = True
         elif not sites and name.startswith(_LOOKUPS):  # an embedding lookup: its indices are data
             data = True
