@@ -21,7 +21,10 @@ training forward only and adds nothing to later steps.
 
 **The rule (at report time).** A call site whose every unit was dead or saturated in the window is a
 **consequence** when no path from it reaches the data input without crossing another site, and every nearest
-upstream site *carried no signal*: every unit dead (ReLU: output 0) or saturated (ReLU6: output 6). Its
+upstream site *carried no signal*: every unit dead (ReLU: output 0) or saturated (ReLU6: output 6), on every call of
+the window. An upstream site that the sampling schedule left unmeasured on some call (``unmeasured_calls``) may have
+fired then: it explains nothing, and the site below is its own root (confirmed like any root, by a window measured on
+every call). Its
 ``caused_by`` is the root of the first such upstream site (in forward order). Any other dead site is a **root**. An
 activation stuck in the negative regime (LeakyReLU...) still passes a signal, so it explains nothing downstream.
 
@@ -146,6 +149,7 @@ def find_roots(
     from_input: Mapping[str, bool],
     dead: set[str],
     silent: set[str],
+    measured: Optional[set[str]] = None,
 ) -> dict[str, str]:
     """Map each dead site that an upstream death explains to its root.
 
@@ -155,6 +159,8 @@ def find_roots(
         from_input: whether a path from the site reaches the data input without crossing a site.
         dead: sites whose every unit was dead or saturated (stuck negative included).
         silent: dead sites that carried no signal (every unit output 0 or the cap).
+        measured: sites measured on every call of the window (``LayerReport.exact``); None when all were. A sampled
+            site may have fired on a call that was not measured, so its silence explains nothing downstream.
 
     Returns:
         ``{consequence: root}``. Dead sites that are not keys are roots.
@@ -165,7 +171,7 @@ def find_roots(
         ups = upstream.get(name)
         if name not in dead or not ups or from_input.get(name, True):
             continue
-        if all(u in silent for u in ups):
+        if all(u in silent and (measured is None or u in measured) for u in ups):
             roots = [root_of.get(u, u) for u in ups]
             root_of[name] = min(roots, key=lambda r: position.get(r, len(order)))
     return root_of

@@ -253,7 +253,8 @@ class Monitor(OptionAttributes):
         dead = {x.name for x in layers if x.all_dead_or_saturated}
         silent = {x.name for x in layers if x.carries_no_signal}
         zero_grad = {x.name for x in layers if x.backward_passes > 0 and x.grad_norm == 0}
-        root_of = find_roots(order, upstream, from_input, dead, silent)
+        measured = {x.name for x in layers if x.exact}
+        root_of = find_roots(order, upstream, from_input, dead, silent, measured)
         blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
         explained = []
         for layer in layers:

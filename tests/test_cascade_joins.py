@@ -67,14 +67,16 @@ class WideAndDeep(nn.Module):
         return self.head(self.act2(self.fc2(self.join(self.act1(self.fc1(x)), x, self))))
 
 
-def _report(model: nn.Module, steps: int = 2, **options: object) -> tuple[relumon.Report, list[str]]:
+def _report(
+    model: nn.Module, steps: int = 2, in_features: int = 6, **options: object
+) -> tuple[relumon.Report, list[str]]:
     gen = torch.Generator().manual_seed(0)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         with relumon.watch(model, measure_every=1, **options) as monitor:  # type: ignore[arg-type]
             for _ in range(steps):
                 model.zero_grad()
-                model(torch.randn(8, 6, generator=gen)).sum().backward()
+                model(torch.randn(8, in_features, generator=gen)).sum().backward()
             report = monitor.report()
     return report, [str(w.message) for w in record if issubclass(w.category, relumon.DeadUnitsWarning)]
 
@@ -115,3 +117,65 @@ def test_the_same_wiring_with_a_constant_factor_instead_of_the_data_stays_a_cons
     assert [x.name for x in report.dead_layers] == ["act1", "act2"]
     assert [x.name for x in report.roots] == ["act1"] and report["act2"].caused_by == "act1"
     assert len(alerts) == 1 and "`act1`" in alerts[0]
+
+
+# ---------------------------------------------------------------------------------------------- sampled upstream
+
+
+class Sparse(nn.Module):
+    """``fc_a -> a``: a fires only on batches whose feature 0 is large; ``fc_b -> b``: b is dead by its own bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc_a, self.a = nn.Linear(4, 6), nn.ReLU()
+        self.fc_b, self.b = nn.Linear(6, 5), nn.ReLU()
+        self.head = nn.Linear(5, 1)
+        with torch.no_grad():
+            self.fc_a.weight.zero_()
+            self.fc_a.weight[:, 0] = 1.0
+            self.fc_a.bias.fill_(-1e3)  # fires where feature 0 > 1e3
+        kill_units(self.fc_b, list(range(5)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.fc_b(self.a(self.fc_a(x)))))
+
+
+def test_a_sampled_upstream_explains_nothing_and_the_dead_layer_below_alerts_once_confirmed() -> None:
+    model = Sparse()
+    fired: list[bool] = []  # ground truth: did `a` fire in each training forward (a plain forward hook)
+    probe = model.a.register_forward_hook(lambda m, i, out: fired.append(bool((out > 0).any())))
+    gen = torch.Generator().manual_seed(0)
+    reports = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with relumon.watch(model) as monitor:  # default sampling: about one step in four is measured
+            for step in range(8):
+                x = torch.randn(6, 4, generator=gen)
+                if step % 4 == 1:  # steps 1 and 5; the schedule leaves step 1 unmeasured in the sampled first window
+                    x[:, 0] = 2e3
+                model.zero_grad()
+                model(x).sum().backward()
+                if step % 4 == 3:
+                    reports.append(monitor.report())
+    probe.remove()
+    alerts = [str(w.message) for w in record if issubclass(w.category, relumon.DeadUnitsWarning)]
+    assert fired == [step % 4 == 1 for step in range(8)]
+    first, second = reports
+    # The first window measured `a` only on calls where it was silent: its figures say dead, but it was sampled.
+    assert first["a"].dead_units == 6 and first["a"].unmeasured_calls > 0
+    assert first["b"].dead_units == 5 and first["b"].caused_by is None
+    assert [x.name for x in first.roots] == ["a", "b"] and first["b"].confirming
+    # The confirming window measures both on every call: `a` fired on step 5, so `b` is a root and alerts.
+    assert second["a"].exact and second["a"].dead_units == 0
+    assert second["b"].exact and second["b"].caused_by is None and second["b"].dead_units == 5
+    assert len(alerts) == 1 and "`b`" in alerts[0]
+
+
+def test_a_silent_upstream_measured_on_every_call_still_explains_the_layer_below() -> None:
+    model = Sparse()
+    with torch.no_grad():
+        model.fc_b.bias.zero_()  # b now dies only because its input is 0
+        model.fc_b.weight.normal_()
+    report, alerts = _report(model, in_features=4)
+    assert report["a"].exact and report["b"].caused_by == "a"
+    assert len(alerts) == 1 and "`a`" in alerts[0]
