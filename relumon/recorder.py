@@ -263,6 +263,8 @@ class Recorder:
         self._graph_nodes: Optional[dict[Any, str]] = {}
         #: Whether a training forward of the root module, or a ``new_step()`` with grad enabled, has happened.
         self.training_seen = False
+        #: Whether compiled code ran a counted forward: its steps are not counted in ``steps_seen`` as they run.
+        self.compiled_seen = False
         try:
             for name, module in watched_modules:
                 unit = self._unit_dims.get(name, self._unit_dims.get("*"))
@@ -302,8 +304,10 @@ class Recorder:
             self._in_step = True
             if is_compiling():
                 # A step counter read inside a compiled graph would be guarded on and recompile every step, so
-                # compiled code measures every step; inductor fuses the reductions into its kernels.
+                # compiled code measures every step; inductor fuses the reductions into its kernels. Its steps are
+                # counted at report time, from the sites' compiled forward counters (`Monitor.report`).
                 self._measuring = True
+                self.compiled_seen = True
             else:
                 self._measuring = is_measured_step(self.steps_seen, self._measure_every)
                 self.steps_seen += 1
