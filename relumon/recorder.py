@@ -181,6 +181,7 @@ class _Watched:
         "counts_dead",
         "skipped",
         "disabled",
+        "regime_from_input",
     )
 
     def __init__(
@@ -192,6 +193,7 @@ class _Watched:
         slope: Optional[float],
         cap: Optional[float] = None,
         counts_dead: bool = True,
+        regime_from_input: bool = False,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -209,6 +211,9 @@ class _Watched:
         self.skipped = False  # ran in a training forward with a dtype that is not watched
         #: Why the whole module was disabled (an error before its call site existed), or None.
         self.disabled: Optional[str] = None
+        #: Decide the regime from the input's sign (PReLU: a learned slope below 0 makes a negative input's output
+        #: positive, so the output's sign says nothing).
+        self.regime_from_input = regime_from_input
 
 
 class Recorder:
@@ -270,7 +275,14 @@ class Recorder:
                 unit = self._unit_dims.get(name, self._unit_dims.get("*"))
                 negative = _is_negative_regime(module)
                 watched = _Watched(
-                    name, type(module).__name__, negative, unit, _slope_of(module), _cap_of(module), counts_dead(module)
+                    name,
+                    type(module).__name__,
+                    negative,
+                    unit,
+                    _slope_of(module),
+                    _cap_of(module),
+                    counts_dead(module),
+                    regime_from_input=isinstance(module, nn.PReLU),
                 )
                 self._watched[module] = watched
                 hook = OwnHook(functools.partial(self._observe, watched), module)
@@ -340,7 +352,10 @@ class Recorder:
             if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
                 self._warn_shape(watched, site, out)
                 return
-            stats.observe(obs)
+            regime = None
+            if watched.regime_from_input and args and isinstance(args[0], Tensor) and args[0].shape == out.shape:
+                regime = args[0] if obs is out else args[0].unsqueeze(0)
+            stats.observe(obs, regime)
             if out.requires_grad:
                 if not self._track_grad:
                     if not (is_compiling() or self._root_step):
