@@ -155,6 +155,7 @@ class Monitor(OptionAttributes):
         if reset:
             for site in sites.values():
                 site.stats.reset()
+            recorder.weight_grads.reset()
             self._window += 1
             self._window_start = recorder.steps_seen
             self._compiled_counted = 0
@@ -284,7 +285,14 @@ class Monitor(OptionAttributes):
             blamed = None
             producer = self._module_at(layer.fed_by) if layer.fed_by else None
             if layer.blame is not None and caused_by is None and producer is not None and layer.fed_by:
-                blamed = blame(layer.name, layer.fed_by, producer, layer.dead_mask, gather_sharded=gather_sharded)
+                blamed = blame(
+                    layer.name,
+                    layer.fed_by,
+                    producer,
+                    layer.dead_mask,
+                    gather_sharded=gather_sharded,
+                    weight_grad_norm=self._recorder.weight_grads.mean(layer.fed_by),
+                )
             explained.append(
                 dataclasses.replace(
                     layer,
