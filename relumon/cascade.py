@@ -7,17 +7,24 @@ outputs its own bias (0 at init) and the next ReLU outputs 0 too. One cause, man
 **What is recorded (once).** During the first training forward, when a call site is discovered, the recorder walks
 the autograd graph back from the site's output (`upstream_sites`): from its ``grad_fn`` through ``next_functions``,
 stopping at the nearest other sites' output nodes. A path that ends at a parameter's ``AccumulateGrad`` carries no
-signal. A ``None`` edge (a tensor that needs no gradient) is the data input, a constant buffer or an absent optional
-argument (a conv without bias): it counts as data only where no site lies upstream of the node that has it. The
-``AccumulateGrad`` of a leaf that is not a parameter (an input that requires grad) and an embedding lookup with no
-site upstream count as data too. The graph links across residual adds and ``torch.cat``, which module hooks cannot
-see. The walk visits each graph node between a
-site and its nearest upstream sites once; it runs for the sites of the first training forward only and adds nothing
-to later steps.
+signal. A ``None`` edge (a tensor that needs no gradient) is the data input, a constant buffer, a frozen parameter or
+an absent optional argument (a conv without bias). Where no site lies upstream of the node that has it, it is the
+data. Where a site's path meets it, it counts as data at a **join**: any node other than a product (``mul``, ``mm``,
+a conv, whose dead input gives a dead output whatever its other operand holds) or a norm or dropout (whose absent or
+frozen parameters and masks are no signal). Joins are residual adds and ``torch.cat``, which module hooks cannot see,
+but equally a slice assignment into a buffer (``feat[:, :6] = h; feat[:, 6:] = wide``, a ``CopySlices`` node),
+``index_put``, ``index_copy``, ``torch.maximum(site, data)`` or ``addmm(data, site, w)``: the rule names the few ops
+that cannot join, so an op it does not know errs towards a join. The ``AccumulateGrad`` of a leaf that is not a
+parameter (an input that requires grad) and an embedding lookup with no site upstream count as data too. The walk
+visits each graph node between a site and its nearest upstream sites once; it runs for the sites of the first
+training forward only and adds nothing to later steps.
 
 **The rule (at report time).** A call site whose every unit was dead or saturated in the window is a
 **consequence** when no path from it reaches the data input without crossing another site, and every nearest
-upstream site *carried no signal*: every unit dead (ReLU: output 0) or saturated (ReLU6: output 6). Its
+upstream site *carried no signal*: every unit dead (ReLU: output 0) or saturated (ReLU6: output 6), on every call of
+the window. An upstream site that the sampling schedule left unmeasured on some call (``unmeasured_calls``) may have
+fired then: it explains nothing, and the site below is its own root (confirmed like any root, by a window measured on
+every call). Its
 ``caused_by`` is the root of the first such upstream site (in forward order). Any other dead site is a **root**. An
 activation stuck in the negative regime (LeakyReLU...) still passes a signal, so it explains nothing downstream.
 
@@ -27,8 +34,10 @@ first of those dead layers in forward order.
 
 **Limits.** Sites first called after the first training forward, and every site under ``torch.compile`` (there is no
 eager graph to walk), have an unknown upstream: each of their deaths is its own root. A constant tensor that needs no
-gradient counts as data, so a site fed by one is a root (relumon errs towards more roots, never hiding a death). A
-reentrant ``torch.utils.checkpoint`` segment starts from a detached input: the first site in it is a root.
+gradient counts as data, so a site fed by one is a root (relumon errs towards more roots, never hiding a death): a
+buffer made without grad (``torch.zeros``) and then filled from sites alone, and the frozen bias of a Linear
+(``addmm``) are such constants. A reentrant ``torch.utils.checkpoint`` segment starts from a detached input: the
+first site in it is a root.
 """
 
 from __future__ import annotations
@@ -42,9 +51,29 @@ __all__ = ["upstream_sites", "find_roots", "find_blockers"]
 
 #: Autograd nodes that read a parameter at data-chosen positions (an embedding lookup): a signal from the data.
 _LOOKUPS = ("Embedding", "Index", "Gather", "Take")
-#: Nodes that join tensors elementwise or side by side: a ``None`` edge there is a tensor without grad (the data
-#: input, on a shortcut or a wide path) that carries signal around the sites on the other edges.
-_JOINS = ("AddBackward", "SubBackward", "CatBackward", "StackBackward", "WhereBackward")
+#: Nodes whose operands without grad cannot carry a signal past dead sites on their other edges: products (a constant
+#: factor, dropout's mask, a frozen weight) and layers whose absent or frozen parameters are such an operand (a conv
+#: without bias, a norm without affine parameters): a dead input gives a dead output whatever that operand holds.
+#: Every other node with such an operand next to a site's path is a **join**: an add, a cat, a slice assignment
+#: (``CopySlices``), ``index_put``/``index_copy``, ``torch.maximum``, ``addmm``'s added operand... mixes that operand
+#: (the data input, or a constant) into the signal, as a residual shortcut does.
+_NO_SIGNAL_OPERAND = (
+    "ConvolutionBackward",
+    "CudnnConvolutionBackward",
+    "MkldnnConvolutionBackward",
+    "MulBackward",
+    "DivBackward",
+    "MmBackward",
+    "BmmBackward",
+    "MvBackward",
+    "DotBackward",
+    "NativeBatchNorm",
+    "CudnnBatchNorm",
+    "MiopenBatchNorm",
+    "NativeLayerNorm",
+    "NativeGroupNorm",
+    "NativeDropoutBackward",
+)
 
 
 def node_key(node: Any) -> tuple[int, int]:
@@ -61,10 +90,11 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
     A path ends at a site's output node (that site is upstream), at a parameter's ``AccumulateGrad`` (no signal), at
     the ``AccumulateGrad`` of a leaf that is not a parameter (an input that requires grad: data), or at a ``None``
     edge: a tensor that needs no gradient. Such a tensor is the data input, a constant buffer, or an absent optional
-    argument (a conv without bias); a ``None`` edge counts as data at a node with no site upstream of it, and at an
-    add or cat (a residual shortcut or a wide path from the raw input), but not at a conv or BatchNorm fed by a site,
-    whose missing bias or buffers are no signal. An embedding lookup
-    with no site upstream counts as data too (its indices are).
+    argument (a conv without bias); a ``None`` edge counts as data at a node with no site upstream of it, and at a
+    join (an add, a cat, a slice assignment, ``index_put``, ``maximum``, ``addmm``...: any node but the products,
+    norms and dropout of `_NO_SIGNAL_OPERAND`), but not at a conv, a product or a norm fed by a site, whose missing
+    bias, constant factor or frozen parameters are no signal. An embedding lookup with no site upstream counts as
+    data too (its indices are).
 
     Args:
         grad_fn: the output's ``grad_fn`` (the activation's own autograd node, inplace or not), or None.
@@ -101,9 +131,9 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
         sites: frozenset[str] = frozenset().union(*(done[id(c)][0] for c in children))
         data = any(done[id(c)][1] for c in children)
         name = type(node).__name__
-        if len(children) < len(node.next_functions) and (not sites or name.startswith(_JOINS)):
-            # A tensor without grad where no site is upstream, or joined to a site's path by an add or a cat (a
-            # residual shortcut, a wide path): the data. (A conv's missing bias behind a site is not.)
+        if len(children) < len(node.next_functions) and (not sites or not name.startswith(_NO_SIGNAL_OPERAND)):
+            # A tensor without grad where no site is upstream, or joined to a site's path (a residual shortcut, a
+            # wide path, a buffer filled from both): the data. (A conv's missing bias behind a site is not.)
             data = True
         elif not sites and name.startswith(_LOOKUPS):  # an embedding lookup: its indices are data
             data = True
@@ -119,6 +149,7 @@ def find_roots(
     from_input: Mapping[str, bool],
     dead: set[str],
     silent: set[str],
+    measured: Optional[set[str]] = None,
 ) -> dict[str, str]:
     """Map each dead site that an upstream death explains to its root.
 
@@ -128,6 +159,8 @@ def find_roots(
         from_input: whether a path from the site reaches the data input without crossing a site.
         dead: sites whose every unit was dead or saturated (stuck negative included).
         silent: dead sites that carried no signal (every unit output 0 or the cap).
+        measured: sites measured on every call of the window (``LayerReport.exact``); None when all were. A sampled
+            site may have fired on a call that was not measured, so its silence explains nothing downstream.
 
     Returns:
         ``{consequence: root}``. Dead sites that are not keys are roots.
@@ -138,7 +171,7 @@ def find_roots(
         ups = upstream.get(name)
         if name not in dead or not ups or from_input.get(name, True):
             continue
-        if all(u in silent for u in ups):
+        if all(u in silent and (measured is None or u in measured) for u in ups):
             roots = [root_of.get(u, u) for u in ups]
             root_of[name] = min(roots, key=lambda r: position.get(r, len(order)))
     return root_of

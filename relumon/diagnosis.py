@@ -11,6 +11,10 @@ read to the host, once per closed window:
   names. The facts are about whole parameters: a DTensor parameter (FSDP2's ``fully_shard``) is gathered with
   ``full_tensor()``, a collective. That is safe because blame runs on every rank for the same sites of the same
   global report; a report that is not reduced across ranks leaves sharded parameters out.
+- **The feeders' weight gradients** (`WeightGradNorms`): what blame says about a feeder's weight gradient is about
+  the window, not about ``.grad`` at report time (which ``zero_grad(set_to_none=False)`` has zeroed, and an
+  accumulation step has summed). A tensor hook on each feeder's weight adds the norm of the gradient of each measured
+  backward pass to an on-device sum; the host reads it only for the layers blamed.
 - **Memory across windows** (`Diagnosis`): each site's history and last dead fraction (a jump from it triggers blame),
   by call-site name, with the state of sites not discovered yet kept until they are.
 """
@@ -18,12 +22,14 @@ read to the host, once per closed window:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BLAME_JUMP", "Diagnosis", "SiteHistory", "WindowHistory", "blame", "describe_module"]
+from relumon.state import unscaled_l2_norm
+
+__all__ = ["BLAME_JUMP", "Diagnosis", "SiteHistory", "WeightGradNorms", "WindowHistory", "blame", "describe_module"]
 
 #: A rise in a layer's dead fraction, from one closed window to the next, that makes relumon blame its feeder.
 BLAME_JUMP = 0.2
@@ -125,7 +131,13 @@ def _bias_facts(bias: Tensor, dead_mask: Tensor) -> list[str]:
 
 
 def blame(
-    layer_name: str, fed_by: str, module: nn.Module, dead_mask: Tensor, *, gather_sharded: bool = True
+    layer_name: str,
+    fed_by: str,
+    module: nn.Module,
+    dead_mask: Tensor,
+    *,
+    gather_sharded: bool = True,
+    weight_grad_norm: Optional[float] = None,
 ) -> Optional[str]:
     """Explain a layer's dead units by the module that fed it.
 
@@ -137,24 +149,94 @@ def blame(
         gather_sharded: gather DTensor parameters (a collective). Pass True only when every rank calls ``blame``
             for the same sites in the same order, as it does for a report reduced across ranks; False leaves sharded
             parameters out.
+        weight_grad_norm: the mean norm of the module's weight gradient over the window's measured backward passes
+            (`WeightGradNorms.mean`), or None when it was not recorded: then blame says nothing about it. (``.grad``
+            at report time says nothing about the window: ``zero_grad`` may have zeroed it.)
 
     Returns:
         e.g. "`fc2` (Linear 512→256) feeds `act2`: 98% of its biases are negative, mean -3.1; its weight gradient
-        norm is 0", or None when the module has nothing to say.
+        norm is 0 in this window", or None when the module has nothing to say.
     """
     facts: list[str] = []
     bias = getattr(module, "bias", None)
     if isinstance(bias, Tensor) and bias.numel() == dead_mask.numel() and (gather_sharded or not _is_sharded(bias)):
         facts += _bias_facts(bias, dead_mask)
-    weight = getattr(module, "weight", None)
-    grad = weight.grad if isinstance(weight, Tensor) else None
-    if grad is not None and (gather_sharded or not _is_sharded(grad)):
-        with torch.no_grad():
-            norm = _whole(grad.float().norm())  # a sharded gradient's norm reduces its shards' norms: a scalar
-            facts.append(f"its weight gradient norm is {float(norm):.3g}")
+    if weight_grad_norm is not None:
+        facts.append(f"its weight gradient norm is {weight_grad_norm:.3g} in this window")
     if not facts:
         return None
     return f"`{fed_by}` ({describe_module(module)}) feeds `{layer_name}`: " + "; ".join(facts)
+
+
+class _WindowNorm:
+    """One feeder's weight-gradient norms in the open window: an on-device sum and the passes it adds up."""
+
+    __slots__ = ("total", "passes")
+
+    def __init__(self, total: Tensor) -> None:
+        self.total = total
+        self.passes = 0
+
+
+class WeightGradNorms:
+    """The weight-gradient norms of the modules that feed watched activations, over the open window, for blame.
+
+    A tensor hook on each feeder's ``weight`` adds ``||grad||`` (unscaled under a ``GradScaler``) to an on-device sum
+    on measured steps only (one small reduction per feeder then, none on other steps), and counts the pass on the
+    host. Nothing is read to the host until `mean`, which blame calls for the layers it explains. A sharded (DTensor)
+    weight is left out: its local gradient is a shard, and blame must say the same on every rank.
+
+    Args:
+        measuring: whether the current step is a measured one (read in the hook, on the host).
+        grad_scale: the live loss scale of a ``GradScaler``, or None.
+    """
+
+    def __init__(self, measuring: Callable[[], bool], grad_scale: Callable[[], Optional[Tensor]]) -> None:
+        self._measuring = measuring
+        self._grad_scale = grad_scale
+        self._norms: dict[str, _WindowNorm] = {}
+        self._handles: list[Any] = []
+
+    def track(self, path: str, module: nn.Module) -> None:
+        """Record the weight-gradient norms of the module at ``path`` from now on (once per path)."""
+        weight = getattr(module, "weight", None)
+        if path in self._norms or not isinstance(weight, Tensor) or not weight.requires_grad or _is_sharded(weight):
+            return
+        entry = _WindowNorm(torch.zeros(1, dtype=torch.float64, device=weight.device))
+        self._norms[path] = entry
+        self._handles.append(weight.register_hook(self._make_hook(entry)))  # type: ignore[no-untyped-call]
+
+    def _make_hook(self, entry: _WindowNorm) -> Callable[[Tensor], None]:
+        measuring, grad_scale = self._measuring, self._grad_scale
+
+        def weight_grad_hook(grad: Tensor) -> None:
+            if measuring():
+                entry.total.add_(unscaled_l2_norm(grad.detach(), grad_scale))
+                entry.passes += 1
+            return None  # a value would replace the gradient
+
+        return weight_grad_hook
+
+    def mean(self, path: str) -> Optional[float]:
+        """The mean weight-gradient norm of ``path`` over the open window's measured passes (a host read), or None
+        when none was recorded."""
+        entry = self._norms.get(path)
+        if entry is None or entry.passes == 0:
+            return None
+        return float(entry.total) / entry.passes
+
+    def reset(self) -> None:
+        """Start a new window."""
+        for entry in self._norms.values():
+            if entry.passes:
+                entry.total.zero_()
+                entry.passes = 0
+
+    def remove(self) -> None:
+        """Remove every hook. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 class Diagnosis:

@@ -13,6 +13,9 @@ Facts this relies on (see the project's field notes, verified on torch 2.13):
   copies them. relumon's module hooks are therefore `OwnHook` objects: they run only for the module they were
   registered on, and a pickled or deep-copied one becomes an `InertHook` that does nothing. A saved or copied model
   is never watched by the original's monitor.
+- PyTorch allows no hooks on a TorchScript module (``torch.jit.script`` or ``trace``): ``register_forward_hook``
+  raises "not supported on ScriptModules". Its submodules are TorchScript modules too. relumon hooks every other
+  module (`hookable_modules`) and says once which TorchScript modules it could not look inside (`scripted_modules`).
 - Under ``torch.func`` transforms (``vmap``, ``grad``...) hooks receive wrapped tensors that in-place updates of
   relumon's state cannot take (``Batching rule not implemented for aten::maximum.out``); `in_functorch_transform`
   tells such calls apart.
@@ -44,6 +47,8 @@ __all__ = [
     "TracerHook",
     "InertHook",
     "ProducerTracer",
+    "hookable_modules",
+    "scripted_modules",
 ]
 
 
@@ -82,6 +87,18 @@ def frame_running(frame: FrameType) -> bool:
             return True
         current = current.f_back
     return False
+
+
+def hookable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without its TorchScript modules, on which PyTorch allows no hooks (their
+    submodules are TorchScript modules too)."""
+    return [(name, m) for name, m in model.named_modules() if not isinstance(m, torch.jit.ScriptModule)]
+
+
+def scripted_modules(model: nn.Module) -> list[str]:
+    """Paths of the outermost TorchScript modules in ``model`` (not those inside another one)."""
+    paths = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    return [p for p in paths if not any(p.startswith(f"{q}.") for q in paths if q != p and q)]
 
 
 class InertHook:
@@ -194,7 +211,7 @@ class ProducerTracer:
         self.active = True
         self._handles = [
             module.register_forward_hook(TracerHook(self._make_hook(name, module in transparent), module))
-            for name, module in model.named_modules()
+            for name, module in hookable_modules(model)
         ]
 
     def _make_hook(self, name: str, transparent: bool) -> Callable[..., None]:

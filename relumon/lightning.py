@@ -57,7 +57,8 @@ class ReluMonitor(OptionAttributes, Callback):
     every rank reduces the window, so the figures are global and alerts are decided the same way on all ranks.
 
     A second ``fit`` with the same callback (a sweep) starts fresh: alerts, death history and timeline begin anew,
-    unless that fit resumes from a checkpoint (``ckpt_path``), whose saved state the callback continues.
+    unless that fit resumes from a checkpoint (``ckpt_path``) that holds this callback's state, which it continues
+    (a checkpoint saved without it starts fresh too).
 
     Args:
         log_every_n_steps: optimizer steps per window. ``None`` uses the Trainer's ``log_every_n_steps``.
@@ -172,8 +173,10 @@ class ReluMonitor(OptionAttributes, Callback):
         if self.monitor is not None:
             return
         self._trainer = trainer
-        if getattr(trainer, "ckpt_path", None) is None and not self._restored:
-            # A new fit, not a resume: a reused callback (a sweep) starts fresh, without the last run's alerts.
+        if not self._restored:
+            # No relumon state came from this fit's checkpoint (`load_state_dict` runs before `on_fit_start`): a new
+            # fit, or a resume from a checkpoint saved without this callback. A reused callback (a sweep) starts
+            # fresh then, without the last fit's alerts.
             self._loaded_state = None
             self.last_report = None
         self._restored = False

@@ -73,6 +73,7 @@ class Monitor(OptionAttributes):
         self.last_report: Optional[Report] = None
         self._window = 0
         self._window_start = 0  # the recorder's steps_seen when the open window started
+        self._compiled_counted = 0  # compiled steps of the open window already added to the recorder's steps_seen
         self._alerted: set[str] = set()
         self._idle_checked = False
         self._unconfirmed_said: Optional[int] = None  # the window whose unconfirmed deaths were last reported
@@ -141,6 +142,7 @@ class Monitor(OptionAttributes):
         """
         recorder = self._recorder
         recorder.leave_stale_capture()
+        self._count_compiled_steps()
         step = recorder.steps_seen if step is None else step
         sites = {site.name: site for site in recorder.sites}
         synced = self._sync()
@@ -153,8 +155,8 @@ class Monitor(OptionAttributes):
             [layout for layout, _ in gathered],
             gather_sharded,
         )
-        # Under torch.distributed, steps add up over ranks, like samples and forwards. Compiled steps are measured but
-        # not counted (see the recorder): count them by their forwards then.
+        # Under torch.distributed, steps add up over ranks, like samples and forwards. Compiled steps are counted by
+        # `_count_compiled_steps`; the forwards bound a window whose steps began elsewhere (another rank's only site).
         steps = recorder.steps_seen - self._window_start
         if synced:
             steps = sum_over_ranks(steps)
@@ -176,8 +178,10 @@ class Monitor(OptionAttributes):
         if reset:
             for site in sites.values():
                 site.stats.reset()
+            recorder.weight_grads.reset()
             self._window += 1
             self._window_start = recorder.steps_seen
+            self._compiled_counted = 0
             self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0 and x.counts_dead}))
             self.last_report = report
             # A sampled window never alerts on its own: its suspects are measured on every call of the next window.
@@ -189,6 +193,25 @@ class Monitor(OptionAttributes):
                 self._warn_idle()
             self._alert(report, step)
         return report
+
+    def _count_compiled_steps(self) -> None:
+        """Add the open window's compiled steps not counted yet to the recorder's ``steps_seen``.
+
+        Compiled code cannot count steps as they run (a Python counter read in a graph would recompile it every step),
+        but it measures every call: each site's compiled forward counter (``SiteStats.forwards``, on the device) is
+        the number of compiled steps it ran in, and the largest is the window's compiled steps. One small read, at
+        report time, and only once compiled code has run; a peek (``reset=False``) counts each step once.
+        """
+        recorder = self._recorder
+        if not recorder.compiled_seen or not recorder.sites:
+            return
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for site in recorder.sites:
+            by_device.setdefault(site.stats.forwards.device, []).append(site.stats.forwards)
+        compiled = max(int(torch.cat(counters).max()) for counters in by_device.values())
+        if compiled > self._compiled_counted:
+            recorder.steps_seen += compiled - self._compiled_counted
+            self._compiled_counted = compiled
 
     def _layer_report(self, layout: SiteLayout, g: GatheredSite, step: int, close: bool) -> LayerReport:
         """One site's figures, from its description (``layout.info``: this rank's or, for a site only another rank
@@ -276,7 +299,8 @@ class Monitor(OptionAttributes):
         dead = {x.name for x in layers if x.all_dead_or_saturated}
         silent = {x.name for x in layers if x.carries_no_signal}
         zero_grad = {x.name for x in layers if x.backward_passes > 0 and x.grad_norm == 0}
-        root_of = find_roots(order, upstream, from_input, dead, silent)
+        measured = {x.name for x in layers if x.exact}
+        root_of = find_roots(order, upstream, from_input, dead, silent, measured)
         blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
         explained = []
         for layer in layers:
@@ -284,7 +308,14 @@ class Monitor(OptionAttributes):
             blamed = None
             producer = self._module_at(layer.fed_by) if layer.fed_by else None
             if layer.blame is not None and caused_by is None and producer is not None and layer.fed_by:
-                blamed = blame(layer.name, layer.fed_by, producer, layer.dead_mask, gather_sharded=gather_sharded)
+                blamed = blame(
+                    layer.name,
+                    layer.fed_by,
+                    producer,
+                    layer.dead_mask,
+                    gather_sharded=gather_sharded,
+                    weight_grad_norm=self._recorder.weight_grads.mean(layer.fed_by),
+                )
             explained.append(
                 dataclasses.replace(
                     layer,

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from relumon.cascade import node_key, upstream_sites
+from relumon.diagnosis import WeightGradNorms
 from relumon.errors import RelumonWarning, is_strict, warn
 from relumon.functional import ActivationCapture, leave_mode
 from relumon.hooks import (
@@ -47,10 +48,12 @@ from relumon.hooks import (
     OwnPreHook,
     ProducerTracer,
     frame_running,
+    hookable_modules,
     in_backward,
     in_functorch_transform,
     is_compiling,
     is_counted_forward,
+    scripted_modules,
 )
 from relumon.options import Options
 from relumon.state import SiteLayout, SiteStats, layout_of
@@ -181,6 +184,7 @@ class _Watched:
         "counts_dead",
         "skipped",
         "disabled",
+        "regime_from_input",
     )
 
     def __init__(
@@ -192,6 +196,7 @@ class _Watched:
         slope: Optional[float],
         cap: Optional[float] = None,
         counts_dead: bool = True,
+        regime_from_input: bool = False,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -209,6 +214,9 @@ class _Watched:
         self.skipped = False  # ran in a training forward with a dtype that is not watched
         #: Why the whole module was disabled (an error before its call site existed), or None.
         self.disabled: Optional[str] = None
+        #: Decide the regime from the input's sign (PReLU: a learned slope below 0 makes a negative input's output
+        #: positive, so the output's sign says nothing).
+        self.regime_from_input = regime_from_input
 
 
 class Recorder:
@@ -229,13 +237,26 @@ class Recorder:
     def __init__(self, model: nn.Module, options: Options) -> None:
         self.options = options
         types = options.types
-        watched_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, types)]
+        if isinstance(model, torch.jit.ScriptModule):
+            raise ValueError(
+                f"relumon cannot watch a TorchScript module ({type(model).__name__}): PyTorch allows no hooks on "
+                "modules made by torch.jit.script or torch.jit.trace. Watch the eager model, before scripting it."
+            )
+        watched_modules = [(name, m) for name, m in hookable_modules(model) if isinstance(m, types)]
         if not watched_modules and not options.functional:
             looked_for = ", ".join(t.__name__ for t in types)
+            scripted = ", ".join(f"`{name}`" for name in scripted_modules(model))
+            inside = (
+                f" Its TorchScript submodules ({scripted}) cannot be looked inside (PyTorch allows no hooks on them): "
+                "watch the eager modules before scripting them."
+                if scripted
+                else ""
+            )
             raise ValueError(
-                f"relumon found no module of the watched types ({looked_for}) in {type(model).__name__}. "
+                f"relumon found no module of the watched types ({looked_for}) in {type(model).__name__}.{inside} "
                 "Pass `types=` to watch other activation classes, or `functional=True` to watch F.relu calls."
             )
+        _warn_scripted(model)
         self._unit_dims = _unit_dim_overrides(options, [name for name, _ in watched_modules])
         self._track_grad = options.track_grad
         self._grad_through = options.grad_through and options.track_grad
@@ -263,12 +284,23 @@ class Recorder:
         self._graph_nodes: Optional[dict[Any, str]] = {}
         #: Whether a training forward of the root module, or a ``new_step()`` with grad enabled, has happened.
         self.training_seen = False
+        #: Whether compiled code ran a counted forward: its steps are not counted in ``steps_seen`` as they run.
+        self.compiled_seen = False
+        #: The window's weight-gradient norms of the modules that feed watched activations (for blame).
+        self.weight_grads = WeightGradNorms(lambda: self._measuring, self._grad_scale)
         try:
             for name, module in watched_modules:
                 unit = self._unit_dims.get(name, self._unit_dims.get("*"))
                 negative = _is_negative_regime(module)
                 watched = _Watched(
-                    name, type(module).__name__, negative, unit, _slope_of(module), _cap_of(module), counts_dead(module)
+                    name,
+                    type(module).__name__,
+                    negative,
+                    unit,
+                    _slope_of(module),
+                    _cap_of(module),
+                    counts_dead(module),
+                    regime_from_input=isinstance(module, nn.PReLU),
                 )
                 self._watched[module] = watched
                 hook = OwnHook(functools.partial(self._observe, watched), module)
@@ -302,8 +334,10 @@ class Recorder:
             self._in_step = True
             if is_compiling():
                 # A step counter read inside a compiled graph would be guarded on and recompile every step, so
-                # compiled code measures every step; inductor fuses the reductions into its kernels.
+                # compiled code measures every step; inductor fuses the reductions into its kernels. Its steps are
+                # counted at report time, from the sites' compiled forward counters (`Monitor.report`).
                 self._measuring = True
+                self.compiled_seen = True
             else:
                 self._measuring = is_measured_step(self.steps_seen, self._measure_every)
                 self.steps_seen += 1
@@ -336,7 +370,10 @@ class Recorder:
             if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
                 self._warn_shape(watched, site, out)
                 return
-            stats.observe(obs)
+            regime = None
+            if watched.regime_from_input and args and isinstance(args[0], Tensor) and args[0].shape == out.shape:
+                regime = args[0] if obs is out else args[0].unsqueeze(0)
+            stats.observe(obs, regime)
             if out.requires_grad:
                 if not self._track_grad:
                     if not (is_compiling() or self._root_step):
@@ -407,7 +444,7 @@ class Recorder:
 
     def _attach_functional(self, model: nn.Module) -> None:
         """Track the running module on a stack; while any runs, a TorchFunctionMode catches F.relu calls."""
-        for name, module in model.named_modules():
+        for name, module in hookable_modules(model):
             self._handles.append(module.register_forward_pre_hook(OwnPreHook(self._make_enter(name), module)))
             self._handles.append(module.register_forward_hook(OwnHook(self._exit_module, module), always_call=True))
 
@@ -572,6 +609,8 @@ class Recorder:
             counts_dead=watched.counts_dead,
         )
         site.exact = site.name in self.confirming
+        if fed_by is not None and producer is not None and watched.counts_dead:
+            self.weight_grads.track(fed_by, producer)  # blame's gradient fact, about the window
         self._record_upstream(site, out, compiled)
         site.grad_hook = self._guard_grad_hook(watched, site, stats.grad_hook)
         # A call index can only be new if every lower one exists (calls count up from 0 each step).
@@ -648,6 +687,7 @@ class Recorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.weight_grads.remove()
         if self._tracer is not None:
             self._tracer.remove()
         self._exit_capture()  # removed in the middle of a forward
@@ -681,6 +721,23 @@ def _module_call_frame() -> Optional[FrameType]:
             return frame
         frame = frame.f_back
     return None
+
+
+def _warn_scripted(model: nn.Module) -> None:
+    """Say once which TorchScript submodules relumon cannot look inside (PyTorch allows no hooks on them)."""
+    scripted = scripted_modules(model)
+    if not scripted:
+        return
+    shown = ", ".join(f"`{name}`" for name in scripted[:5]) + (
+        f" and {len(scripted) - 5} more" if len(scripted) > 5 else ""
+    )
+    warn(
+        f"relumon: {shown} {'is a TorchScript module' if len(scripted) == 1 else 'are TorchScript modules'} "
+        "(torch.jit.script or trace), on which PyTorch allows no hooks: activations inside are not watched, and a "
+        "layer fed by one has no `fed_by`. The rest of the model is watched. To measure them, watch the eager "
+        "module before scripting it.",
+        RelumonWarning,
+    )
 
 
 def counts_dead(module: nn.Module) -> bool:

@@ -5,8 +5,9 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
 - ``peak``: float32, one value per unit, the largest output seen in the window (``-inf`` before any). A unit is
   dead when its peak is ``<= 0``: a ReLU output is ``>= 0``, so ``peak <= 0`` means it was exactly 0 everywhere; a
   LeakyReLU output is ``< 0`` exactly where its pre-activation is, so ``peak <= 0`` means stuck in the negative
-  regime. ``torch.maximum`` propagates NaN, so a unit that produced NaN has a NaN peak and counts as *non-finite*,
-  neither dead nor alive.
+  regime. A PReLU's learned slope can be below 0, making a negative input's output positive: its peak is the largest
+  *input* instead, so that ``peak <= 0`` means stuck in the negative regime whatever the slope. ``torch.maximum``
+  propagates NaN, so a unit that produced NaN has a NaN peak and counts as *non-finite*, neither dead nor alive.
 - ``floor`` (only for a capped activation, ReLU6): float32 per unit, the smallest output seen (``+inf`` before any).
   A unit whose floor is ``>= cap`` output the cap (6) for every sample and position: it is *saturated* and, like a
   dead unit, passes no gradient. One ``amin`` per measured call, for capped sites only.
@@ -161,8 +162,15 @@ class SiteStats:
         #: Tensor hook for outputs of compiled code: accumulates the gradient norm of every backward pass.
         self.grad_hook = self._make_grad_hook()
 
-    def observe(self, out: Tensor) -> None:
-        """Fold one training forward's activation into the window. Launches kernels only; never syncs."""
+    def observe(self, out: Tensor, regime: Optional[Tensor] = None) -> None:
+        """Fold one training forward's activation into the window. Launches kernels only; never syncs.
+
+        Args:
+            out: the activation's output.
+            regime: a tensor of ``out``'s shape whose sign, rather than the output's, tells the positive regime from
+                the negative one (PReLU's input: with a learned slope below 0 a negative input gives a positive
+                output). Its peak is kept instead of the output's; the other statistics read ``out``.
+        """
         x = out.detach()
         if self.ndim == 0:
             x = x.reshape(1)
@@ -179,6 +187,8 @@ class SiteStats:
         if self.floor is not None:
             low = x.amin(dim=self.reduce_dims) if self.reduce_dims else x
             torch.minimum(self.floor, low, out=self.floor)
+        if regime is not None:
+            x = regime.detach().reshape(x.shape)
         if self.reduce_dims:
             x = x.amax(dim=self.reduce_dims)
         torch.maximum(self.peak, x, out=self.peak)

@@ -114,3 +114,27 @@ def test_compiled_deaths_are_each_their_own_root() -> None:
     report = compiled.report()
     assert [x.name for x in report.dead_layers] == ["1", "3"]
     assert [x.name for x in report.roots] == ["1", "3"] and all(x.caused_by is None for x in report)
+
+
+def test_compiled_steps_are_counted_as_in_eager() -> None:
+    """`first_dead_step`, the timeline's steps and `state_dict()["steps"]` advance under compile as they do in eager,
+    with `report()` given no step; a peek (`reset=False`) counts no step twice."""
+    inputs = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+    monitors = []
+    for compile_it in (False, True):
+        model = make_model()
+        with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
+            step_model = torch.compile(model) if compile_it else model
+            run(step_model, inputs[:3])
+            monitor.report(reset=False)  # a peek in the middle of a window
+            run(step_model, inputs[3:5])
+            monitor.report()
+            run(step_model, inputs[5:])
+            monitor.report()
+        monitors.append(monitor)
+    eager, compiled = monitors
+    assert eager.state_dict()["steps"] == 7 and compiled.state_dict()["steps"] == 7
+    assert [step for step, _ in compiled.timeline] == [step for step, _ in eager.timeline] == [5, 7]
+    first_dead = compiled.last_report["3"].first_dead_step
+    assert first_dead.tolist() == eager.last_report["3"].first_dead_step.tolist() == [5, 5, 5] + [-1] * 9
+    assert compiled.last_report.steps == eager.last_report.steps == 2

@@ -230,3 +230,42 @@ def test_functional_leaky_relu_slope_is_read_for_grad_through() -> None:
         model(torch.randn(5, 3)).sum().backward()
     layer = monitor.report()["F.leaky_relu"]
     assert layer.grad_through_norm == pytest.approx(0.2 * layer.grad_norm)
+
+
+def test_blame_states_the_windows_weight_gradient_not_grad_at_report_time() -> None:
+    """A loop that zeroes gradients in place at the end of each step leaves ``.grad`` all zero at report time; blame
+    states the mean norm of the window's weight gradients, read from ``.grad`` right after each backward."""
+    model = MLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    gen = torch.Generator().manual_seed(0)
+    norms: list[float] = []
+
+    def step(record: bool) -> None:
+        model(torch.randn(16, 8, generator=gen)).sum().backward()
+        if record:
+            norms.append(float(model.fc1.weight.grad.norm()))  # ground truth: the gradient of this pass
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
+        step(record=False)
+        assert monitor.report()["act1"].blame is None
+        kill_units(model.fc1, list(range(8)))  # half of act1 dies at once: a jump, blamed on fc1
+        step(record=True)
+        step(record=True)
+        assert float(model.fc1.weight.grad.abs().sum()) == 0.0  # what report time sees
+        act1 = monitor.report()["act1"]
+    mean = sum(norms) / len(norms)
+    assert mean > 0
+    assert act1.blame is not None and f"its weight gradient norm is {mean:.3g} in this window" in act1.blame
+
+
+def test_blame_says_nothing_of_a_gradient_no_measured_backward_saw() -> None:
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.bias.fill_(-3.0)
+        model.fc2.weight.mul_(0.01)
+    with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
+        model(torch.randn(4, 8)).sum()  # a training forward, no backward
+        act2 = monitor.report()["act2"]
+    assert act2.all_dead and act2.blame is not None and "gradient" not in act2.blame
