@@ -335,13 +335,13 @@ def read_wiring(
             # Nothing behind the norm: it decides. BatchNorm/GroupNorm normalise per channel (dim 1); a LayerNorm over
             # the last dim alone means features there; over more dims it cannot tell.
             if kind.startswith(_CHANNEL_NORMS) and len(dims) >= 2 and dims[1] is not None:
-                answers.add(int(dims[1]))  # type: ignore[arg-type]
+                answers.add(int(dims[1]))
             elif kind.startswith(_LAST_NORMS):
                 normalized = _saved(node, "_saved_normalized_shape")
                 if normalized is not None and len(normalized) == 1 and dims[-1] is not None:
-                    answers.add(int(dims[-1]))  # type: ignore[arg-type]
+                    answers.add(int(dims[-1]))
         elif not followed and kind.startswith(_POOLS) and len(dims) >= 3 and dims[1] is not None:
-            answers.add(int(dims[1]))  # type: ignore[arg-type]
+            answers.add(int(dims[1]))
     wiring.weights = frozenset(weights)
     if len(answers) == 1 and not blurred:
         wiring.unit_dim = answers.pop()
