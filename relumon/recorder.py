@@ -47,7 +47,7 @@ from relumon.hooks import (
     OwnPreHook,
     ProducerTracer,
     frame_running,
-    in_backward,
+    in_checkpoint_recompute,
     in_functorch_transform,
     is_compiling,
     is_counted_forward,
@@ -315,23 +315,28 @@ class Recorder:
 
     def _observe(self, watched: _Watched, module: nn.Module, args: Any, out: Any) -> None:
         """One call of a watched activation (``module`` decides whether it is a training forward)."""
-        if not isinstance(out, Tensor) or not is_counted_forward(module) or watched.disabled is not None:
+        # `is_counted_forward`, unrolled: whether we compile and which backward runs are asked once per call (each
+        # costs a Python call, which shows on models of thousands of tiny layers).
+        if not isinstance(out, Tensor) or watched.disabled is not None:
             return
-        if not is_compiling() and in_functorch_transform():
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        compiling = is_compiling()
+        task = -1 if compiling else torch._C._current_graph_task_id()  # -1: outside any backward pass
+        if task != -1 and in_checkpoint_recompute():
+            return
+        if not compiling and in_functorch_transform():
             self._skip_transformed(watched)
             return
         if not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
             self._skip_dtype(watched, out)  # before the call index: a skipped call never shifts later sites' names
             return
-        compiling = is_compiling()
-        if self._step_pending and not in_backward():
+        if self._step_pending and task == -1:
             self.start_step()
-        elif not compiling and self._in_step:
-            task = torch._C._current_graph_task_id()
-            if task != -1 and self._step_task != task:
-                # A counted forward inside a backward pass other than the one this step's forwards ran in: a
-                # reentrant checkpoint recomputing the next step of a model driven through its methods.
-                self.start_step()
+        elif task != -1 and self._in_step and self._step_task != task:
+            # A counted forward inside a backward pass other than the one this step's forwards ran in: a reentrant
+            # checkpoint recomputing the next step of a model driven through its methods.
+            self.start_step()
         call = watched.calls
         if call >= len(watched.sites):  # a new call index: read its wiring (eagerly, even under compile)
             _add_site_eagerly(self, watched, call, args, out, compiling)
@@ -343,7 +348,7 @@ class Recorder:
         else:  # no site: an error disabled the module, or a new site would pass the bound
             site = None
             boundary = call >= MAX_CALLS_PER_STEP and watched.disabled is None
-        if boundary and not in_backward():
+        if boundary and task == -1:
             if out.requires_grad:
                 self._warn_no_boundary(watched)
             self.start_step()
@@ -356,7 +361,7 @@ class Recorder:
                 # compiled code measures every step; inductor fuses the reductions into its kernels.
                 self._measuring = True
             else:
-                self._step_task = torch._C._current_graph_task_id()
+                self._step_task = task
                 self._measuring = is_measured_step(self.steps_seen, self._measure_every)
                 self.steps_seen += 1
         watched.calls = call + 1
@@ -383,9 +388,9 @@ class Recorder:
                 return
             if out.requires_grad:
                 if not self._track_grad:
-                    if not (is_compiling() or self._root_step):
+                    if not (compiling or self._root_step):
                         out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
-                elif is_compiling() and stats.through_slope is None:
+                elif compiling and stats.through_slope is None:
                     out.register_hook(site.grad_hook)  # type: ignore[no-untyped-call]
                 else:  # its first firing also marks the end of the step
                     hook = self._guard_grad_hook(watched, site, stats.grad_hook_for(out))
