@@ -83,6 +83,9 @@ MAX_CALLS_PER_STEP = 256
 #: Integer activation dtypes that are watched (others, such as bool or complex, are skipped with a warning).
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
+#: Why a site found inside a torch.compile graph has no wiring (its output's graph is one opaque compiled node).
+_COMPILED = "torch.compile leaves no eager autograd graph to read; this is said once for all such sites"
+
 _FUNCTIONAL_SITE = re.compile(r"(.+\.)?F\.(relu|relu6|leaky_relu)$")
 
 
@@ -275,6 +278,7 @@ class Recorder:
         #: Running modules, with the frame of each module call (None under compile), for functional capture.
         self._module_stack: list[tuple[str, nn.Module, Optional[FrameType]]] = []
         self._warned_transform = False
+        self._warned_compiled_units = False
         self._warned_boundary = False
         self._root_step = False  # the open step began with a call of the root module
         #: Whether a training forward has run to its end (or reached a backward pass) since discovery began.
@@ -740,7 +744,7 @@ class Recorder:
             return wiring.unit_dim, None
         if (wiring is None or wiring.weights is None) and producer is not None:
             return infer_unit_dim(ndim, producer), None  # no graph (no gradient tracked): the module that fed it
-        why = wiring.why_not if wiring is not None else "torch.compile leaves no eager graph to read"
+        why = wiring.why_not if wiring is not None else _COMPILED
         return infer_unit_dim(ndim), (why if ndim >= 3 else None)
 
     def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int) -> int:
@@ -761,9 +765,10 @@ class Recorder:
         return 1 if settings == {False} else 0  # fed by the model's sequence-first layers
 
     def _warn_units(self, watched: _Watched, site: Site, out: Tensor, why: str) -> None:
-        if watched.warned_units:
+        if watched.warned_units or (why == _COMPILED and self._warned_compiled_units):
             return
         watched.warned_units = True
+        self._warned_compiled_units = self._warned_compiled_units or why == _COMPILED  # said once for all sites
         warn(
             f"relumon: the autograd graph does not tell which dim of `{site.name}`'s output {tuple(out.shape)} holds "
             f"its units ({why}), so relumon counts dim {site.stats.unit_dim} (its fallback: dim 1 of a 4-D or 5-D "
