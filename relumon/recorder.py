@@ -340,6 +340,7 @@ class Recorder:
         elif task != -1 and self._in_step and self._step_task != task:
             # A counted forward inside a backward pass other than the one this step's forwards ran in: a reentrant
             # checkpoint recomputing the next step of a model driven through its methods.
+            self._forward_done = True
             self.start_step()
         call = watched.calls
         if call >= len(watched.sites):  # a new call index: read its wiring (eagerly, even under compile)
@@ -355,6 +356,7 @@ class Recorder:
         if boundary and task == -1:
             if out.requires_grad:
                 self._warn_no_boundary(watched)
+            self._forward_done = True  # the step before ran to its end: its wiring is all read
             self.start_step()
             call = 0
             site = watched.sites[0] if watched.sites else None
@@ -412,8 +414,12 @@ class Recorder:
             site.stats.move_to(out.device)
             site.grad_hook = self._guard_grad_hook(watched, site, site.stats.grad_hook)
             call = watched.calls - 1
-            if not self._observe_other_layout(watched, site, out, watched.rows[call]) and out.ndim == site.stats.ndim:
-                site.stats.observe(out, watched.rows[call])
+            stats = site.stats
+            if out.ndim == stats.ndim and (not out.ndim or out.shape[stats.unit_dim] == stats.units):
+                stats.observe(out, watched.rows[call])
+            elif not self._observe_other_layout(watched, site, out, watched.rows[call]):
+                self._warn_shape(watched, site, out)
+                return
             if out.requires_grad and self._track_grad:
                 out.register_hook(self._guard_grad_hook(watched, site, site.stats.grad_hook_for(out)))  # type: ignore[no-untyped-call]
         except Exception as err:
@@ -444,6 +450,7 @@ class Recorder:
             if out.shape[dim] != stats.units:
                 return False
             stats.relayout(ndim, dim)
+            site.feature_last = dim == ndim - 1
             stats.observe(out, rows)
             return True
         if given is not None:
