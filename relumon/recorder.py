@@ -12,13 +12,19 @@ What the `Recorder` does:
   runs. Facts about which forwards count are in `relumon.hooks`.
 - **Step boundaries.** A call of the root module, ``new_step()``, or the first forward after a backward pass starts
   a training step; call counters restart there, so the n-th call of a module in a step maps to the same call site.
+  So do a counted forward inside another backward pass than the step's (a reentrant checkpoint's recompute in a
+  model driven through its methods), and a repeat of a site already called in the step, not fed by it, whose output
+  carries no gradient (a frozen trunk: no backward can mark its steps), or after `MAX_CALLS_PER_STEP` calls.
 - **The measurement schedule.** About one training step in ``measure_every`` is measured, picked by a golden-ratio
   sequence (`is_measured_step`): spread evenly, never periodic, so loops that alternate phases get every phase
   measured. On top of it, each call site's first call of every window is measured (so no window is left without
   figures), and a site the monitor marked `Site.exact` (a sampled death being confirmed) is measured on every call.
   Compiled code measures every step (a step counter read inside a graph would recompile it every step).
-- **Call-site discovery.** The first time a call index of a module runs, a `Site` is made
-  with its unit dim (inferred from the module that fed it, see `relumon.units`) and its `relumon.state.SiteStats`.
+- **Call-site discovery.** The first time a call index of a module runs, its wiring is read from the autograd graph
+  (`relumon.wiring.read_wiring`): the unit dim, and the weights that feed the call. A call fed by the same weights
+  as an earlier site of the module is that site (a recurrent cell unrolled T times is one site; its later time steps
+  add no samples); otherwise a new `Site` is made with its `relumon.state.SiteStats`. Without a graph (no gradient
+  tracked) the module that fed the call decides (`relumon.units`).
   In the first training forward discovery also records the site's nearest upstream sites in the autograd graph
   (`relumon.cascade.upstream_sites`, once per site; later steps add nothing).
 - **Never breaking the training step.** An unexpected exception inside these hooks disables the call site it
