@@ -54,6 +54,11 @@ class Options:
         unit_dim: the dimension that indexes units. ``None`` infers it per call site from the activation's rank and
             the module that fed it (dim 1 for conv feature maps, the last dim otherwise); an int applies to every
             site; a mapping from module path to int overrides single modules (key ``"*"`` for the rest).
+        batch_dim: the dimension that holds the samples (batch rows), for ``samples`` and ``min_samples``. ``None``
+            uses dim 0, except for 3-D activations in PyTorch's sequence-first layout ``(S, B, E)``: inside a module
+            with ``batch_first=False`` (``nn.LSTM``, ``nn.TransformerEncoderLayer``...), or fed by such modules when
+            every one in the model says so, the samples are dim 1. An int applies to every site; a mapping from
+            module path to int overrides single modules (key ``"*"`` for the rest).
         track_grad: also record the gradient norm at each activation's output.
         grad_scaler: a ``torch.amp.GradScaler`` in use, so that gradient norms are reported unscaled.
         on_dead: what to do the first time a window measured on every call finds every unit of a layer dead (once per
@@ -87,6 +92,7 @@ class Options:
 
     types: tuple[type[nn.Module], ...] = DEFAULT_TYPES
     unit_dim: Union[int, Mapping[str, int], None] = None
+    batch_dim: Union[int, Mapping[str, int], None] = None
     track_grad: bool = True
     grad_scaler: Optional[Any] = None
     on_dead: OnDead = "warn"
@@ -101,6 +107,7 @@ class Options:
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _check_types(self.types))
         object.__setattr__(self, "unit_dim", _check_unit_dim(self.unit_dim))
+        object.__setattr__(self, "batch_dim", _check_unit_dim(self.batch_dim, "batch_dim"))
         check_on_dead(self.on_dead, ON_DEAD_CHOICES)
         check_int_at_least("min_samples", self.min_samples)
         check_int_at_least("measure_every", self.measure_every)
@@ -229,8 +236,8 @@ def _check_types(types: Any) -> tuple[type[nn.Module], ...]:
     return checked
 
 
-def _check_unit_dim(unit_dim: Any) -> Union[int, dict[str, int], None]:
-    """``unit_dim`` as None, an int or a plain dict of module path to int, else TypeError.
+def _check_unit_dim(unit_dim: Any, name: str = "unit_dim") -> Union[int, dict[str, int], None]:
+    """``unit_dim`` (or the option ``name``) as None, an int or a plain dict of module path to int, else TypeError.
 
     Whether the names in a mapping are watched is checked against the model when it is watched.
     """
@@ -239,9 +246,9 @@ def _check_unit_dim(unit_dim: Any) -> Union[int, dict[str, int], None]:
     if isinstance(unit_dim, Mapping):
         bad = {k: v for k, v in unit_dim.items() if isinstance(v, bool) or not isinstance(v, int)}
         if bad:
-            raise TypeError(f"expected `unit_dim` values to be ints, got {bad}")
+            raise TypeError(f"expected `{name}` values to be ints, got {bad}")
         return dict(unit_dim)
-    raise TypeError(f"expected `unit_dim` to be None, an int or a mapping of module path to int, got {unit_dim!r}")
+    raise TypeError(f"expected `{name}` to be None, an int or a mapping of module path to int, got {unit_dim!r}")
 
 
 _OPTION_NAMES = frozenset(option_names())

@@ -12,13 +12,19 @@ What the `Recorder` does:
   runs. Facts about which forwards count are in `relumon.hooks`.
 - **Step boundaries.** A call of the root module, ``new_step()``, or the first forward after a backward pass starts
   a training step; call counters restart there, so the n-th call of a module in a step maps to the same call site.
+  So do a counted forward inside another backward pass than the step's (a reentrant checkpoint's recompute in a
+  model driven through its methods), and a repeat of a site already called in the step, not fed by it, whose output
+  carries no gradient (a frozen trunk: no backward can mark its steps), or after `MAX_CALLS_PER_STEP` calls.
 - **The measurement schedule.** About one training step in ``measure_every`` is measured, picked by a golden-ratio
   sequence (`is_measured_step`): spread evenly, never periodic, so loops that alternate phases get every phase
   measured. On top of it, each call site's first call of every window is measured (so no window is left without
   figures), and a site the monitor marked `Site.exact` (a sampled death being confirmed) is measured on every call.
   Compiled code measures every step (a step counter read inside a graph would recompile it every step).
-- **Call-site discovery.** The first time a call index of a module runs, a `Site` is made
-  with its unit dim (inferred from the module that fed it, see `relumon.units`) and its `relumon.state.SiteStats`.
+- **Call-site discovery.** The first time a call index of a module runs, its wiring is read from the autograd graph
+  (`relumon.wiring.read_wiring`): the unit dim, and the weights that feed the call. A call fed by the same weights
+  as an earlier site of the module is that site (a recurrent cell unrolled T times is one site; its later time steps
+  add no samples); otherwise a new `Site` is made with its `relumon.state.SiteStats`. Without a graph (no gradient
+  tracked) the module that fed the call decides (`relumon.units`).
   In the first training forward discovery also records the site's nearest upstream sites in the autograd graph
   (`relumon.cascade.upstream_sites`, once per site; later steps add nothing).
 - **Never breaking the training step.** An unexpected exception inside these hooks disables the call site it
@@ -33,7 +39,7 @@ import functools
 import re
 import sys
 from types import FrameType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,15 +55,16 @@ from relumon.hooks import (
     ProducerTracer,
     frame_running,
     hookable_modules,
-    in_backward,
+    in_checkpoint_recompute,
     in_functorch_transform,
     is_compiling,
     is_counted_forward,
     scripted_modules,
 )
 from relumon.options import Options
-from relumon.state import SiteLayout, SiteStats, layout_of
-from relumon.units import infer_unit_dim, producer_layout_from_graph
+from relumon.state import SiteLayout, SiteStats, batch_rows, layout_of
+from relumon.units import infer_unit_dim
+from relumon.wiring import Wiring, batch_first_of, read_wiring
 
 __all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES", "ZERO_FLOOR_TYPES", "counts_dead"]
 
@@ -84,6 +91,9 @@ MAX_CALLS_PER_STEP = 256
 
 #: Integer activation dtypes that are watched (others, such as bool or complex, are skipped with a warning).
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+#: Why a site found inside a torch.compile graph has no wiring (its output's graph is one opaque compiled node).
+_COMPILED = "torch.compile leaves no eager autograd graph to read; this is said once for all such sites"
 
 _FUNCTIONAL_SITE = re.compile(r"(.+\.)?F\.(relu|relu6|leaky_relu)$")
 
@@ -122,6 +132,7 @@ class Site:
         "exact",
         "disabled",
         "grad_hook",
+        "feature_last",
     )
 
     def __init__(
@@ -149,6 +160,8 @@ class Site:
         self.from_input = True
         self.disabled: Optional[str] = None
         self.grad_hook: Callable[[Tensor], None] = stats.grad_hook
+        #: Whether the units are the last dim (Linear-like), so calls of another rank keep them there.
+        self.feature_last = stats.ndim <= 2 or stats.unit_dim == stats.ndim - 1
 
     def layout(self) -> SiteLayout:
         """What other ranks need to pair this site with theirs, and to report it if they never ran it."""
@@ -185,6 +198,12 @@ class _Watched:
         "skipped",
         "disabled",
         "regime_from_input",
+        "distinct",
+        "by_key",
+        "rows",
+        "restart",
+        "recurrent",
+        "warned_units",
     )
 
     def __init__(
@@ -217,6 +236,16 @@ class _Watched:
         #: Decide the regime from the input's sign (PReLU: a learned slope below 0 makes a negative input's output
         #: positive, so the output's sign says nothing).
         self.regime_from_input = regime_from_input
+        # ``sites`` is indexed by call index within a step; calls fed by the same weights share one site, so a site
+        # can appear at several indices. Per call index: whether it adds batch rows (a recurrent cell's later time
+        # steps are the same rows), whether it repeats a site already called in the step without being fed by it (a
+        # possible missed step boundary), and whether it is fed by the same site's earlier output.
+        self.distinct: list[Site] = []
+        self.by_key: dict[Any, Site] = {}
+        self.rows: list[bool] = []
+        self.restart: list[bool] = []
+        self.recurrent: list[bool] = []
+        self.warned_units = False
 
 
 class Recorder:
@@ -276,8 +305,18 @@ class Recorder:
         #: Running modules, with the frame of each module call (None under compile), for functional capture.
         self._module_stack: list[tuple[str, nn.Module, Optional[FrameType]]] = []
         self._warned_transform = False
+        self._warned_compiled_units = False
         self._warned_boundary = False
         self._root_step = False  # the open step began with a call of the root module
+        #: Whether a training forward has run to its end (or reached a backward pass) since discovery began.
+        self._forward_done = False
+        #: The autograd graph task the open step's first counted forward ran in (-1: outside any backward).
+        self._step_task = -1
+        #: Output nodes of the calls seen in the first training forward: ``node_key -> (site name, unit dim)``, so a
+        #: wiring walk stops at an earlier call's output and takes its units (None once that forward is over).
+        self._wiring_nodes: Optional[dict[Any, tuple[str, int]]] = {}
+        #: Modules with a ``batch_first`` layout (LSTM, Transformer layers), by path.
+        self._batch_first = batch_first_of(model)
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -306,6 +345,7 @@ class Recorder:
                 hook = OwnHook(functools.partial(self._observe, watched), module)
                 self._handles.append(module.register_forward_hook(hook))
             self._handles.append(model.register_forward_pre_hook(OwnPreHook(self._on_root_forward, model)))
+            self._handles.append(model.register_forward_hook(OwnHook(self._on_root_done, model)))
             self._tracer = ProducerTracer(model, transparent={m for m in self._watched if isinstance(m, nn.Module)})
             if options.functional:
                 self._attach_functional(model)
@@ -317,39 +357,60 @@ class Recorder:
 
     def _observe(self, watched: _Watched, module: nn.Module, args: Any, out: Any) -> None:
         """One call of a watched activation (``module`` decides whether it is a training forward)."""
-        if not isinstance(out, Tensor) or not is_counted_forward(module) or watched.disabled is not None:
+        # `is_counted_forward`, unrolled: whether we compile and which backward runs are asked once per call (each
+        # costs a Python call, which shows on models of thousands of tiny layers).
+        if not isinstance(out, Tensor) or watched.disabled is not None:
             return
-        if not is_compiling() and in_functorch_transform():
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        compiling = is_compiling()
+        task = -1 if compiling else torch._C._current_graph_task_id()  # -1: outside any backward pass
+        if task != -1 and in_checkpoint_recompute():
+            return
+        if not compiling and in_functorch_transform():
             self._skip_transformed(watched)
             return
         if not (out.is_floating_point() or out.dtype in _INTEGER_DTYPES):
             self._skip_dtype(watched, out)  # before the call index: a skipped call never shifts later sites' names
             return
-        if watched.calls >= MAX_CALLS_PER_STEP:  # no step boundary in sight: bound the call sites, say so once
-            self._warn_no_boundary(watched)
-            self._step_pending = True
-        if self._step_pending and not in_backward():
+        if self._step_pending and task == -1:
             self.start_step()
+        elif task != -1 and self._in_step and self._step_task != task:
+            # A counted forward inside a backward pass other than the one this step's forwards ran in: a reentrant
+            # checkpoint recomputing the next step of a model driven through its methods.
+            self._forward_done = True
+            self.start_step()
+        call = watched.calls
+        if call >= len(watched.sites):  # a new call index: read its wiring (eagerly, even under compile)
+            _add_site_eagerly(self, watched, call, args, out, compiling)
+        if call < len(watched.sites):
+            site: Optional[Site] = watched.sites[call]
+            # A repeat of a site already called in this step, not fed by it: a new step when no backward can tell
+            # (the output carries no gradient: a frozen trunk), or after MAX_CALLS_PER_STEP calls.
+            boundary = watched.restart[call] and (call >= MAX_CALLS_PER_STEP or not out.requires_grad)
+        else:  # no site: an error disabled the module, or a new site would pass the bound
+            site = None
+            boundary = call >= MAX_CALLS_PER_STEP and watched.disabled is None
+        if boundary and task == -1:
+            if out.requires_grad:
+                self._warn_no_boundary(watched)
+            self._forward_done = True  # the step before ran to its end: its wiring is all read
+            self.start_step()
+            call = 0
+            site = watched.sites[0] if watched.sites else None
         if not self._in_step:  # the first counted forward of a step decides whether the step is measured
             self._in_step = True
-            if is_compiling():
+            if compiling:
                 # A step counter read inside a compiled graph would be guarded on and recompile every step, so
                 # compiled code measures every step; inductor fuses the reductions into its kernels. Its steps are
                 # counted at report time, from the sites' compiled forward counters (`Monitor.report`).
                 self._measuring = True
                 self.compiled_seen = True
             else:
+                self._step_task = task
                 self._measuring = is_measured_step(self.steps_seen, self._measure_every)
                 self.steps_seen += 1
-        call = watched.calls
         watched.calls = call + 1
-        # Outside the try below: the first compiled step breaks the graph here, and torch.compile cannot resume
-        # inside a try block (it would run this whole hook eagerly from then on). It contains its own errors.
-        site: Optional[Site] = (
-            watched.sites[call]
-            if call < len(watched.sites)
-            else _add_site_eagerly(self, watched, call, args, out, is_compiling())
-        )
         if site is None or site.disabled is not None or out.numel() == 0:  # an empty batch adds no sample
             return
         stats = site.stats
@@ -363,28 +424,90 @@ class Recorder:
                 out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
             return
         try:
-            if out.ndim != stats.ndim and stats.unit_dim > 0 and out.ndim == stats.ndim - 1:
-                obs = out.unsqueeze(0)  # an unbatched call (e.g. Linear on a 1-D input): one sample
-            else:
-                obs = out
-            if obs.ndim != stats.ndim or (obs.ndim and obs.shape[stats.unit_dim] != stats.units):
-                self._warn_shape(watched, site, out)
-                return
             regime = None
             if watched.regime_from_input and args and isinstance(args[0], Tensor) and args[0].shape == out.shape:
-                regime = args[0] if obs is out else args[0].unsqueeze(0)
-            stats.observe(obs, regime)
+                regime = args[0]  # PReLU: the input's sign tells the regime, whatever the learned slope
+            if out.ndim == stats.ndim and (not out.ndim or out.shape[stats.unit_dim] == stats.units):
+                stats.observe(out, watched.rows[call], regime)
+            elif not self._observe_other_layout(watched, site, out, watched.rows[call], regime):
+                self._warn_shape(watched, site, out)
+                return
             if out.requires_grad:
                 if not self._track_grad:
-                    if not (is_compiling() or self._root_step):
+                    if not (compiling or self._root_step):
                         out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
-                elif is_compiling() and stats.through_slope is None:
+                elif compiling and stats.through_slope is None:
                     out.register_hook(site.grad_hook)  # type: ignore[no-untyped-call]
                 else:  # its first firing also marks the end of the step
                     hook = self._guard_grad_hook(watched, site, stats.grad_hook_for(out))
                     out.register_hook(hook)  # type: ignore[no-untyped-call]
         except Exception as err:
+            if not compiling and stats.peak.device != out.device:  # the model moved after the site was found
+                self._follow_device(watched, site, out)
+                return
             self._disable(watched, site, err)
+
+    def _follow_device(self, watched: _Watched, site: Site, out: Tensor) -> None:
+        """Move a site's state to its activation's new device (``model.cuda()`` after a first call on the CPU), and
+        fold the call again there. The window's figures so far move with it."""
+        try:
+            site.stats.move_to(out.device)
+            site.grad_hook = self._guard_grad_hook(watched, site, site.stats.grad_hook)
+            call = watched.calls - 1
+            stats = site.stats
+            if out.ndim == stats.ndim and (not out.ndim or out.shape[stats.unit_dim] == stats.units):
+                stats.observe(out, watched.rows[call])
+            elif not self._observe_other_layout(watched, site, out, watched.rows[call]):
+                self._warn_shape(watched, site, out)
+                return
+            if out.requires_grad and self._track_grad:
+                out.register_hook(self._guard_grad_hook(watched, site, site.stats.grad_hook_for(out)))  # type: ignore[no-untyped-call]
+        except Exception as err:
+            self._disable(watched, site, err)
+
+    def _observe_other_layout(
+        self, watched: _Watched, site: Site, out: Tensor, rows: bool, regime: Optional[Tensor] = None
+    ) -> bool:
+        """Fold a call whose rank or layout differs from the site's, when its units can be found; False if not.
+
+        - A site first seen with at most 1 dim (a batch-of-one dry run through ``pool(x).squeeze()``) takes the first
+          batched call's layout for good: a 1-D call is one unbatched sample, not the site's shape.
+        - A `unit_dim=` the user gave applies to every call: a negative one counts from the end of each call's dims;
+          a call with fewer dims than it names is an unbatched call (its units one dim lower), one sample.
+        - A feature-last site (units in the last dim) keeps them there in calls of any rank; dim 0 holds the rows
+          (a 2-D ``(B, C)`` call at a site first seen as ``(B, L, C)`` has B samples).
+        - A channels site (units in dim 1) called with one dim fewer is an unbatched call: units in dim 0, one
+          sample.
+        """
+        stats = site.stats
+        ndim = out.ndim
+        if ndim == 0:
+            return False
+        given = watched.unit_dim
+        if given is not None:
+            dim = given % ndim if -ndim <= given < ndim else given - 1
+        else:
+            dim = ndim - 1 if ndim == 2 or site.feature_last else 1
+        if stats.ndim <= 1 < ndim and (given is None or -ndim <= given < ndim):
+            if out.shape[dim] != stats.units:
+                return False
+            stats.relayout(ndim, dim)
+            site.feature_last = dim == ndim - 1
+            stats.observe(out, rows, regime)
+            return True
+        if given is not None:
+            samples = batch_rows(out, dim) if ndim > 1 and given < ndim else 1
+        elif site.feature_last:
+            dim = ndim - 1
+            samples = out.shape[0] if ndim > 1 else 1
+        elif ndim == stats.ndim - 1:
+            dim, samples = stats.unit_dim - 1, 1
+        else:
+            return False
+        if not 0 <= dim < ndim or out.shape[dim] != stats.units:
+            return False
+        stats.observe_as(out, dim, samples if rows else 0, regime)
+        return True
 
     # ------------------------------------------------------------------ errors and transforms
 
@@ -524,12 +647,18 @@ class Recorder:
             warn(f"relumon: an error inside relumon's step boundary ({type(err).__name__}: {err})", RelumonWarning)
         return None
 
+    def _on_root_done(self, module: nn.Module, args: Any, out: Any) -> None:
+        if not is_compiling():
+            self._forward_done = True  # the step's forward ended without an exception: its wiring is all read
+
     def _on_backward(self) -> None:
         self._step_pending = True
+        self._forward_done = True
 
     def _backward_seen(self, grad: Tensor) -> None:
         """Tensor hook: a backward pass reached this step's graph, so the next forward outside it starts a step."""
         self._step_pending = True
+        self._forward_done = True
         return None
 
     def start_step(self) -> None:
@@ -545,14 +674,19 @@ class Recorder:
         self._in_step = False
         for watched in self._watched.values():
             watched.calls = 0
+        # The first training forward that ran to its end (or reached a backward) has been traced: producers are known.
+        # One ended by an exception leaves the tracing on for the next, so later sites still get their producer.
+        traced = bool(self.sites) and self._forward_done
         tracer = self._tracer
         if tracer is not None and tracer.active:
-            if self.sites:  # the first training forward has been traced: producers are known
+            if traced:
                 tracer.remove()
             else:
                 tracer.clear()
         if self._graph_nodes is not None:  # the same for the autograd graph: its walk is done once
-            self._graph_nodes = None if self.sites else {}
+            self._graph_nodes = None if traced else {}
+        if self._wiring_nodes is not None:
+            self._wiring_nodes = None if traced else {}
 
     # ------------------------------------------------------------------ call-site discovery
 
@@ -566,25 +700,52 @@ class Recorder:
     def _make_site(
         self, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool = False
     ) -> Optional[Site]:
+        """The site of a new call index, read from the wiring (`relumon.wiring`): an existing site of the module fed
+        by the same weights, or a new one. Records the call index in ``watched``; returns None, recording nothing,
+        when a new site would pass `MAX_CALLS_PER_STEP` (a missed step boundary)."""
+        inp = args[0] if args and isinstance(args[0], Tensor) else None
         fed_by, producer = (None, None)
-        if args and self._tracer is not None:
-            fed_by, producer = self._tracer.producer_of(args[0])
+        if inp is not None and self._tracer is not None:
+            fed_by, producer = self._tracer.producer_of(inp)
+        # An in-place activation's input is its output: the walk steps over the activation's own node.
+        wiring = None if compiled else read_wiring(inp if inp is not None else out, self._wiring_nodes, node_key)
         ndim = out.ndim
-        unit_dim = watched.unit_dim
-        if unit_dim is None:
-            layout = None
-            if producer is None and ndim >= 3 and not (self._tracer is not None and self._tracer.active):
-                # Discovered after the traced step: the autograd graph still tells a conv from a Linear.
-                # (An in-place activation's input is its output; the walk steps over the activation's own node.)
-                inp = args[0] if args and isinstance(args[0], Tensor) else out
-                layout = producer_layout_from_graph(inp)
-            unit_dim = infer_unit_dim(ndim, producer, layout)
-        elif not -max(ndim, 1) <= unit_dim < max(ndim, 1):
-            raise ValueError(
-                f"`unit_dim={unit_dim}` is out of range for `{watched.name}`, whose output has shape {tuple(out.shape)}"
-            )
-        unit_dim = unit_dim % max(ndim, 1)
+        unit_dim, why_guessed = self._unit_dim_for(watched, out, wiring, producer)
         units = out.shape[unit_dim] if ndim else 1
+        key = _wiring_key(wiring, producer, {s.name for s in watched.distinct})
+        site = watched.by_key.get(key) if key is not None else None
+        if site is not None and (site.stats.ndim, site.stats.unit_dim, site.stats.units) != (ndim, unit_dim, units):
+            site = None  # the same weights in another shape: a site of its own
+        if site is None:
+            if call >= MAX_CALLS_PER_STEP:
+                return None
+            site = self._new_site(watched, call, out, fed_by, unit_dim, units)
+            if fed_by is not None and producer is not None and watched.counts_dead:
+                self.weight_grads.track(fed_by, producer)  # blame's gradient fact, about the window
+            if key is not None:
+                watched.by_key[key] = site
+            self._record_upstream(site, out, compiled)
+            earlier = recurrent = False
+            if why_guessed is not None:
+                self._warn_units(watched, site, out, why_guessed)
+        else:
+            earlier = any(known is site for known in watched.sites)  # the indices so far are this step's calls
+            recurrent = self._join_upstream(site, out, compiled)
+            if not recurrent and watched.sites and watched.sites[-1] is site and self._graph_nodes is None:
+                recurrent = watched.recurrent[-1]  # no graph record any more: a longer sequence than before
+        nodes = self._wiring_nodes
+        if nodes is not None and out.grad_fn is not None:
+            nodes[node_key(out.grad_fn)] = (site.name, site.stats.unit_dim)
+        watched.sites.append(site)
+        watched.rows.append(not (earlier and recurrent))  # a recurrent cell's later time steps are the same rows
+        watched.restart.append(earlier and not recurrent)
+        watched.recurrent.append(recurrent)
+        return site
+
+    def _new_site(
+        self, watched: _Watched, call: int, out: Tensor, fed_by: Optional[str], unit_dim: int, units: int
+    ) -> Site:
+        ndim = out.ndim
         stats = SiteStats(
             units=units,
             unit_dim=unit_dim,
@@ -596,10 +757,12 @@ class Recorder:
             through_slope=watched.slope if self._grad_through else None,
             cap=watched.cap,
             peak_dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
+            batch_dim=self._batch_dim_for(watched, ndim, unit_dim),
         )
         path = watched.name or "root"
+        number = len(watched.distinct)  # sites are numbered per module in the order they are found
         site = Site(
-            name=path if call == 0 else f"{path}.call{call + 1}",
+            name=path if number == 0 else f"{path}.call{number + 1}",
             module_name=watched.name,
             call=call,
             kind=watched.kind,
@@ -609,14 +772,71 @@ class Recorder:
             counts_dead=watched.counts_dead,
         )
         site.exact = site.name in self.confirming
-        if fed_by is not None and producer is not None and watched.counts_dead:
-            self.weight_grads.track(fed_by, producer)  # blame's gradient fact, about the window
-        self._record_upstream(site, out, compiled)
         site.grad_hook = self._guard_grad_hook(watched, site, stats.grad_hook)
-        # A call index can only be new if every lower one exists (calls count up from 0 each step).
-        watched.sites.append(site)
+        watched.distinct.append(site)
         self.sites.append(site)
         return site
+
+    def _unit_dim_for(
+        self, watched: _Watched, out: Tensor, wiring: Optional[Wiring], producer: Optional[nn.Module]
+    ) -> tuple[int, Optional[str]]:
+        """The unit dim of a new site's first call, and why it was guessed (None when known)."""
+        ndim = out.ndim
+        given = watched.unit_dim
+        if given is not None:
+            if -max(ndim, 1) <= given < max(ndim, 1):
+                return given % max(ndim, 1), None
+            if ndim and 0 <= given - 1 < ndim:  # an unbatched call: one dim fewer than `unit_dim` counts on
+                return given - 1, None
+            self._warn_given_dim(watched, out)
+        if ndim <= 1:
+            return 0, None
+        if wiring is not None and wiring.unit_dim is not None:
+            return wiring.unit_dim, None
+        if (wiring is None or wiring.weights is None) and producer is not None:
+            return infer_unit_dim(ndim, producer), None  # no graph (no gradient tracked): the module that fed it
+        why = wiring.why_not if wiring is not None else _COMPILED
+        return infer_unit_dim(ndim), (why if ndim >= 3 else None)
+
+    def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int) -> int:
+        """The dim that holds the samples: 0, or 1 for a 3-D activation in PyTorch's sequence-first ``(S, B, E)``
+        layout, as the option `batch_dim` or the model (``batch_first=False`` on its LSTM or Transformer layers)
+        says."""
+        given = self.options.batch_dim
+        if isinstance(given, Mapping):
+            given = given.get(watched.name, given.get("*"))
+        if given is not None:
+            return given % ndim if ndim and -ndim <= given < ndim else 0
+        if ndim != 3 or unit_dim != 2 or not self._batch_first:
+            return 0
+        inside = [p for p in self._batch_first if not p or watched.name.startswith(p + ".")]
+        if inside:  # the innermost enclosing module that says
+            return 0 if self._batch_first[max(inside, key=len)] else 1
+        settings = set(self._batch_first.values())
+        return 1 if settings == {False} else 0  # fed by the model's sequence-first layers
+
+    def _warn_units(self, watched: _Watched, site: Site, out: Tensor, why: str) -> None:
+        if watched.warned_units or (why == _COMPILED and self._warned_compiled_units):
+            return
+        watched.warned_units = True
+        self._warned_compiled_units = self._warned_compiled_units or why == _COMPILED  # said once for all sites
+        warn(
+            f"relumon: the autograd graph does not tell which dim of `{site.name}`'s output {tuple(out.shape)} holds "
+            f"its units ({why}), so relumon counts dim {site.stats.unit_dim} (its fallback: dim 1 of a 4-D or 5-D "
+            f"output, the last dim of a 3-D one). If that is wrong, pass `unit_dim={{{watched.name!r}: <dim>}}`.",
+            RelumonWarning,
+        )
+
+    def _warn_given_dim(self, watched: _Watched, out: Tensor) -> None:
+        if watched.warned_shape:
+            return
+        watched.warned_shape = True
+        warn(
+            f"relumon: `unit_dim={watched.unit_dim}` names no dim of `{watched.name}`'s output {tuple(out.shape)}; "
+            "relumon infers the unit dim of such calls instead. Pass a dim that exists in every call (a negative "
+            "one counts from the end).",
+            RelumonWarning,
+        )
 
     def _warn_no_boundary(self, watched: _Watched) -> None:
         if self._warned_boundary:
@@ -652,6 +872,22 @@ class Recorder:
         site.upstream, site.from_input = upstream_sites(grad_fn, known)
         if grad_fn is not None:
             known[node_key(grad_fn)] = site.name
+
+    def _join_upstream(self, site: Site, out: Tensor, compiled: bool) -> bool:
+        """A later call of an existing site in the first training forward: its upstream sites join the site's, and
+        True when it is fed by the site's own earlier output (a recurrent cell)."""
+        known = self._graph_nodes
+        if known is None or compiled:
+            return False
+        grad_fn = out.grad_fn
+        ups, from_input = upstream_sites(grad_fn, known)
+        if grad_fn is not None:
+            known[node_key(grad_fn)] = site.name
+        if site.upstream is not None:
+            joined = dict.fromkeys(site.upstream + tuple(u for u in ups if u != site.name))
+            site.upstream = tuple(joined)
+            site.from_input = site.from_input or from_input
+        return site.name in ups
 
     def idle_modules(self) -> list[str]:
         """Paths of the watched modules that never ran in a training forward."""
@@ -693,6 +929,7 @@ class Recorder:
         self._exit_capture()  # removed in the middle of a forward
         self._module_stack.clear()
         self._graph_nodes = None
+        self._wiring_nodes = None
 
 
 # Allocation runs eagerly even inside a torch.compile trace: state created in a graph would not persist. This costs
@@ -703,8 +940,6 @@ def _add_site_eagerly(
 ) -> Optional[Site]:
     try:
         return recorder._make_site(watched, call, args, out, compiled)
-    except ValueError:  # a `unit_dim=` out of range for this output: the user's error, raised as before
-        raise
     except Exception as err:
         recorder._disable(watched, None, err)
         return None
@@ -738,6 +973,20 @@ def _warn_scripted(model: nn.Module) -> None:
         "module before scripting it.",
         RelumonWarning,
     )
+
+
+def _wiring_key(wiring: Optional[Wiring], producer: Optional[nn.Module], own: set[str]) -> Any:
+    """What makes calls of one module one site: the weights that feed them (and the other sites whose outputs they
+    read directly), read from the autograd graph; without a graph, the module that fed them. None when nothing
+    tells (each call index is then a site of its own)."""
+    if wiring is not None and wiring.weights is not None:
+        met = frozenset(wiring.met - own)
+        if not wiring.weights and not met:
+            return None
+        return (wiring.weights, met)
+    if producer is not None and next(producer.parameters(), None) is not None:
+        return ("module", id(producer))
+    return None
 
 
 def counts_dead(module: nn.Module) -> bool:

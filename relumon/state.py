@@ -62,6 +62,22 @@ __all__ = [
     "l2_norm",
 ]
 
+#: The attributes of `SiteStats` that live on the activation's device.
+_DEVICE_STATE = (
+    "peak",
+    "floor",
+    "samples",
+    "forwards",
+    "backwards",
+    "grad_norm_sum",
+    "nonfinite_passes",
+    "unmeasured",
+    "abs_sum",
+    "positions",
+    "through_sum",
+    "through_passes",
+)
+
 # Order of the counters when gathered.
 SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM, NONFINITE_PASSES, UNMEASURED = range(6)
 _COUNTERS = 6
@@ -90,6 +106,7 @@ class SiteStats:
         "unit_dim",
         "ndim",
         "reduce_dims",
+        "batch_dim",
         "peak",
         "cap",
         "floor",
@@ -127,11 +144,14 @@ class SiteStats:
         through_slope: Optional[float] = None,
         cap: Optional[float] = None,
         peak_dtype: torch.dtype = torch.float32,
+        batch_dim: int = 0,
     ) -> None:
         self.units = units
         self.unit_dim = unit_dim
         self.ndim = ndim
         self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
+        #: The dim that holds the samples (batch rows): 0, or 1 in PyTorch's sequence-first ``(S, B, E)`` layout.
+        self.batch_dim = batch_dim
         # float32 for every activation dtype but float64, whose tiny positive outputs (1e-60) would round to 0 in
         # float32 and read as dead.
         self.peak = torch.full((units,), -math.inf, dtype=peak_dtype, device=device)
@@ -162,22 +182,51 @@ class SiteStats:
         #: Tensor hook for outputs of compiled code: accumulates the gradient norm of every backward pass.
         self.grad_hook = self._make_grad_hook()
 
-    def observe(self, out: Tensor, regime: Optional[Tensor] = None) -> None:
+    def observe(self, out: Tensor, rows: bool = True, regime: Optional[Tensor] = None) -> None:
         """Fold one training forward's activation into the window. Launches kernels only; never syncs.
 
         Args:
-            out: the activation's output.
+            out: the activation, of the site's ``ndim`` with ``units`` along ``unit_dim``.
+            rows: whether its batch rows count as samples, and the call as a forward (False for a recurrent cell's
+                later time steps: the same rows, in the same forward).
             regime: a tensor of ``out``'s shape whose sign, rather than the output's, tells the positive regime from
                 the negative one (PReLU's input: with a learned slope below 0 a negative input gives a positive
                 output). Its peak is kept instead of the output's; the other statistics read ``out``.
         """
+        samples = batch_rows(out, self.unit_dim, self.batch_dim) if rows else 0
+        self._fold(out, self.reduce_dims, samples, rows, regime)
+
+    def observe_as(self, out: Tensor, unit_dim: int, samples: int, regime: Optional[Tensor] = None) -> None:
+        """Fold a call whose layout is not the site's (an unbatched call, a pooled one): ``units`` along
+        ``unit_dim`` of ``out``, holding ``samples`` samples."""
+        self._fold(out, tuple(d for d in range(out.ndim) if d != unit_dim), samples, True, regime)
+
+    def relayout(self, ndim: int, unit_dim: int) -> None:
+        """Take calls of ``ndim`` dims with the units along ``unit_dim`` as the site's own from now on (a site first
+        seen unbatched, in a batch-of-one dry run, gets its batched layout back)."""
+        self.ndim = ndim
+        self.unit_dim = unit_dim
+        self.reduce_dims = tuple(d for d in range(ndim) if d != unit_dim)
+        self.batch_dim = 0
+
+    def move_to(self, device: torch.device) -> None:
+        """Move the window's state to ``device`` (the model was moved after the site was found). Eager only."""
+        for name in _DEVICE_STATE:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        self.grad_hook = self._make_grad_hook()
+
+    def _fold(
+        self, out: Tensor, reduce_dims: tuple[int, ...], samples: int, forward: bool, regime: Optional[Tensor] = None
+    ) -> None:
         x = out.detach()
-        if self.ndim == 0:
+        if x.ndim == 0:
             x = x.reshape(1)
         compiling = is_compiling()
         if self.abs_sum is not None and self.positions is not None:
-            if self.reduce_dims:
-                self.abs_sum.add_(abs_sum(x, self.reduce_dims))
+            if reduce_dims:
+                self.abs_sum.add_(abs_sum(x, reduce_dims))
             else:
                 self.abs_sum.add_(x.abs())
             if compiling:
@@ -185,19 +234,19 @@ class SiteStats:
             else:
                 self.n_positions += x.numel() // self.units
         if self.floor is not None:
-            low = x.amin(dim=self.reduce_dims) if self.reduce_dims else x
+            low = x.amin(dim=reduce_dims) if reduce_dims else x
             torch.minimum(self.floor, low, out=self.floor)
         if regime is not None:
             x = regime.detach().reshape(x.shape)
-        if self.reduce_dims:
-            x = x.amax(dim=self.reduce_dims)
+        if reduce_dims:
+            x = x.amax(dim=reduce_dims)
         torch.maximum(self.peak, x, out=self.peak)
         if compiling:
-            self.samples.add_(batch_rows(out, self.unit_dim))
-            self.forwards.add_(1)
+            self.samples.add_(samples)
+            self.forwards.add_(int(forward))
         else:
-            self.n_samples += batch_rows(out, self.unit_dim)
-            self.n_forwards += 1
+            self.n_samples += samples
+            self.n_forwards += int(forward)
 
     def _make_grad_hook(self) -> Callable[[Tensor], None]:
         # A closure rather than a bound method: torch.compile traces a closure over tensors without a graph break.
@@ -402,10 +451,11 @@ def unscaled_l2_norm(t: Tensor, grad_scale: Callable[[], Optional[Tensor]]) -> T
     return norm if scale is None else norm / scale
 
 
-def batch_rows(out: Tensor, unit_dim: int) -> int:
-    """Number of samples (batch rows) in one activation: dim 0, unless it is the unit dim or there is none."""
-    if out.ndim >= 2 and unit_dim != 0:
-        return out.shape[0]
+def batch_rows(out: Tensor, unit_dim: int, batch_dim: int = 0) -> int:
+    """Number of samples (batch rows) in one activation: the size of ``batch_dim`` (0, or 1 in the sequence-first
+    layout), unless it is the unit dim or there is none."""
+    if out.ndim >= 2 and unit_dim != batch_dim and batch_dim < out.ndim:
+        return out.shape[batch_dim]
     return 1
 
 

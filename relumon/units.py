@@ -5,20 +5,21 @@ A unit is
 - a channel of a conv feature map (dim 1 of a 3/4/5-D activation fed by a conv or a norm over channels);
 - the feature dim of a ``(batch, seq, features)`` activation (the last dim).
 
-The module that produced the activation's input, found during the first training forward, decides between
-"channel" and "last dim". Without one, a 4-D or 5-D activation is taken as a feature map (dim 1) and a 3-D one as a
-sequence (last dim). ``relumon.watch(..., unit_dim=...)`` overrides all of this.
+The autograd graph decides first (`relumon.wiring.read_wiring`: the dim of the layer that made the features, carried
+through adds, cats, slices, permutes, views and norms). Without a graph (no gradient tracked), the module that
+produced the activation's input decides between "channel" and "last dim" (`infer_unit_dim`). When neither tells, a
+4-D or 5-D activation is taken as a feature map (dim 1) and a 3-D one as a sequence (last dim), with a warning.
+``relumon.watch(..., unit_dim=...)`` overrides all of this.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor, nn
+from torch import nn
 
 __all__ = [
     "infer_unit_dim",
-    "producer_layout_from_graph",
     "ADAPTIVE_POOLS",
     "CHANNEL_FIRST_PRODUCERS",
     "FEATURE_LAST_PRODUCERS",
@@ -69,81 +70,12 @@ FEATURE_LAST_PRODUCERS: tuple[type[nn.Module], ...] = (
 )
 
 
-#: Autograd node names (prefixes) whose outputs carry features in dim 1, and in the last dim. Used for call sites
-#: discovered after the first traced step, when no module producer is known any more.
-_CHANNEL_FIRST_NODES = (
-    "Convolution",
-    "CudnnConvolution",
-    "MkldnnConvolution",
-    "SlowConv",
-    "ThnnConv",
-    "BatchNorm",
-    "NativeBatchNorm",
-    "CudnnBatchNorm",
-    "NativeGroupNorm",
-    "MaxPool",
-    "AvgPool",
-    "AdaptiveAvgPool",
-    "AdaptiveMaxPool",
-)
-_FEATURE_LAST_NODES = ("Addmm", "Mm", "Linear", "NativeLayerNorm", "LayerNorm", "Embedding", "FusedRmsNorm")
-#: Nodes that keep their input's meaning: walk through them.
-_PASS_THROUGH_NODES = (
-    "NativeDropout",
-    "Dropout",
-    "Mul",
-    "Div",
-    "Clone",
-    "View",
-    "UnsafeView",
-    "Reshape",
-    "Expand",
-    "Gelu",
-    "Tanh",
-    "Sigmoid",
-    "Silu",
-    "Elu",
-    "Hardswish",
-    "Hardtanh",
-    "LeakyRelu",
-    "Relu",
-    "ToCopy",
-    "Neg",
-    "Add",
-)
-
-
-def producer_layout_from_graph(tensor: Tensor, depth: int = 8) -> Optional[str]:
-    """``"channels"`` or ``"last"`` from the autograd node that made ``tensor``, walking through shape-keeping nodes
-    (dropout, views, elementwise ops), or None when nothing tells.
-
-    Only a fallback for call sites first called after the producer tracer is gone: the node names are torch's
-    internal ones and can change between versions.
-    """
-    node = tensor.grad_fn
-    for _ in range(depth):
-        if node is None:
-            return None
-        name = type(node).__name__
-        if name.startswith(_CHANNEL_FIRST_NODES):
-            return "channels"
-        if name.startswith(_FEATURE_LAST_NODES):
-            return "last"
-        if not name.startswith(_PASS_THROUGH_NODES):
-            return None
-        inputs = [fn for fn, _ in node.next_functions if fn is not None and type(fn).__name__ != "AccumulateGrad"]
-        node = inputs[0] if inputs else None
-    return None
-
-
-def infer_unit_dim(ndim: int, producer: Optional[nn.Module] = None, layout: Optional[str] = None) -> int:
+def infer_unit_dim(ndim: int, producer: Optional[nn.Module] = None) -> int:
     """Return the dimension that indexes units in an activation of ``ndim`` dimensions.
 
     Args:
         ndim: number of dimensions of the activation tensor.
         producer: the module whose output fed the activation, when known.
-        layout: ``"channels"`` or ``"last"`` when no producer is known but the autograd graph told
-            (`producer_layout_from_graph`).
 
     Returns:
         A non-negative dimension index. 0-D and 1-D activations return 0: a 1-D activation is one sample whose
@@ -165,9 +97,5 @@ def infer_unit_dim(ndim: int, producer: Optional[nn.Module] = None, layout: Opti
         # BatchNorm1d on (N, C) is handled above; on (N, C, L) its channels are dim 1.
         return 1
     if isinstance(producer, FEATURE_LAST_PRODUCERS):
-        return ndim - 1
-    if producer is None and layout == "channels":
-        return 1
-    if producer is None and layout == "last":
         return ndim - 1
     return 1 if ndim >= 4 else ndim - 1

@@ -1,0 +1,381 @@
+"""The wiring of an activation, read from the autograd graph of a training forward: the one source of wiring facts.
+
+What a *unit* is, which calls of a module are *one site*, and which dim holds the *samples* all depend on how the
+network is really wired, not on the nearest module. `read_wiring` answers from the autograd graph, once per call
+site, when the site is discovered:
+
+- **Units.** From the activation's input, the walk follows ``next_functions`` back through ops that keep or move
+  dims (adds, subs, muls, cats, slices and chomps, selects, transposes, permutes, views and reshapes, squeezes,
+  expands, norms, pools, dropout, other activations, clones, dtype casts, whatever custom module they sit in), and
+  carries along the way which dim of each tensor is which dim of the activation. It stops at the layers that make
+  features: a convolution (channels: dim 1 of its output, dim 0 when unbatched), a matrix product (``Linear``,
+  ``addmm``, ``mm``, ``bmm``: the last dim) or an embedding (the last dim). Norms are walked *through*, so
+  ``LayerNorm([C, H, W])`` after a conv keeps the conv's channels; a norm with nothing behind it decides itself
+  (BatchNorm and GroupNorm: dim 1; a LayerNorm over the last dim: the last dim). The units are the activation dim that
+  the producer's feature dim maps to. When branches disagree, or a view merges the feature dim with another one, or
+  no producer is reached, the graph cannot tell: the caller falls back and warns.
+- **Weights.** The parameters of the first producers on every path (and of the norms walked through): calls of one
+  activation module fed by the same weights are one site (a recurrent cell unrolled T times is one site).
+- **Recurrence.** Which sites' outputs the walk met on the way: the same site's marks a recurrent cell's state.
+
+Facts this relies on (torch 2.13): a node's ``_input_metadata[i].shape`` is the shape of its ``i``-th forward output,
+and each ``next_functions`` edge ``(node, i)`` names that output; a parameter ends a path at an ``AccumulateGrad``
+node whose ``variable`` is the parameter; ``SliceBackward0``/``SelectBackward0``/``CatBackward0`` save ``_saved_dim``,
+``TransposeBackward0`` ``_saved_dim0``/``_saved_dim1``, ``PermuteBackward0`` ``_saved_dims``. Node names are torch's
+internal ones: an unknown node ends its path ("cannot tell"), never a guess.
+
+The walk runs at discovery only (the first call of each call index), visits at most `MAX_NODES` nodes, and holds no
+reference to the graph afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from torch import Tensor, nn
+
+__all__ = ["Wiring", "read_wiring", "align_view", "MAX_NODES", "batch_first_of"]
+
+#: At most this many graph nodes are visited per walk: discovery stays cheap on very deep or wide graphs.
+MAX_NODES = 512
+
+#: Nodes whose output carries features in dim 1 (dim 0 unbatched).
+_CONV = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv", "ThnnConv", "ConvDepthwise")
+#: Nodes whose output carries features in the last dim.
+_LAST = ("Addmm", "Mm", "Bmm", "Baddbmm", "Addmv", "Mv", "Linear", "Embedding", "EmbeddingBag", "Matmul")
+#: Norms: walked through; with nothing behind them, BatchNorm-like ones mean dim 1 and LayerNorm-like the last dim.
+_CHANNEL_NORMS = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm", "NativeGroupNorm")
+_LAST_NORMS = ("NativeLayerNorm", "LayerNorm", "FusedRmsNorm", "RmsNorm")
+#: Pools and resamplers keep (N, C, ...) with other spatial sizes; with nothing behind them they mean channels.
+_POOLS = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "Upsample", "FractionalMaxPool", "LpPool")
+#: Ops whose inputs have the output's dims (up to broadcasting from the right).
+_SAME_DIMS = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Clone",
+    "ToCopy",
+    "Alias",
+    "NativeDropout",
+    "Dropout",
+    "FeatureDropout",
+    "Relu",
+    "LeakyRelu",
+    "Hardtanh",
+    "Threshold",
+    "Gelu",
+    "Silu",
+    "Sigmoid",
+    "Tanh",
+    "Elu",
+    "Celu",
+    "Selu",
+    "Mish",
+    "Hardswish",
+    "Hardsigmoid",
+    "Softplus",
+    "Prelu",
+    "PreluKernel",
+    "Rrelu",
+    "Where",
+    "Clamp",
+    "Pow",
+    "Exp",
+    "Abs",
+    "Sqrt",
+    "Rsqrt",
+    "MaskedFill",
+    "Maximum",
+    "Minimum",
+    "Slice",
+    "Narrow",
+    "Cat",
+    "ConstantPadNd",
+    "ReflectionPad",
+    "ReplicationPad",
+    "Roll",
+    "Flip",
+    "CopySlices",
+    "Lerp",
+    "Addcmul",
+    "Addcdiv",
+)
+#: Ops a layer applies to its own weight (``Linear``'s transpose, an autocast copy).
+_WEIGHT_VIEWS = ("T", "Transpose", "Permute", "ToCopy", "View", "Reshape", "UnsafeView", "Expand", "Clone")
+#: Ops whose input and output differ in shape in ways `align_view` maps.
+_VIEWS = ("View", "UnsafeView", "Reshape", "Squeeze", "Unsqueeze", "AsStrided", "Flatten", "Unflatten")
+
+
+@dataclass
+class Wiring:
+    """What the autograd graph says about one activation call.
+
+    Attributes:
+        unit_dim: the activation dim that holds the units, or None when the graph cannot tell.
+        why_not: when ``unit_dim`` is None, a short reason (for the warning).
+        weights: ids of the parameters of the first producers on every path (and of the norms walked through), or
+            None when there is no graph (the call's input needs no gradient).
+        met: names of the sites whose outputs a path met (and stopped at): the same site's name marks a recurrent
+            call (a cell fed its own earlier output).
+        producer_kinds: names of the producer nodes reached (for messages and tests).
+    """
+
+    unit_dim: Optional[int] = None
+    why_not: str = "no producer layer in the autograd graph"
+    weights: Optional[frozenset[int]] = None
+    met: set[str] = field(default_factory=set)
+    producer_kinds: list[str] = field(default_factory=list)
+
+
+def _kind(node: Any) -> str:
+    name = type(node).__name__
+    for suffix in ("Backward0", "Backward1", "Backward2", "Backward"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _saved(node: Any, attr: str) -> Any:
+    try:
+        return getattr(node, attr)
+    except (AttributeError, RuntimeError):  # a freed graph raises on saved values
+        return None
+
+
+def align_view(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, int]:
+    """Map each dim of ``out_shape`` to the dim of ``in_shape`` it is, for a view or reshape between them.
+
+    A dim maps only when it is one dim on both sides with the same size; dims merged or split by the view, and
+    size-1 dims, map to nothing.
+
+    Example:
+        >>> align_view((12, 7), (2, 6, 7))
+        {2: 1}
+    """
+    mapping: dict[int, int] = {}
+    i = j = 0
+    while i < len(in_shape) and j < len(out_shape):
+        a, b = int(in_shape[i]), int(out_shape[j])
+        if a == b and a != 1:
+            mapping[j] = i
+            i += 1
+            j += 1
+            continue
+        if a == 1:
+            i += 1
+            continue
+        if b == 1:
+            j += 1
+            continue
+        if a == 0 or b == 0:
+            break
+        i += 1
+        j += 1
+        while a != b:  # a group of dims merged or split: none of them maps
+            if a < b:
+                if i >= len(in_shape):
+                    return mapping
+                a *= int(in_shape[i])
+                i += 1
+            else:
+                if j >= len(out_shape):
+                    return mapping
+                b *= int(out_shape[j])
+                j += 1
+    return mapping
+
+
+def _shape_of(node: Any, output_nr: int) -> Optional[tuple[int, ...]]:
+    meta = _saved(node, "_input_metadata")
+    if meta is None or output_nr >= len(meta):
+        return None
+    try:
+        return tuple(int(s) for s in meta[output_nr].shape)
+    except Exception:  # a nested or symbolic shape: no answer
+        return None
+
+
+Dims = tuple[Optional[int], ...]
+
+
+def _input_dims(
+    node: Any, kind: str, dims: Dims, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+) -> Optional[Dims]:
+    """The activation dims of one input of ``node``, given those of its output, or None when unknown."""
+    if kind.startswith(_VIEWS) or kind == "Expand":
+        if kind == "Expand":
+            lead = len(out_shape) - len(in_shape)
+            return tuple(dims[lead + d] if in_shape[d] == out_shape[lead + d] else None for d in range(len(in_shape)))
+        mapping = align_view(in_shape, out_shape)
+        result: list[Optional[int]] = [None] * len(in_shape)
+        for out_d, in_d in mapping.items():
+            result[in_d] = dims[out_d]
+        return tuple(result)
+    if kind == "Transpose" or kind == "T":
+        d0, d1 = (_saved(node, "_saved_dim0"), _saved(node, "_saved_dim1")) if kind == "Transpose" else (0, 1)
+        if d0 is None or d1 is None or len(dims) < 2:
+            return None
+        swapped = list(dims)
+        d0, d1 = int(d0) % len(dims), int(d1) % len(dims)
+        swapped[d0], swapped[d1] = swapped[d1], swapped[d0]
+        return tuple(swapped)
+    if kind == "Permute":
+        order = _saved(node, "_saved_dims")
+        if order is None or len(order) != len(dims):
+            return None
+        permuted: list[Optional[int]] = [None] * len(dims)
+        for out_d, in_d in enumerate(order):
+            permuted[int(in_d) % len(dims)] = dims[out_d]
+        return tuple(permuted)
+    if kind in ("Select", "Unbind"):
+        dim = _saved(node, "_saved_dim")
+        if dim is None or len(in_shape) != len(dims) + 1:
+            return None
+        dim = int(dim) % len(in_shape)
+        return dims[:dim] + (None,) + dims[dim:]
+    if kind == "Stack":
+        dim = _saved(node, "_saved_dim")
+        if dim is None or len(in_shape) + 1 != len(dims):
+            return None
+        dim = int(dim) % len(dims)
+        return dims[:dim] + dims[dim + 1 :]
+    if kind.startswith(_SAME_DIMS + _POOLS + _CHANNEL_NORMS + _LAST_NORMS):
+        if len(in_shape) > len(dims):
+            return None
+        return dims[len(dims) - len(in_shape) :]  # broadcasting aligns from the right
+    return None
+
+
+def read_wiring(
+    tensor: Optional[Tensor],
+    sites: Optional[Mapping[Any, tuple[str, int]]] = None,
+    key: Optional[Callable[[Any], Any]] = None,
+) -> Wiring:
+    """Read the wiring of an activation from the autograd graph behind its input ``tensor``.
+
+    Args:
+        tensor: the activation's input (for an in-place activation, whatever tensor still has the input's graph), or
+            None.
+        sites: for the output nodes of calls already seen (keyed by ``key(node)``), the site's name and unit dim: a
+            path that meets one stops there and takes that site's units (a ReLU after a residual add of a site's
+            output); the names met are in ``Wiring.met``.
+        key: how to key nodes for ``sites`` (e.g. `relumon.cascade.node_key`).
+
+    Returns:
+        A `Wiring`. Its ``unit_dim`` is None when the graph cannot tell (no graph, branches that disagree, a view that
+        merges the feature dim).
+    """
+    wiring = Wiring()
+    if tensor is None or tensor.grad_fn is None:
+        wiring.why_not = "its input has no autograd graph (no gradient is tracked)"
+        return wiring
+    ndim = tensor.ndim
+    weights: set[int] = set()
+    answers: set[int] = set()
+    blurred = False
+    visited: set[tuple[int, Dims]] = set()
+    budget = MAX_NODES
+    start: Dims = tuple(range(ndim))
+    stack: list[tuple[Any, Dims, tuple[int, ...]]] = [(tensor.grad_fn, start, tuple(tensor.shape))]
+    while stack and budget > 0:
+        node, dims, shape = stack.pop()
+        if (id(node), dims) in visited:
+            continue
+        visited.add((id(node), dims))
+        budget -= 1
+        met = None
+        if sites is not None:
+            met = sites.get(key(node) if key is not None else node)
+        if met is not None:  # another call's output: its units are known, and the walk stops there
+            wiring.met.add(met[0])
+            target = dims[met[1]] if met[1] < len(dims) else None
+            if target is None:
+                blurred = True
+            else:
+                answers.add(target)
+            continue
+        kind = _kind(node)
+        edges = [(child, nr) for child, nr in node.next_functions if child is not None]
+        params = [child.variable for child, _ in edges if isinstance(getattr(child, "variable", None), nn.Parameter)]
+        feature: Optional[int] = None
+        if kind.startswith(_CONV):
+            weight = next((p for p in params if p.ndim >= 3), None)
+            feature = 0 if weight is not None and len(shape) == weight.ndim - 1 else 1
+        elif kind.startswith(_LAST):
+            feature = len(shape) - 1
+        if feature is not None:
+            wiring.producer_kinds.append(kind)
+            weights.update(_first_weights(node))
+            if 0 <= feature < len(dims) and dims[feature] is not None:
+                answers.add(int(dims[feature]))  # type: ignore[arg-type]
+            else:
+                blurred = True
+            continue
+        is_norm = kind.startswith(_CHANNEL_NORMS + _LAST_NORMS)
+        if is_norm:
+            weights.update(id(p) for p in params)
+        followed = False
+        for child, nr in edges:
+            if getattr(child, "variable", None) is not None:
+                continue  # a leaf: a parameter or an input that requires grad
+            in_shape = _shape_of(child, nr)
+            if in_shape is None:
+                continue
+            child_dims = _input_dims(node, kind, dims, shape, in_shape)
+            if child_dims is None:
+                continue
+            followed = True
+            stack.append((child, child_dims, in_shape))
+            if is_norm:
+                break  # a norm's data input is its first edge; the rest are its own parameters
+        if not followed and is_norm:
+            # Nothing behind the norm: it decides. BatchNorm/GroupNorm normalise per channel (dim 1); a LayerNorm over
+            # the last dim alone means features there; over more dims it cannot tell.
+            if kind.startswith(_CHANNEL_NORMS) and len(dims) >= 2 and dims[1] is not None:
+                answers.add(int(dims[1]))
+            elif kind.startswith(_LAST_NORMS):
+                normalized = _saved(node, "_saved_normalized_shape")
+                if normalized is not None and len(normalized) == 1 and dims[-1] is not None:
+                    answers.add(int(dims[-1]))
+        elif not followed and kind.startswith(_POOLS) and len(dims) >= 3 and dims[1] is not None:
+            answers.add(int(dims[1]))
+    wiring.weights = frozenset(weights)
+    if len(answers) == 1 and not blurred:
+        wiring.unit_dim = answers.pop()
+    elif len(answers) > 1:
+        wiring.why_not = f"its producers disagree on the unit dim (dims {sorted(answers)})"
+    elif blurred:
+        wiring.why_not = "a view or reduction merges the producer's feature dim with another dim"
+    elif budget <= 0:
+        wiring.why_not = f"no producer layer within {MAX_NODES} autograd nodes"
+    return wiring
+
+
+def _first_weights(node: Any, limit: int = 64) -> set[int]:
+    """Ids of the parameters met first behind ``node``, breadth-first over at most ``limit`` nodes: a Linear's bias
+    and its weight (behind a transpose or a cast), or, for a product of two activations (attention), the weights
+    further back."""
+    found: set[int] = set()
+    frontier = [child for child, _ in node.next_functions if child is not None]
+    seen = 0
+    while frontier and seen < limit:
+        seen += len(frontier)
+        inner = [child for child in frontier if getattr(child, "variable", None) is None]
+        found.update(id(c.variable) for c in frontier if isinstance(getattr(c, "variable", None), nn.Parameter))
+        # A weight behind its transpose or cast is still this layer's; further back only while none was found.
+        inner = inner if not found else [c for c in inner if _kind(c) in _WEIGHT_VIEWS]
+        frontier = [c for child in inner for c, _ in child.next_functions if c is not None]
+    return found
+
+
+def batch_first_of(model: nn.Module) -> dict[str, bool]:
+    """Paths of the modules that declare a ``batch_first`` layout (``nn.LSTM``, ``nn.Transformer*``,
+    ``nn.MultiheadAttention``...), with their setting."""
+    return {
+        name: module.batch_first
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "batch_first", None), bool)
+    }
