@@ -159,8 +159,10 @@ def find_roots(
         from_input: whether a path from the site reaches the data input without crossing a site.
         dead: sites whose every unit was dead or saturated (stuck negative included).
         silent: dead sites that carried no signal (every unit output 0 or the cap).
-        measured: sites measured on every call of the window (``LayerReport.exact``); None when all were. A sampled
-            site may have fired on a call that was not measured, so its silence explains nothing downstream.
+        measured: sites whose silence is known: measured on every call of the window (``LayerReport.exact``), or
+            confirmed silent by an earlier such window and silent in every measured call since; None when all were.
+            A sampled site never confirmed may have fired on a call that was not measured, so its silence explains
+            nothing downstream.
 
     Returns:
         ``{consequence: root}``. Dead sites that are not keys are roots.

@@ -75,6 +75,9 @@ class Monitor(OptionAttributes):
         self._window_start = 0  # the recorder's steps_seen when the open window started
         self._compiled_counted = 0  # compiled steps of the open window already added to the recorder's steps_seen
         self._alerted: set[str] = set()
+        #: Sites whose silence (every unit dead or capped) a window measured on every call confirmed, and that stayed
+        #: silent in every closed window since: their silence explains the deaths downstream (`relumon.cascade`).
+        self._confirmed_silent: set[str] = set()
         self._idle_checked = False
         self._unconfirmed_said: Optional[int] = None  # the window whose unconfirmed deaths were last reported
 
@@ -182,6 +185,10 @@ class Monitor(OptionAttributes):
             self._window += 1
             self._window_start = recorder.steps_seen
             self._compiled_counted = 0
+            silent = {x.name for x in layers if x.carries_no_signal}
+            self._confirmed_silent = {x.name for x in layers if x.exact and x.carries_no_signal} | (
+                self._confirmed_silent & silent
+            )
             self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0 and x.counts_dead}))
             self.last_report = report
             # A sampled window never alerts on its own: its suspects are measured on every call of the next window.
@@ -299,8 +306,11 @@ class Monitor(OptionAttributes):
         dead = {x.name for x in layers if x.all_dead_or_saturated}
         silent = {x.name for x in layers if x.carries_no_signal}
         zero_grad = {x.name for x in layers if x.backward_passes > 0 and x.grad_norm == 0}
-        measured = {x.name for x in layers if x.exact}
-        root_of = find_roots(order, upstream, from_input, dead, silent, measured)
+        # Silence is known where every call was measured, or where an exact window confirmed it and it has lasted:
+        # a confirmed dead root stays sampled once alerted, and its consequences must not become roots (and be
+        # confirmed, and alert) again in every sampled window.
+        known_silent = {x.name for x in layers if x.exact} | (self._confirmed_silent & silent)
+        root_of = find_roots(order, upstream, from_input, dead, silent, known_silent)
         blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
         explained = []
         for layer in layers:
@@ -467,6 +477,7 @@ class Monitor(OptionAttributes):
             "window": self._window,
             "steps": recorder.steps_seen,
             "confirming": sorted(recorder.confirming),
+            "confirmed_silent": sorted(self._confirmed_silent),
             "history": self._diagnosis.state_dict(),
             "timeline": timeline,
         }
@@ -482,6 +493,7 @@ class Monitor(OptionAttributes):
         recorder.steps_seen = int(state.get("steps", recorder.steps_seen))
         self._window_start = recorder.steps_seen  # the open window's statistics are not saved: it starts here
         recorder.confirming = set(state.get("confirming", ()))
+        self._confirmed_silent = set(state.get("confirmed_silent", ()))
         for site in recorder.sites:
             site.exact = site.name in recorder.confirming
         self._diagnosis.load_state_dict(state.get("history", {}))

@@ -148,7 +148,12 @@ def test_a_consequence_is_never_confirmed_and_a_new_root_is() -> None:
     model = Chain()
     with relumon.watch(model, measure_every=4, on_dead="ignore") as monitor:
         recorder = monitor._recorder
-        for _ in range(6):  # sampled windows: act1 is confirmed once; act2 died with it and can never alert
+        # Window 0 is sampled: act1 may have fired on an unmeasured step, so act2 may have died on its own and is
+        # confirmed with it (the sampled-upstream rule of issue 18).
+        train_steps(model, steps=8)
+        first = monitor.report()
+        assert first["act2"].caused_by is None and first["act2"].confirming
+        for _ in range(6):  # act1 is confirmed once; from then on act2 died with it, can never alert, is not confirmed
             train_steps(model, steps=8)
             report = monitor.report()
             assert report["act2"].caused_by == "act1"
