@@ -300,10 +300,10 @@ def fail_on_12_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make relumon's statistics fail for the 12-unit site (``act2`` of the MLP) only."""
     original = SiteStats.observe
 
-    def observe(self: SiteStats, out: torch.Tensor) -> None:
+    def observe(self: SiteStats, out: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         if self.units == 12:
             raise RuntimeError("injected failure")
-        original(self, out)
+        original(self, out, *args, **kwargs)
 
     monkeypatch.setattr(SiteStats, "observe", observe)
 
