@@ -55,6 +55,8 @@ class ReluMonitor(OptionAttributes, Callback):
     when several optimizer steps per batch jump over the multiple) and at the end of fit, and each closed window is
     logged once, at ``trainer.global_step``, to every logger in ``trainer.loggers`` from global rank 0. Under DDP
     every rank reduces the window, so the figures are global and alerts are decided the same way on all ranks.
+    When fit ends while the last window's sampled figures show layers dead that no window measured on every call
+    could confirm (a `?` in its table: a short fit), one `RelumonWarning` from rank 0 names them and says why.
 
     A second ``fit`` with the same callback (a sweep) starts fresh: alerts, death history and timeline begin anew,
     unless that fit resumes from a checkpoint (``ckpt_path``) that holds this callback's state, which it continues
