@@ -292,7 +292,7 @@ class Monitor(OptionAttributes):
                     producer,
                     layer.dead_mask,
                     gather_sharded=gather_sharded,
-                    weight_grad_norm=self._recorder.weight_grads.mean(layer.fed_by),
+                    weight_grad_norm=self._recorder.weight_grads.norm(layer.fed_by),
                 )
             explained.append(
                 dataclasses.replace(
