@@ -46,7 +46,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torch import nn
 
-__all__ = ["upstream_sites", "find_roots", "find_blockers"]
+__all__ = ["upstream_sites", "find_roots", "consequences_of", "find_blockers"]
 
 
 #: Autograd nodes that read a parameter at data-chosen positions (an embedding lookup): a signal from the data.
@@ -107,17 +107,20 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
     if grad_fn is None:  # nothing upstream needs a gradient: fed by data alone
         return (), True
     # Iterative post-order walk (graphs can be deeper than Python's recursion limit): for each node, the sites
-    # reached first behind it and whether it reaches the data without crossing one.
-    done: dict[int, tuple[frozenset[str], bool]] = {}
+    # reached first behind it (with their output node's sequence number, which orders them as the forward made them:
+    # no lookup over every known site, so discovering N sites stays O(N)) and whether it reaches the data without
+    # crossing one.
+    done: dict[int, tuple[frozenset[tuple[int, str]], bool]] = {}
     stack: list[tuple[Any, bool]] = [(grad_fn, False)]
     while stack:
         node, expanded = stack.pop()
         key = id(node)
         if key in done:
             continue
-        site = known.get(node_key(node)) if node is not grad_fn else None
+        node_id = node_key(node)
+        site = known.get(node_id) if node is not grad_fn else None
         if site is not None:
-            done[key] = (frozenset((site,)), False)
+            done[key] = (frozenset(((node_id[1], site),)), False)
             continue
         variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
         if variable is not None:
@@ -128,7 +131,7 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
             stack.append((node, True))
             stack.extend((child, False) for child in children if id(child) not in done)
             continue
-        sites: frozenset[str] = frozenset().union(*(done[id(c)][0] for c in children))
+        sites: frozenset[tuple[int, str]] = frozenset().union(*(done[id(c)][0] for c in children))
         data = any(done[id(c)][1] for c in children)
         name = type(node).__name__
         if len(children) < len(node.next_functions) and (not sites or not name.startswith(_NO_SIGNAL_OPERAND)):
@@ -139,8 +142,7 @@ def upstream_sites(grad_fn: Any, known: Mapping[Any, str]) -> tuple[tuple[str, .
             data = True
         done[key] = (sites, data)
     sites, from_input = done[id(grad_fn)]
-    order = {name: i for i, name in enumerate(known.values())}
-    return tuple(sorted(sites, key=order.__getitem__)), from_input
+    return tuple(name for _, name in sorted(sites)), from_input
 
 
 def find_roots(
@@ -177,6 +179,16 @@ def find_roots(
             roots = [root_of.get(u, u) for u in ups]
             root_of[name] = min(roots, key=lambda r: position.get(r, len(order)))
     return root_of
+
+
+def consequences_of(order: Sequence[str], root_of: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """Each root's consequences in forward order, from `find_roots`'s ``{consequence: root}``, in one pass."""
+    consequences: dict[str, list[str]] = {}
+    for name in order:
+        root = root_of.get(name)
+        if root is not None:
+            consequences.setdefault(root, []).append(name)
+    return {root: tuple(names) for root, names in consequences.items()}
 
 
 def find_blockers(

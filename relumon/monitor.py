@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from relumon.cascade import find_blockers, find_roots
+from relumon.cascade import consequences_of, find_blockers, find_roots
 from relumon.diagnosis import Diagnosis, blame
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
@@ -312,6 +312,7 @@ class Monitor(OptionAttributes):
         known_silent = {x.name for x in layers if x.exact} | (self._confirmed_silent & silent)
         root_of = find_roots(order, upstream, from_input, dead, silent, known_silent)
         blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
+        consequences = consequences_of(order, root_of)
         explained = []
         for layer in layers:
             caused_by = root_of.get(layer.name)
@@ -324,13 +325,13 @@ class Monitor(OptionAttributes):
                     producer,
                     layer.dead_mask,
                     gather_sharded=gather_sharded,
-                    weight_grad_norm=self._recorder.weight_grads.mean(layer.fed_by),
+                    weight_grad_norm=self._recorder.weight_grads.norm(layer.fed_by),
                 )
             explained.append(
                 dataclasses.replace(
                     layer,
                     caused_by=caused_by,
-                    consequences=tuple(name for name in order if root_of.get(name) == layer.name),
+                    consequences=consequences.get(layer.name, ()),
                     blocked_by=blocked_by.get(layer.name),
                     blame=blamed,
                     # A consequence never alerts (its root does), so it is not worth measuring every call for.
