@@ -68,6 +68,7 @@ class Monitor(OptionAttributes):
         self._window_start = 0  # the recorder's steps_seen when the open window started
         self._alerted: set[str] = set()
         self._idle_checked = False
+        self.optimizers: list[Any] = []
 
     # ------------------------------------------------------------------ the per-step side, delegated
 
