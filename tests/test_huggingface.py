@@ -6,6 +6,7 @@ Layer 0's FFN is dead by construction and layer 1 has exactly 4 dead units of 32
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import warnings
@@ -209,3 +210,26 @@ def test_arguments_are_checked() -> None:
         "args": {"on_dead": "warn", "figures": True, "prefix": "relumon", "measure_every": 2},
         "attributes": {"relumon_state": None},
     }
+
+
+@pytest.mark.slow
+def test_ddp_figures_are_global_and_rank_0_logs(tmp_path: Path) -> None:
+    # torchrun, 2 CPU processes, gloo: each rank reads its own tokens (see tests/hf_ddp_worker.py).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("hf_ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    subprocess.run([*command, str(worker), str(tmp_path)], check=True, timeout=240)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # The plain hook's ground truth: unit 4 of layer 1 fired on rank 1 only, so rank 0 alone would count it dead.
+    assert [r["local_dead_layer1"] for r in ranks] == [5, 4]
+    assert [r["global_dead_layer1"] for r in ranks] == [4, 4]
+    for r in ranks:
+        assert r["world_size"] == 2
+        assert r["layers"][PART1] == {"dead_units": 4, "samples": 2 * 2 * 2 * SEQ}  # both ranks' tokens, global
+        assert r["layers"][DEAD0]["dead_units"] == FFN
+        assert r["steps"] == 4  # 2 micro-batches per rank in the last window, summed over the ranks
+    assert len(ranks[0]["dead_warnings"]) == 1 and f"`{DEAD0}`" in ranks[0]["dead_warnings"][0]
+    assert ranks[1]["dead_warnings"] == []  # rank 0 speaks
+    assert len(list(tmp_path.rglob("events.out.tfevents.*"))) == 1  # rank 0 writes, through its TensorBoardCallback
