@@ -166,6 +166,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._in_training_step = False
         self._guard: Any = None
         self._tail: Optional[_StripRelumonKeys] = None
+        self._handler: Any = None  # the CallbackHandler, while the tail waits for a place
 
     # ------------------------------------------------------------------ attach and detach
 
@@ -223,11 +224,10 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def _take_place(self, handler: Any) -> None:
         """Move this callback right after ``DefaultFlowCallback``, in front of the reporting integrations, so the
-        keys it adds to ``logs`` reach them; and put a `_StripRelumonKeys` after them, in front of the progress bar.
+        keys it adds to ``logs`` reach them; then `_place_tail`.
 
         Called from ``on_train_begin`` while the handler loops over its list (index ``running``, this callback's):
-        moving an entry from ``running`` to a lower index, or inserting one above ``running``, leaves every entry
-        still to be called exactly once; inserting at or below ``running`` would call one entry twice.
+        moving an entry from ``running`` to a lower index leaves every entry still to be called where it was.
         """
         callbacks: list[Any] = handler.callbacks
         running = callbacks.index(self)
@@ -238,18 +238,36 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         from transformers.integrations.integration_utils import TensorBoardCallback
 
         self._tensorboard = next((cb for cb in callbacks if isinstance(cb, TensorBoardCallback)), None)
-        # The progress bar or printer (which the Trainer adds last) prints `logs`: the tail goes in front of it, after
-        # the reporting integrations. Where that slot is already passed (the callback was added with add_callback
-        # after the Trainer was built, behind the progress bar), the tail goes last and the keys get printed.
+        self._handler = handler
+        self._place_tail(running)
+
+    def _place_tail(self, running: int) -> None:
+        """Put a `_StripRelumonKeys` in front of the progress bar or printer (which print ``logs``), after the
+        reporting integrations, unless one is there already.
+
+        ``running`` is the index the handler's loop is at: inserting above it leaves every entry still to be called
+        exactly once, inserting at or below it would call one twice. Where the slot is not above it (the Trainer
+        rebuilt the callback at the end of its list on resume, or it was added with ``add_callback`` after the
+        Trainer was built), this waits for the next event, when this callback runs from its new place.
+        """
+        handler, self._handler = self._handler, None
+        callbacks: list[Any] = handler.callbacks
+        if any(isinstance(cb, _StripRelumonKeys) and cb.owner is self for cb in callbacks):
+            self._tail = next(cb for cb in callbacks if isinstance(cb, _StripRelumonKeys) and cb.owner is self)
+            return
         printer = next(
             (i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("ProgressCallback", "PrinterCallback")),
             len(callbacks),
         )
-        # A callback trained again with the same Trainer finds its tail in place.
-        self._tail = next((cb for cb in callbacks if isinstance(cb, _StripRelumonKeys) and cb.owner is self), None)
-        if self._tail is None:
-            self._tail = _StripRelumonKeys(self)
-            callbacks.insert(printer if printer > running else len(callbacks), self._tail)
+        if printer <= running:
+            self._handler = handler  # retried at the next event
+            return
+        self._tail = _StripRelumonKeys(self)
+        callbacks.insert(printer, self._tail)
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._handler is not None and self in self._handler.callbacks:
+            self._place_tail(self._handler.callbacks.index(self))
 
     def _guard_training_step(self, trainer: Any) -> None:
         """Wrap the Trainer's ``training_step`` (an instance attribute, undone at detach) so that an exception out of
@@ -383,7 +401,9 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         state = dict(self.__dict__)
         if self.monitor is not None:
             state["_saved"] = self.monitor.state_dict()
-        state.update(monitor=None, _trainer=None, _guard=None, _control=None, _tensorboard=None, _tail=None)
+        state.update(
+            monitor=None, _trainer=None, _guard=None, _control=None, _tensorboard=None, _tail=None, _handler=None
+        )
         return state
 
 
