@@ -73,8 +73,9 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     are added to the Trainer's own ``logs`` dict in ``on_log``. So they go wherever ``report_to`` sends the loss
     (TensorBoard, Weights & Biases, MLflow...), at the same step, through each integration's own code; the
     integrations name them ``train/relumon/<metric>/<layer>``. For that, the callback moves itself in front of the
-    reporting integrations in the Trainer's callback list when training begins. The keys are not printed by the
-    progress bar (they are removed from ``logs`` after the integrations) and do not go to ``state.log_history``.
+    reporting integrations in the Trainer's callback list when training begins. The progress bar prints only the
+    overall ``relumon/summary/dead_fraction`` (the other keys are removed from ``logs`` after the integrations), and
+    none goes to ``state.log_history``.
     Under DDP (``torchrun``, ``accelerate launch``) every rank closes the same windows, so the figures are global and
     alerts are decided alike on every rank; the integrations write from rank 0 only.
 
