@@ -38,7 +38,9 @@ class DeadUnitsWarning(RelumonWarning):
 
 #: Packages whose frames stand between relumon and the user's code: the warning skips them too. Under Lightning the
 #: first frame outside relumon is the Trainer's own; the user's line is the ``trainer.fit(...)`` that led there.
-_FRAMEWORK_PACKAGES = frozenset({"relumon", "lightning", "pytorch_lightning", "lightning_fabric", "torch"})
+_FRAMEWORK_PACKAGES = frozenset(
+    {"relumon", "lightning", "pytorch_lightning", "lightning_fabric", "torch", "transformers", "accelerate"}
+)
 
 
 def warn(message: str, category: type[Warning] = RelumonWarning) -> None:

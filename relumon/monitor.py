@@ -80,6 +80,7 @@ class Monitor(OptionAttributes):
         self._confirmed_silent: set[str] = set()
         self._idle_checked = False
         self._unconfirmed_said: Optional[int] = None  # the window whose unconfirmed deaths were last reported
+        self.optimizers: list[Any] = []
 
     # ------------------------------------------------------------------ the per-step side, delegated
 

@@ -55,3 +55,16 @@ def test_lightning_example_relu_dies_leaky_keeps_the_gradient_flowing(tmp_path: 
     assert not reports["LeakyReLU"].dead_layers
     assert reports["LeakyReLU"].layers[0].grad_norm > 0 == reports["ReLU"].layers[0].grad_norm
     assert max(x.dead_fraction for x in reports["LeakyReLU"]) > 0.5  # the learning rate hurts LeakyReLU too
+
+
+def test_huggingface_example_prints_dead_ffn_units_per_layer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("transformers")
+    picture = tmp_path / "dead.png"
+    result = load("huggingface_opt").main(["--logdir", str(tmp_path / "run"), "--quick", "--picture", str(picture)])
+    # Windows at the Trainer's logging steps, one dead share per OPT decoder layer's FFN activation.
+    assert [step for step, _ in result["timeline"]] == [4, 8]
+    assert result["layers"] == ["model.decoder.layers.0.activation_fn", "model.decoder.layers.1.activation_fn"]
+    assert all(set(fractions) == set(result["layers"]) for _, fractions in result["timeline"])
+    out = capsys.readouterr().out
+    assert "share of dead FFN units per layer" in out and "tensorboard --logdir" in out
+    assert picture.stat().st_size > 0 and any((tmp_path / "run").rglob("events.out.tfevents.*"))
