@@ -9,15 +9,16 @@ Two halves, like the rest of relumon:
   that feeds a watched site, ``fed_by``) whose weight the stepping optimizer holds, they measure
   ``||Δw|| / ||w||`` of that one step, on the device, with no host read:
 
-  - The pre-hook gathers a fixed set of at most `SAMPLED_WEIGHTS` elements of the weight (``torch.take`` into a
-    buffer allocated once); the post-hook gathers them again and takes the norm of the difference over the norm
-    before. A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its ratio is exact; a larger one is
-    sampled on an evenly strided grid (a stride prime to the row length, so every row and column is visited): an
-    estimate of the ratio whose cost does not grow with the model. No whole weight tensor is copied.
+  - The pre-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of the weight (a view of it, into a
+    buffer allocated once: one ``_foreach_copy_`` for all producers); the post-hook takes the norm of the difference
+    with the same view over the norm before. A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its
+    ratio is exact; a larger one is sampled as 512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each),
+    spread evenly in memory order and starting in different columns: an estimate of the ratio whose cost does not
+    grow with the model. No whole weight tensor is copied.
   - Per producer, the window keeps the largest ratio, the optimizer step that made it and the ``GradScaler``'s scale
-    at that step (``max``, ``masked_fill_``, ``where``: a few kernels per optimizer, about ``2 × producers + 10`` in
-    all). The learning rate of each step is read on the host from ``param_groups`` (plain floats), and kept only
-    when it changes.
+    at that step (``max``, ``masked_fill_``, ``where``: about ``producers + 10`` small kernels per optimizer step in
+    all, most of them fused ``_foreach`` ones). The learning rate of each step is read on the host from
+    ``param_groups`` (plain floats), and kept only when it changes.
   - The hooks fire per optimizer step, so gradient accumulation counts optimizer steps, not micro-batches; a step a
     ``GradScaler`` skips (inf/NaN gradients) never calls the optimizer, so it is not counted; weights are never
     scaled, so the ratio needs no unscaling.
@@ -197,17 +198,34 @@ def advice(
 # --------------------------------------------------------------------------- the per-step side
 
 
-def _sample_index(weight: Tensor) -> Tensor:
-    """The flat indices of the weight elements measured at each step: all of them, or an evenly strided grid."""
+#: Contiguous elements per sampled chunk: one 64-byte cache line of fp32, so a sample costs few memory reads.
+SAMPLE_CHUNK = 16
+
+
+def _sample_stride(weight: Tensor) -> int:
+    """The distance between the sampled chunks of `SAMPLE_CHUNK` elements: 0 takes the whole weight (at most
+    `SAMPLED_WEIGHTS` elements); else chunks spread evenly over the weight, with a stride prime to the row length so
+    that they start in different columns."""
     numel = weight.numel()
-    device = weight.device
     if numel <= SAMPLED_WEIGHTS:
-        return torch.arange(numel, device=device)
-    stride = -(-numel // SAMPLED_WEIGHTS)
+        return 0
+    chunks = SAMPLED_WEIGHTS // SAMPLE_CHUNK
+    stride = (numel - SAMPLE_CHUNK) // (chunks - 1)
     row = max(numel // max(weight.shape[0], 1), 1)
-    while math.gcd(stride, row) != 1:  # a stride sharing a factor with the row length would skip whole columns
-        stride += 1
-    return torch.arange(0, numel, stride, device=device)
+    while stride > SAMPLE_CHUNK and math.gcd(stride, row) != 1:
+        stride -= 1
+    return stride
+
+
+def _flat(weight: Tensor) -> Optional[Tensor]:
+    """A 1-D view of ``weight`` in memory order (contiguous or channels-last), or None: no copy, ever."""
+    w = weight.detach()
+    if w.is_contiguous():
+        return w.view(-1)
+    for memory_format, order in ((torch.channels_last, (0, 2, 3, 1)), (torch.channels_last_3d, (0, 2, 3, 4, 1))):
+        if w.ndim == len(order) and w.is_contiguous(memory_format=memory_format):
+            return w.permute(order).reshape(-1)  # a view: the permuted tensor is contiguous
+    return None
 
 
 #: One closed window's largest update of a producer: (window, ratio, its optimizer step, lr, grad scale).
@@ -226,7 +244,9 @@ class _Producer:
         self.bias: Optional[Tensor] = (
             bias if isinstance(bias, Tensor) and _measurable(bias) and bias.ndim == 1 else None
         )
-        self.index: Optional[Tensor] = _sample_index(self.weight) if self.weight is not None else None
+        if self.weight is not None and _flat(self.weight) is None:
+            self.weight = None  # an unusual memory layout: sampling it would copy it, so it is left out
+        self.stride = _sample_stride(self.weight) if self.weight is not None else 0
         #: Biases and row norms at the start of window `start_window` (device tensors until a report reads them).
         self.start_bias: Optional[Tensor] = None
         self.start_rows: Optional[Tensor] = None
@@ -272,8 +292,8 @@ class _Bucket:
         weights = [p.weight for p in producers]
         assert all(w is not None for w in weights)
         self.weights: list[Tensor] = [w for w in weights if w is not None]
-        self.indices: list[Tensor] = [p.index for p in producers if p.index is not None]
-        self.buffers = [torch.empty(len(i), dtype=w.dtype, device=w.device) for w, i in zip(self.weights, self.indices)]
+        self.strides = [p.stride for p in producers]
+        self.buffers = [s.clone() for s in self._samples()]
         device = self.weights[0].device
         n = len(producers)
         self.max_ratio = torch.full((n,), -1.0, dtype=torch.float32, device=device)
@@ -291,10 +311,21 @@ class _Bucket:
                 self.max_step[j : j + 1].copy_(old.max_step[i : i + 1])
                 self.max_scale[j : j + 1].copy_(old.max_scale[i : i + 1])
 
+    def _samples(self) -> list[Tensor]:
+        """Strided views of the measured elements (made per step: a parameter's data may be swapped)."""
+        views = []
+        for weight, stride in zip(self.weights, self.strides):
+            flat = _flat(weight)
+            assert flat is not None  # checked when the producer was made; a layout change is caught as an error
+            if stride:
+                chunks = SAMPLED_WEIGHTS // SAMPLE_CHUNK
+                flat = flat.as_strided((chunks, SAMPLE_CHUNK), (stride, 1), flat.storage_offset())
+            views.append(flat)
+        return views
+
     def before(self) -> None:
         with torch.no_grad():
-            for weight, index, buffer in zip(self.weights, self.indices, self.buffers):
-                torch.take(weight.detach(), index, out=buffer)
+            torch._foreach_copy_(self.buffers, self._samples())
         self.armed = True
 
     def after(self, step: int, scale: Optional[Tensor]) -> None:
@@ -302,7 +333,7 @@ class _Bucket:
             return
         self.armed = False
         with torch.no_grad():
-            now = [torch.take(w.detach(), i) for w, i in zip(self.weights, self.indices)]
+            now = self._samples()
             # Norms accumulate in fp32 at least (a bf16 weight's norm would round); an fp64 weight keeps fp64.
             dtype = None if self.weights[0].dtype == torch.float64 else torch.float32
             moved = torch._foreach_norm(torch._foreach_sub(now, self.buffers), dtype=dtype)

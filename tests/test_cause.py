@@ -25,11 +25,11 @@ X = torch.full((BATCH, 4), 0.1)
 
 
 class Killable(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, in_features: int = 4, units: int = 3) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(4, 3)
+        self.fc1 = nn.Linear(in_features, units)
         self.act = nn.ReLU()
-        self.head = nn.Linear(3, 1)
+        self.head = nn.Linear(units, 1)
         with torch.no_grad():
             self.fc1.weight.fill_(0.1)
             self.fc1.bias.fill_(1.0)
@@ -107,6 +107,26 @@ def test_a_too_large_sgd_step_is_named_with_its_lr_update_and_bias_shift() -> No
         assert fact in message, (fact, message)
     assert "LeakyReLU(0.01)" in message
     assert layer.to_dict()["cause"]["lr"] == 1.0
+
+
+def test_a_large_weight_is_sampled_in_chunks_and_a_uniform_update_still_reads_exactly() -> None:
+    from relumon.cause import SAMPLED_WEIGHTS
+
+    model = Killable(in_features=200, units=64)  # 12,800 weights: more than are copied per step
+    assert model.fc1.weight.numel() > SAMPLED_WEIGHTS
+    opt = sgd(model, lr=1.0)
+    x = torch.full((BATCH, 200), 0.1)
+    reports = []
+    with relumon.watch(model, optimizer=opt, measure_every=1, on_dead="ignore") as monitor:
+        for step in range(1, 5):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+            if step % 2 == 0:
+                reports.append(monitor.report(step=step))
+    cause = alerted_cause(reports)
+    assert cause.update_ratio == pytest.approx(8.0, rel=1e-5)  # every weight moved by -0.8 from 0.1
+    assert cause.bias_shift == pytest.approx(-8.0, abs=1e-5) and cause.units == 64
 
 
 def test_amp_scaler_scale_is_reported_and_the_update_is_unscaled() -> None:
