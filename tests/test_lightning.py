@@ -259,7 +259,7 @@ def test_the_trainers_optimizer_is_found_and_the_stop_reason_carries_the_cause(p
     from torch.utils.data import DataLoader, TensorDataset
 
     from relumon.cli import read_alerts
-    from tests.test_cause import BATCH, X, Killable
+    from tests.test_cause import BATCH, Killable, X
 
     class KillableModule(pl.LightningModule):
         """tests.test_cause's forced kill: one SGD step at lr 1 moves every fc1 bias by -8 and kills the layer."""
