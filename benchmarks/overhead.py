@@ -11,6 +11,8 @@ Variants:
 - ``relumon``: ``relumon.watch(model)`` as users get it (one step in four measured), with a ``report()`` every
   ``--report-every`` steps, whose one host transfer is part of the cost.
 - ``relumon-exact``: ``measure_every=1``, every step measured. ``relumon-every2/4/8``: other schedules.
+- ``relumon-opt`` and ``relumon-opt-exact``: the same two with ``optimizer=`` given, so that the cause of death
+  measures every optimizer step (``||Δw|| / ||w||`` of each producer, on the device).
 - ``naive-item``: the home-made monitor: a forward hook that reads the dead count and a gradient hook that reads the
   gradient norm with ``.item()`` on every step, as many hand-written monitors do.
 
@@ -102,34 +104,38 @@ WORKLOADS = {
 # --------------------------------------------------------------------------- variants
 
 
+# Every variant takes the model and the optimizer that trains it; only the `-opt` ones hand the optimizer to relumon.
+
+
 @contextmanager
-def no_monitor(model: nn.Module) -> Iterator[Optional[Callable[[], Any]]]:
+def no_monitor(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Optional[Callable[[], Any]]]:
     yield None
 
 
 @contextmanager
-def relumon_default(model: nn.Module) -> Iterator[Callable[[], Any]]:
+def relumon_default(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], Any]]:
     with relumon.watch(model, on_dead="ignore") as monitor:
         yield monitor.report
 
 
 @contextmanager
-def relumon_exact(model: nn.Module) -> Iterator[Callable[[], Any]]:
+def relumon_exact(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], Any]]:
     with relumon.watch(model, on_dead="ignore", measure_every=1) as monitor:
         yield monitor.report
 
 
-def relumon_every(n: int) -> Callable[[nn.Module], Any]:
+def relumon_every(n: int, with_optimizer: bool = False) -> Callable[[nn.Module, torch.optim.Optimizer], Any]:
     @contextmanager
-    def variant(model: nn.Module) -> Iterator[Callable[[], Any]]:
-        with relumon.watch(model, on_dead="ignore", measure_every=n) as monitor:
+    def variant(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], Any]]:
+        optimizer = opt if with_optimizer else None
+        with relumon.watch(model, on_dead="ignore", measure_every=n, optimizer=optimizer) as monitor:
             yield monitor.report
 
     return variant
 
 
 @contextmanager
-def naive_item(model: nn.Module) -> Iterator[Callable[[], Any]]:
+def naive_item(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], Any]]:
     """The home-made monitor most people write first: host reads in every hook, every step."""
     dead: dict[str, float] = {}
     grads: dict[str, float] = {}
@@ -159,17 +165,24 @@ VARIANTS = {
     "relumon-every2": relumon_every(2),
     "relumon-every4": relumon_every(4),
     "relumon-every8": relumon_every(8),
+    "relumon-opt": relumon_every(4, with_optimizer=True),
+    "relumon-opt-exact": relumon_every(1, with_optimizer=True),
     "naive-item": naive_item,
 }
 
 # --------------------------------------------------------------------------- timing
 
 
-def make_step(workload: Workload, model: nn.Module, device: torch.device) -> Callable[[], None]:
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
+def make_step(
+    workload: Workload, model: nn.Module, device: torch.device, opt: torch.optim.Optimizer
+) -> Callable[[], None]:
     x, y = workload.batch(device)
     if workload.channels_last:
         x = x.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
@@ -203,12 +216,13 @@ def time_steps(
 
 
 def sync_check(workload: Workload, device: torch.device, steps: int) -> str:
-    """Run relumon steps between two reports with CUDA sync debugging set to error."""
+    """Run relumon steps between two reports with CUDA sync debugging set to error (optimizer steps measured too)."""
     model = workload.build().to(device)
     if workload.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step = make_step(workload, model, device)
-    with relumon.watch(model, on_dead="ignore") as monitor:
+    opt = make_optimizer(model)
+    step = make_step(workload, model, device, opt)
+    with relumon.watch(model, on_dead="ignore", optimizer=opt) as monitor:
         step()
         monitor.report()
         synchronize(device)
@@ -228,8 +242,9 @@ def peak_memory(workload: Workload, device: torch.device, variant: str, steps: i
     model = workload.build().to(device)
     if workload.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step = make_step(workload, model, device)
-    with VARIANTS[variant](model):
+    opt = make_optimizer(model)
+    step = make_step(workload, model, device, opt)
+    with VARIANTS[variant](model, opt):
         step()
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -259,8 +274,9 @@ def run_workload(
         runs = {}
         for variant in variants:
             model = copy.deepcopy(base)
-            report = stack.enter_context(VARIANTS[variant](model))
-            runs[variant] = (make_step(workload, model, device), report)
+            opt = make_optimizer(model)
+            report = stack.enter_context(VARIANTS[variant](model, opt))
+            runs[variant] = (make_step(workload, model, device, opt), report)
         for step, _ in runs.values():
             for _ in range(warmup):
                 step()
@@ -298,7 +314,9 @@ def run_workload(
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="cpu-mlp,cpu-cnn", help=f"comma-separated, from {list(WORKLOADS)}")
-    parser.add_argument("--variants", default="none,none-aa,relumon,relumon-exact,naive-item")
+    parser.add_argument(
+        "--variants", default="none,none-aa,relumon,relumon-exact,relumon-opt,relumon-opt-exact,naive-item"
+    )
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> relumon.Report:
         writer = SummaryWriter(str(run_dir))
 
     warnings.simplefilter("always", relumon.DeadUnitsWarning)
-    with relumon.watch(model) as monitor:
+    with relumon.watch(model, optimizer=opt) as monitor:  # the optimizer: alerts say the lr and the update size
         for step in range(1, args.steps + 1):
             idx = torch.randint(0, len(x), (args.batch_size,))
             loss = loss_fn(model(x[idx]), y[idx])

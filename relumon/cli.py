@@ -9,8 +9,10 @@ gradient norm (the L2 norm of dL/d(output) over the whole batch tensor) and a no
 is the ``root`` of its cascade or ``caused by`` an upstream death (named when one root died in that window), and a
 zero gradient is ``blocked`` by a dead layer downstream. Activations outside the ReLU family (Tanh, Sigmoid...) show
 their gradient only. A run is named by its path under LOGDIR, or
-by the directory's own name when LOGDIR is itself the run. ``--json`` prints the same facts as JSON, with dead shares
-as fractions in [0, 1] (not percentages), plus each layer's number of logged windows and its last step. A missing
+by the directory's own name when LOGDIR is itself the run. Under each run's table come its alerts, with their cause
+(the text relumon logged under ``relumon/alerts``: the learning rate, the update size, the bias shift and advice).
+``--json`` prints the same facts as JSON, with dead shares as fractions in [0, 1] (not percentages), plus each
+layer's number of logged windows and its last step, and the alerts per run under ``"alerts"``. A missing
 or empty directory, or one without relumon scalars, gets a one-line error and a non-zero exit status.
 
 A run is read the way TensorBoard shows it: one value per tag and step, the latest written winning, across all the
@@ -27,7 +29,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "summarize"]
+__all__ = ["main", "summarize", "read_alerts"]
 
 EXIT_USAGE, EXIT_NO_DATA = 2, 1
 
@@ -135,6 +137,35 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
     return summary
 
 
+def read_alerts(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, Any]]]:
+    """Per run (named as in `summarize`), the alert texts relumon logged under ``<prefix>/alerts``, by step.
+
+    Returns:
+        ``{run: [{"step": int, "text": str}, ...]}``, only for runs with alerts, oldest first.
+    """
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise _CliError("relumon summary needs tensorboard: pip install relumon[tensorboard]", EXIT_USAGE) from None
+    found: dict[str, list[dict[str, Any]]] = {}
+    for run in _runs(logdir):
+        acc = EventAccumulator(run, size_guidance={"tensors": 0, "scalars": 1})
+        acc.Reload()
+        # SummaryWriter.add_text writes `<tag>/text_summary`.
+        tags = [t for t in acc.Tags().get("tensors", []) if t.split("/text_summary")[0] == f"{prefix}/alerts"]
+        alerts = []
+        for tag in tags:
+            for event in acc.Tensors(tag):
+                text = b"\n\n".join(event.tensor_proto.string_val).decode("utf-8", "replace")
+                alerts.append({"step": event.step, "text": text})
+        if alerts:
+            name = os.path.relpath(run, logdir)
+            found[os.path.basename(os.path.abspath(run)) if name == "." else name] = sorted(
+                alerts, key=lambda a: a["step"]
+            )
+    return found
+
+
 def _table(layers: list[dict[str, Any]]) -> str:
     header = ("layer", "last dead %", "max dead %", "first step fully dead", "last grad norm", "note")
     rows = []
@@ -175,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         summary = summarize(args.logdir, args.prefix)
+        alerts = read_alerts(args.logdir, args.prefix)
     except FileNotFoundError:
         print(f"relumon summary: no such directory: {args.logdir}", file=sys.stderr)
         return EXIT_USAGE
@@ -185,12 +217,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(err, file=sys.stderr)
         return err.code
     if args.json:
-        print(json.dumps({"logdir": args.logdir, "runs": summary}, indent=2))
+        print(json.dumps({"logdir": args.logdir, "runs": summary, "alerts": alerts}, indent=2))
         return 0
     for run, layers in summary.items():
         last = max(x["last_step"] for x in layers)
         print(f"run {run}  (last step {last})")
         print(_table(layers))
+        for alert in alerts.get(run, []):
+            print(f"alert at step {alert['step']}:")
+            for paragraph in alert["text"].split("\n\n"):
+                print(f"  {paragraph}")
         print()
     return 0
 

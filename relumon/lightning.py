@@ -19,11 +19,11 @@ import math
 from typing import Any, Callable, Literal, Optional, Union
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
-from relumon.loggers import PictureWriter, is_tensorboard
+from relumon.loggers import PictureWriter, TextWriter, is_tensorboard
 from relumon.monitor import Monitor
 from relumon.options import OptionAttributes, Options, check_int_at_least, check_on_dead, signature_with_options
 from relumon.report import LayerReport, Report, dead_layer_message
-from relumon.tensorboard import write_layout_once
+from relumon.tensorboard import alerts_text, write_layout_once
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -40,7 +40,7 @@ __all__ = ["ReluMonitor"]
 OnDeadPolicy = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[LayerReport], Any]]
 _ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
 #: Options the callback takes from the Trainer, not from its arguments.
-_FROM_TRAINER = ("grad_scaler", "sync_dist")
+_FROM_TRAINER = ("grad_scaler", "sync_dist", "optimizer")
 #: The callback's own arguments (the rest go to Options).
 _OWN_ARGUMENTS = ("log_every_n_steps", "on_dead", "figures", "prog_bar", "prefix", "options")
 
@@ -78,13 +78,16 @@ class ReluMonitor(OptionAttributes, Callback):
             whenever a window closes during training, and readable in ``trainer.progress_bar_metrics``.
         prefix: the first part of every logged tag.
         options: a ready [`Options`][relumon.Options]; keyword arguments override its fields. Its ``on_dead`` applies
-            unless ``on_dead`` is given here; its ``grad_scaler`` and ``sync_dist`` must be None (the Trainer's are
-            used).
+            unless ``on_dead`` is given here; its ``grad_scaler``, ``sync_dist`` and ``optimizer`` must be None (the
+            Trainer's are used).
         **kwargs: the options of [`Options`][relumon.Options] by name (``types``, ``unit_dim``, ``track_grad``,
             ``min_samples``, ``measure_every``, ``permanent_after``, ``dormant_tau``, ``functional``,
             ``grad_through``), as for [`relumon.watch`][relumon.watch]. ``grad_scaler`` and ``sync_dist`` come from
             the Trainer; ``on_dead`` is the callback's own, above. With ``measure_every``, a training micro-batch
-            is a step.
+            is a step. ``optimizer`` comes from the Trainer too: at ``on_train_start`` the monitor's ``optimizers``
+            become ``trainer.optimizers``, so alerts carry their cause (learning rate, update size, bias shift). Each
+            alert is also logged as text, under ``<prefix>/alerts``, to loggers that show text (TensorBoard, Weights
+            & Biases, MLflow).
 
     Attributes:
         options: the validated [`Options`][relumon.Options] the monitor is built with.
@@ -107,7 +110,7 @@ class ReluMonitor(OptionAttributes, Callback):
         if from_trainer:
             raise TypeError(
                 f"ReluMonitor takes {from_trainer} from the Trainer (its precision plugin's GradScaler, its "
-                "process group); pass the other options only"
+                "process group, its optimizers); pass the other options only"
             )
         if log_every_n_steps is not None:
             check_int_at_least("log_every_n_steps", log_every_n_steps)
@@ -137,6 +140,9 @@ class ReluMonitor(OptionAttributes, Callback):
         self._restored = False  # _loaded_state came from a checkpoint of this fit, not from an earlier fit
         self._pictures = PictureWriter()
         self._pictures_due = False
+        self._texts = TextWriter()
+        #: Alert texts of the window being closed, logged as text with it.
+        self._window_alerts: list[str] = []
 
     def __getstate__(self) -> dict[str, Any]:
         """Plain state for pickling (``ddp_spawn`` pickles every callback to start its workers).
@@ -184,6 +190,7 @@ class ReluMonitor(OptionAttributes, Callback):
         self._restored = False
         self._pictures = PictureWriter()  # a new fit: its loggers, its steps
         self._pictures_due = False
+        self._texts = TextWriter()
         types = self.options.types
         if not self.options.functional and not any(isinstance(m, types) for m in pl_module.modules()):
             if trainer.is_global_zero:
@@ -218,6 +225,8 @@ class ReluMonitor(OptionAttributes, Callback):
         # Resuming restores global_step after setup: windows count from here.
         self._window_start_step = trainer.global_step
         self._last_logged_step = trainer.global_step
+        if self.monitor is not None:  # the cause of death reads the learning rate and updates of these
+            self.monitor.optimizers = list(trainer.optimizers)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
@@ -280,6 +289,7 @@ class ReluMonitor(OptionAttributes, Callback):
     def _close_window(self, trainer: Any, step: int) -> None:
         assert self.monitor is not None
         self._last_logged_step = step
+        self._window_alerts = []
         report = self.monitor.report(step=step)  # every rank: the reduction is collective
         self._window_start_step = step
         self.last_report = report
@@ -295,6 +305,8 @@ class ReluMonitor(OptionAttributes, Callback):
             if experiment is not None:
                 write_layout_once(experiment, self.prefix, scalars)
             logger.log_metrics(scalars, step=step)
+        if self._window_alerts:
+            self._texts.write(trainer.loggers, f"{self.prefix}/alerts", alerts_text(self._window_alerts), step)
 
     # ------------------------------------------------------------------ alerts
 
@@ -309,6 +321,7 @@ class ReluMonitor(OptionAttributes, Callback):
             window=monitor.window - 1 if monitor is not None else None,
             step=trainer.global_step if trainer is not None else None,
         )
+        self._window_alerts.append(message)
         if callable(self.on_dead):
             self.on_dead(layer)
         elif self.on_dead == "raise":

@@ -5,6 +5,9 @@
 - ``MLFlowLogger``: a run artifact, one PNG per picture and step: ``relumon/grad_flow/step_000064.png``.
 - Any other logger gets the scalars only.
 
+Alerts go the same way as text (`TextWriter`): TensorBoard's ``add_text``, a W&B table (``WandbLogger.log_text``) and
+an MLflow text artifact (``relumon/alerts/step_000064.md``).
+
 Loggers are recognised by class name over their MRO, so nothing here imports tensorboard, wandb or mlflow: a logger
 that is in use has imported its library already. Each picture is drawn and rendered once, whatever the number of
 loggers. A logger that fails to take a picture gets one warning and no more pictures; training goes on.
@@ -18,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from relumon.errors import RelumonError, warn
 
-__all__ = ["PictureWriter", "is_tensorboard", "picture_logger_kind", "render_rgb"]
+__all__ = ["PictureWriter", "TextWriter", "is_tensorboard", "picture_logger_kind", "render_rgb"]
 
 #: The Lightning logger classes that get pictures, by class name, with how each is told apart in messages.
 PICTURE_LOGGERS: Mapping[str, str] = {
@@ -120,3 +123,48 @@ class PictureWriter:
                         f"({type(err).__name__}: {err}). It sends no more pictures there; scalars go on, and so "
                         "does training."
                     )
+
+
+def _text_to_tensorboard(logger: Any, tag: str, text: str, step: int) -> None:
+    logger.experiment.add_text(tag, text, global_step=step)
+
+
+def _text_to_wandb(logger: Any, tag: str, text: str, step: int) -> None:
+    logger.log_text(key=tag, columns=["step", "alerts"], data=[[step, text]], step=step)
+
+
+def _text_to_mlflow(logger: Any, tag: str, text: str, step: int) -> None:
+    logger.experiment.log_text(logger.run_id, text, f"{tag}/step_{step:06d}.md")
+
+
+_WRITE_TEXT: Mapping[str, Callable[[Any, str, str, int], None]] = {
+    "TensorBoardLogger": _text_to_tensorboard,
+    "WandbLogger": _text_to_wandb,
+    "MLFlowLogger": _text_to_mlflow,
+}
+
+
+class TextWriter:
+    """Writes a text (the alerts of a window) to the loggers that can show one; a failure warns once per logger.
+
+    Plain data only, like `PictureWriter`.
+    """
+
+    def __init__(self) -> None:
+        self._failed: set[str] = set()
+
+    def write(self, loggers: Any, tag: str, text: str, step: int) -> None:
+        """Send ``text`` under ``tag`` at ``step`` to every logger in ``loggers`` that can show text."""
+        for logger in loggers:
+            kind = picture_logger_kind(logger)
+            if kind is None or kind in self._failed:
+                continue
+            try:
+                _WRITE_TEXT[kind](logger, tag, text, step)
+            except Exception as err:  # an alert's text is never worth a training run
+                self._failed.add(kind)
+                warn(
+                    f"relumon could not write its alerts as text `{tag}` to {PICTURE_LOGGERS[kind]} "
+                    f"({type(err).__name__}: {err}). It sends no more text there; the warning and scalars go on, "
+                    "and so does training."
+                )

@@ -20,13 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from relumon.cascade import consequences_of, find_blockers, find_roots
+from relumon.cause import CauseTracker
 from relumon.diagnosis import Diagnosis, blame
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather, sum_over_ranks
-from relumon.tensorboard import write_layout_once, write_scalars
+from relumon.tensorboard import write_alerts, write_layout_once, write_scalars
 
 __all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead", "global_rank"]
 
@@ -52,6 +53,9 @@ class Monitor(OptionAttributes):
     Attributes:
         options: the validated [`Options`][relumon.Options] in force.
         last_report: the report of the last closed window, or None.
+        optimizers: the optimizers that train the model, a plain list (from the ``optimizer`` option; settable, e.g.
+            ``monitor.optimizers = [opt]``; the Lightning callback sets the Trainer's). relumon measures their steps
+            for [`LayerReport.cause`][relumon.LayerReport]; empty when none is known.
     """
 
     def __init__(self, model: nn.Module, options: Optional[Options] = None, **kwargs: Any) -> None:
@@ -80,7 +84,13 @@ class Monitor(OptionAttributes):
         self._confirmed_silent: set[str] = set()
         self._idle_checked = False
         self._unconfirmed_said: Optional[int] = None  # the window whose unconfirmed deaths were last reported
-        self.optimizers: list[Any] = []
+        self.optimizers: list[Any] = list(self.options.optimizer or ())
+        self._cause = CauseTracker(
+            model, self._recorder.sites, _optimizers_of(weakref.ref(self)), self.options.grad_scaler
+        )
+        #: The alert texts of the window closed last (written to TensorBoard by `log`).
+        self._window_alerts: list[str] = []
+        self._warned_optimizers = False
 
     # ------------------------------------------------------------------ the per-step side, delegated
 
@@ -154,11 +164,12 @@ class Monitor(OptionAttributes):
         # Under torch.distributed, blame may gather sharded parameters: only safe when every rank holds the same
         # global report, hence decides to blame the same sites in the same order.
         gather_sharded = synced or distributed_world_size() == 1
-        layers = self._explain(
-            [self._layer_report(layout, g, step, reset) for layout, g in gathered],
-            [layout for layout, _ in gathered],
-            gather_sharded,
-        )
+        measured = [self._layer_report(layout, g, step, reset) for layout, g in gathered]
+        layers = self._explain(measured, [layout for layout, _ in gathered], gather_sharded)
+        # The cause goes where blame goes: to roots that alert and to jumps (decided from the global report).
+        self._check_optimizers()
+        wanted = {x.name for x, y in zip(measured, layers) if x.blame is not None and y.caused_by is None}
+        layers = self._cause.attach(layers, wanted, window=self._window, step=step, close=reset)
         # Under torch.distributed, steps add up over ranks, like samples and forwards. Compiled steps are counted by
         # `_count_compiled_steps`; the forwards bound a window whose steps began elsewhere (another rank's only site).
         steps = recorder.steps_seen - self._window_start
@@ -358,6 +369,7 @@ class Monitor(OptionAttributes):
         - ``relumon/nonfinite_units/<name>`` when non-zero;
         - ``relumon/dormant_fraction/<name>`` with ``dormant_tau``;
 
+        ``relumon/alerts`` as text (``add_text``), the alerts of the window with their cause, when a layer alerted;
         and ``relumon/summary/dead_fraction`` over all units ([`Report.scalars()`][relumon.Report.scalars] lists the
         same). The first call for a writer also writes a custom-scalars layout: one multi-line chart per metric
         across layers, for the metrics logged; a metric that first appears later (a NaN unit) adds its chart then.
@@ -379,6 +391,7 @@ class Monitor(OptionAttributes):
             scalars = report.scalars()
             write_layout_once(writer, tags=scalars)
             write_scalars(writer, scalars, step)
+            write_alerts(writer, self._window_alerts, step)
         return report
 
     def log_figures(self, writer: Any, step: int) -> None:
@@ -409,16 +422,33 @@ class Monitor(OptionAttributes):
     def _alert(self, report: Report, step: int) -> None:
         """One alert per dead cascade, for its root; the message names the sites that died with it."""
         on_dead = self.options.on_dead
+        self._window_alerts = []
         for layer in report.roots:
             if layer.name in self._alerted or layer.samples < self.options.min_samples or not layer.exact:
                 continue
             self._alerted.add(layer.name)
+            message = dead_layer_message(layer, report.steps, window=report.window, step=step)
+            self._window_alerts.append(message)
             if callable(on_dead):
                 on_dead(layer)
             elif on_dead == "raise":
-                raise RelumonError(dead_layer_message(layer, report.steps, window=report.window, step=step))
+                raise RelumonError(message)
             elif on_dead == "warn" and global_rank() == 0:
-                warn(dead_layer_message(layer, report.steps, window=report.window, step=step), DeadUnitsWarning)
+                warn(message, DeadUnitsWarning)
+
+    def _check_optimizers(self) -> None:
+        """Say once if ``optimizers`` holds something that is not an optimizer (it is left out, training goes on)."""
+        if self._warned_optimizers:
+            return
+        bad = [type(x).__name__ for x in self.optimizers if not isinstance(x, torch.optim.Optimizer)]
+        if bad or not isinstance(self.optimizers, list):
+            self._warned_optimizers = True
+            warn(
+                f"relumon: `Monitor.optimizers` should be a list of torch.optim.Optimizer, got "
+                f"{type(self.optimizers).__name__} holding {bad}; those are not measured. Set it to a list of "
+                "optimizers (e.g. `monitor.optimizers = [opt]`).",
+                RelumonWarning,
+            )
 
     def _model_has_gradients(self) -> bool:
         """Whether any parameter of the model has a gradient: training happened, even through methods that neither
@@ -503,7 +533,7 @@ class Monitor(OptionAttributes):
         self._timeline.extend((int(step), dict(fractions)) for step, fractions in state.get("timeline", []))
 
     def remove(self) -> None:
-        """Remove every hook relumon put on the model. Idempotent; the statistics stay readable.
+        """Remove every hook relumon put on the model and its optimizers. Idempotent; the statistics stay readable.
 
         When the last closed window left layers that look dead but could not be confirmed (a `?` in its table),
         says so once (see [`warn_unconfirmed()`][relumon.Monitor.warn_unconfirmed]).
@@ -511,6 +541,7 @@ class Monitor(OptionAttributes):
         if self._recorder.active:
             self.warn_unconfirmed()
         self._recorder.remove()
+        self._cause.remove()
 
     def unconfirmed(self) -> list[LayerReport]:
         """Layers of the last closed window that look dead but were not confirmed: its sampled window found every
@@ -606,6 +637,17 @@ def watch(model: nn.Module, *, options: Optional[Options] = None, **kwargs: Any)
 # help(), inspect.signature and notebooks show every option, although each is declared only in Options.
 watch.__signature__ = signature_with_options(watch)  # type: ignore[attr-defined]
 Monitor.__signature__ = signature_with_options(Monitor)  # type: ignore[attr-defined]
+
+
+def _optimizers_of(monitor: weakref.ref[Monitor]) -> Any:
+    """The monitor's current ``optimizers`` list, read through a weak reference (the optimizer hooks hold this)."""
+
+    def optimizers() -> list[Any]:
+        live = monitor()
+        found = live.__dict__.get("optimizers") if live is not None else None
+        return found if isinstance(found, list) else []
+
+    return optimizers
 
 
 def global_rank() -> int:

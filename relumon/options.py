@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 from torch import nn
 
+from relumon.cause import check_optimizers
+
 __all__ = [
     "DEFAULT_TYPES",
     "ON_DEAD_CHOICES",
@@ -42,8 +44,8 @@ class Options:
     """How relumon watches a model: every option of [`relumon.watch`][relumon.watch], in one place.
 
     ``relumon.watch(model, measure_every=1)`` is ``relumon.watch(model, options=Options(measure_every=1))``. The
-    Lightning callback takes the same keyword arguments, except ``grad_scaler`` and ``sync_dist``, which it takes
-    from the Trainer, and ``on_dead``, which it handles itself (adding ``"stop"``).
+    Lightning callback takes the same keyword arguments, except ``grad_scaler``, ``sync_dist`` and ``optimizer``,
+    which it takes from the Trainer, and ``on_dead``, which it handles itself (adding ``"stop"``).
 
     Attributes:
         types: activation classes to watch (one class alone is accepted). Default: the ReLU family, ``(nn.ReLU,
@@ -84,6 +86,11 @@ class Options:
             elsewhere, and 0 at a ReLU6's cap of 6), as ``grad_through_norm``. A dead layer shows a gradient at its
             output and none through it.
             Costs two elementwise passes over the gradient per measured call.
+        optimizer: the ``torch.optim.Optimizer`` (or a sequence of them) that trains the model, so that an alert's
+            [`Cause`][relumon.cause.Cause] says the learning rate and how far one update moved the weights feeding the
+            dead layer (``LayerReport.cause``). It fills [`Monitor.optimizers`][relumon.Monitor], which may also be
+            set later. None: the cause says less (no learning rate, no update size). Costs a few small kernels per
+            optimizer step, no host read (see `relumon.cause`).
 
     Raises:
         TypeError: on an argument of the wrong type.
@@ -103,6 +110,7 @@ class Options:
     dormant_tau: Optional[float] = None
     functional: bool = False
     grad_through: bool = False
+    optimizer: Union[Any, Sequence[Any], None] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _check_types(self.types))
@@ -120,6 +128,7 @@ class Options:
         tau = self.dormant_tau
         if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1):
             raise ValueError(f"expected `dormant_tau` to be None or a number in [0, 1), got {tau!r}")
+        object.__setattr__(self, "optimizer", _check_optimizer(self.optimizer))
         if self.grad_scaler is not None and not hasattr(self.grad_scaler, "is_enabled"):
             raise TypeError(
                 f"expected `grad_scaler` to be a torch.amp.GradScaler, got {type(self.grad_scaler).__name__}"
@@ -234,6 +243,11 @@ def _check_types(types: Any) -> tuple[type[nn.Module], ...]:
     if bad or not checked:
         raise TypeError(f"expected `types` to be a non-empty tuple of nn.Module subclasses, got {types!r}")
     return checked
+
+
+def _check_optimizer(value: Any) -> Optional[tuple[Any, ...]]:
+    """``optimizer`` as None or a non-empty tuple of optimizers, else TypeError (`relumon.cause.check_optimizers`)."""
+    return check_optimizers(value) or None
 
 
 def _check_unit_dim(unit_dim: Any, name: str = "unit_dim") -> Union[int, dict[str, int], None]:

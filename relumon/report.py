@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, over
 
 import torch
 
+from relumon.cause import Cause
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -81,6 +83,9 @@ class LayerReport:
             passes no gradient back to it, where one explains it; else None.
         disabled: None, or why relumon stopped measuring this site: an unexpected error inside its hooks (e.g.
             ``"RuntimeError: ..."``), contained so that training goes on. Its figures cover the time before.
+        cause: for a layer that alerts (the root of a dead cascade) or whose dead fraction jumps, the
+            [`Cause`][relumon.cause.Cause]: the learning rate, the largest update of the module that fed it, how far
+            the dead units' biases moved, and advice built from those facts; else None.
     """
 
     name: str
@@ -118,6 +123,7 @@ class LayerReport:
     consequences: tuple[str, ...] = ()
     blocked_by: Optional[str] = None
     disabled: Optional[str] = None
+    cause: Optional[Cause] = field(default=None, compare=False)
 
     @property
     def exact(self) -> bool:
@@ -207,6 +213,7 @@ class LayerReport:
             "consequences": list(self.consequences),
             "blocked_by": self.blocked_by,
             "disabled": self.disabled,
+            "cause": self.cause.to_dict() if self.cause is not None else None,
         }
 
     def _repr_html_(self) -> str:
@@ -585,6 +592,7 @@ _HTML_FACTS: tuple[tuple[str, Callable[[LayerReport], str]], ...] = (
     ("blocked by", lambda x: f"`{x.blocked_by}`" if x.blocked_by else ""),
     ("fed by", lambda x: x.fed_by or ""),
     ("blame", lambda x: x.blame or ""),
+    ("cause", lambda x: x.cause.advice if x.cause is not None else ""),
     ("disabled", lambda x: f"after an error inside relumon: {x.disabled}" if x.disabled else ""),
 )
 
@@ -685,6 +693,8 @@ def dead_layer_message(
     )
     if layer.blame:
         message += f" Blame: {layer.blame}."
+    if layer.cause is not None:
+        message += f" Cause (step {layer.cause.step}): {layer.cause.advice}"
     if layer.consequences:
         n = len(layer.consequences)
         shown = ", ".join(f"`{name}`" for name in layer.consequences[:3])

@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional
 
-__all__ = ["METRICS", "custom_scalars_layout", "logged_metrics", "write_layout_once", "write_scalars"]
+__all__ = [
+    "ALERTS",
+    "METRICS",
+    "alerts_text",
+    "custom_scalars_layout",
+    "logged_metrics",
+    "write_alerts",
+    "write_layout_once",
+    "write_scalars",
+]
+
+#: The text tag (under the prefix) of the alerts, each with its cause: ``relumon/alerts``.
+ALERTS = "alerts"
 
 #: Per-layer metrics, with the chart title of each in the custom-scalars layout.
 METRICS: Mapping[str, str] = {
@@ -90,3 +102,16 @@ def write_scalars(writer: Any, scalars: Mapping[str, float], step: int) -> None:
     """Write each ``tag -> value`` with ``writer.add_scalar`` at ``step``."""
     for tag, value in scalars.items():
         writer.add_scalar(tag, value, global_step=step)
+
+
+def alerts_text(alerts: Iterable[str]) -> str:
+    """The alerts of one window as one Markdown text (TensorBoard's text plugin renders Markdown): a paragraph each."""
+    return "\n\n".join(alerts)
+
+
+def write_alerts(writer: Any, alerts: Iterable[str], step: int, prefix: str = "relumon") -> None:
+    """Write the window's alerts as one text at ``step`` under ``<prefix>/alerts`` (nothing when there are none, or
+    the writer takes no text)."""
+    text = alerts_text(alerts)
+    if text and hasattr(writer, "add_text"):
+        writer.add_text(f"{prefix}/{ALERTS}", text, global_step=step)

@@ -293,3 +293,30 @@ try:
 
 except ImportError:  # pragma: no cover - only pytorch_lightning installed
     pass
+
+
+def cause_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """tests.test_cause's forced kill under DDP, with different data per rank: every rank must build the same cause."""
+    import relumon
+    from tests.test_cause import BATCH, Killable, sgd
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = Killable()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = sgd(model, lr=1.0)
+        x = torch.full((BATCH, 4), 0.1 * (rank + 1))  # rank 0: 0.1, rank 1: 0.2
+        causes = []
+        with relumon.watch(model, optimizer=opt, measure_every=1, on_dead="ignore") as monitor:
+            for step in range(1, 5):
+                opt.zero_grad()
+                ddp(x).sum().backward()
+                opt.step()
+                if step % 2 == 0:
+                    layer = monitor.report(step=step)["act"]
+                    causes.append(layer.cause.to_dict() if layer.cause is not None else None)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(causes))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -168,3 +168,15 @@ def test_lightning_strategies_that_start_their_own_workers_log_global_figures(st
     assert [float(r["relumon/dead_fraction/net.1"]) for r in rows] == pytest.approx([1 / 3, 1 / 3])
     assert ranks[0]["report"] == ranks[1]["report"] and ranks[0]["global_step"] == 4
     assert ranks[0]["report"]["layers"][0]["samples"] == 2 * 2 * 4
+
+
+def test_every_rank_builds_the_same_cause_of_death(tmp_path: Path) -> None:
+    mp.spawn(dist_workers.cause_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    causes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert causes[0] == causes[1]  # the same cause, advice text included, on both ranks
+    first, second = causes[0]
+    assert first is None and second is not None
+    # DDP averages the gradients: biases 8 on both ranks; weights 0.8 (rank 0) and 1.6 (rank 1), so 1.2.
+    assert second["lr"] == 1.0 and second["update_step"] == 1
+    assert second["bias_shift"] == pytest.approx(-8.0, abs=1e-5)
+    assert second["update_ratio"] == pytest.approx(12.0, rel=1e-5)

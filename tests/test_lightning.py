@@ -253,3 +253,57 @@ def test_callback_forwards_options_and_takes_scaler_and_sync_from_the_trainer() 
         ReluMonitor(options=relumon.Options(sync_dist=False))
     assert ReluMonitor(options=relumon.Options(on_dead="raise")).on_dead == "raise"  # the options' on_dead applies
     assert ReluMonitor(on_dead="stop", options=relumon.Options(on_dead="raise")).on_dead == "stop"  # unless given
+
+
+def test_the_trainers_optimizer_is_found_and_the_stop_reason_carries_the_cause(pl: Any, tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from relumon.cli import read_alerts
+    from tests.test_cause import BATCH, Killable, X
+
+    class KillableModule(pl.LightningModule):
+        """tests.test_cause's forced kill: one SGD step at lr 1 moves every fc1 bias by -8 and kills the layer."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Killable()
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            net = self.net
+            return torch.optim.SGD(
+                [{"params": net.fc1.parameters(), "lr": 1.0}, {"params": net.head.parameters(), "lr": 0}]
+            )
+
+    seen: list[bool] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            seen.append(cb.monitor.optimizers == list(trainer.optimizers) and len(trainer.optimizers) == 1)
+
+    cb = ReluMonitor(measure_every=1, log_every_n_steps=2, on_dead="stop", figures=False)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="run", version=0)
+    data = DataLoader(TensorDataset(X.repeat(6, 1)), batch_size=BATCH)
+    with pytest.warns(relumon.DeadUnitsWarning) as record:
+        trainer(pl, [cb, Spy()], logger=logger, max_steps=6).fit(KillableModule(), data)
+    assert seen and all(seen)
+    message = str(next(w.message for w in record if issubclass(w.category, relumon.DeadUnitsWarning)))
+    assert "Stopping training" in message and "Cause (step 4)" in message and "lr 1" in message
+    cause = cb.last_report["net.act"].cause
+    # The first step's forward runs inside the optimizer's closure, after its pre-hook: still measured.
+    assert cause is not None and cause.lr == 1.0 and cause.update_step == 1
+    assert cause.update_ratio == pytest.approx(8.0, rel=1e-6) and cause.bias_shift == pytest.approx(-8.0, abs=1e-6)
+    alerts = read_alerts(str(tmp_path))
+    assert [a["step"] for a in alerts["run/version_0"]] == [4] and "Cause (step 4)" in alerts["run/version_0"][0][
+        "text"
+    ]
+
+
+def test_the_optimizer_comes_from_the_trainer() -> None:
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=r"from the Trainer.*its optimizers"):
+        ReluMonitor(optimizer=opt)
+    with pytest.raises(TypeError, match="from the Trainer"):
+        ReluMonitor(options=relumon.Options(optimizer=opt))

@@ -85,6 +85,40 @@ def test_training_steps_read_nothing_on_the_host(host_reads: list[str], options:
     assert host_reads, "the detector must see report()'s one transfer, or it detects nothing"
 
 
+def test_optimizer_steps_measured_for_the_cause_read_nothing_on_the_host(host_reads: list[str]) -> None:
+    """Several optimizers and param groups, a scheduler, a GradScaler and gradient accumulation."""
+    model = ConvNet()
+    head, features = model.head, model.features
+    sgd = torch.optim.SGD(
+        [{"params": features[0].parameters()}, {"params": features[2:].parameters(), "lr": 0.1}], lr=0.01, momentum=0.9
+    )
+    adam = torch.optim.Adam(head.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(sgd, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    gen = torch.Generator().manual_seed(0)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            for _ in range(2):  # two micro-batches per optimizer step
+                scaler.scale(model(torch.randn(4, 3, 8, 8, generator=gen)).sum()).backward()
+            for opt in (sgd, adam):
+                scaler.step(opt)
+            scaler.update()
+            sgd.zero_grad()
+            adam.zero_grad()
+            sched.step()
+
+    with relumon.watch(model, grad_scaler=scaler, optimizer=[sgd, adam], measure_every=1) as monitor:
+        steps(1)  # allocation step
+        monitor.report()
+        host_reads.clear()
+        steps(5)
+        assert host_reads == [], f"relumon read device memory on the host during steps: {host_reads}"
+        report = monitor.report()
+        assert monitor._cause._groups[sgd].steps == 6 and monitor._cause._groups[adam].steps == 6
+    assert report.layers[0].fed_by == "features.0"
+
+
 def test_relu6_saturation_and_cascades_read_nothing_on_the_host(host_reads: list[str]) -> None:
     from tests.nets import SmallMobileNetV2, SmallResNet, train
 

@@ -1,0 +1,766 @@
+"""Cause of death: what killed a layer's units, from the optimizer's side: the learning rate, how far the update
+moved the producer's weights, how far the dead units' biases moved, and advice built from those facts.
+
+Two halves, like the rest of relumon:
+
+- **At optimizer steps** (the per-step side). Global optimizer step hooks
+  (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and ``..._post_hook``) act only for the optimizers in
+  [`Monitor.optimizers`][relumon.Monitor], so the list stays a plain, settable one. For each *producer* (the module
+  that feeds a watched site, ``fed_by``) whose weight the stepping optimizer holds, they measure
+  ``||Δw|| / ||w||`` of that one step, on the device, with no host read:
+
+  - The pre-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of the weight (a view of it, into a
+    buffer allocated once: one ``_foreach_copy_`` for all producers); the post-hook takes the norm of the difference
+    with the same view over the norm before. A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its
+    ratio is exact; a larger one is sampled as 512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each),
+    spread evenly in memory order and starting in different columns: an estimate of the ratio whose cost does not
+    grow with the model. No whole weight tensor is copied.
+  - Per producer, the window keeps the largest ratio, the optimizer step that made it and the ``GradScaler``'s scale
+    at that step (``max``, ``masked_fill_``, ``where``: about ``producers + 10`` small kernels per optimizer step in
+    all, most of them fused ``_foreach`` ones). The learning rate of each step is read on the host from
+    ``param_groups`` (plain floats), and kept only when it changes.
+  - The hooks fire per optimizer step, so gradient accumulation counts optimizer steps, not micro-batches; a step a
+    ``GradScaler`` skips (inf/NaN gradients) never calls the optimizer, so it is not counted; weights are never
+    scaled, so the ratio needs no unscaling.
+  - Until the first training forward has found the producers (Lightning runs it inside the optimizer's closure,
+    after the pre-hook), every module whose weight the optimizer holds is measured, once.
+
+- **At report time** (`CauseTracker.attach`, from [`Monitor.report()`][relumon.Monitor.report]). One host transfer
+  reads, per producer, its biases and per-unit weight-row norms (O(units)) and the window's largest update. For each
+  unit, relumon remembers the bias and row norm at the start of the last window in which the unit lived (its output
+  was positive somewhere), and that window's index. For a layer that alerts or whose dead fraction jumps, the
+  [`Cause`][relumon.cause.Cause] reads, for the dead units:
+
+  - ``bias_shift``: the mean move of their biases since the start of the last window in which they lived;
+  - ``update_ratio``: the producer's largest ``||Δw|| / ||w||`` over one optimizer step in those windows (the update
+    that kills a unit often comes in the last window in which it lived: once dead, its weights get no gradient);
+  - ``lr`` and ``grad_scale`` at that step; ``advice`` built from these facts.
+
+Under ``torch.distributed`` every rank decides from the same global report (dead masks) and from parameters that
+DDP keeps identical, so every rank builds the same cause. Sharded (DTensor) producers are left out of the figures.
+Without an optimizer the cause says less: no learning rate and no update ratio; the bias shift is known from the
+second closed window on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from relumon.errors import RelumonWarning, is_strict, warn
+
+__all__ = ["Cause", "CauseTracker", "SAMPLED_WEIGHTS", "HEALTHY_UPDATE_RATIO", "advice", "check_optimizers"]
+
+#: Weight elements per producer whose change is measured at each optimizer step; a smaller weight is taken whole.
+SAMPLED_WEIGHTS = 8192
+
+#: The familiar healthy size of one update, ``||Δw|| / ||w||``; ten times it and more reads as a large update.
+HEALTHY_UPDATE_RATIO = 1e-3
+
+#: Closed windows of update records kept per producer.
+RECORD_WINDOWS = 64
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why a layer's units died: the optimizer's side of the story, measured, and advice built from it.
+
+    Attributes:
+        step: the step of the report that found the layer dead (or its dead fraction jump), as in
+            ``first_dead_step``.
+        units: how many dead units the figures are about (the units that died in this window, else every dead unit).
+        windows: closed windows since the start of the last window in which those units lived, this one included;
+            None when they were never seen alive.
+        fed_by: the producer, the module whose output fed the layer.
+        lr: the learning rate of the param group holding the producer's weight, at the step of the largest update;
+            None without an optimizer that holds it.
+        update_ratio: the producer's largest ``||Δw|| / ||w||`` over one optimizer step in those windows (near 1e-3
+            is healthy); None without an optimizer step measured.
+        update_step: the optimizer step that made it, counted from 1 per optimizer since it was first measured.
+        bias_shift: the mean move of the dead units' biases over those windows (negative: they fell); None without a
+            bias, or when no earlier value is known.
+        bias: the dead units' mean bias now; None without a bias.
+        weight_shift: the mean relative change of the dead units' incoming weight-row norms over those windows
+            (``-0.5``: halved); None when unknown.
+        grad_scale: the ``GradScaler``'s scale at the step of the largest update, or None.
+        advice: a sentence built from the facts above.
+    """
+
+    step: int
+    units: int
+    windows: Optional[int]
+    fed_by: Optional[str]
+    lr: Optional[float]
+    update_ratio: Optional[float]
+    update_step: Optional[int]
+    bias_shift: Optional[float]
+    bias: Optional[float]
+    weight_shift: Optional[float]
+    grad_scale: Optional[float]
+    advice: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (strict JSON: NaN becomes None)."""
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def check_optimizers(value: Any) -> tuple[Optimizer, ...]:
+    """``value`` (an optimizer, a sequence of them, or None) as a tuple of optimizers, else TypeError."""
+    if value is None:
+        return ()
+    if isinstance(value, Optimizer):
+        return (value,)
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        bad = [type(x).__name__ for x in value if not isinstance(x, Optimizer)]
+        if not bad:
+            return tuple(value)
+    else:
+        bad = [type(value).__name__]
+    hint = (
+        " (a Lightning optimizer wraps one: pass `trainer.optimizers`, or let ReluMonitor find them)"
+        if any("LightningOptimizer" in name for name in bad)
+        else ""
+    )
+    raise TypeError(f"expected `optimizer` to be a torch.optim.Optimizer, a sequence of them, or None, got {bad}{hint}")
+
+
+def advice(
+    *,
+    lr: Optional[float],
+    update_ratio: Optional[float],
+    update_step: Optional[int],
+    bias_shift: Optional[float],
+    bias: Optional[float],
+    windows: Optional[int],
+    grad_scale: Optional[float],
+    fed_by: Optional[str],
+    negative_regime: bool,
+    has_optimizer: bool,
+) -> str:
+    """The cause's sentence: the facts that are known, then what to change, chosen by those facts."""
+    facts = []
+    feeder = f"`{fed_by}`" if fed_by else "the layer feeding it"
+    if bias_shift is not None and bias is not None:
+        span = (
+            "within one window" if windows == 1 else f"within {windows} windows" if windows else "since watching began"
+        )
+        moved = "fell" if bias_shift < 0 else "rose" if bias_shift > 0 else "did not move"
+        size = f" by {abs(bias_shift):.3g}" if bias_shift != 0 else ""
+        facts.append(f"the dead units' biases {moved}{size} {span} (mean now {bias:.3g})")
+    if update_ratio is not None:
+        at = f" at optimizer step {update_step}" if update_step is not None else ""
+        lr_text = f", lr {lr:.3g}" if lr is not None else ""
+        facts.append(f"the largest update of {feeder} was ||Δw||/||w|| = {update_ratio:.2g}{at}{lr_text}")
+    elif lr is not None:
+        facts.append(f"lr {lr:.3g}")
+    if grad_scale is not None:
+        facts.append(f"loss scale {grad_scale:g} (figures unscaled)")
+    large = update_ratio is not None and update_ratio >= 10 * HEALTHY_UPDATE_RATIO
+    if large and update_ratio is not None:
+        target = ""
+        if lr is not None and update_ratio > 0 and math.isfinite(update_ratio):
+            target = f" (about {lr * HEALTHY_UPDATE_RATIO / update_ratio:.2g} would make it 1e-3)"
+        times = f"{update_ratio / HEALTHY_UPDATE_RATIO:,.0f}" if math.isfinite(update_ratio) else "infinitely many"
+        remedy = (
+            f"that is {times} times the healthy 1e-3: lower the learning rate{target} or warm it up, or clip gradients"
+        )
+        if not negative_regime:
+            remedy += "; LeakyReLU(0.01) would keep gradients flowing"
+    elif bias_shift is not None and bias_shift < 0 and update_ratio is not None:
+        remedy = (
+            "the updates were modest, so the biases drifted down rather than jumped: check weight decay, the input's "
+            f"scale (normalisation) and the init of {feeder}"
+        )
+    elif bias_shift is not None and bias_shift >= 0 and (update_ratio is None or not large):
+        remedy = (
+            f"the biases did not fall, so the units' input moved, or they started dead: check the init of {feeder} and "
+            "the layers before it"
+        )
+    else:
+        remedy = f"try a lower learning rate, LeakyReLU, or the init or bias of {feeder}"
+    if not has_optimizer:
+        remedy += (
+            "; pass `optimizer=` to relumon.watch (ReluMonitor finds the Trainer's) to see the learning rate and "
+            "update size"
+        )
+    text = "; ".join(facts)
+    return (text[0].upper() + text[1:] + ": " if text else "") + remedy + "."
+
+
+# --------------------------------------------------------------------------- the per-step side
+
+
+#: Contiguous elements per sampled chunk: one 64-byte cache line of fp32, so a sample costs few memory reads.
+SAMPLE_CHUNK = 16
+
+
+def _sample_stride(weight: Tensor) -> int:
+    """The distance between the sampled chunks of `SAMPLE_CHUNK` elements: 0 takes the whole weight (at most
+    `SAMPLED_WEIGHTS` elements); else chunks spread evenly over the weight, with a stride prime to the row length so
+    that they start in different columns."""
+    numel = weight.numel()
+    if numel <= SAMPLED_WEIGHTS:
+        return 0
+    chunks = SAMPLED_WEIGHTS // SAMPLE_CHUNK
+    stride = (numel - SAMPLE_CHUNK) // (chunks - 1)
+    row = max(numel // max(weight.shape[0], 1), 1)
+    while stride > SAMPLE_CHUNK and math.gcd(stride, row) != 1:
+        stride -= 1
+    return stride
+
+
+def _flat(weight: Tensor) -> Optional[Tensor]:
+    """A 1-D view of ``weight`` in memory order (contiguous or channels-last), or None: no copy, ever."""
+    w = weight.detach()
+    if w.is_contiguous():
+        return w.view(-1)
+    for memory_format, order in ((torch.channels_last, (0, 2, 3, 1)), (torch.channels_last_3d, (0, 2, 3, 4, 1))):
+        if w.ndim == len(order) and w.is_contiguous(memory_format=memory_format):
+            return w.permute(order).reshape(-1)  # a view: the permuted tensor is contiguous
+    return None
+
+
+#: One closed window's largest update of a producer: (window, ratio, its optimizer step, lr, grad scale).
+_Record = tuple[int, float, Optional[int], Optional[float], Optional[float]]
+
+
+class _Producer:
+    """A module that feeds a watched site: its parameters, what is measured per step and per window."""
+
+    def __init__(self, path: str, module: nn.Module, window: int, before_updates: bool) -> None:
+        self.path = path
+        self.module_ref = weakref.ref(module)
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        self.weight: Optional[Tensor] = weight if _measurable(weight) else None
+        self.bias: Optional[Tensor] = (
+            bias if isinstance(bias, Tensor) and _measurable(bias) and bias.ndim == 1 else None
+        )
+        if self.weight is not None and _flat(self.weight) is None:
+            self.weight = None  # an unusual memory layout: sampling it would copy it, so it is left out
+        self.stride = _sample_stride(self.weight) if self.weight is not None else 0
+        #: Biases and row norms at the start of window `start_window` (device tensors until a report reads them).
+        self.start_bias: Optional[Tensor] = None
+        self.start_rows: Optional[Tensor] = None
+        #: The window whose start the snapshot is; a snapshot taken after updates of its window is not a start.
+        self.start_window = window if before_updates else window + 1
+        self.snapshot()
+        #: (window, largest ratio, its optimizer step, lr, grad scale) of each closed window, newest last.
+        self.records: deque[_Record] = deque(maxlen=RECORD_WINDOWS)
+
+    def snapshot(self) -> None:
+        with torch.no_grad():
+            self.start_bias = self.bias.detach().clone() if self.bias is not None else None
+            self.start_rows = self.row_norms()
+
+    def row_norms(self) -> Optional[Tensor]:
+        """Per-unit norms of the incoming weights (rows along dim 0), float32, on the device."""
+        weight = self.weight
+        if weight is None or weight.ndim == 0 or isinstance(self.module_ref(), nn.modules.conv._ConvTransposeNd):
+            return None
+        with torch.no_grad():
+            rows: Tensor = torch.linalg.vector_norm(
+                weight.detach().reshape(weight.shape[0], -1), dim=1, dtype=torch.float32
+            )
+        return rows
+
+
+def _measurable(t: Any) -> bool:
+    """A plain (not sharded) floating-point tensor with elements."""
+    return (
+        isinstance(t, Tensor)
+        and t.is_floating_point()
+        and t.numel() > 0
+        and not callable(getattr(t, "full_tensor", None))
+    )
+
+
+class _Bucket:
+    """The producers one optimizer steps on one device, measured together with foreach kernels."""
+
+    def __init__(self, producers: list[_Producer], group_of: list[int]) -> None:
+        self.producers = producers
+        self.group_of = group_of  # the param group index of each producer's weight
+        weights = [p.weight for p in producers]
+        assert all(w is not None for w in weights)
+        self.weights: list[Tensor] = [w for w in weights if w is not None]
+        self.strides = [p.stride for p in producers]
+        self.buffers = [s.clone() for s in self._samples()]
+        device = self.weights[0].device
+        n = len(producers)
+        self.max_ratio = torch.full((n,), -1.0, dtype=torch.float32, device=device)
+        self.max_step = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.max_scale = torch.full((n,), math.nan, dtype=torch.float32, device=device)
+        self.armed = False
+
+    def carry_over(self, old: _Bucket) -> None:
+        """Keep the window's figures of producers that were measured before a refresh (device copies only)."""
+        at = {p.path: i for i, p in enumerate(old.producers)}
+        for j, producer in enumerate(self.producers):
+            i = at.get(producer.path)
+            if i is not None and old.max_ratio.device == self.max_ratio.device:
+                self.max_ratio[j : j + 1].copy_(old.max_ratio[i : i + 1])
+                self.max_step[j : j + 1].copy_(old.max_step[i : i + 1])
+                self.max_scale[j : j + 1].copy_(old.max_scale[i : i + 1])
+
+    def _samples(self) -> list[Tensor]:
+        """Strided views of the measured elements (made per step: a parameter's data may be swapped)."""
+        views = []
+        for weight, stride in zip(self.weights, self.strides):
+            flat = _flat(weight)
+            assert flat is not None  # checked when the producer was made; a layout change is caught as an error
+            if stride:
+                chunks = SAMPLED_WEIGHTS // SAMPLE_CHUNK
+                flat = flat.as_strided((chunks, SAMPLE_CHUNK), (stride, 1), flat.storage_offset())
+            views.append(flat)
+        return views
+
+    def before(self) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.buffers, self._samples())
+        self.armed = True
+
+    def after(self, step: int, scale: Optional[Tensor]) -> None:
+        if not self.armed:
+            return
+        self.armed = False
+        with torch.no_grad():
+            now = self._samples()
+            # Norms accumulate in fp32 at least (a bf16 weight's norm would round); an fp64 weight keeps fp64.
+            dtype = None if self.weights[0].dtype == torch.float64 else torch.float32
+            moved = torch._foreach_norm(torch._foreach_sub(now, self.buffers), dtype=dtype)
+            before = torch._foreach_norm(self.buffers, dtype=dtype)
+            ratio = torch.stack(moved).div_(torch.stack(before).clamp_min_(1e-30)).float()
+            larger = ratio > self.max_ratio
+            torch.maximum(self.max_ratio, ratio, out=self.max_ratio)
+            self.max_step.masked_fill_(larger, step)
+            if scale is not None and scale.device == self.max_scale.device:
+                torch.where(larger, scale.float(), self.max_scale, out=self.max_scale)
+
+    def reset(self) -> None:
+        self.max_ratio.fill_(-1.0)
+        self.max_step.fill_(-1)
+        self.max_scale.fill_(math.nan)
+
+
+class _StepGroup:
+    """What relumon measures for one optimizer: its buckets, its step count and its learning rates."""
+
+    def __init__(self, key: tuple[int, int], buckets: list[_Bucket], steps: int = 0) -> None:
+        self.key = key
+        self.buckets = buckets
+        self.steps = steps
+        #: (first optimizer step, lr of each param group), appended when the rates change.
+        self.lrs: list[tuple[int, tuple[Any, ...]]] = []
+
+    def log_lrs(self, optimizer: Optimizer) -> None:
+        rates = tuple(group.get("lr") for group in optimizer.param_groups)
+        if any(isinstance(r, Tensor) for r in rates):  # a tensor lr: keep its value of this step, on the device
+            self.lrs.append((self.steps + 1, tuple(r.detach().clone() if isinstance(r, Tensor) else r for r in rates)))
+        elif not self.lrs or self.lrs[-1][1] != rates:
+            self.lrs.append((self.steps + 1, rates))
+
+    def lr_at(self, step: int, group: int) -> Optional[float]:
+        rate = None
+        for first, rates in self.lrs:
+            if first > step:
+                break
+            rate = rates[group] if group < len(rates) else None
+        if isinstance(rate, Tensor):
+            return float(rate)  # report time
+        return float(rate) if isinstance(rate, (int, float)) else None
+
+    def forget_lrs(self) -> None:
+        """After a window closed: only the rate in force is still needed."""
+        del self.lrs[:-1]
+
+
+class _SiteMemory:
+    """Per unit of a site: the bias and row norm at the start of the last window it lived in, and that window."""
+
+    def __init__(self, units: int) -> None:
+        self.bias = torch.full((units,), math.nan, dtype=torch.float64)
+        self.rows = torch.full((units,), math.nan, dtype=torch.float64)
+        self.alive_window = torch.full((units,), -1, dtype=torch.int64)
+
+
+class _Hook:
+    """A global optimizer step hook that calls the tracker only for the monitor's optimizers (weakly held)."""
+
+    def __init__(self, tracker: CauseTracker, after: bool) -> None:
+        self._tracker = weakref.ref(tracker)
+        self._after = after
+
+    def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        tracker = self._tracker()
+        if tracker is None or not any(o is optimizer for o in tracker.optimizers()):
+            return None
+        try:
+            if self._after:
+                tracker.after_step(optimizer)
+            else:
+                tracker.before_step(optimizer)
+        except Exception as err:
+            if is_strict():
+                raise
+            tracker.disable(err)
+        return None
+
+
+class CauseTracker:
+    """Measures what the cause of death needs at optimizer steps, and builds [`Cause`][relumon.cause.Cause] at reports.
+
+    Args:
+        model: the watched model.
+        sites: the recorder's call sites (a live list: sites discovered later are picked up).
+        optimizers: returns the optimizers to measure (the monitor's ``optimizers`` list).
+        grad_scaler: the ``GradScaler`` in use, or None.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[Any],
+        optimizers: Callable[[], Iterable[Any]],
+        grad_scaler: Optional[Any] = None,
+    ) -> None:
+        self._model = weakref.ref(model)
+        self._sites = sites
+        self.optimizers = optimizers
+        self._grad_scaler = grad_scaler
+        self._groups: weakref.WeakKeyDictionary[Optimizer, _StepGroup] = weakref.WeakKeyDictionary()
+        self._producers: dict[str, _Producer] = {}
+        self._memory: dict[str, _SiteMemory] = {}
+        self._window = 0
+        self._disabled: Optional[str] = None
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._handles = [
+            register_optimizer_step_pre_hook(_Hook(self, after=False)),
+            register_optimizer_step_post_hook(_Hook(self, after=True)),
+        ]
+
+    # ------------------------------------------------------------------ optimizer steps
+
+    def before_step(self, optimizer: Optimizer) -> None:
+        """Pre-hook: snapshot the sampled weights of the producers ``optimizer`` holds. No host read."""
+        if self._disabled is not None:
+            return
+        key = (len(self._sites), len(optimizer.param_groups))
+        group = self._groups.get(optimizer)
+        if group is None or group.key != key:
+            group = self._refresh(optimizer, key, group)
+        group.log_lrs(optimizer)
+        for bucket in group.buckets:
+            bucket.before()
+
+    def after_step(self, optimizer: Optimizer) -> None:
+        """Post-hook: fold ``||Δw|| / ||w||`` of this step into the window's largest, per producer. No host read."""
+        group = self._groups.get(optimizer)
+        if group is None or self._disabled is not None:
+            return
+        group.steps += 1
+        scale = self._scale()
+        for bucket in group.buckets:
+            bucket.after(group.steps, scale)
+
+    def _scale(self) -> Optional[Tensor]:
+        scaler = self._grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale: Optional[Tensor] = getattr(scaler, "_scale", None)  # the live tensor: `get_scale()` would sync
+        return scale
+
+    def _producer_paths(self) -> list[str]:
+        paths = []
+        for site in list(self._sites):
+            if site.fed_by is not None and site.counts_dead and site.fed_by not in paths:
+                paths.append(site.fed_by)
+        return paths
+
+    def _producer(self, path: str, before_updates: bool) -> Optional[_Producer]:
+        producer = self._producers.get(path)
+        if producer is None:
+            model = self._model()
+            try:
+                module = model.get_submodule(path) if model is not None else None
+            except AttributeError:
+                module = None
+            if module is None:
+                return None
+            producer = self._producers[path] = _Producer(path, module, self._window, before_updates)
+        return producer
+
+    def _refresh(self, optimizer: Optimizer, key: tuple[int, int], old: Optional[_StepGroup]) -> _StepGroup:
+        """The producers ``optimizer`` steps: those of the sites found so far, or, before any, every module whose
+        weight it holds (Lightning's first forward runs inside the optimizer's closure, after this hook)."""
+        group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        paths = self._producer_paths()
+        if not paths:
+            model = self._model()
+            if model is not None:
+                paths = [
+                    name
+                    for name, module in model.named_modules()
+                    if id(getattr(module, "weight", None)) in group_of and name
+                ]
+        by_device: dict[tuple[torch.device, bool], tuple[list[_Producer], list[int]]] = {}
+        for path in paths:
+            producer = self._producer(path, before_updates=True)
+            if producer is None or producer.weight is None or id(producer.weight) not in group_of:
+                continue
+            where = (producer.weight.device, producer.weight.dtype == torch.float64)
+            members, groups = by_device.setdefault(where, ([], []))
+            members.append(producer)
+            groups.append(group_of[id(producer.weight)])
+        buckets = [_Bucket(members, groups) for members, groups in by_device.values()]
+        group = _StepGroup(key, buckets, old.steps if old is not None else 0)
+        if old is not None:
+            group.lrs = old.lrs
+            for bucket in buckets:
+                for previous in old.buckets:
+                    bucket.carry_over(previous)
+        self._groups[optimizer] = group
+        return group
+
+    def disable(self, err: BaseException) -> None:
+        """Stop measuring after an unexpected error, saying so once: the training goes on."""
+        if self._disabled is None:
+            self._disabled = f"{type(err).__name__}: {err}"
+            warn(
+                f"relumon: an error inside relumon's optimizer step hooks ({self._disabled}); the cause of death "
+                "goes on without learning rates and update sizes. Training is not affected.",
+                RelumonWarning,
+            )
+
+    # ------------------------------------------------------------------ report time
+
+    def attach(self, layers: Sequence[Any], wanted: set[str], *, window: int, step: int, close: bool) -> list[Any]:
+        """``layers`` (LayerReports of one window) with ``cause`` set on those named in ``wanted``.
+
+        Reads the producers' state to the host once. With ``close``, folds the window into each unit's memory and
+        starts the next window's records.
+        """
+        self._window = window
+        sites = {layer.name: layer for layer in layers if layer.fed_by is not None and layer.counts_dead}
+        paths = {layer.fed_by for layer in sites.values()}
+        for path in paths:
+            self._producer(path, before_updates=False)
+        # Modules measured only until the first forward found the real producers (see `_refresh`) are let go.
+        self._producers = {path: p for path, p in self._producers.items() if path in paths}
+        producers = list(self._producers.values())
+        if not producers:
+            return list(layers)
+        buckets = [(group, b) for group in list(self._groups.values()) for b in group.buckets]
+        now = self._read(producers, buckets)
+        records = self._window_records(buckets, now, window, close)
+        for name, layer in sites.items():
+            if name not in self._memory:
+                self._memory[name] = self._first_memory(layer.units, self._producers[layer.fed_by], now, window)
+        out = []
+        for layer in layers:
+            if layer.name in wanted and layer.name in sites:
+                producer = self._producers[layer.fed_by]
+                layer = dataclasses.replace(layer, cause=self._cause(layer, producer, now, records, step, window))
+            out.append(layer)
+        if close:
+            for name, layer in sites.items():
+                if layer.samples > 0:
+                    self._remember(self._memory[name], layer, self._producers[layer.fed_by], now, window)
+            for producer in producers:
+                producer.start_bias, producer.start_rows = now[producer.path]["bias"], now[producer.path]["rows"]
+                producer.start_window = window + 1
+                if producer.path in records:
+                    producer.records.append(records[producer.path])
+            for group, bucket in buckets:
+                bucket.reset()
+                group.forget_lrs()
+        return out
+
+    def _read(
+        self, producers: list[_Producer], buckets: list[tuple[_StepGroup, _Bucket]]
+    ) -> dict[str, dict[str, Optional[Tensor]]]:
+        """Everything report time needs from the device, read to the host in one transfer (float64)."""
+        slots: list[tuple[str, str, Tensor]] = []
+
+        def add(owner: str, name: str, t: Optional[Tensor]) -> None:
+            if t is not None:
+                slots.append((owner, name, t.detach().reshape(-1)))
+
+        for producer in producers:
+            add(producer.path, "bias", producer.bias)
+            add(producer.path, "rows", producer.row_norms())
+            add(producer.path, "start_bias", producer.start_bias)  # on the host after the first report
+            add(producer.path, "start_rows", producer.start_rows)
+        for i, (_, bucket) in enumerate(buckets):
+            add(f"#{i}", "ratio", bucket.max_ratio)
+            add(f"#{i}", "step", bucket.max_step)
+            add(f"#{i}", "scale", bucket.max_scale)
+        on_device = [t for _, _, t in slots if t.device.type != "cpu"]
+        host = torch.zeros(0, dtype=torch.float64)
+        if on_device:  # a model split over devices meets on the first one
+            first = on_device[0].device
+            host = torch.cat([t.double().to(first) for t in on_device]).cpu()  # the one transfer
+        now: dict[str, dict[str, Optional[Tensor]]] = {
+            p.path: {"bias": None, "rows": None, "start_bias": None, "start_rows": None} for p in producers
+        }
+        at = 0
+        for owner, name, t in slots:
+            if t.device.type == "cpu":
+                value = t.double().clone()
+            else:
+                value = host[at : at + t.numel()]
+                at += t.numel()
+            now.setdefault(owner, {})[name] = value
+        return now
+
+    def _window_records(
+        self,
+        buckets: list[tuple[_StepGroup, _Bucket]],
+        now: dict[str, dict[str, Optional[Tensor]]],
+        window: int,
+        close: bool,
+    ) -> dict[str, _Record]:
+        """This window's largest update per producer: (window, ratio, optimizer step, lr, grad scale)."""
+        records: dict[str, _Record] = {}
+        for i, (group, bucket) in enumerate(buckets):
+            ratio, steps, scales = (now[f"#{i}"][k] for k in ("ratio", "step", "scale"))
+            assert ratio is not None and steps is not None and scales is not None
+            for j, producer in enumerate(bucket.producers):
+                if float(steps[j]) < 0:
+                    continue  # no optimizer step measured it in this window
+                step = int(steps[j])
+                scale = float(scales[j])
+                records[producer.path] = (
+                    window,
+                    float(ratio[j]),
+                    step,
+                    group.lr_at(step, bucket.group_of[j]),
+                    None if math.isnan(scale) else scale,
+                )
+        return records
+
+    def _cause(
+        self,
+        layer: Any,
+        producer: _Producer,
+        now: dict[str, dict[str, Optional[Tensor]]],
+        records: dict[str, _Record],
+        step: int,
+        window: int,
+    ) -> Cause:
+        units = layer.units
+        dead = layer.dead_mask.bool() if layer.dead_mask.numel() == units else torch.zeros(units, dtype=torch.bool)
+        fresh = dead & (layer.dead_streak == 1) if layer.dead_streak is not None else dead
+        chosen = fresh if bool(fresh.any()) else dead if bool(dead.any()) else torch.ones(units, dtype=torch.bool)
+        memory = self._memory[layer.name]
+        alive_windows = memory.alive_window[chosen]
+        lived = alive_windows[alive_windows >= 0]
+        since = int(lived.min()) if lived.numel() else None
+        windows = window - since + 1 if since is not None else None
+        figures = now[producer.path]
+        bias_now, rows_now = figures["bias"], figures["rows"]
+        bias_shift = bias = weight_shift = None
+        if bias_now is not None and bias_now.numel() == units:
+            bias = float(bias_now[chosen].mean())
+            shift = (bias_now - memory.bias)[chosen]
+            shift = shift[~shift.isnan()]
+            bias_shift = float(shift.mean()) if shift.numel() else None
+        if rows_now is not None and rows_now.numel() == units:
+            change = (rows_now / memory.rows - 1)[chosen]
+            change = change[change.isfinite()]
+            weight_shift = float(change.mean()) if change.numel() else None
+        history = list(producer.records) + ([records[producer.path]] if producer.path in records else [])
+        first = since if since is not None else -1
+        span = [r for r in history if r[0] >= first]
+        best = max(span, key=lambda r: (not math.isnan(r[1]), r[1]), default=None)
+        lr = update_ratio = grad_scale = None
+        update_step = None
+        if best is not None:
+            _, update_ratio, update_step, lr, grad_scale = best
+        has_optimizer = any(True for _ in self.optimizers())
+        if lr is None:
+            lr = self._current_lr(producer)
+        return Cause(
+            step=step,
+            units=int(chosen.sum()),
+            windows=windows,
+            fed_by=layer.fed_by,
+            lr=lr,
+            update_ratio=update_ratio,
+            update_step=update_step,
+            bias_shift=bias_shift,
+            bias=bias,
+            weight_shift=weight_shift,
+            grad_scale=grad_scale,
+            advice=advice(
+                lr=lr,
+                update_ratio=update_ratio,
+                update_step=update_step,
+                bias_shift=bias_shift,
+                bias=bias,
+                windows=windows,
+                grad_scale=grad_scale,
+                fed_by=layer.fed_by,
+                negative_regime=bool(layer.negative_regime),
+                has_optimizer=has_optimizer,
+            ),
+        )
+
+    def _current_lr(self, producer: _Producer) -> Optional[float]:
+        for group in self._groups.values():
+            for bucket in group.buckets:
+                for j, p in enumerate(bucket.producers):
+                    if p is producer:
+                        return group.lr_at(group.steps, bucket.group_of[j])
+        return None
+
+    def _first_memory(
+        self, units: int, producer: _Producer, now: dict[str, dict[str, Optional[Tensor]]], window: int
+    ) -> _SiteMemory:
+        """A site's memory before its first closed window: the producer's snapshot, when it is this window's start."""
+        memory = _SiteMemory(units)
+        if producer.start_window <= window:
+            for attribute, key in (("bias", "start_bias"), ("rows", "start_rows")):
+                start = now[producer.path].get(key)
+                if start is not None and start.numel() == units:
+                    setattr(memory, attribute, start.clone())
+        return memory
+
+    def _remember(
+        self,
+        memory: _SiteMemory,
+        layer: Any,
+        producer: _Producer,
+        now: dict[str, dict[str, Optional[Tensor]]],
+        window: int,
+    ) -> None:
+        """Fold a closed window into a site's memory: units alive in it remember this window's start."""
+        units = layer.units
+        if memory.bias.numel() != units or layer.dead_mask.numel() != units:
+            return
+        alive = ~layer.dead_mask.bool()
+        known = producer.start_window == window
+        for attribute, key in (("bias", "start_bias"), ("rows", "start_rows")):
+            values = getattr(memory, attribute)
+            start = now[producer.path].get(key)
+            if known and start is not None and start.numel() == units:
+                values[alive] = start[alive]
+            else:
+                values[alive] = math.nan
+        memory.alive_window[alive] = window
+
+    def remove(self) -> None:
+        """Remove the optimizer hooks. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._groups = weakref.WeakKeyDictionary()
