@@ -77,7 +77,8 @@ class ReluMonitor(OptionAttributes, Callback):
             used).
         **kwargs: the options of [`Options`][relumon.Options] by name (``types``, ``unit_dim``, ``track_grad``,
             ``min_samples``, ``measure_every``, ``permanent_after``, ``dormant_tau``, ``functional``,
-            ``grad_through``), as for [`relumon.watch`][relumon.watch]. ``grad_scaler`` and ``sync_dist`` come from
+            ``grad_through``, ``recycle``), as for [`relumon.watch`][relumon.watch]. With ``recycle="dead"`` (or
+            ``"dormant"``) each closed window is followed by recycling, with the Trainer's optimizers. ``grad_scaler`` and ``sync_dist`` come from
             the Trainer; ``on_dead`` is the callback's own, above. With ``measure_every``, a training micro-batch
             is a step.
 
@@ -209,6 +210,8 @@ class ReluMonitor(OptionAttributes, Callback):
         # Resuming restores global_step after setup: windows count from here.
         self._window_start_step = trainer.global_step
         self._last_logged_step = trainer.global_step
+        if self.monitor is not None:
+            self.monitor.optimizers = list(trainer.optimizers)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
