@@ -78,9 +78,9 @@ class ReluMonitor(OptionAttributes, Callback):
         **kwargs: the options of [`Options`][relumon.Options] by name (``types``, ``unit_dim``, ``track_grad``,
             ``min_samples``, ``measure_every``, ``permanent_after``, ``dormant_tau``, ``functional``,
             ``grad_through``, ``recycle``), as for [`relumon.watch`][relumon.watch]. With ``recycle="dead"`` (or
-            ``"dormant"``) each closed window is followed by recycling, with the Trainer's optimizers. ``grad_scaler`` and ``sync_dist`` come from
-            the Trainer; ``on_dead`` is the callback's own, above. With ``measure_every``, a training micro-batch
-            is a step.
+            ``"dormant"``) each closed window is followed by recycling, with the Trainer's optimizers.
+            ``grad_scaler`` and ``sync_dist`` come from the Trainer; ``on_dead`` is the callback's own, above. With
+            ``measure_every``, a training micro-batch is a step.
 
     Attributes:
         options: the validated [`Options`][relumon.Options] the monitor is built with.

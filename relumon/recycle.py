@@ -509,11 +509,26 @@ def check_optimizers(optimizers: Any, model: nn.Module) -> list[torch.optim.Opti
     return found
 
 
-def reset_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], masks: dict[int, tuple[Tensor, Tensor]]) -> None:
+#: Entries of one parameter that recycling touched: ``(dim, indices)`` (whole rows along dim 0 or columns along
+#: dim 1) or ``(-1, bool mask)`` (a grouped conv's scattered entries).
+Selection = tuple[int, Tensor]
+
+
+def _fill(t: Tensor, selection: Selection, value: float) -> None:
+    dim, where = selection
+    if dim < 0:
+        t.masked_fill_(where.to(t.device), value)
+    else:
+        t.index_fill_(dim, where.to(t.device), value)
+
+
+def reset_optimizer_state(
+    optimizers: Sequence[torch.optim.Optimizer], touched: dict[int, tuple[Tensor, list[Selection]]]
+) -> None:
     """Zero every per-element state tensor of the touched entries, found by parameter.
 
-    ``masks`` maps ``id(param)`` to ``(param, bool mask of its shape)``. Every state tensor of the parameter's shape
-    (Adam's moments, SGD's momentum buffer, Adagrad's sum...) is zeroed under the mask. Scalar state, such as Adam's
+    ``touched`` maps ``id(param)`` to ``(param, selections)``. Every state tensor of the parameter's shape (Adam's
+    moments, SGD's momentum buffer, Adagrad's sum...) is zeroed at the selected entries. Scalar state, such as Adam's
     per-parameter ``step``, is kept, as ReDo keeps it: resetting it would restart bias correction for the whole
     tensor, shrinking the updates of every live entry of the parameter by 3 to 6 times for about a thousand steps
     (with Adam's default betas), to help the few recycled ones.
@@ -521,28 +536,40 @@ def reset_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], masks: di
     for opt in optimizers:
         for group in opt.param_groups:
             for p in group["params"]:
-                entry = masks.get(id(p))
+                entry = touched.get(id(p))
                 state = opt.state.get(p) if entry is not None else None
                 if not state or entry is None:
                     continue
-                mask = entry[1]
                 for value in state.values():
                     if isinstance(value, Tensor) and value.shape == p.shape:
-                        value[mask.to(value.device)] = 0
+                        for selection in entry[1]:
+                            _fill(value, selection, 0.0)
 
 
-def _fresh(module: nn.Module, seed: int) -> dict[str, Tensor]:
-    """Parameters drawn by ``module``'s own ``reset_parameters`` on a clone without its weights, from ``seed``."""
+#: Classes whose ``reset_parameters`` draws from a bound that depends on the fan-in only: a clone with just the
+#: recycled rows draws from the same distribution, for a fraction of the cost.
+_FAN_IN_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _fresh(module: nn.Module, seed: int, rows: int) -> dict[str, Tensor]:
+    """``rows`` rows of parameters drawn by ``module``'s own ``reset_parameters`` on a clone without its weights.
+
+    The clone has all the module's rows, unless its class is one whose initialisation depends on the fan-in alone
+    (`_FAN_IN_ONLY`); then only ``rows`` rows are drawn. Drawn on the CPU from a generator seeded by ``seed``.
+    """
     clone = copy.copy(module)
+    whole = type(module) not in _FAN_IN_ONLY
     fresh_params = {
-        name: nn.Parameter(torch.empty(p.shape, dtype=torch.float32)) if p is not None else None
+        name: nn.Parameter(torch.empty(p.shape if whole else (rows, *p.shape[1:]), dtype=torch.float32))
         for name, p in module._parameters.items()
+        if p is not None
     }
-    object.__setattr__(clone, "_parameters", fresh_params)
+    absent = {name: None for name, p in module._parameters.items() if p is None}  # a conv without bias
+    object.__setattr__(clone, "_parameters", {**fresh_params, **absent})
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: no CUDA seeding queued
         clone.reset_parameters()  # type: ignore[operator]
-    return {name: p.detach() for name, p in fresh_params.items() if p is not None}
+    return {name: p.detach() for name, p in fresh_params.items()}
 
 
 def _seed(window: int, site: str) -> int:
@@ -551,9 +578,13 @@ def _seed(window: int, site: str) -> int:
 
 
 def recycle_units(
-    model: nn.Module, wiring: SiteWiring, indices: list[int], window: int, masks: dict[int, tuple[Tensor, Tensor]]
+    model: nn.Module,
+    wiring: SiteWiring,
+    indices: list[int],
+    window: int,
+    touched: dict[int, tuple[Tensor, list[Selection]]],
 ) -> tuple[str, ...]:
-    """Re-initialise ``indices`` of one site in place (no grad); add each touched parameter's mask to ``masks``.
+    """Re-initialise ``indices`` of one site in place (no grad); add the entries touched to ``touched``.
 
     Returns:
         The names of the parameters touched, ``"<module path>.<param>"``.
@@ -561,55 +592,52 @@ def recycle_units(
     assert wiring.producer is not None and indices
     producer = model.get_submodule(wiring.producer)
     norm: Any = model.get_submodule(wiring.norm) if wiring.norm is not None else None
-    touched: list[str] = []
+    names: list[str] = []
     idx = torch.tensor(indices, dtype=torch.long)
 
-    def mark(param: Tensor, mask: Tensor, name: str) -> None:
-        old = masks.get(id(param))
-        masks[id(param)] = (param, mask | old[1] if old is not None else mask)
-        touched.append(name)
+    def mark(param: Tensor, selection: Selection, name: str) -> None:
+        touched.setdefault(id(param), (param, []))[1].append(selection)
+        names.append(name)
 
     with torch.no_grad():
-        fresh = _fresh(producer, _seed(window, wiring.site))
+        fresh = _fresh(producer, _seed(window, wiring.site), len(indices))
         weight: Tensor = producer.weight  # type: ignore[assignment]
-        rows = torch.zeros(weight.shape[0], dtype=torch.bool)
-        rows[idx] = True
-        mask = rows.view(-1, *([1] * (weight.ndim - 1))).expand(weight.shape).to(weight.device)
-        weight[mask] = fresh["weight"].to(weight.device, weight.dtype)[mask]
-        mark(weight, mask, f"{wiring.producer}.weight")
+        drawn = fresh["weight"] if fresh["weight"].shape[0] == len(indices) else fresh["weight"][idx]
+        weight.index_copy_(0, idx.to(weight.device), drawn.to(weight.device, weight.dtype))
+        mark(weight, (0, idx), f"{wiring.producer}.weight")
         bias = getattr(producer, "bias", None)
         if isinstance(bias, Tensor):
-            bias[idx.to(bias.device)] = 0
-            mark(bias, rows.to(bias.device), f"{wiring.producer}.bias")
+            _fill(bias, (0, idx), 0.0)
+            mark(bias, (0, idx), f"{wiring.producer}.bias")
         if norm is not None:
-            nidx = idx.to(norm.running_mean.device) if norm.running_mean is not None else idx
-            if norm.weight is not None:
-                norm.weight[idx.to(norm.weight.device)] = 1
-                mark(norm.weight, rows.to(norm.weight.device), f"{wiring.norm}.weight")
-            if norm.bias is not None:
-                norm.bias[idx.to(norm.bias.device)] = 0
-                mark(norm.bias, rows.to(norm.bias.device), f"{wiring.norm}.bias")
-            if norm.running_mean is not None:
-                norm.running_mean[nidx] = 0
-            if norm.running_var is not None:
-                norm.running_var[nidx] = 1
+            for name, value in (("weight", 1.0), ("bias", 0.0)):
+                param = getattr(norm, name)
+                if isinstance(param, Tensor):
+                    _fill(param, (0, idx), value)
+                    mark(param, (0, idx), f"{wiring.norm}.{name}")
+            for name, value in (("running_mean", 0.0), ("running_var", 1.0)):
+                buffer = getattr(norm, name)
+                if isinstance(buffer, Tensor):
+                    _fill(buffer, (0, idx), value)
         for path, positions in zip(wiring.readers, wiring.positions):
             module = model.get_submodule(path)
             w: Tensor = module.weight  # type: ignore[assignment]
-            cmask = torch.zeros(w.shape, dtype=torch.bool)
+            selection: Selection
+            groups = int(getattr(module, "groups", 1))
             if isinstance(module, nn.Linear):
-                cols = (idx[:, None] * positions + torch.arange(positions)).flatten()
-                cmask[:, cols] = True
+                selection = (1, (idx[:, None] * positions + torch.arange(positions)).flatten())
+            elif groups == 1:
+                selection = (1, idx)
             else:
-                groups = int(module.groups)  # type: ignore[arg-type]
                 per_group_in, per_group_out = w.shape[1], w.shape[0] // groups
+                mask = torch.zeros(w.shape, dtype=torch.bool)
                 for u in indices:
                     group = u // per_group_in
-                    cmask[group * per_group_out : (group + 1) * per_group_out, u % per_group_in] = True
-            cmask = cmask.to(w.device)
-            w[cmask] = 0
-            mark(w, cmask, f"{path}.weight")
-    return tuple(touched)
+                    mask[group * per_group_out : (group + 1) * per_group_out, u % per_group_in] = True
+                selection = (-1, mask)
+            _fill(w, selection, 0.0)
+            mark(w, selection, f"{path}.weight")
+    return tuple(names)
 
 
 class Recycler:
@@ -651,7 +679,7 @@ class Recycler:
         units: dict[str, list[int]] = {}
         skipped: dict[str, str] = {}
         parameters: dict[str, tuple[str, ...]] = {}
-        masks: dict[int, tuple[Tensor, Tensor]] = {}
+        touched: dict[int, tuple[Tensor, list[Selection]]] = {}
         for layer in report:
             candidates = _candidates(layer, criterion, tau)
             if not candidates:
@@ -675,10 +703,10 @@ class Recycler:
             elif site_wiring.problem is not None:
                 skipped[layer.name] = site_wiring.problem
             else:
-                parameters[layer.name] = recycle_units(model, site_wiring, candidates, report.window, masks)
+                parameters[layer.name] = recycle_units(model, site_wiring, candidates, report.window, touched)
                 units[layer.name] = candidates
-        if optimizers and masks:
-            reset_optimizer_state(optimizers, masks)
+        if optimizers and touched:
+            reset_optimizer_state(optimizers, touched)
         return RecycleResult(report.window, criterion, units, skipped, parameters, len(optimizers))
 
 
