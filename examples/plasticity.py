@@ -149,7 +149,7 @@ def plot(runs: list[Run], path: Path, args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> list[Run]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stream", choices=("pixels", "labels"), default="pixels", help="what changes per task")
-    parser.add_argument("--tasks", type=int, default=40)
+    parser.add_argument("--tasks", type=int, default=30)
     parser.add_argument("--steps", type=int, default=300, help="training steps per task")
     parser.add_argument("--window", type=int, default=50, help="steps per relumon window (recycling follows each)")
     parser.add_argument("--batch", type=int, default=64)
@@ -163,11 +163,15 @@ def main(argv: Optional[list[str]] = None) -> list[Run]:
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.steps, args.window, args.width = 4, 40, 20, 32
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # matrices this small run fastest on one thread, and a busy machine is not oversubscribed
-    data = load_digits_tensors(args.seed)
-    start = time.perf_counter()
-    runs = [train_stream("plain", None, args, data), train_stream("recycle", "dead", args, data)]
-    seconds = time.perf_counter() - start
+    try:
+        data = load_digits_tensors(args.seed)
+        start = time.perf_counter()
+        runs = [train_stream("plain", None, args, data), train_stream("recycle", "dead", args, data)]
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
 
     print(f"{args.stream} stream, {args.tasks} tasks x {args.steps} steps, {seconds:.0f} s")
     print("task  plain acc  recycle acc  plain dead  recycle dead  recycled")

@@ -55,3 +55,15 @@ def test_lightning_example_relu_dies_leaky_keeps_the_gradient_flowing(tmp_path: 
     assert not reports["LeakyReLU"].dead_layers
     assert reports["LeakyReLU"].layers[0].grad_norm > 0 == reports["ReLU"].layers[0].grad_norm
     assert max(x.dead_fraction for x in reports["LeakyReLU"]) > 0.5  # the learning rate hurts LeakyReLU too
+
+
+def test_plasticity_example_runs_quick_and_recycles(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    runs = load("plasticity").main(["--quick", "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "p.json")])
+    plain, recycled = runs
+    assert (plain.name, recycled.name) == ("plain", "recycle")
+    assert len(plain.accuracy) == len(recycled.accuracy) == 4
+    assert all(0.0 < a <= 1.0 for a in plain.accuracy + recycled.accuracy)
+    assert sum(plain.recycled) == 0 and sum(recycled.recycled) > 0  # only the second run recycles
+    assert plain.accuracy[0] > 0.5  # load_digits is learnable: the stream starts from a working network
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.json").is_file()
