@@ -576,8 +576,8 @@ def watch(model: nn.Module, *, options: Optional[Options] = None, **kwargs: Any)
 
     Takes every option of [`Options`][relumon.Options] as a keyword argument (``types``, ``unit_dim``,
     ``track_grad``, ``grad_scaler``, ``on_dead``, ``min_samples``, ``sync_dist``, ``measure_every``,
-    ``permanent_after``, ``dormant_tau``, ``functional``, ``grad_through``); their meanings and defaults are listed
-    there, once.
+    ``permanent_after``, ``dormant_tau``, ``functional``, ``grad_through``, ``recycle``); their meanings and defaults
+    are listed there, once.
 
     Args:
         model: any ``nn.Module``. Watch it before the first ``torch.compile``-d call.

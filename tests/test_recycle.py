@@ -21,7 +21,7 @@ from torch import nn
 import relumon
 from relumon.cli import summarize
 from tests import dist_workers
-from tests.nets import BasicBlock
+from tests.nets import BasicBlock, SmallMobileNetV2
 
 
 class ConvNet(nn.Module):
@@ -57,6 +57,23 @@ class ResidualNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+
+
+class TransformerFFN(nn.Module):
+    """A pre-norm transformer feed-forward block on (batch, seq, features): ``x + fc2(drop(relu(fc1(ln(x)))))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.ReLU()
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.fc2(self.drop(self.act(self.fc1(self.ln(x)))))
+        return self.head(x).mean(1)
 
 
 def mlp() -> nn.Sequential:
@@ -100,6 +117,24 @@ CASES: dict[
         lambda m: m.block.bn1.bias,
         [2, 5, 7],
         lambda m: m.block.conv2.weight[:, [2, 5, 7]],
+    ),
+    "transformer_ffn": (
+        TransformerFFN,
+        (4, 5, 16),
+        "act",
+        lambda m: m.fc1.bias,
+        [1, 7],
+        lambda m: m.fc2.weight[:, [1, 7]],
+    ),
+    # The expansion ReLU6 is read by a depthwise conv (groups = channels); its dead channels leave the depthwise ReLU6
+    # after it dead too (a consequence), recycled as well, whose reader is the 1x1 projection.
+    "mobilenet_v2": (
+        SmallMobileNetV2,
+        (4, 3, 16, 16),
+        "features.2.conv.0.2",
+        lambda m: m.features[2].conv[0][1].bias,
+        [3, 20],
+        lambda m: m.features[2].conv[2].weight[:, [3, 20]],
     ),
 }
 
@@ -346,8 +381,29 @@ def test_layernorm_readers_tied_weights_and_shared_modules_are_skipped_with_reas
         result = monitor.recycle()
     assert "`norm` (LayerNorm)" in result.skipped["act"]
     assert "tied weights" in result.skipped["act3"]
-    assert "called 2 times" in result.skipped["act.call2"] or "read" in result.skipped["act.call2"]
+    assert "`MeanBackward1`" in result.skipped["act.call2"]  # a functional op reads it
     assert result.units == {}
+
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 6)
+            self.act = nn.ReLU()
+            self.shared = nn.Linear(6, 6)  # called twice per forward
+            self.act2 = nn.ReLU()
+            self.out = nn.Linear(6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.act2(self.shared(self.act2(self.shared(self.act(self.fc(x)))))))
+
+    reused = Reused()
+    kill_rows(reused.fc.bias, [0])
+    with relumon.watch(reused, measure_every=1, on_dead="ignore", recycle="dead") as monitor:
+        reused(torch.randn(8, 4)).sum().backward()
+        with pytest.warns(relumon.RelumonWarning, match="recycling without an optimizer"):
+            result = monitor.report().recycled
+    assert result is not None and result.units == {}
+    assert result.skipped["act"] == "its reader `shared` is called 2 times per forward (shared weights)"
 
 
 def test_a_sampled_window_is_not_acted_on_but_with_recycle_its_suspects_are_confirmed_next_window() -> None:
