@@ -8,7 +8,8 @@ percentage over the logged windows ("max dead %"), the first step at which every
 gradient norm (the L2 norm of dL/d(output) over the whole batch tensor) and a note on the last window: a dead layer
 is the ``root`` of its cascade or ``caused by`` an upstream death (named when one root died in that window), and a
 zero gradient is ``blocked`` by a dead layer downstream. Activations outside the ReLU family (Tanh, Sigmoid...) show
-their gradient only. A run is named by its path under LOGDIR, or
+their gradient only. With recycling on (`recycle=`), a "recycled" column sums the units re-initialised per layer. A
+run is named by its path under LOGDIR, or
 by the directory's own name when LOGDIR is itself the run. Under each run's table come its alerts, with their cause
 (the text relumon logged under ``relumon/alerts``: the learning rate, the update size, the bias shift and advice).
 ``--json`` prints the same facts as JSON, with dead shares as fractions in [0, 1] (not percentages), plus each
@@ -106,6 +107,8 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
             dead = scalars(dead_tag)
             grads = scalars(grad_prefix + name)
             fully_dead = [e.step for e in dead if e.value >= 1.0]
+            recycled_tag = f"{prefix}/recycled/{name}"
+            recycled = acc.Scalars(recycled_tag) if recycled_tag in tags else None
             events = dead or grads
             note = None
             root, consequence, blocked = last("root_death", name), last("consequence", name), last("blocked", name)
@@ -127,6 +130,7 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
                     "first_step_fully_dead": fully_dead[0] if fully_dead else None,
                     "last_grad_norm": grads[-1].value if grads else None,
                     "note": note,
+                    "recycled_units": int(sum(e.value for e in recycled)) if recycled is not None else None,
                 }
             )
         if layers:
@@ -167,7 +171,10 @@ def read_alerts(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str
 
 
 def _table(layers: list[dict[str, Any]]) -> str:
-    header = ("layer", "last dead %", "max dead %", "first step fully dead", "last grad norm", "note")
+    show_recycled = any(x.get("recycled_units") is not None for x in layers)
+    header: tuple[str, ...] = ("layer", "last dead %", "max dead %", "first step fully dead", "last grad norm")
+    header += ("recycled",) if show_recycled else ()
+    header += ("note",)
     rows = []
     for x in layers:
         grad = x["last_grad_norm"]
@@ -179,8 +186,9 @@ def _table(layers: list[dict[str, Any]]) -> str:
                 "-" if peak is None else f"{100 * peak:.1f}%",
                 "-" if x["first_step_fully_dead"] is None else str(x["first_step_fully_dead"]),
                 "-" if grad is None or (isinstance(grad, float) and math.isnan(grad)) else f"{grad:.3e}",
-                x["note"] or ("gradient only (not ReLU-family)" if not x["counts_dead"] else ""),
             )
+            + ((str(x["recycled_units"]) if x.get("recycled_units") is not None else "-",) if show_recycled else ())
+            + (x["note"] or ("gradient only (not ReLU-family)" if not x["counts_dead"] else ""),)
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = []

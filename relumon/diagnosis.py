@@ -4,8 +4,9 @@ Nothing here runs in the training step. It works on what [`Monitor.report()`][re
 read to the host, once per closed window:
 
 - **Death history** (`SiteHistory`): per unit, the step of the window in which it was first seen dead, how many
-  closed windows in a row it has been dead, and how many dead units came back. Host-side, O(units) per call site,
-  plain data in checkpoints.
+  closed windows in a row it has been dead, and how many dead units came back. A recycled unit (`relumon.recycle`)
+  starts a fresh history; the next closed window tells how many of the recycled units died again. Host-side,
+  O(units) per call site, plain data in checkpoints.
 - **Blame** (`blame`): facts about the module that fed a dying activation. The feeding module is the one whose output
   tensor the activation received in the first training forward (see `relumon.hooks.ProducerTracer`), not a guess from
   names. The facts are about whole parameters: a DTensor parameter (FSDP2's ``fully_shard``) is gathered with
@@ -46,6 +47,9 @@ class WindowHistory:
     permanently_dead_units: int  #: units dead for at least ``permanent_after`` windows in a row
     first_dead_step: Tensor  #: int64 per unit: the step of the window in which it was first seen dead, -1 if never
     dead_streak: Tensor  #: int64 per unit: consecutive closed windows (with samples) in which it was dead
+    recycled_total: int = 0  #: units recycled since monitoring began
+    recycled_checked: int = 0  #: units recycled at the last recycling, measured for the first time in this window
+    recycled_dead_again: int = 0  #: of those, the units dead again in this window (ReDo's "dead again" share)
 
 
 class SiteHistory:
@@ -59,9 +63,24 @@ class SiteHistory:
         self.first_dead_step = torch.full((units,), -1, dtype=torch.int64)
         self.dead_streak = torch.zeros(units, dtype=torch.int64)
         self.revived_total = 0
+        #: Units recycled and not yet seen by a closed window since: the next one tells whether they died again.
+        self.recycled_pending = torch.zeros(units, dtype=torch.bool)
+        self.recycled_total = 0
+        self._checked = self._dead_again = 0
+
+    def recycle(self, indices: list[int]) -> None:
+        """Units that were re-initialised: they start a fresh history, and the next window checks them."""
+        idx = torch.tensor(indices, dtype=torch.long)
+        self.first_dead_step[idx] = -1
+        self.dead_streak[idx] = 0
+        self.recycled_pending[idx] = True
+        self.recycled_total += len(indices)
 
     def update(self, dead_mask: Tensor, step: int, permanent_after: int) -> WindowHistory:
         """Fold one closed window's dead mask (CPU bool, one per unit) into the history."""
+        self._checked = int(self.recycled_pending.sum())
+        self._dead_again = int((self.recycled_pending & dead_mask).sum())
+        self.recycled_pending = torch.zeros_like(self.recycled_pending)
         revived = int(((self.dead_streak > 0) & ~dead_mask).sum())
         self.revived_total += revived
         self.dead_streak = torch.where(dead_mask, self.dead_streak + 1, torch.zeros_like(self.dead_streak))
@@ -76,6 +95,9 @@ class SiteHistory:
             permanently_dead_units=int((self.dead_streak >= permanent_after).sum()),
             first_dead_step=self.first_dead_step.clone(),
             dead_streak=self.dead_streak.clone(),
+            recycled_total=self.recycled_total,
+            recycled_checked=self._checked,
+            recycled_dead_again=self._dead_again,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -83,6 +105,8 @@ class SiteHistory:
             "first_dead_step": self.first_dead_step.tolist(),
             "dead_streak": self.dead_streak.tolist(),
             "revived_total": self.revived_total,
+            "recycled_pending": self.recycled_pending.nonzero().flatten().tolist(),
+            "recycled_total": self.recycled_total,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -93,6 +117,10 @@ class SiteHistory:
         if streak is not None and len(streak) == self.dead_streak.numel():
             self.dead_streak = torch.tensor(streak, dtype=torch.int64)
         self.revived_total = int(state.get("revived_total", 0))
+        self.recycled_total = int(state.get("recycled_total", 0))
+        pending = [int(i) for i in state.get("recycled_pending", []) if 0 <= int(i) < self.recycled_pending.numel()]
+        self.recycled_pending = torch.zeros_like(self.recycled_pending)
+        self.recycled_pending[pending] = True
 
 
 def describe_module(module: nn.Module) -> str:
@@ -267,6 +295,10 @@ class Diagnosis:
         if dead_mask is not None and close:
             return history.update(dead_mask, step, self.permanent_after)
         return history.view(0, self.permanent_after)
+
+    def recycled(self, name: str, units: int, indices: list[int]) -> None:
+        """Record that ``indices`` of site ``name`` were recycled: they start a fresh death history."""
+        self.history(name, units).recycle(indices)
 
     def jumped(self, name: str, dead_fraction: float) -> bool:
         """Whether ``dead_fraction`` rose by at least `BLAME_JUMP` since the last closed window of ``name``."""

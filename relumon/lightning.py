@@ -82,12 +82,13 @@ class ReluMonitor(OptionAttributes, Callback):
             Trainer's are used).
         **kwargs: the options of [`Options`][relumon.Options] by name (``types``, ``unit_dim``, ``track_grad``,
             ``min_samples``, ``measure_every``, ``permanent_after``, ``dormant_tau``, ``functional``,
-            ``grad_through``), as for [`relumon.watch`][relumon.watch]. ``grad_scaler`` and ``sync_dist`` come from
-            the Trainer; ``on_dead`` is the callback's own, above. With ``measure_every``, a training micro-batch
-            is a step. ``optimizer`` comes from the Trainer too: at ``on_train_start`` the monitor's ``optimizers``
-            become ``trainer.optimizers``, so alerts carry their cause (learning rate, update size, bias shift). Each
-            alert is also logged as text, under ``<prefix>/alerts``, to loggers that show text (TensorBoard, Weights
-            & Biases, MLflow).
+            ``grad_through``, ``recycle``), as for [`relumon.watch`][relumon.watch]. With ``recycle="dead"`` (or
+            ``"dormant"``) each closed window is followed by recycling, with the Trainer's optimizers.
+            ``grad_scaler`` and ``sync_dist`` come from the Trainer; ``on_dead`` is the callback's own, above. With
+            ``measure_every``, a training micro-batch is a step. ``optimizer`` comes from the Trainer too: at
+            ``on_train_start`` the monitor's ``optimizers`` become ``trainer.optimizers``, so alerts carry their cause
+            (learning rate, update size, bias shift) and recycling resets their state. Each alert is also logged as
+            text, under ``<prefix>/alerts``, to loggers that show text (TensorBoard, Weights & Biases, MLflow).
 
     Attributes:
         options: the validated [`Options`][relumon.Options] the monitor is built with.

@@ -25,6 +25,7 @@ from relumon.diagnosis import Diagnosis, blame
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
+from relumon.recycle import CRITERIA, Recycler, RecycleResult, check_optimizers
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather, sum_over_ranks
 from relumon.tensorboard import write_alerts, write_layout_once, write_scalars
@@ -55,7 +56,9 @@ class Monitor(OptionAttributes):
         last_report: the report of the last closed window, or None.
         optimizers: the optimizers that train the model, a plain list (from the ``optimizer`` option; settable, e.g.
             ``monitor.optimizers = [opt]``; the Lightning callback sets the Trainer's). relumon measures their steps
-            for [`LayerReport.cause`][relumon.LayerReport]; empty when none is known.
+            for [`LayerReport.cause`][relumon.LayerReport], and recycling resets their state for the re-initialised
+            weights; empty when none is known.
+        last_recycle: the [`RecycleResult`][relumon.recycle.RecycleResult] of the last recycling, or None.
     """
 
     def __init__(self, model: nn.Module, options: Optional[Options] = None, **kwargs: Any) -> None:
@@ -91,6 +94,10 @@ class Monitor(OptionAttributes):
         #: The alert texts of the window closed last (written to TensorBoard by `log`).
         self._window_alerts: list[str] = []
         self._warned_optimizers = False
+        self.last_recycle: Optional[RecycleResult] = None
+        # Recycling reads the wiring of one training forward: recorded from the first one when `recycle=` is set.
+        self._recycler = Recycler(model, self.options.types) if self.options.recycle is not None else None
+        self._warned_no_optimizer = False
 
     # ------------------------------------------------------------------ the per-step side, delegated
 
@@ -204,13 +211,15 @@ class Monitor(OptionAttributes):
             self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0 and x.counts_dead}))
             self.last_report = report
             # A sampled window never alerts on its own: its suspects are measured on every call of the next window.
-            recorder.confirming = {x.name for x in layers if x.confirming}
+            recorder.confirming = {x.name for x in layers if x.confirming} | self._recycle_suspects(layers)
             for site in sites.values():
                 site.exact = site.name in recorder.confirming
             if not self._idle_checked and (steps > 0 or recorder.training_seen or self._model_has_gradients()):
                 self._idle_checked = True
                 self._warn_idle()
             self._alert(report, step)
+            if self.options.recycle is not None:
+                report = self._recycle_after(report)
         return report
 
     def _count_compiled_steps(self) -> None:
@@ -231,6 +240,103 @@ class Monitor(OptionAttributes):
         if compiled > self._compiled_counted:
             recorder.steps_seen += compiled - self._compiled_counted
             self._compiled_counted = compiled
+
+    def _recycle_suspects(self, layers: list[LayerReport]) -> set[str]:
+        """With ``recycle=``: sites where a sampled window found candidates, to measure on every call next window."""
+        if self.options.recycle is None:
+            return set()
+        dormant = self.options.recycle == "dormant"
+        return {
+            x.name
+            for x in layers
+            if not x.exact and x.counts_dead and (x.dead_units > 0 or (dormant and bool(x.dormant_units)))
+        }
+
+    def _recycle_after(self, report: Report) -> Report:
+        """``recycle=``: recycle right after closing the window; the report shows what was recycled."""
+        if not self.optimizers and not self._warned_no_optimizer:
+            self._warned_no_optimizer = True
+            if global_rank() == 0:
+                warn(
+                    "relumon: recycling without an optimizer: the weights are re-initialised but no optimizer state "
+                    "is reset, so momentum and Adam moments keep pushing the old direction into the new weights. Set "
+                    "`monitor.optimizers = [optimizer]` (the Lightning callback does it from the Trainer).",
+                    RelumonWarning,
+                )
+        assert self.options.recycle is not None
+        result = self.recycle(criterion=self.options.recycle)
+        layers = [
+            dataclasses.replace(
+                x,
+                recycled_units=len(result.units.get(x.name, ())),
+                recycled_total=x.recycled_total + len(result.units.get(x.name, ())),
+            )
+            for x in report
+        ]
+        report = Report(layers, window=report.window, steps=report.steps, recycled=result)
+        self.last_report = report
+        return report
+
+    def recycle(self, optimizer: Any = None, *, criterion: str = "dead") -> RecycleResult:
+        """Re-initialise the units that the last closed window confirmed dead (or tau-dormant), where it is safe.
+
+        For each unit: the incoming weights of the Linear/Conv that feeds it are re-drawn from that layer's own
+        ``reset_parameters`` distribution and its bias set to 0 (a BatchNorm in between gets weight 1, bias 0 and
+        fresh running statistics for it); the outgoing weights are set to 0 in every Linear/Conv that reads it, so a
+        dead unit leaves the network's function exactly as it was; and the optimizers' per-element state of every
+        touched entry is set to 0 (Adam's ``step`` is kept; see ``docs/plasticity.md``). Only a window measured on
+        every call (``LayerReport.exact``) counts. A site whose wiring recycling cannot rewrite safely (a residual
+        add feeding or reading it, tied weights, a reader that is not a Linear or Conv...) is skipped with the
+        reason, and nothing there changes. A recycled unit starts a fresh death history; the next window says how
+        many recycled units died again (``LayerReport.recycled_dead_again``).
+
+        The wiring is read from one training forward, recorded from the first one after ``watch(..., recycle=...)``
+        or, without that option, after the first call of this method (which then skips every site: call it again
+        after the next window). Under ``torch.distributed`` call it on every rank: the report is global and the new
+        weights are drawn from a generator seeded by the window and the site, so every rank ends identical.
+
+        Args:
+            optimizer: the optimizer (or a sequence of them) training the model; None uses
+                [`optimizers`][relumon.Monitor] (which the Lightning callback fills). Without any, only the
+                weights are reset.
+            criterion: ``"dead"`` (the default) or ``"dormant"`` (tau-dormant units, dead ones included; needs
+                ``dormant_tau``).
+
+        Returns:
+            A [`RecycleResult`][relumon.recycle.RecycleResult]: ``units`` (``{site: unit indices}``), ``skipped``
+            (``{site: reason}``), ``parameters`` touched per site.
+
+        Raises:
+            ValueError: for an unknown ``criterion``, ``"dormant"`` without ``dormant_tau``, or an optimizer that
+                holds none of the model's parameters.
+            TypeError: for an ``optimizer`` that is not a ``torch.optim.Optimizer``.
+            RelumonError: before any closed window, or when the model is gone.
+        """
+        if criterion not in CRITERIA:
+            raise ValueError(f"expected `criterion` to be one of {CRITERIA}, got {criterion!r}")
+        if criterion == "dormant" and self.options.dormant_tau is None:
+            raise ValueError(
+                "`criterion='dormant'` needs `dormant_tau` (e.g. relumon.watch(model, dormant_tau=0.1)): the "
+                "tau-dormant score is measured only when it is set"
+            )
+        report = self.last_report
+        if report is None:
+            raise RelumonError(
+                "no window closed yet: recycling acts on what a closed window confirmed. Call monitor.report() (or "
+                "monitor.log()) first, after some training steps"
+            )
+        model = self._model_ref()
+        if model is None:
+            raise RelumonError("the watched model no longer exists")
+        optimizers = check_optimizers(self.optimizers if optimizer is None else optimizer, model)
+        if self._recycler is None:
+            self._recycler = Recycler(model, self.options.types)
+        result = self._recycler.recycle(model, report, optimizers, criterion, self.options.dormant_tau)
+        units_of = {x.name: x.units for x in report}
+        for name, indices in result.units.items():
+            self._diagnosis.recycled(name, units_of[name], indices)
+        self.last_recycle = result
+        return result
 
     def _layer_report(self, layout: SiteLayout, g: GatheredSite, step: int, close: bool) -> LayerReport:
         """One site's figures, from its description (``layout.info``: this rank's or, for a site only another rank
@@ -288,6 +394,9 @@ class Monitor(OptionAttributes):
             dead_streak=history.dead_streak,
             dormant_units=dormant_units,
             dormant_scores=dormant_scores,
+            recycled_total=history.recycled_total,
+            recycled_checked=history.recycled_checked,
+            recycled_dead_again=history.recycled_dead_again,
             blame="" if all_dead or jumped else None,  # a placeholder that `_explain` fills in or clears
             saturated_units=saturated,
             cap=cap,
@@ -541,6 +650,8 @@ class Monitor(OptionAttributes):
         if self._recorder.active:
             self.warn_unconfirmed()
         self._recorder.remove()
+        if self._recycler is not None:
+            self._recycler.remove()
         self._cause.remove()
 
     def unconfirmed(self) -> list[LayerReport]:
@@ -605,8 +716,8 @@ def watch(model: nn.Module, *, options: Optional[Options] = None, **kwargs: Any)
 
     Takes every option of [`Options`][relumon.Options] as a keyword argument (``types``, ``unit_dim``,
     ``track_grad``, ``grad_scaler``, ``on_dead``, ``min_samples``, ``sync_dist``, ``measure_every``,
-    ``permanent_after``, ``dormant_tau``, ``functional``, ``grad_through``); their meanings and defaults are listed
-    there, once.
+    ``permanent_after``, ``dormant_tau``, ``functional``, ``grad_through``, ``recycle``); their meanings and defaults
+    are listed there, once.
 
     Args:
         model: any ``nn.Module``. Watch it before the first ``torch.compile``-d call.

@@ -20,6 +20,7 @@ from relumon.cause import check_optimizers
 __all__ = [
     "DEFAULT_TYPES",
     "ON_DEAD_CHOICES",
+    "RECYCLE_CHOICES",
     "OnDead",
     "OptionAttributes",
     "Options",
@@ -37,6 +38,9 @@ DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, n
 OnDead = Union[Literal["warn", "raise", "ignore"], Callable[[Any], Any]]
 
 ON_DEAD_CHOICES = ("warn", "raise", "ignore")
+
+#: What ``recycle=`` can act on (see [`Monitor.recycle`][relumon.Monitor.recycle]).
+RECYCLE_CHOICES = ("dead", "dormant")
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,12 @@ class Options:
             dead layer (``LayerReport.cause``). It fills [`Monitor.optimizers`][relumon.Monitor], which may also be
             set later. None: the cause says less (no learning rate, no update size). Costs a few small kernels per
             optimizer step, no host read (see `relumon.cause`).
+        recycle: ``None`` (the default), ``"dead"`` or ``"dormant"``: re-initialise the units that each closed window
+            confirmed dead (or tau-dormant, which needs ``dormant_tau``) right after closing it, as
+            [`Monitor.recycle`][relumon.Monitor.recycle] does, with the optimizers in ``Monitor.optimizers`` (the
+            Lightning callback sets them from the Trainer). relumon then records the wiring of the first training
+            forward (once), and measures on every call of the next window the sites where a sampled window found
+            candidates, so that only confirmed units are recycled. See ``docs/plasticity.md``.
 
     Raises:
         TypeError: on an argument of the wrong type.
@@ -111,6 +121,7 @@ class Options:
     functional: bool = False
     grad_through: bool = False
     optimizer: Union[Any, Sequence[Any], None] = None
+    recycle: Optional[Literal["dead", "dormant"]] = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _check_types(self.types))
@@ -129,6 +140,13 @@ class Options:
         if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 <= tau < 1):
             raise ValueError(f"expected `dormant_tau` to be None or a number in [0, 1), got {tau!r}")
         object.__setattr__(self, "optimizer", _check_optimizer(self.optimizer))
+        if self.recycle is not None and self.recycle not in RECYCLE_CHOICES:
+            raise ValueError(f"expected `recycle` to be None or one of {RECYCLE_CHOICES}, got {self.recycle!r}")
+        if self.recycle == "dormant" and self.dormant_tau is None:
+            raise ValueError(
+                "`recycle='dormant'` needs `dormant_tau` (e.g. dormant_tau=0.1): the tau-dormant score is measured "
+                "only when it is set"
+            )
         if self.grad_scaler is not None and not hasattr(self.grad_scaler, "is_enabled"):
             raise TypeError(
                 f"expected `grad_scaler` to be a torch.amp.GradScaler, got {type(self.grad_scaler).__name__}"

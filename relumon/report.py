@@ -86,6 +86,12 @@ class LayerReport:
         cause: for a layer that alerts (the root of a dead cascade) or whose dead fraction jumps, the
             [`Cause`][relumon.cause.Cause]: the learning rate, the largest update of the module that fed it, how far
             the dead units' biases moved, and advice built from those facts; else None.
+        recycled_units: units re-initialised right after this window closed (``recycle=`` or
+            [`Monitor.recycle`][relumon.Monitor.recycle]); None when no recycling followed this window.
+        recycled_total: units of this site recycled since monitoring began (this window's included).
+        recycled_checked: units recycled after the previous window, seen for the first time in this one.
+        recycled_dead_again: of those, the units dead again in this window (ReDo's "share of reset units dead
+            again" is `dead_again_fraction`).
     """
 
     name: str
@@ -124,6 +130,15 @@ class LayerReport:
     blocked_by: Optional[str] = None
     disabled: Optional[str] = None
     cause: Optional[Cause] = field(default=None, compare=False)
+    recycled_units: Optional[int] = None
+    recycled_total: int = 0
+    recycled_checked: int = 0
+    recycled_dead_again: int = 0
+
+    @property
+    def dead_again_fraction(self) -> float:
+        """Share of the units recycled after the previous window that are dead again in this one; NaN if none."""
+        return self.recycled_dead_again / self.recycled_checked if self.recycled_checked else math.nan
 
     @property
     def exact(self) -> bool:
@@ -214,6 +229,10 @@ class LayerReport:
             "blocked_by": self.blocked_by,
             "disabled": self.disabled,
             "cause": self.cause.to_dict() if self.cause is not None else None,
+            "recycled_units": self.recycled_units,
+            "recycled_total": self.recycled_total,
+            "recycled_checked": self.recycled_checked,
+            "recycled_dead_again": self.recycled_dead_again,
         }
 
     def _repr_html_(self) -> str:
@@ -239,12 +258,15 @@ class Report:
         window: 0-based index of the window this report closed.
         steps: training steps (with at least one counted forward) in the window, measured or not.
         layers: the per-call-site reports, in the order the sites were first called.
+        recycled: the [`RecycleResult`][relumon.recycle.RecycleResult] of the recycling that followed this window
+            (``recycle=``), or None.
     """
 
-    def __init__(self, layers: list[LayerReport], window: int, steps: int = 0) -> None:
+    def __init__(self, layers: list[LayerReport], window: int, steps: int = 0, recycled: Optional[Any] = None) -> None:
         self.layers: tuple[LayerReport, ...] = tuple(layers)
         self.window = window
         self.steps = steps
+        self.recycled = recycled
         self._by_name = {layer.name: layer for layer in self.layers}
 
     def __iter__(self) -> Iterator[LayerReport]:
@@ -305,6 +327,8 @@ class Report:
         Per site, when a backward pass ran: ``<prefix>/grad_norm/<name>`` and ``<prefix>/blocked/<name>`` (1 when a
         dead layer downstream blocked its gradient). ``<prefix>/grad_through_norm/<name>`` with ``grad_through``;
         ``<prefix>/nonfinite_units/<name>`` when non-zero; ``<prefix>/dormant_fraction/<name>`` with ``dormant_tau``.
+        With recycling: ``<prefix>/recycled/<name>`` (units re-initialised after this window) and
+        ``<prefix>/recycled_dead_again/<name>`` (the share of the last recycled units dead again, when there were).
         Over the window: ``<prefix>/summary/dead_fraction`` over all counted units, ``<prefix>/summary/root_deaths``
         and ``<prefix>/summary/consequence_deaths``. Sites that saw no sample in the window are left out, so no NaN
         is ever logged; activations outside the ReLU family (``counts_dead`` False) get the gradient scalars only.
@@ -332,6 +356,10 @@ class Report:
                 out[f"{prefix}/consequence/{layer.tag}"] = float(layer.caused_by is not None)
             if layer.dormant_units is not None:
                 out[f"{prefix}/dormant_fraction/{layer.tag}"] = layer.dormant_fraction
+            if layer.recycled_units is not None:
+                out[f"{prefix}/recycled/{layer.tag}"] = float(layer.recycled_units)
+            if layer.recycled_checked:
+                out[f"{prefix}/recycled_dead_again/{layer.tag}"] = layer.dead_again_fraction
         if out:
             if any(layer.samples > 0 and layer.counts_dead for layer in self.layers):
                 out[f"{prefix}/summary/dead_fraction"] = self.dead_fraction
@@ -397,12 +425,14 @@ class Report:
         show_sat = any(layer.cap is not None for layer in self.layers)
         show_dormant = _shows_dormant(self)
         show_through = _shows_grad_through(self)
+        show_recycled = any(layer.recycled_units is not None for layer in self.layers)
         notes = [_note(layer) for layer in self.layers]
         header: tuple[str, ...] = ("layer", "kind", "units", "samples", "dead", "dead %")
         header += ("saturated",) if show_sat else ()
         header += ("dormant",) if show_dormant else ()
         header += ("grad norm",) + (("grad through",) if show_through else ()) + ("fed by",)
-        header += (("NaN units",) if show_nan else ()) + (("note",) if any(notes) else ())
+        header += (("NaN units",) if show_nan else ()) + (("recycled",) if show_recycled else ())
+        header += ("note",) if any(notes) else ()
         rows = []
         for layer, note in zip(self.layers, notes):
             counted = layer.counts_dead and layer.samples > 0
@@ -418,9 +448,10 @@ class Report:
                 row += (_dormant_cell(layer),)
             row += (grad,) + ((_norm(layer.grad_through_norm),) if show_through else ()) + (layer.fed_by or "-",)
             row += (str(layer.nonfinite_units),) if show_nan else ()
+            row += (_recycled_cell(layer),) if show_recycled else ()
             rows.append(row + ((note,) if any(notes) else ()))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        right = {i for i, h in enumerate(header) if h not in ("layer", "kind", "fed by", "note")}
+        right = {i for i, h in enumerate(header) if h not in ("layer", "kind", "fed by", "note", "recycled")}
 
         def fmt(row: tuple[str, ...]) -> str:
             cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
@@ -543,6 +574,13 @@ _HTML_COLUMNS: tuple[_Column, ...] = (
         shown=lambda report: any(layer.nonfinite_units for layer in report),
     ),
     _Column(
+        "recycled",
+        "units re-initialised right after this window (recycle=), and how many of the last recycled died again",
+        lambda x: _recycled_cell(x),
+        "left",
+        shown=lambda report: any(layer.recycled_units is not None for layer in report),
+    ),
+    _Column(
         "note",
         "a dead layer's place in its cascade (root or caused by), or the dead layer that blocks a zero gradient",
         lambda x: _note(x),
@@ -594,7 +632,23 @@ _HTML_FACTS: tuple[tuple[str, Callable[[LayerReport], str]], ...] = (
     ("blame", lambda x: x.blame or ""),
     ("cause", lambda x: x.cause.advice if x.cause is not None else ""),
     ("disabled", lambda x: f"after an error inside relumon: {x.disabled}" if x.disabled else ""),
+    (
+        "recycled",
+        lambda x: (
+            ""
+            if x.recycled_units is None and not x.recycled_total
+            else f"{_recycled_cell(x)}, {x.recycled_total} in all"
+        ),
+    ),
 )
+
+
+def _recycled_cell(layer: LayerReport) -> str:
+    """The table's recycled cell: units recycled after this window, and the last recycled ones dead again."""
+    text = "-" if layer.recycled_units is None else str(layer.recycled_units)
+    if layer.recycled_checked:
+        text += f" ({layer.recycled_dead_again} of {layer.recycled_checked} dead again)"
+    return text
 
 
 def _indices(indices: list[int], limit: int = 32) -> str:

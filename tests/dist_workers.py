@@ -320,3 +320,48 @@ def cause_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def recycle_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """DDP with Adam: units 2 and 5 of ``fc`` are dead on both ranks (bias -1e3), unit 0 fires on rank 1 only.
+
+    Both ranks recycle after the first window and write their weights, Adam state and what was recycled.
+    """
+    import relumon
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # the same initial model on both ranks, as DDP expects
+        model = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 1))
+        with torch.no_grad():
+            model[0].weight[0] = torch.tensor([1.0, 0.0])
+            model[0].bias.fill_(5.0)  # units 1, 3 and 4 fire everywhere
+            model[0].bias[0] = 0.0
+            model[0].bias[[2, 5]] = -1e3
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+        torch.manual_seed(100 + rank)  # different data on each rank
+        with relumon.watch(model, measure_every=1, on_dead="ignore", recycle="dead") as monitor:
+            monitor.optimizers = [opt]
+            for window in range(2):
+                for _ in range(3):
+                    opt.zero_grad()
+                    ddp(rank_inputs(rank)).sum().backward()
+                    opt.step()
+                report = monitor.report()
+                if window == 0:
+                    recycled = report.recycled
+                    params = {n: p.detach().tolist() for n, p in model.named_parameters()}
+                    state = {n: {k: v.tolist() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+        result = {
+            "units": recycled.units if recycled is not None else None,
+            "params": params,
+            "state": state,
+            "alive_next": report["1"].dead_units,
+            "final": {n: p.detach().tolist() for n, p in model.named_parameters()},
+        }
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

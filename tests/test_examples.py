@@ -68,3 +68,15 @@ def test_huggingface_example_prints_dead_ffn_units_per_layer(tmp_path: Path, cap
     out = capsys.readouterr().out
     assert "share of dead FFN units per layer" in out and "tensorboard --logdir" in out
     assert picture.stat().st_size > 0 and any((tmp_path / "run").rglob("events.out.tfevents.*"))
+
+
+def test_plasticity_example_runs_quick_and_recycles(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    runs = load("plasticity").main(["--quick", "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "p.json")])
+    plain, recycled = runs
+    assert (plain.name, recycled.name) == ("plain", "recycle")
+    assert len(plain.accuracy) == len(recycled.accuracy) == 4
+    assert all(0.0 < a <= 1.0 for a in plain.accuracy + recycled.accuracy)
+    assert sum(plain.recycled) == 0 and sum(recycled.recycled) > 0  # only the second run recycles
+    assert plain.accuracy[0] > 0.5  # load_digits is learnable: the stream starts from a working network
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.json").is_file()
