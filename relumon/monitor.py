@@ -25,7 +25,7 @@ from relumon.diagnosis import Diagnosis, blame
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
-from relumon.recycle import CRITERIA, Recycler, RecycleResult, check_optimizers
+from relumon.recycle import CRITERIA, Recycler, RecycleResult, optimizers_of_model
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather, sum_over_ranks
 from relumon.tensorboard import write_alerts, write_layout_once, write_scalars
@@ -328,7 +328,7 @@ class Monitor(OptionAttributes):
         model = self._model_ref()
         if model is None:
             raise RelumonError("the watched model no longer exists")
-        optimizers = check_optimizers(self.optimizers if optimizer is None else optimizer, model)
+        optimizers = optimizers_of_model(self.optimizers if optimizer is None else optimizer, model)
         if self._recycler is None:
             self._recycler = Recycler(model, self.options.types)
         result = self._recycler.recycle(model, report, optimizers, criterion, self.options.dormant_tau)

@@ -35,6 +35,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from relumon.cause import check_optimizers
 from relumon.hooks import OwnHook, OwnPreHook, in_functorch_transform, is_compiling, is_counted_forward
 from relumon.options import RECYCLE_CHOICES
 
@@ -43,7 +44,7 @@ __all__ = [
     "RecycleResult",
     "SiteWiring",
     "WiringProbe",
-    "check_optimizers",
+    "optimizers_of_model",
     "discover_wiring",
     "recycle_units",
     "reset_optimizer_state",
@@ -479,24 +480,14 @@ class RecycleResult:
         return "\n".join(lines)
 
 
-def check_optimizers(optimizers: Any, model: nn.Module) -> list[torch.optim.Optimizer]:
+def optimizers_of_model(optimizers: Any, model: nn.Module) -> list[torch.optim.Optimizer]:
     """``optimizers`` (None, one optimizer or a sequence) as a list, each holding some of ``model``'s parameters.
 
     Raises:
-        TypeError: for something that is not a ``torch.optim.Optimizer``.
+        TypeError: for something that is not a ``torch.optim.Optimizer`` (`relumon.cause.check_optimizers`).
         ValueError: for an optimizer that holds none of the model's parameters.
     """
-    if optimizers is None:
-        return []
-    found = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else optimizers
-    try:
-        found = list(found)
-    except TypeError:
-        found = None
-    if found is None or not all(isinstance(o, torch.optim.Optimizer) for o in found):
-        raise TypeError(
-            f"expected `optimizer` to be a torch.optim.Optimizer, a sequence of them or None, got {optimizers!r}"
-        )
+    found = list(check_optimizers(optimizers))
     params = {id(p) for p in model.parameters()}
     for opt in found:
         held = [p for group in opt.param_groups for p in group["params"]]
