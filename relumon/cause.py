@@ -144,8 +144,13 @@ def advice(
     fed_by: Optional[str],
     negative_regime: bool,
     has_optimizer: bool,
+    newly_dead: Optional[int] = None,
 ) -> str:
-    """The cause's sentence: the facts that are known, then what to change, chosen by those facts."""
+    """The cause's sentence: the facts that are known, then what to change, chosen by those facts.
+
+    ``newly_dead``: when the figures are about the units that died in this window only (others died earlier), their
+    number, so the sentence says whose biases moved.
+    """
     facts = []
     feeder = f"`{fed_by}`" if fed_by else "the layer feeding it"
     if bias_shift is not None and bias is not None:
@@ -154,7 +159,12 @@ def advice(
         )
         moved = "fell" if bias_shift < 0 else "rose" if bias_shift > 0 else "did not move"
         size = f" by {abs(bias_shift):.3g}" if bias_shift != 0 else ""
-        facts.append(f"the dead units' biases {moved}{size} {span} (mean now {bias:.3g})")
+        whose = (
+            f"the biases of the {newly_dead} unit{'s' if newly_dead != 1 else ''} that died in this window"
+            if newly_dead is not None
+            else "the dead units' biases"
+        )
+        facts.append(f"{whose} {moved}{size} {span} (mean now {bias:.3g})")
     if update_ratio is not None:
         at = f" at optimizer step {update_step}" if update_step is not None else ""
         lr_text = f", lr {lr:.3g}" if lr is not None else ""
@@ -267,9 +277,11 @@ class _Producer:
         if weight is None or weight.ndim == 0 or isinstance(self.module_ref(), nn.modules.conv._ConvTransposeNd):
             return None
         with torch.no_grad():
-            rows: Tensor = torch.linalg.vector_norm(
-                weight.detach().reshape(weight.shape[0], -1), dim=1, dtype=torch.float32
-            )
+            flat = weight.detach().reshape(weight.shape[0], -1)
+            # vector_norm accumulates in float32 for low precision, but refuses to narrow float64: reduce those as
+            # they are, then convert.
+            wide = flat.dtype == torch.float64
+            rows: Tensor = torch.linalg.vector_norm(flat, dim=1, dtype=None if wide else torch.float32).float()
         return rows
 
 
@@ -712,6 +724,7 @@ class CauseTracker:
                 fed_by=layer.fed_by,
                 negative_regime=bool(layer.negative_regime),
                 has_optimizer=has_optimizer,
+                newly_dead=int(fresh.sum()) if bool(fresh.any()) and bool((dead & ~fresh).any()) else None,
             ),
         )
 

@@ -329,6 +329,12 @@ class Monitor(OptionAttributes):
         if model is None:
             raise RelumonError("the watched model no longer exists")
         optimizers = optimizers_of_model(self.optimizers if optimizer is None else optimizer, model)
+        done = self.last_recycle
+        if done is not None and done.window == report.window:
+            # This window was acted on already (by `recycle=` or an earlier call): recycling it again would re-draw
+            # units that have been training since, and count them twice.
+            reason = f"window {report.window} was already recycled; recycle again after the next window closes"
+            return RecycleResult(report.window, criterion, {}, {name: reason for name in done.units}, {}, 0)
         if self._recycler is None:
             self._recycler = Recycler(model, self.options.types)
         result = self._recycler.recycle(model, report, optimizers, criterion, self.options.dormant_tau)

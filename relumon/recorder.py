@@ -375,9 +375,10 @@ class Recorder:
             return
         if self._step_pending and task == -1:
             self.start_step()
-        elif task != -1 and self._in_step and self._step_task != task:
+        elif task != -1 and self._in_step and self._step_task != task and not self._root_step:
             # A counted forward inside a backward pass other than the one this step's forwards ran in: a reentrant
-            # checkpoint recomputing the next step of a model driven through its methods.
+            # checkpoint recomputing the next step of a model driven through its methods. (When a call of the root
+            # module began the step, such a forward is the recompute of this very step: the root call marks steps.)
             self._forward_done = True
             self.start_step()
         call = watched.calls

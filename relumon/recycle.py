@@ -71,6 +71,8 @@ _KEEPS_UNITS = (
     "UnsqueezeBackward",
 )
 _VIEWS = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward")
+_POOLS = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool")
+_RESHAPES = (*_VIEWS, "SqueezeBackward", "UnsqueezeBackward")
 #: Modules between a producer and its activation that recycling steps over (BatchNorm is reset, these pass through).
 _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 
@@ -118,6 +120,9 @@ class WiringProbe:
 
     def __init__(self, model: nn.Module) -> None:
         self._calls: list[_Call] = []
+        #: Autograd nodes of the tensors the root module returned (a tuple or dict of them too).
+        self.output_nodes: set[int] = set()
+        self._output_refs: list[Any] = []
         self._pending: dict[int, list[tuple[Any, tuple[int, ...]]]] = {}  # id(module) -> inputs of open calls
         self._counts: Counter[int] = Counter()
         self._first: Optional[nn.Module] = None
@@ -154,6 +159,10 @@ class WiringProbe:
             self._counts[id(module)] += 1
             if isinstance(out, Tensor):
                 self._calls.append(_Call(path, module, index, in_node, out.grad_fn, in_shape, tuple(out.shape)))
+            if path == "":  # the model's outputs: a unit that reaches one cannot be rewired without changing it
+                nodes = [t.grad_fn for t in _tensors_in(out) if t.grad_fn is not None]
+                self._output_refs.extend(nodes)  # held, so that their ids stay theirs until the wiring is read
+                self.output_nodes.update(id(node) for node in nodes)
 
         return post
 
@@ -211,8 +220,23 @@ def _site_name(path: str, index: int) -> str:
     return base if index == 0 else f"{base}.call{index + 1}"
 
 
+def _tensors_in(value: Any) -> list[Tensor]:
+    """The tensors in a module's output: itself, or those in a tuple, list or dict (one level deep, and nested)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
 def discover_wiring(
-    calls: Sequence[Any], model: nn.Module, activation_types: tuple[type[nn.Module], ...], unit_dims: dict[str, int]
+    calls: Sequence[Any],
+    model: nn.Module,
+    activation_types: tuple[type[nn.Module], ...],
+    unit_dims: dict[str, int],
+    output_nodes: Optional[set[int]] = None,
 ) -> dict[str, SiteWiring]:
     """Producer and readers of every activation call site, from the autograd graph of one recorded forward.
 
@@ -223,6 +247,8 @@ def discover_wiring(
         model: the model (for shared parameters).
         activation_types: the watched activation classes.
         unit_dims: ``{site name: unit dim}``, as the reports give them (``LayerReport.unit_dim``).
+        output_nodes: ids of the autograd nodes of the model's outputs (`WiringProbe.output_nodes`): a site whose
+            values reach one is left alone.
 
     Returns:
         ``{site name: SiteWiring}`` for each call of a watched activation module that ``unit_dims`` names.
@@ -248,7 +274,15 @@ def discover_wiring(
         if name in wiring or name not in unit_dims:
             continue
         wiring[name] = _wire_site(
-            name, call, unit_dims[name], out_owner, consumers, reader_of, calls_per_module, shared
+            name,
+            call,
+            unit_dims[name],
+            out_owner,
+            consumers,
+            reader_of,
+            calls_per_module,
+            shared,
+            output_nodes or set(),
         )
     return wiring
 
@@ -313,6 +347,7 @@ def _wire_site(
     reader_of: dict[int, _Call],
     calls_per_module: Counter[int],
     shared: set[int],
+    output_nodes: set[int],
 ) -> SiteWiring:
     shape = call.out_shape
     ndim = len(shape)
@@ -374,6 +409,8 @@ def _wire_site(
         if id(node) in seen:
             continue
         seen.add(id(node))
+        if id(node) in output_nodes:
+            return skip("the model returns its values (or a view of them): re-drawn units would change that output")
         for consumer in consumers.get(id(node), []):
             reader = reader_of.get(id(consumer))
             if reader is not None and reader.in_node is node:
@@ -388,6 +425,10 @@ def _wire_site(
                 readers.append(found)
                 continue
             op = _node_name(consumer)
+            if op.startswith(_POOLS) and not _pool_keeps_units(op, path, len(shape), units_dim):
+                return skip(
+                    f"its output is pooled by `{op}` in a way that may mix its units: recycling cannot map them"
+                )
             if op.startswith(_KEEPS_UNITS) or (op.startswith("MulBackward") and _one_grad_input(consumer)):
                 frontier.append((consumer, path + [consumer]))
                 continue
@@ -406,6 +447,15 @@ def _wire_site(
         readers=tuple(r.path for r in readers),
         positions=tuple(r.positions for r in readers),
     )
+
+
+def _pool_keeps_units(op: str, path: list[Any], ndim: int, units_dim: int) -> bool:
+    """Whether a pooling node pools positions only: a 2-D pool of a batched 4-D map (or 3-D of 5-D) with the units
+    in dim 1, reached without a reshape. Anything else (a 1-D pool over a Linear's features, a 3-D pool of a 4-D map,
+    which takes the batch for channels and pools across them) may mix units."""
+    if units_dim != 1 or any(_node_name(n).startswith(_RESHAPES) for n in path):
+        return False
+    return (ndim == 4 and "2D" in op.upper()) or (ndim == 5 and "3D" in op.upper())
 
 
 def _one_grad_input(node: Any) -> bool:
@@ -531,10 +581,13 @@ def reset_optimizer_state(
                 state = opt.state.get(p) if entry is not None else None
                 if not state or entry is None:
                     continue
-                for value in state.values():
+                for key, value in state.items():
                     if isinstance(value, Tensor) and value.shape == p.shape:
+                        # A per-element step size (Rprop's) restarts where a fresh parameter's does, at the lr: at 0
+                        # the recycled entries could hardly move again. Every other such state restarts at 0.
+                        fresh = float(group["lr"]) if key == "step_size" else 0.0
                         for selection in entry[1]:
-                            _fill(value, selection, 0.0)
+                            _fill(value, selection, fresh)
 
 
 #: Classes whose ``reset_parameters`` draws from a bound that depends on the fan-in only: a clone with just the
@@ -652,9 +705,10 @@ class Recycler:
     def wiring(self, model: nn.Module, unit_dims: dict[str, int]) -> Optional[dict[str, SiteWiring]]:
         """Every site's wiring, derived once from the recorded forward; None while no forward was recorded."""
         if self._wiring is None and self._probe is not None and self._probe.recorded:
-            calls = self._probe.take_calls()
-            self._probe = None
-            self._wiring = discover_wiring(calls, model, self._types, unit_dims)
+            probe = self._probe
+            calls = probe.take_calls()
+            self._wiring = discover_wiring(calls, model, self._types, unit_dims, probe.output_nodes)
+            self._probe = None  # and with it the autograd nodes it held
         return self._wiring
 
     def recycle(
