@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 import relumon
 from tests.helpers import ConvNet, ReuseReLU, train_steps
@@ -251,12 +252,17 @@ def test_training_steps_leave_no_cyclic_garbage(net: str, options: dict) -> None
     model = make()
     with relumon.watch(model, **options) as monitor:
         garbage = garbage_of(model, monitor)
-    owned = [o for o in garbage if type(o).__module__.startswith("relumon") or _is_relumons(_code_file(o))]
+    # What relumon's hooks make per step: its own objects, closures of its code, and the handles of the tensor hooks
+    # it registers (the RemovableHandle weakrefs the issue saw). None may be left for the collector.
+    owned = [
+        o
+        for o in garbage
+        if type(o).__module__.startswith("relumon") or _is_relumons(_code_file(o)) or isinstance(o, RemovableHandle)
+    ]
     assert owned == [], f"relumon's objects in cyclic garbage: {owned[:10]}"
-    assert len(garbage) == len(baseline), (
-        f"watched steps left {len(garbage)} objects for the cycle collector, unwatched ones {len(baseline)}: "
-        f"{sorted({type(o).__name__ for o in garbage})}"
-    )
+    # The counts are not compared: garbage left by earlier tests (torch.compile's fake tensors, caches dropped mid-run)
+    # can become collectable during either run, whatever relumon does. The unwatched run shows what the steps alone do.
+    assert not any(isinstance(o, RemovableHandle) for o in baseline)
 
 
 def _code_file(obj: object) -> str:
