@@ -54,7 +54,9 @@ __all__ = ["ReluMonitorCallback"]
 OnDeadPolicy = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[LayerReport], Any]]
 _ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
 #: Options the callback takes from the Trainer (its accelerator's GradScaler, its process group), not from arguments.
-_FROM_TRAINER = ("grad_scaler", "sync_dist")
+_FROM_TRAINER = ("grad_scaler", "sync_dist", "optimizer")
+#: The callback's own arguments (the rest go to Options).
+_OWN_ARGUMENTS = ("on_dead", "figures", "prefix", "options")
 #: Prefixes of evaluation and prediction metrics: a ``logs`` dict with such a key is not a training log.
 _NOT_TRAINING = ("eval_", "test_")
 #: The Trainer's reporting integrations rewrite a training-log key ``k`` to ``train/k`` (``rewrite_logs``).
@@ -130,7 +132,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         if from_trainer:
             raise TypeError(
                 f"ReluMonitorCallback takes {from_trainer} from the Trainer (its accelerator's GradScaler, its process "
-                "group); pass the other options only"
+                "group, its optimizer); pass the other options only"
             )
         check_on_dead(on_dead, _ON_DEAD_CHOICES)
         if not isinstance(prefix, str) or not prefix:
@@ -143,7 +145,9 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
                 raise TypeError(f"ReluMonitorCallback takes {given} from the Trainer; pass an `options=` without them")
             if on_dead == "warn" and options.on_dead != "warn":
                 on_dead = options.on_dead
-        self.options = Options.resolve(options, kwargs, owner="ReluMonitorCallback()")
+        self.options = Options.resolve(
+            options, kwargs, owner="ReluMonitorCallback()", own=_OWN_ARGUMENTS, excluded=(*_FROM_TRAINER, "on_dead")
+        )
         self.on_dead = on_dead
         self.figures = figures
         self.prefix = prefix

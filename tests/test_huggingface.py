@@ -205,8 +205,16 @@ def test_arguments_are_checked() -> None:
         ReluMonitorCallback(grad_scaler=torch.amp.GradScaler("cpu"))
     with pytest.raises(ValueError, match=r"expected `on_dead` to be one of \('warn', 'raise', 'stop', 'ignore'\)"):
         ReluMonitorCallback(on_dead="halt")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=r"ReluMonitorCallback\(\) got unexpected keyword argument\(s\) \['measure'\]"):
+    with pytest.raises(
+        TypeError, match=r"ReluMonitorCallback\(\) got unexpected keyword argument\(s\) \['measure'\]"
+    ) as err:
         ReluMonitorCallback(measure=1)
+    # The error lists the callback's own arguments and the options it forwards, not those it takes from the Trainer.
+    message = str(err.value)
+    assert "prefix" in message and "measure_every" in message and "recycle" in message
+    assert "grad_scaler" not in message and "'optimizer'" not in message
+    with pytest.raises(TypeError, match=r"takes \['optimizer'\] from the Trainer"):
+        ReluMonitorCallback(optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
     callback = ReluMonitorCallback(measure_every=2, types=(nn.ReLU,))
     assert callback.measure_every == 2
     # JSON cannot hold `types`: the args the Trainer would rebuild the callback from leave it out.
