@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -37,7 +37,14 @@ from torch import nn
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.hooks import OwnPreHook
 from relumon.monitor import Monitor
-from relumon.options import OptionAttributes, Options, check_on_dead, signature_with_options
+from relumon.options import (
+    FROM_TRAINER,
+    CallbackOnDead,
+    OptionAttributes,
+    Options,
+    resolve_callback_options,
+    signature_with_options,
+)
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.tensorboard import write_layout_once
 
@@ -51,10 +58,7 @@ except ImportError:  # pragma: no cover - exercised only where transformers is a
 
 __all__ = ["ReluMonitorCallback"]
 
-OnDeadPolicy = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[LayerReport], Any]]
-_ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
-#: Options the callback takes from the Trainer (its accelerator's GradScaler, its process group), not from arguments.
-_FROM_TRAINER = ("grad_scaler", "sync_dist", "optimizer")
+OnDeadPolicy = CallbackOnDead
 #: The callback's own arguments (the rest go to Options).
 _OWN_ARGUMENTS = ("on_dead", "figures", "prefix", "options")
 #: Prefixes of evaluation and prediction metrics: a ``logs`` dict with such a key is not a training log.
@@ -128,25 +132,16 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         options: Optional[Options] = None,
         **kwargs: Any,
     ) -> None:
-        from_trainer = sorted(set(kwargs) & set(_FROM_TRAINER))
-        if from_trainer:
-            raise TypeError(
-                f"ReluMonitorCallback takes {from_trainer} from the Trainer (its accelerator's GradScaler, its process "
-                "group, its optimizer); pass the other options only"
-            )
-        check_on_dead(on_dead, _ON_DEAD_CHOICES)
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
         if not isinstance(figures, bool):
             raise TypeError(f"expected `figures` to be True or False, got {figures!r}")
-        if isinstance(options, Options):
-            given = [name for name in _FROM_TRAINER if getattr(options, name) is not None]
-            if given:
-                raise TypeError(f"ReluMonitorCallback takes {given} from the Trainer; pass an `options=` without them")
-            if on_dead == "warn" and options.on_dead != "warn":
-                on_dead = options.on_dead
-        self.options = Options.resolve(
-            options, kwargs, owner="ReluMonitorCallback()", own=_OWN_ARGUMENTS, excluded=(*_FROM_TRAINER, "on_dead")
+        self.options, on_dead = resolve_callback_options(
+            "ReluMonitorCallback",
+            options,
+            kwargs,
+            on_dead=on_dead,
+            prefix=prefix,
+            own=_OWN_ARGUMENTS,
+            source="its accelerator's GradScaler, its process group, its optimizer",
         )
         self.on_dead = on_dead
         self.figures = figures
@@ -414,7 +409,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
 # help() and inspect.signature show the options the callback forwards, although each is declared only in Options.
 ReluMonitorCallback.__signature__ = signature_with_options(  # type: ignore[attr-defined]
-    ReluMonitorCallback, exclude=(*_FROM_TRAINER, "on_dead")
+    ReluMonitorCallback, exclude=(*FROM_TRAINER, "on_dead")
 )
 
 

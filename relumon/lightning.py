@@ -16,12 +16,20 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.loggers import PictureWriter, TextWriter, is_tensorboard
 from relumon.monitor import Monitor
-from relumon.options import OptionAttributes, Options, check_int_at_least, check_on_dead, signature_with_options
+from relumon.options import (
+    FROM_TRAINER,
+    CallbackOnDead,
+    OptionAttributes,
+    Options,
+    check_int_at_least,
+    resolve_callback_options,
+    signature_with_options,
+)
 from relumon.report import LayerReport, Report, dead_layer_message
 from relumon.tensorboard import alerts_text, write_layout_once
 
@@ -37,10 +45,7 @@ except ImportError:  # pragma: no cover - exercised only where just pytorch_ligh
 
 __all__ = ["ReluMonitor"]
 
-OnDeadPolicy = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[LayerReport], Any]]
-_ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
-#: Options the callback takes from the Trainer, not from its arguments.
-_FROM_TRAINER = ("grad_scaler", "sync_dist", "optimizer")
+OnDeadPolicy = CallbackOnDead
 #: The callback's own arguments (the rest go to Options).
 _OWN_ARGUMENTS = ("log_every_n_steps", "on_dead", "figures", "prog_bar", "prefix", "options")
 
@@ -107,25 +112,16 @@ class ReluMonitor(OptionAttributes, Callback):
         options: Optional[Options] = None,
         **kwargs: Any,
     ) -> None:
-        from_trainer = sorted(set(kwargs) & set(_FROM_TRAINER))
-        if from_trainer:
-            raise TypeError(
-                f"ReluMonitor takes {from_trainer} from the Trainer (its precision plugin's GradScaler, its "
-                "process group, its optimizers); pass the other options only"
-            )
         if log_every_n_steps is not None:
             check_int_at_least("log_every_n_steps", log_every_n_steps)
-        check_on_dead(on_dead, _ON_DEAD_CHOICES)
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
-        if options is not None and isinstance(options, Options):
-            given = [name for name in _FROM_TRAINER if getattr(options, name) is not None]
-            if given:
-                raise TypeError(f"ReluMonitor takes {given} from the Trainer; pass an `options=` without them")
-            if on_dead == "warn" and options.on_dead != "warn":
-                on_dead = options.on_dead  # the callback's own `on_dead` wins when given; else the options' one
-        self.options = Options.resolve(
-            options, kwargs, owner="ReluMonitor()", own=_OWN_ARGUMENTS, excluded=(*_FROM_TRAINER, "on_dead")
+        self.options, on_dead = resolve_callback_options(
+            "ReluMonitor",
+            options,
+            kwargs,
+            on_dead=on_dead,
+            prefix=prefix,
+            own=_OWN_ARGUMENTS,
+            source="its precision plugin's GradScaler, its process group, its optimizers",
         )
         self.log_every_n_steps = log_every_n_steps
         self.on_dead = on_dead
@@ -350,7 +346,7 @@ class ReluMonitor(OptionAttributes, Callback):
 
 # help() and inspect.signature show the options ReluMonitor forwards, although each is declared only in Options.
 ReluMonitor.__signature__ = signature_with_options(  # type: ignore[attr-defined]
-    ReluMonitor, exclude=(*_FROM_TRAINER, "on_dead")
+    ReluMonitor, exclude=(*FROM_TRAINER, "on_dead")
 )
 
 

@@ -18,6 +18,10 @@ from torch import nn
 from relumon.cause import check_optimizers
 
 __all__ = [
+    "CALLBACK_ON_DEAD_CHOICES",
+    "FROM_TRAINER",
+    "CallbackOnDead",
+    "resolve_callback_options",
     "DEFAULT_TYPES",
     "ON_DEAD_CHOICES",
     "RECYCLE_CHOICES",
@@ -231,6 +235,60 @@ def signature_with_options(
         default = overrides.get(f.name, f.default)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
     return signature.replace(parameters=params)
+
+
+#: What a Trainer callback does when a layer dies: the monitor's choices plus ``"stop"`` (end training).
+CALLBACK_ON_DEAD_CHOICES = ("warn", "raise", "stop", "ignore")
+CallbackOnDead = Union[Literal["warn", "raise", "stop", "ignore"], Callable[[Any], Any]]
+
+#: Options a Trainer callback takes from its Trainer (its GradScaler, its process group, its optimizers), never from
+#: its arguments.
+FROM_TRAINER = ("grad_scaler", "sync_dist", "optimizer")
+
+
+def resolve_callback_options(
+    owner: str,
+    options: Optional[Options],
+    kwargs: Mapping[str, Any],
+    *,
+    on_dead: Any,
+    prefix: Any,
+    own: Sequence[str],
+    source: str,
+) -> tuple[Options, Any]:
+    """The checks every Trainer callback (Lightning's, Hugging Face's) makes of its arguments, in one place.
+
+    Args:
+        owner: the callback's class name, for the messages.
+        options: a ready [`Options`][relumon.Options] or None; it must leave `FROM_TRAINER` unset.
+        kwargs: options by name; none of `FROM_TRAINER` may be among them.
+        on_dead: the callback's own policy, one of `CALLBACK_ON_DEAD_CHOICES` or a callable.
+        prefix: the first part of every logged tag, a non-empty string.
+        own: the callback's own argument names, listed in the error for an unknown keyword.
+        source: where the Trainer keeps what `FROM_TRAINER` names, for the message.
+
+    Returns:
+        The validated options and the policy in force: ``on_dead``, or the options' own when ``on_dead`` is left at
+        ``"warn"``.
+
+    Raises:
+        TypeError: for an option the callback takes from the Trainer, or an unknown keyword.
+        ValueError: for a bad ``on_dead`` or ``prefix``.
+    """
+    from_trainer = sorted(set(kwargs) & set(FROM_TRAINER))
+    if from_trainer:
+        raise TypeError(f"{owner} takes {from_trainer} from the Trainer ({source}); pass the other options only")
+    check_on_dead(on_dead, CALLBACK_ON_DEAD_CHOICES)
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"expected `prefix` to be a non-empty string, got {prefix!r}")
+    if isinstance(options, Options):
+        given = [name for name in FROM_TRAINER if getattr(options, name) is not None]
+        if given:
+            raise TypeError(f"{owner} takes {given} from the Trainer; pass an `options=` without them")
+        if on_dead == "warn" and options.on_dead != "warn":
+            on_dead = options.on_dead  # the callback's own `on_dead` wins when given; else the options' one
+    resolved = Options.resolve(options, kwargs, owner=f"{owner}()", own=own, excluded=(*FROM_TRAINER, "on_dead"))
+    return resolved, on_dead
 
 
 def check_int_at_least(name: str, value: Any, minimum: int = 1) -> int:
