@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Iterator
@@ -33,3 +34,11 @@ def _no_runs_left_in_the_repo() -> Iterator[None]:
     yield
     new = sorted(_runs_in_repo() - before)
     assert not new, f"the tests left run directories in {_REPO / 'runs'}: {new} (write to tmp_path)"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """End any child process a test left running: multiprocessing's exit handler joins its children, so one stuck
+    rank would keep pytest from ever exiting (issue 29). `tests.launch` already kills its own; this is the last net."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(5)

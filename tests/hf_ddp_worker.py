@@ -8,6 +8,7 @@ peak over both ranks, all-reduced with MAX at the end).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import warnings
@@ -45,7 +46,7 @@ def main(out_dir: str) -> None:
 
     model.model.decoder.layers[1].activation_fn.register_forward_hook(ground_truth)
     callback = ReluMonitorCallback(measure_every=1)
-    run = trainer(out, [callback], model=model, max_steps=4, logging_steps=2, ddp_backend="gloo")
+    run = trainer(out, [callback], model=model, max_steps=4, logging_steps=2, ddp_backend="gloo", ddp_timeout=60)
     run.train_dataset = RankTokens(16)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -76,3 +77,8 @@ class RankTokens(Tokens):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Teardown in an order that cannot deadlock (see tests/launch.py): main's Trainer, which holds the DDP wrapper, is
+    # gone with main's frame; collect cycles, then destroy the group while nothing else holds it.
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

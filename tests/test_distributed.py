@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from tests import dist_workers
+from tests.launch import rendezvous, run_command, run_ranks
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_plain(tmp_path: Path, on_dead: str, kill_all: bool = False, extra_branch_on: int = -1) -> list[dict]:
-    args = (2, free_port(), str(tmp_path), on_dead, kill_all, extra_branch_on)
-    mp.spawn(dist_workers.plain_worker, args=args, nprocs=2, join=True)
+    run_ranks(dist_workers.plain_worker, str(tmp_path), on_dead, kill_all, extra_branch_on)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -57,7 +48,7 @@ def test_call_sites_that_differ_across_ranks_raise_on_every_rank_instead_of_hang
 
 
 def test_ranks_pair_call_sites_by_name_and_agree_on_the_union(tmp_path: Path) -> None:
-    mp.spawn(dist_workers.depth_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(dist_workers.depth_worker, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0]["local_names"] == ["b.1", "a.1"] and results[1]["local_names"] == ["a.1", "c.1", "b.1"]
     reports = [r["report"] for r in results]
@@ -79,8 +70,7 @@ def fit_ddp(
     """Fit on 2 CPU processes with Lightning's DDP; return the CSV rows with relumon's scalars and each rank's
     result."""
     pytest.importorskip(namespace)
-    args = (2, free_port(), str(tmp_path), namespace, on_dead, kill_all, max_steps)
-    mp.spawn(dist_workers.lightning_worker, args=args, nprocs=2, join=True)
+    run_ranks(dist_workers.lightning_worker, str(tmp_path), namespace, on_dead, kill_all, max_steps, init=False)
     rows = [
         r
         for r in csv.DictReader(open(tmp_path / "ddp" / "version_0" / "metrics.csv"))
@@ -112,7 +102,7 @@ def test_fsdp2_blames_whole_parameters_and_every_rank_returns_the_same_global_re
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.importorskip("torch.distributed._composable.fsdp")
-    mp.spawn(dist_workers.fsdp2_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(dist_workers.fsdp2_worker, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["bias"] == "DTensor"  # the parameters really are sharded
     assert ranks[0]["reports"] == ranks[1]["reports"]  # blame included: facts about whole parameters
@@ -138,15 +128,10 @@ def fit_spawned(tmp_path: Path, strategy: str) -> tuple[list[dict], list[dict]]:
     with or without relumon, after the fit has finished. So the check reads what the workers wrote (CSV metrics and
     each rank's report) rather than the exit status, and runs once more only when those files are missing.
     """
-    code = f"from tests.dist_workers import spawn_fit; spawn_fit({str(tmp_path)!r}, {{port}}, {strategy!r})"
+    code = f"from tests.dist_workers import spawn_fit; spawn_fit({str(tmp_path)!r}, {strategy!r})"
     for attempt in range(2):
-        out = subprocess.run(
-            [sys.executable, "-c", code.format(port=free_port())],
-            cwd=Path(__file__).parent.parent,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
+        with rendezvous(world_size=2) as env:
+            out = run_command([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, env=env, timeout=120)
         results = [tmp_path / f"rank{r}.json" for r in range(2)]
         if all(p.exists() for p in results):
             break
@@ -171,7 +156,7 @@ def test_lightning_strategies_that_start_their_own_workers_log_global_figures(st
 
 
 def test_every_rank_builds_the_same_cause_of_death(tmp_path: Path) -> None:
-    mp.spawn(dist_workers.cause_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(dist_workers.cause_worker, str(tmp_path))
     causes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert causes[0] == causes[1]  # the same cause, advice text included, on both ranks
     first, second = causes[0]

@@ -6,8 +6,6 @@ Layer 0's FFN is dead by construction and layer 1 has exactly 4 dead units of 32
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +26,7 @@ from transformers.activations import ACT2FN  # noqa: E402
 
 from relumon.huggingface import ReluMonitorCallback  # noqa: E402
 from tests.hf_helpers import ACTS, FFN, SEQ, event_dir, tiny_opt, trainer  # noqa: E402
+from tests.launch import run_command  # noqa: E402
 
 DEAD0, PART1 = ACTS
 TAG = "train/relumon/dead_fraction/"
@@ -227,12 +226,12 @@ def test_arguments_are_checked() -> None:
 @pytest.mark.slow
 def test_ddp_figures_are_global_and_rank_0_logs(tmp_path: Path) -> None:
     # torchrun, 2 CPU processes, gloo: each rank reads its own tokens (see tests/hf_ddp_worker.py).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # --standalone: torchrun's agent hosts the rendezvous on a port the OS picks and keeps (no port race); the whole
+    # process group is killed if the run passes its deadline (tests.launch.run_command).
     worker = Path(__file__).with_name("hf_ddp_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    subprocess.run([*command, str(worker), str(tmp_path)], check=True, timeout=240)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = run_command([*command, str(worker), str(tmp_path)])
+    assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # The plain hook's ground truth: unit 4 of layer 1 fired on rank 1 only, so rank 0 alone would count it dead.
     assert [r["local_dead_layer1"] for r in ranks] == [5, 4]

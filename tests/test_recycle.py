@@ -8,19 +8,18 @@ columns (and the same entries of the optimizer state), and bring them back to li
 from __future__ import annotations
 
 import json
-import socket
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import relumon
 from relumon.cli import summarize
 from tests import dist_workers
+from tests.launch import run_ranks
 from tests.nets import BasicBlock, SmallMobileNetV2
 
 
@@ -503,15 +502,9 @@ def test_lightning_recycles_with_the_trainers_optimizer_and_logs_recycled_counts
     assert torch.equal(model.net[2].weight[:, [3, 9]], torch.zeros(12, 2))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_two_ddp_ranks_recycle_the_same_units_and_end_with_identical_weights_and_adam_state(tmp_path: Path) -> None:
-    mp.spawn(dist_workers.recycle_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(dist_workers.recycle_worker, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # Unit 0 fires only on rank 1's data: globally alive; units 2 and 5 are dead everywhere.
     assert ranks[0]["units"] == ranks[1]["units"] == {"1": [2, 5]}
