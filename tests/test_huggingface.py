@@ -159,7 +159,7 @@ def test_an_exception_outside_the_training_step_removes_the_hooks_at_the_next_fo
         run.train()
     assert _hook_count(model) > 0  # no Trainer event fired: the hooks are still there...
     ids = torch.randint(2, 64, (2, SEQ))
-    with pytest.warns(relumon.RelumonWarning, match="outside the Trainer's training_step"):
+    with pytest.warns(relumon.RelumonWarning, match=r"after the Trainer's train\(\) ended"):
         model(input_ids=ids, labels=ids).loss.backward()  # ...until the model trains outside the Trainer
     assert _hook_count(model) == 0 and callback.monitor is None and "training_step" not in vars(run)
     # A later train() with the same callback watches the model again, and removes its hooks at the end.
