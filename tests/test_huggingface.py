@@ -245,3 +245,238 @@ def test_ddp_figures_are_global_and_rank_0_logs(tmp_path: Path) -> None:
     assert len(ranks[0]["dead_warnings"]) == 1 and f"`{DEAD0}`" in ranks[0]["dead_warnings"][0]
     assert ranks[1]["dead_warnings"] == []  # rank 0 speaks
     assert len(list(tmp_path.rglob("events.out.tfevents.*"))) == 1  # rank 0 writes, through its TensorBoardCallback
+
+
+# ---------------------------------------------------------------- issue 26: the door, hardened
+
+
+def _windows_spy(callback: ReluMonitorCallback) -> tuple[Any, list[tuple[int, int]]]:
+    """A callback after relumon's that records (step, micro-batches) of each newly closed window."""
+    windows: list[tuple[int, int]] = []
+    seen: list[Any] = [None]
+
+    class Spy(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            report = callback.last_report
+            if report is not None and report is not seen[-1]:
+                seen.append(report)
+                windows.append((state.global_step, report.steps))
+
+    return Spy(), windows
+
+
+def test_a_log_of_your_own_in_compute_loss_closes_no_window(tmp_path: Path) -> None:
+    from transformers import Trainer
+
+    class AuxTrainer(Trainer):
+        """Logs an auxiliary metric at every micro-batch, as a subclass might."""
+
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            self.log({"aux": 1.0})
+            return loss
+
+    callback = ReluMonitorCallback(measure_every=1)
+    spy, windows = _windows_spy(callback)
+    run = trainer(tmp_path, [callback, spy], max_steps=10, logging_steps=5)
+    run = AuxTrainer(model=run.model, args=run.args, train_dataset=run.train_dataset, callbacks=[callback, spy])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        run.train()
+    assert windows == [(5, 5), (10, 5)]  # the Trainer's own logs only, 5 micro-batches each
+    acc = EventAccumulator(str(event_dir(tmp_path)), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [5, 10]
+    assert [(e.step, e.value) for e in acc.Scalars(TAG + PART1)] == [(5, 4 / FFN), (10, 4 / FFN)]
+    assert len(acc.Scalars("train/aux")) == 10  # the subclass's own metric, untouched
+
+
+def test_a_probe_forward_in_a_callback_keeps_monitoring_on(tmp_path: Path) -> None:
+    class Probe(TrainerCallback):
+        """A training-mode forward with grad, outside training_step, at step 3."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if state.global_step == 3:
+                ids = torch.randint(2, 64, (1, SEQ))
+                model(input_ids=ids, labels=ids).loss.backward()
+                model.zero_grad()
+
+    callback = ReluMonitorCallback(measure_every=1)
+    spy, windows = _windows_spy(callback)
+    run = trainer(tmp_path, [callback, Probe(), spy], max_steps=6, logging_steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run.train()
+    assert not [w for w in record if "removed its hooks" in str(w.message)]
+    # Every window was reported; the probe counts as one more step of the window it fell in (steps 3 and 4).
+    assert windows == [(2, 2), (4, 3), (6, 2)]
+    assert len(_dead_warnings(record)) == 1 and _hook_count(run.model) == 0
+
+
+def test_attach_ties_the_callback_to_a_trainer(tmp_path: Path) -> None:
+    callback = ReluMonitorCallback(measure_every=1)
+    run = trainer(tmp_path, [])
+    assert callback.attach(run) is callback and callback in run.callback_handler.callbacks
+    with pytest.warns(relumon.DeadUnitsWarning):
+        run.train()
+    assert _order(run) == ORDER and [step for step, _ in callback.history] == [2, 4, 6]
+    with pytest.raises(TypeError, match="expected `trainer` to be a transformers.Trainer"):
+        callback.attach(object())
+
+
+def test_on_dead_stop_saves_the_checkpoint_that_shows_the_death(tmp_path: Path) -> None:
+    callback = ReluMonitorCallback(measure_every=1, on_dead="stop")
+    run = trainer(tmp_path, [callback], max_steps=20, logging_steps=2, save_strategy="steps", save_steps=100)
+    with pytest.warns(relumon.DeadUnitsWarning, match=r"Stopping training \(ReluMonitorCallback\(on_dead='stop'\)\)"):
+        output = run.train()
+    assert output.global_step == 2
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["ReluMonitorCallback"]["attributes"]["relumon_state"]["alerted"] == [DEAD0]
+    assert (checkpoint / "relumon-relumon.pt").is_file() and (checkpoint / "model.safetensors").is_file()
+
+
+def test_on_dead_stop_at_the_last_step_does_not_claim_to_stop(tmp_path: Path) -> None:
+    run = trainer(tmp_path, [ReluMonitorCallback(measure_every=1, on_dead="stop")], max_steps=2, logging_steps=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run.train()
+    dead = _dead_warnings(record)
+    assert len(dead) == 1 and "Training had reached its end" in dead[0] and "Stopping training" not in dead[0]
+
+
+def test_two_callbacks_resume_from_their_newest_entries_without_a_second_alert(tmp_path: Path) -> None:
+    first = [ReluMonitorCallback(measure_every=1, prefix=p) for p in ("a", "b")]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, first, max_steps=4, save_strategy="steps", save_steps=2).train()
+    assert len(_dead_warnings(record)) == 2  # one per callback
+    entries = json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["stateful_callbacks"]
+    # transformers keeps the entries of train begin and appends at each save: the newest come last.
+    prefixes = [e["args"]["prefix"] for e in entries["ReluMonitorCallback"]]
+    assert sorted(prefixes) == ["a"] * 3 + ["b"] * 3 and prefixes[:2] == ["a", "b"]
+    second = [ReluMonitorCallback(measure_every=1, prefix=p) for p in ("a", "b")]
+    run = trainer(tmp_path, second, max_steps=6)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert _dead_warnings(record) == []
+    for callback in second:
+        assert [step for step, _ in callback.history] == [2, 4, 6]
+        assert callback.last_report is not None and callback.last_report.window == 2
+
+
+def test_alerts_reach_tensorboard_and_relumon_summary_finds_the_trainers_prefix(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from relumon.cli import main
+
+    with pytest.warns(relumon.DeadUnitsWarning) as record:
+        trainer(tmp_path, [ReluMonitorCallback(measure_every=1)], max_steps=4, logging_steps=2).train()
+    message = next(str(w.message) for w in record if issubclass(w.category, relumon.DeadUnitsWarning))
+    capsys.readouterr()  # the Trainer's printer
+    assert "window 0 (0-based), which closed at step 2" in message
+    assert main(["summary", str(tmp_path), "--json"]) == 0  # no --prefix: train/relumon/... is found
+    out = json.loads(capsys.readouterr().out)
+    (run,) = out["runs"].values()
+    assert {x["layer"]: x["last_dead_fraction"] for x in run} == {DEAD0: 1.0, PART1: 4 / FFN}
+    (alerts,) = out["alerts"].values()
+    assert [a["step"] for a in alerts] == [2] and alerts[0]["text"] == message
+    assert main(["summary", str(tmp_path)]) == 0
+    assert "alert at step 2:" in capsys.readouterr().out
+
+
+def test_trainer_state_json_grows_with_layers_not_units(tmp_path: Path) -> None:
+    sizes = {}
+    for ffn in (32, 512):
+        callback = ReluMonitorCallback(measure_every=1)
+        out = tmp_path / str(ffn)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+            trainer(out, [callback], model=tiny_opt(ffn=ffn), max_steps=2, save_strategy="steps", save_steps=2).train()
+        entry = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]
+        sizes[ffn] = len(json.dumps(entry["ReluMonitorCallback"]))
+        per_unit = torch.load(out / "checkpoint-2" / "relumon-relumon.pt", weights_only=True)
+        assert per_unit[DEAD0]["first_dead_step"].tolist() == [2] * ffn  # every unit of layer 0 died at step 2
+    assert abs(sizes[512] - sizes[32]) < 64, sizes  # 16x the units, the same JSON (digits of fractions aside)
+
+    # A resume reads the per-unit history back from the checkpoint folder.
+    callback = ReluMonitorCallback(measure_every=1)
+    run = trainer(tmp_path / "32", [callback], model=tiny_opt(), max_steps=4)
+    run.train(resume_from_checkpoint=str(tmp_path / "32" / "checkpoint-2"))
+    history = callback._saved["history"] if callback._saved is not None else {}
+    assert history[DEAD0]["first_dead_step"] == [2] * FFN and history[PART1]["first_dead_step"][:4] == [2] * 4
+
+
+def test_epoch_logging_pictures_follow_the_epochs_window(tmp_path: Path) -> None:
+    callback = ReluMonitorCallback(measure_every=1)
+    drawn: list[tuple[str, int, int]] = []
+
+    class Spy(TrainerCallback):
+        """Records, for each picture written, the last window the callback had closed then."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            writer = callback._tensorboard.tb_writer
+            add_figure = writer.add_figure
+
+            def spy(tag: str, figure: Any, global_step: int) -> None:
+                drawn.append((tag, global_step, callback.history[-1][0]))
+                add_figure(tag, figure, global_step=global_step)
+
+            writer.add_figure = spy
+
+    run = trainer(tmp_path, [callback, Spy()], n=8, max_steps=-1, num_train_epochs=2, logging_strategy="epoch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        run.train()
+    heatmaps = [(step, last) for tag, step, last in drawn if tag == "relumon/dead_heatmap"]
+    assert heatmaps == [(4, 4), (8, 8)]  # a picture per epoch, each holding the window closed at its step
+    acc = EventAccumulator(str(event_dir(tmp_path)), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("relumon/dead_heatmap")] == [4, 8]
+
+
+def test_options_given_through_options_survive_restore_callback_states(tmp_path: Path) -> None:
+    options = relumon.Options(measure_every=1, permanent_after=5)
+    with pytest.warns(relumon.DeadUnitsWarning):
+        trainer(
+            tmp_path, [ReluMonitorCallback(options=options)], max_steps=2, save_strategy="steps", save_steps=2
+        ).train()
+    run = trainer(
+        tmp_path, [ReluMonitorCallback(options=options)], max_steps=4, restore_callback_states_from_checkpoint=True
+    )
+    run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    live = next(cb for cb in run.callback_handler.callbacks if isinstance(cb, ReluMonitorCallback))
+    assert (live.options.measure_every, live.options.permanent_after) == (1, 5)
+
+
+def test_smaller_messages_say_what_to_do(tmp_path: Path) -> None:
+    # figures=True without a TensorBoard callback says so, once per callback.
+    callback = ReluMonitorCallback(measure_every=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for out in ("a", "b"):
+            trainer(tmp_path / out, [callback], max_steps=2, report_to=[]).train()
+    assert len([w for w in record if "no TensorBoardCallback" in str(w.message)]) == 1
+    # A sampled window that could not be confirmed: the advice names the Trainer's setting.
+    with pytest.warns(relumon.RelumonWarning, match=r"could not be confirmed.*`logging_steps` \(now 2\)"):
+        trainer(tmp_path / "c", [ReluMonitorCallback()], max_steps=2, logging_steps=2).train()
+
+
+@pytest.mark.parametrize(("activation", "found"), [("gelu", "GELUActivation"), ("relu2", "ReLUSquaredActivation")])
+def test_no_relu_warning_names_the_activations_found_and_types(tmp_path: Path, activation: str, found: str) -> None:
+    model = tiny_opt(dead_layer0=False, dead_units_layer1=0, activation=activation)
+    with pytest.warns(relumon.RelumonWarning, match=rf"its activations are {found} \(2\).*types=\({found},\)"):
+        trainer(tmp_path, [ReluMonitorCallback()], model=model, max_steps=1).train()
+
+
+def test_relu_squared_is_watched_with_types(tmp_path: Path) -> None:
+    from transformers.activations import ReLUSquaredActivation
+
+    callback = ReluMonitorCallback(measure_every=1, types=(ReLUSquaredActivation,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        trainer(tmp_path, [callback], model=tiny_opt(activation="relu2"), max_steps=2, logging_steps=2).train()
+    report = callback.last_report
+    assert report is not None and report.names == list(ACTS)
+    assert report[DEAD0].grad_norm is not None and report[DEAD0].samples == 2 * 2 * SEQ
