@@ -109,8 +109,8 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     ``train/relumon/alerts``, at the step of their window, which ``relumon summary`` prints.
 
     **Finding the Trainer**: the callback needs the Trainer (for its callback list and its ``training_step``). Pass it
-    with [`attach()`][relumon.huggingface.ReluMonitorCallback.attach], or let ``on_train_begin`` find the Trainer that
-    holds this callback among the callers of ``on_train_begin``. Without one it still measures and logs, but says so.
+    with ``attach(trainer)``, or let ``on_train_begin`` find the Trainer that holds this callback among its callers.
+    Without one it still measures and logs, but says so.
 
     **Cleanup**: the hooks are removed at ``on_train_end``, and also when ``train()`` raises (no Trainer event fires
     then): an exception out of the Trainer's ``training_step`` removes them on its way out, and the first training

@@ -480,3 +480,37 @@ def test_relu_squared_is_watched_with_types(tmp_path: Path) -> None:
     report = callback.last_report
     assert report is not None and report.names == list(ACTS)
     assert report[DEAD0].grad_norm is not None and report[DEAD0].samples == 2 * 2 * SEQ
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="relumon.recorder.counts_dead knows only nn.ReLU/nn.ReLU6 as zero-floor activations: transformers' "
+    "ReLUSquaredActivation (relu(x)**2, 0 exactly where ReLU is) gets gradient flow only, its dead column shows '-'",
+)
+def test_relu_squared_dead_units_are_counted_with_types(tmp_path: Path) -> None:
+    from transformers.activations import ReLUSquaredActivation
+
+    callback = ReluMonitorCallback(measure_every=1, types=(ReLUSquaredActivation,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        trainer(tmp_path, [callback], model=tiny_opt(activation="relu2"), max_steps=2, logging_steps=2).train()
+    report = callback.last_report
+    assert report is not None and report[DEAD0].dead_fraction == 1.0 and report[PART1].dead_units == 4
+
+
+def test_cause_and_recycling_work_under_the_trainer(tmp_path: Path) -> None:
+    # The Trainer's optimizer reaches the monitor: the alert's cause names its learning rate; recycle="dead"
+    # re-initialises what the first window confirmed dead, so the second window finds every unit alive.
+    callback = ReluMonitorCallback(measure_every=1, recycle="dead")
+    with pytest.warns(relumon.DeadUnitsWarning, match=r"Cause \(step 2\):.*lr 5e-05") as record:
+        trainer(tmp_path, [callback], max_steps=4, logging_steps=2, learning_rate=5e-5).train()
+    assert len(_dead_warnings(record)) == 1
+    assert callback.history == [(2, {DEAD0: 1.0, PART1: 4 / FFN}), (4, {DEAD0: 0.0, PART1: 0.0})]
+    report = callback.last_report
+    assert report is not None
+    assert (report[DEAD0].recycled_total, report[DEAD0].recycled_checked, report[DEAD0].recycled_dead_again) == (
+        FFN,
+        FFN,
+        0,
+    )
+    assert (report[PART1].recycled_total, report[PART1].recycled_dead_again) == (4, 0)
