@@ -510,7 +510,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             at_end = self._ending or (control is not None and control.should_training_stop)
             if control is not None and not at_end:
                 control.should_training_stop = True
-                if getattr(args, "save_strategy", "no") not in ("no", None) and str(args.save_strategy) != "no":
+                if getattr(args, "save_strategy", "no") != "no":  # SaveStrategy is a str enum
                     control.should_save = True  # the checkpoint that shows the death
             if self._rank_zero:
                 why = "Training had reached its end." if at_end else "Stopping training"

@@ -79,7 +79,9 @@ def training_args(out: Path, **overrides: Any) -> Any:
     return TrainingArguments(str(out), **kwargs)
 
 
-def trainer(out: Path, callbacks: list[Any], model: Any = None, n: int = 16, **overrides: Any) -> Any:
+def trainer(
+    out: Path, callbacks: list[Any], model: Any = None, n: int = 16, eval_dataset: Any = None, **overrides: Any
+) -> Any:
     """A ``transformers.Trainer`` on a tiny OPT; TensorBoard event files somewhere under ``out`` (`event_dir`)."""
     from transformers import Trainer
 
@@ -87,6 +89,7 @@ def trainer(out: Path, callbacks: list[Any], model: Any = None, n: int = 16, **o
         model=model if model is not None else tiny_opt(),
         args=training_args(out, **overrides),
         train_dataset=Tokens(n),
+        eval_dataset=eval_dataset,
         callbacks=callbacks,
     )
 

@@ -27,6 +27,7 @@ from transformers import TrainerCallback  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
 from relumon.huggingface import ReluMonitorCallback  # noqa: E402
+from tests.helpers import kill_units  # noqa: E402
 from tests.hf_helpers import ACTS, FFN, SEQ, event_dir, tiny_opt, trainer  # noqa: E402
 
 DEAD0, PART1 = ACTS
@@ -514,3 +515,68 @@ def test_cause_and_recycling_work_under_the_trainer(tmp_path: Path) -> None:
         0,
     )
     assert (report[PART1].recycled_total, report[PART1].recycled_dead_again) == (4, 0)
+
+
+def _plain_hook_dead_units(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """Per ``nn.ReLU`` module, its per-unit (last dim) peak over every training forward, by plain forward hooks."""
+    peaks: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU):
+
+            def hook(module: nn.Module, inputs: Any, output: torch.Tensor, name: str = name) -> None:
+                if module.training and torch.is_grad_enabled():
+                    peak = output.detach().reshape(-1, output.shape[-1]).amax(0)
+                    peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+
+            handles.append(module.register_forward_hook(hook))
+    return peaks, handles
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_t5_and_bert_dead_units_match_plain_hooks(tmp_path: Path, family: str) -> None:
+    # One window over the whole run, every step measured: relumon's dead units are the units a plain hook saw <= 0.
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    if family == "t5":
+        config = T5Config(
+            vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2,
+            feed_forward_proj="relu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
+        )  # fmt: skip
+        model: Any = T5ForConditionalGeneration(config)
+        feed = model.encoder.block[0].layer[1].DenseReluDense.wi  # T5 has no biases: zero rows output exactly 0
+        with torch.no_grad():
+            feed.weight[:5].zero_()
+        killed = "encoder.block.0.layer.1.DenseReluDense.act"
+    else:
+        config = BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, hidden_act="relu", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )  # fmt: skip
+        model = BertForMaskedLM(config)
+        kill_units(model.bert.encoder.layer[0].intermediate.dense, [0, 1, 2])
+        killed = "bert.encoder.layer.0.intermediate.intermediate_act_fn"
+    peaks, handles = _plain_hook_dead_units(model)
+    callback = ReluMonitorCallback(measure_every=1)
+    trainer(tmp_path, [callback], model=model, max_steps=4, logging_steps=4).train()
+    for handle in handles:
+        handle.remove()
+    report = callback.last_report
+    assert report is not None and killed in report.names and set(report.names) == set(peaks)
+    for name, peak in peaks.items():
+        assert report[name].dead_units == int((peak <= 0).sum()), name
+    assert report[killed].dead_units >= (5 if family == "t5" else 3)
+
+
+def test_evaluation_is_not_counted_and_closes_no_window(tmp_path: Path) -> None:
+    from tests.hf_helpers import Tokens
+
+    callback = ReluMonitorCallback(measure_every=1)
+    spy, windows = _windows_spy(callback)
+    evaluation = {"eval_dataset": Tokens(6, seed=1), "eval_strategy": "steps", "eval_steps": 1}
+    run = trainer(tmp_path, [callback, spy], max_steps=4, logging_steps=2, **evaluation)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        run.train()
+    assert windows == [(2, 2), (4, 2)]  # evaluations at every step close nothing
+    assert callback.last_report is not None and callback.last_report[PART1].samples == 2 * 2 * SEQ  # training only
