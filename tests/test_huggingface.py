@@ -580,3 +580,19 @@ def test_evaluation_is_not_counted_and_closes_no_window(tmp_path: Path) -> None:
         run.train()
     assert windows == [(2, 2), (4, 2)]  # evaluations at every step close nothing
     assert callback.last_report is not None and callback.last_report[PART1].samples == 2 * 2 * SEQ  # training only
+
+
+def test_relumon_summary_names_the_prefixes_when_several_are_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from relumon.cli import main
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        for head in ("train/relumon", "eval/relumon"):
+            writer.add_scalar(f"{head}/dead_fraction/act", 0.5, global_step=1)
+    assert main(["summary", str(tmp_path)]) == 1
+    error = capsys.readouterr().err
+    assert "several prefixes ['eval/relumon', 'train/relumon']" in error and "pass --prefix" in error
+    assert main(["summary", str(tmp_path), "--prefix", "eval/relumon"]) == 0
