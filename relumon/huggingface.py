@@ -256,7 +256,8 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
                 "hooks if train() raises. Pass it through `Trainer(callbacks=...)`, or call "
                 "`callback.attach(trainer)`."
             )
-        if self.figures and self._tensorboard is None and self._rank_zero and not self._said_no_writer:
+        no_writer = trainer is not None and self._tensorboard is None
+        if self.figures and no_writer and self._rank_zero and not self._said_no_writer:
             self._said_no_writer = True
             warn(
                 "ReluMonitorCallback(figures=True) draws its pictures into TensorBoard, but the Trainer has no "
