@@ -596,3 +596,21 @@ def test_relumon_summary_names_the_prefixes_when_several_are_found(
     error = capsys.readouterr().err
     assert "several prefixes ['eval/relumon', 'train/relumon']" in error and "pass --prefix" in error
     assert main(["summary", str(tmp_path), "--prefix", "eval/relumon"]) == 0
+
+
+def test_a_checkpoint_resumed_from_elsewhere_says_the_per_unit_history_is_missing(tmp_path: Path) -> None:
+    import shutil
+
+    with pytest.warns(relumon.DeadUnitsWarning):
+        trainer(
+            tmp_path / "a", [ReluMonitorCallback(measure_every=1)], max_steps=2, save_strategy="steps", save_steps=2
+        ).train()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "moved")
+    callback = ReluMonitorCallback(measure_every=1)
+    run = trainer(tmp_path / "b", [callback], max_steps=4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run.train(resume_from_checkpoint=str(tmp_path / "moved"))
+    assert any("per-unit death history" in str(w.message) and "is not there" in str(w.message) for w in record)
+    assert _dead_warnings(record) == []  # the alerts given before the checkpoint still count
+    assert [step for step, _ in callback.history] == [2, 4]
