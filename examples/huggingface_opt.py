@@ -15,8 +15,8 @@ It prints the share of dead FFN units per layer at each of the Trainer's logging
 public ``history`` after training. With ``--out DIR`` it also writes that table as Markdown
 (``huggingface_opt_table.txt``), a line chart of it (``huggingface_opt_dead.png``) and relumon's dead-unit heatmap
 (``huggingface_opt_dead_heatmap.png``) into DIR; ``--out docs/img`` regenerates the pictures and the table of
-docs/huggingface.md, and nothing is written there unless asked. The run is seeded (``--seed``, and transformers'
-full determinism), so it repeats on one machine; another CPU may round differently and move units at the edge.
+docs/huggingface.md, and nothing is written there unless asked. The run is seeded (``--seed``), so it repeats on one
+machine; another CPU may round differently and move units at the edge.
 A unit counts as dead in a window when its output was 0 for every token of every sequence the window measured
 (about one micro-batch in four by default: see "Measured steps" in the README).
 """
@@ -119,9 +119,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.quick:
         args.steps, args.logging_steps, args.layers, args.hidden = 8, 4, 2, 32
 
-    from transformers import Trainer, TrainingArguments, enable_full_determinism
+    from transformers import Trainer, TrainingArguments, set_seed
 
-    enable_full_determinism(args.seed)
+    set_seed(args.seed)
     model = small_opt(args.layers, args.hidden)
     data = ByteBlocks(stdlib_text(200_000 if not args.quick else 20_000), length=64)
     callback = ReluMonitorCallback(on_dead="warn")
@@ -137,7 +137,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         save_strategy="no",
         disable_tqdm=True,
         seed=args.seed,
-        full_determinism=True,
     )
     trainer = Trainer(model=model, args=training, train_dataset=data, callbacks=[callback])
     with warnings.catch_warnings():
