@@ -514,7 +514,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
                 if getattr(args, "save_strategy", "no") != "no":  # SaveStrategy is a str enum
                     control.should_save = True  # the checkpoint that shows the death
             if self._rank_zero:
-                why = "Training had reached its end." if at_end else "Stopping training"
+                why = "Training was ending anyway" if at_end else "Stopping training"
                 warn(f"{message} {why} (ReluMonitorCallback(on_dead='stop')).", DeadUnitsWarning)
         elif self.on_dead == "warn" and self._rank_zero:
             warn(message, DeadUnitsWarning)

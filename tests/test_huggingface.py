@@ -343,7 +343,7 @@ def test_on_dead_stop_at_the_last_step_does_not_claim_to_stop(tmp_path: Path) ->
         warnings.simplefilter("always")
         run.train()
     dead = _dead_warnings(record)
-    assert len(dead) == 1 and "Training had reached its end" in dead[0] and "Stopping training" not in dead[0]
+    assert len(dead) == 1 and "Training was ending anyway" in dead[0] and "Stopping training" not in dead[0]
 
 
 def test_two_callbacks_resume_from_their_newest_entries_without_a_second_alert(tmp_path: Path) -> None:
