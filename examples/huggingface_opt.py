@@ -7,12 +7,18 @@ trains it as a byte-level language model on text that ships with Python (the sta
 from its source files), and
 lets `relumon.huggingface.ReluMonitorCallback` watch ``model.decoder.layers.N.activation_fn``:
 
-    python examples/huggingface_opt.py                  # a few minutes on a CPU
+    python examples/huggingface_opt.py --out runs/huggingface_opt/docs   # about 1 to 3 minutes on a CPU
     tensorboard --logdir runs/huggingface_opt           # train/relumon/dead_fraction/... next to train/loss
+    relumon summary runs/huggingface_opt                # the same per layer, at the terminal
 
-It prints the share of dead FFN units per layer at each of the Trainer's logging steps and draws it
-(``--picture``). A unit counts as dead in a window when its output was 0 for every token of every sequence the
-window measured (about one micro-batch in four by default: see "Measured steps" in the README).
+It prints the share of dead FFN units per layer at each of the Trainer's logging steps, read from the callback's
+public ``history`` after training. With ``--out DIR`` it also writes that table as Markdown
+(``huggingface_opt_table.txt``), a line chart of it (``huggingface_opt_dead.png``) and relumon's dead-unit heatmap
+(``huggingface_opt_dead_heatmap.png``) into DIR; ``--out docs/img`` regenerates the pictures and the table of
+docs/huggingface.md, and nothing is written there unless asked. The run is seeded (``--seed``), so it repeats on one
+machine; another CPU may round differently and move units at the edge.
+A unit counts as dead in a window when its output was 0 for every token of every sequence the window measured
+(about one micro-batch in four by default: see "Measured steps" in the README).
 """
 
 from __future__ import annotations
@@ -88,7 +94,12 @@ def small_opt(layers: int, hidden: int) -> Any:
     return OPTForCausalLM(config)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+#: The names of the files ``--out`` writes.
+TABLE, LINES, HEATMAP = "huggingface_opt_table.txt", "huggingface_opt_dead.png", "huggingface_opt_dead_heatmap.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The example's command line (docs/huggingface.md names a command the tests parse with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logdir", default="runs/huggingface_opt", help="the Trainer's output_dir")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps")
@@ -96,15 +107,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data order and dropout")
     parser.add_argument("--picture", default=None, help="save the dead share per layer over training as a PNG")
+    parser.add_argument("--out", default=None, help=f"write {TABLE}, {LINES} and {HEATMAP} into this directory")
     parser.add_argument("--quick", action="store_true", help="a tiny run for the tests")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.steps, args.logging_steps, args.layers, args.hidden = 8, 4, 2, 32
 
     from transformers import Trainer, TrainingArguments, set_seed
 
-    set_seed(0)
+    set_seed(args.seed)
     model = small_opt(args.layers, args.hidden)
     data = ByteBlocks(stdlib_text(200_000 if not args.quick else 20_000), length=64)
     callback = ReluMonitorCallback(on_dead="warn")
@@ -119,27 +136,46 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         use_cpu=True,
         save_strategy="no",
         disable_tqdm=True,
-        seed=0,
+        seed=args.seed,
     )
     trainer = Trainer(model=model, args=training, train_dataset=data, callbacks=[callback])
     with warnings.catch_warnings():
         warnings.simplefilter("always", relumon.DeadUnitsWarning)
         trainer.train()
 
-    # The heatmap's timeline: (step, {layer: dead fraction}) per closed window, oldest first.
-    timeline = callback.state()["attributes"]["relumon_state"]["timeline"]
+    # The callback's timeline: (step, {layer: dead fraction}) per closed window, oldest first.
+    history = callback.history
     layers = [f"model.decoder.layers.{i}.activation_fn" for i in range(args.layers)]
     print("\nshare of dead FFN units per layer (relumon, per logging window)")
     print("step  " + "  ".join(f"layer {i:<2}" for i in range(args.layers)))
-    for step, fractions in timeline:
+    for step, fractions in history:
         cells = (f"{100 * fractions[name]:7.1f}%" if name in fractions else "      - " for name in layers)
         print(f"{step:>4}  " + "  ".join(cells))
     print(f"\nlast window:\n{callback.last_report}")
     print(f"\ntensorboard --logdir {args.logdir}")
     if args.picture:
-        draw(timeline, layers, args.picture)
+        draw(history, layers, args.picture)
         print(f"picture: {args.picture}")
-    return {"timeline": timeline, "layers": layers, "report": callback.last_report}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / TABLE).write_text(markdown_table(history, layers))
+        draw(history, layers, str(out / LINES))
+        from relumon.figures import dead_heatmap_figure
+
+        dead_heatmap_figure(history).savefig(out / HEATMAP)
+        print(f"table and pictures: {out / TABLE}, {out / LINES}, {out / HEATMAP}")
+    return {"timeline": history, "layers": layers, "report": callback.last_report}
+
+
+def markdown_table(history: list[Any], layers: list[str]) -> str:
+    """The share of dead FFN units per layer and logging step, as the Markdown table of docs/huggingface.md."""
+    lines = ["| step | " + " | ".join(f"layer {i}" for i in range(len(layers))) + " |"]
+    lines.append("|---:|" + "---:|" * len(layers))
+    for step, fractions in history:
+        cells = (f"{100 * fractions[name]:.1f}%" if name in fractions else "-" for name in layers)
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def draw(timeline: list[Any], layers: list[str], path: str) -> None:

@@ -2,6 +2,7 @@
 
     relumon summary runs/
     relumon summary runs/ --json
+    relumon summary runs/opt            # a Hugging Face Trainer run: finds its train/relumon/... scalars
 
 For each run (a directory holding TensorBoard event files) it prints one row per layer: the last and the highest dead
 percentage over the logged windows ("max dead %"), the first step at which every unit was dead, and the last
@@ -30,7 +31,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "summarize", "read_alerts"]
+__all__ = ["main", "summarize", "read_alerts", "detect_prefix"]
 
 EXIT_USAGE, EXIT_NO_DATA = 2, 1
 
@@ -141,6 +142,33 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
     return summary
 
 
+def detect_prefix(logdir: str) -> str:
+    """The tag prefix relumon's scalars carry under ``logdir``: ``relumon``, or where only one other prefix ending in
+    ``relumon`` is found (``train/relumon``, as the Hugging Face Trainer's TensorBoard integration writes), that one.
+
+    Raises:
+        LookupError: several such prefixes and none is ``relumon`` (``--prefix`` must choose).
+    """
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return "relumon"  # summarize() says what to install
+    found: set[str] = set()
+    for run in _runs(logdir):
+        acc = EventAccumulator(run, size_guidance={"scalars": 1})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            for metric in ("/dead_fraction/", "/grad_norm/"):
+                head = tag.split(metric)[0] if metric in tag else ""
+                if head == "relumon" or head.endswith("/relumon"):
+                    found.add(head)
+    if "relumon" in found or not found:
+        return "relumon"
+    if len(found) > 1:
+        raise LookupError(f"relumon scalars under several prefixes {sorted(found)} in {logdir}: pass --prefix")
+    return found.pop()
+
+
 def read_alerts(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, Any]]]:
     """Per run (named as in `summarize`), the alert texts relumon logged under ``<prefix>/alerts``, by step.
 
@@ -209,12 +237,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="store_true",
         help="print JSON instead of tables: fractions in [0, 1], plus windows and last step per layer",
     )
-    summary_parser.add_argument("--prefix", default="relumon", help="the tag prefix relumon logged with")
+    summary_parser.add_argument(
+        "--prefix",
+        default=None,
+        help="the tag prefix relumon logged with (default: relumon, or the one prefix found, e.g. train/relumon)",
+    )
     args = parser.parse_args(argv)
 
     try:
-        summary = summarize(args.logdir, args.prefix)
-        alerts = read_alerts(args.logdir, args.prefix)
+        prefix = args.prefix
+        if prefix is None and os.path.isdir(args.logdir):
+            prefix = detect_prefix(args.logdir)
+        summary = summarize(args.logdir, prefix or "relumon")
+        alerts = read_alerts(args.logdir, prefix or "relumon")
     except FileNotFoundError:
         print(f"relumon summary: no such directory: {args.logdir}", file=sys.stderr)
         return EXIT_USAGE

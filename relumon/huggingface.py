@@ -3,8 +3,15 @@
 This is the only relumon module that imports ``transformers``. What it relies on in the Trainer (read from
 transformers 5.x, ``trainer.py`` and ``trainer_callback.py``):
 
-- ``CallbackHandler.call_event`` calls each callback in list order with the model (unwrapped), the optimizer
-  (accelerate's wrapper) and the rest as keyword arguments; nothing hands a callback the Trainer itself.
+- ``CallbackHandler.call_event`` calls each callback in list order with ``model`` (unwrapped), ``optimizer``
+  (accelerate's ``AcceleratedOptimizer``, whose ``scaler`` is the GradScaler under fp16), ``lr_scheduler``,
+  ``processing_class``, ``train_dataloader`` and ``eval_dataloader`` as keyword arguments; nothing hands a callback
+  the Trainer itself.
+- The Trainer's own training logs are ``_maybe_log_save_evaluate``'s (``loss``, ``grad_norm``, ``learning_rate``...),
+  after ``on_step_end`` or ``on_epoch_end``, and ``_finalize_training``'s (``train_runtime``, ``train_loss``...), before
+  ``on_train_end``. ``Trainer.log`` called from a subclass's ``compute_loss`` (inside ``training_step``) is not one.
+- ``on_epoch_end`` runs before that epoch's log; ``on_save`` runs after the checkpoint folder
+  ``<output_dir>/checkpoint-<global_step>`` and its ``trainer_state.json`` are written.
 - The reporting integrations of ``report_to`` (``TensorBoardCallback``, ``WandbCallback``, ``MLflowCallback``...)
   come before the user's callbacks, and each writes the ``logs`` dict it receives in ``on_log``. A key added to that
   dict by a callback that runs *before* them reaches every one of them; one added after them reaches none.
@@ -13,6 +20,7 @@ transformers 5.x, ``trainer.py`` and ``trainer_callback.py``):
 - No callback event fires when ``train()`` raises.
 - ``TrainerState.stateful_callbacks`` (in ``trainer_state.json``) holds each ``ExportableState`` callback's
   ``state()``, as JSON, and a resumed run's ``state`` is read back from the checkpoint before ``on_train_begin``.
+  With several callbacks of one class the entry is a list that every save *appends* to (the newest entries last).
 
 Example::
 
@@ -26,8 +34,11 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import re
 import sys
 from typing import Any, Optional
 
@@ -46,7 +57,7 @@ from relumon.options import (
     signature_with_options,
 )
 from relumon.report import LayerReport, Report, dead_layer_message
-from relumon.tensorboard import write_layout_once
+from relumon.tensorboard import write_alerts, write_layout_once
 
 try:
     from transformers import TrainerCallback
@@ -67,16 +78,23 @@ _NOT_TRAINING = ("eval_", "test_")
 _TRAIN_PREFIX = "train/"
 
 
+#: Keys only the Trainer's own training logs carry: ``loss`` at each logging step, ``train_runtime`` at the end.
+_TRAINER_LOG_KEYS = ("loss", "train_runtime")
+#: Per-unit lists of a site's death history (`relumon.diagnosis`), kept out of ``trainer_state.json``.
+_PER_UNIT = ("first_dead_step", "dead_streak", "recycled_pending")
+
+
 class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     """Log dead units and gradient flow of every ReLU-family activation of a ``transformers.Trainer`` model.
 
     The callback watches the Trainer's model from ``on_train_begin`` to ``on_train_end``. Every micro-batch is a
     step; evaluation and prediction forwards (``no_grad``, eval mode) never count.
 
-    **Windows follow the Trainer's logging.** A window closes each time the Trainer logs training metrics (every
-    ``logging_steps`` optimizer steps, also under ``gradient_accumulation_steps``; at the first step with
-    ``logging_first_step``; per epoch with ``logging_strategy="epoch"``) and at the end of training, and its scalars
-    are added to the Trainer's own ``logs`` dict in ``on_log``. So they go wherever ``report_to`` sends the loss
+    **Windows follow the Trainer's own training logs.** A window closes each time the Trainer logs its training
+    metrics (every ``logging_steps`` optimizer steps, also under ``gradient_accumulation_steps``; at the first step
+    with ``logging_first_step``; per epoch with ``logging_strategy="epoch"``) and at the end of training; a
+    ``self.log({...})`` of your own (say in a Trainer subclass's ``compute_loss``) never closes one. The window's
+    scalars are added to the Trainer's ``logs`` dict in ``on_log``, so they go wherever ``report_to`` sends the loss
     (TensorBoard, Weights & Biases, MLflow...), at the same step, through each integration's own code; the
     integrations name them ``train/relumon/<metric>/<layer>``. For that, the callback moves itself in front of the
     reporting integrations in the Trainer's callback list when training begins. The progress bar prints only the
@@ -85,26 +103,36 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     Under DDP (``torchrun``, ``accelerate launch``) every rank closes the same windows, so the figures are global and
     alerts are decided alike on every rank; the integrations write from rank 0 only.
 
-    **Pictures**: the gradient-flow chart and the dead-unit heatmap go to the ``TensorBoardCallback``'s writer (tags
-    ``relumon/grad_flow`` and ``relumon/dead_heatmap``) at the end of each epoch and of training. Needs matplotlib.
+    **Pictures and alerts**: the gradient-flow chart and the dead-unit heatmap go to the ``TensorBoardCallback``'s
+    writer (tags ``relumon/grad_flow`` and ``relumon/dead_heatmap``) at the end of each epoch (after that epoch's
+    window closed) and of training; needs matplotlib. Alerts go to the same writer as text under
+    ``train/relumon/alerts``, at the step of their window, which ``relumon summary`` prints.
+
+    **Finding the Trainer**: the callback needs the Trainer (for its callback list and its ``training_step``). Pass it
+    with ``attach(trainer)``, or let ``on_train_begin`` find the Trainer that holds this callback among its callers.
+    Without one it still measures and logs, but says so.
 
     **Cleanup**: the hooks are removed at ``on_train_end``, and also when ``train()`` raises (no Trainer event fires
     then): an exception out of the Trainer's ``training_step`` removes them on its way out, and the first training
-    forward of the model that the Trainer did not drive (after an exception elsewhere) removes them before it is
-    counted. A later ``train()`` with the same callback starts afresh.
+    forward of the model after ``train()`` has unwound (no frame of that Trainer's ``train()`` on the stack) removes
+    them before it is counted. A training forward of your own while ``train()`` runs (a probe in a callback) keeps
+    them, and counts as a step of the window. A later ``train()`` with the same callback starts afresh.
 
-    **Resume**: the callback is an ``ExportableState``: its state (alerts, death history, the heatmap's timeline) is
-    written to each checkpoint's ``trainer_state.json`` and continued by ``train(resume_from_checkpoint=...)``,
-    whether or not ``restore_callback_states_from_checkpoint`` is set.
+    **Resume**: the callback is an ``ExportableState``. Per checkpoint, ``trainer_state.json`` gets its arguments and
+    its small state (alerts given, windows, the timeline, per layer the counts), which grow with the number of
+    layers, not units; the per-unit death history goes to ``relumon-<prefix>.pt`` in the checkpoint folder (at
+    ``on_save``). ``train(resume_from_checkpoint=...)`` continues both, whether or not
+    ``restore_callback_states_from_checkpoint`` is set.
 
     Args:
         on_dead: what to do the first time a window measured on every call finds every unit of a layer dead (once
             per dead cascade, for its root): ``"warn"`` (a [`DeadUnitsWarning`][relumon.DeadUnitsWarning]),
             ``"raise"`` (a [`RelumonError`][relumon.RelumonError], after removing the hooks), ``"stop"`` (set
-            ``control.should_training_stop``, so the Trainer ends training after the step, and say why),
+            ``control.should_training_stop``, and ``control.should_save`` unless ``save_strategy="no"``, so the
+            Trainer saves a checkpoint that shows the death and ends training after the step, and say why),
             ``"ignore"``, or a callable that receives the [`LayerReport`][relumon.LayerReport].
         figures: write the two pictures to TensorBoard (needs a ``TensorBoardCallback``, e.g.
-            ``report_to=["tensorboard"]``).
+            ``report_to=["tensorboard"]``; without one the callback says so once).
         prefix: the first part of every relumon key.
         options: a ready [`Options`][relumon.Options]; keyword arguments override its fields. Its ``on_dead`` applies
             unless ``on_dead`` is given here; its ``grad_scaler`` and ``sync_dist`` must be None.
@@ -119,7 +147,9 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     Attributes:
         options: the validated [`Options`][relumon.Options] the monitor is built with.
-        last_report: the most recent [`Report`][relumon.Report], or None.
+        last_report: the [`Report`][relumon.Report] of the last closed window (kept after training), or None.
+        history: ``(step, {layer: dead fraction})`` per closed window, oldest first (kept after training; continued
+            on resume): the timeline the heatmap draws.
         monitor: the [`Monitor`][relumon.Monitor] while training, else None.
     """
 
@@ -147,11 +177,15 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self.figures = figures
         self.prefix = prefix
         # What the Trainer needs to rebuild this callback from trainer_state.json (restore_callback_states_from_
-        # checkpoint): the arguments given, where JSON can hold them.
-        self._json_args = _json_safe({"on_dead": on_dead, "figures": figures, "prefix": prefix, **kwargs})
+        # checkpoint): the arguments in force, those given through `options=` included, where JSON can hold them.
+        self._json_args = _json_safe(
+            {"on_dead": on_dead, "figures": figures, "prefix": prefix, **_changed(self.options)}
+        )
         self.monitor: Optional[Monitor] = None
         self.last_report: Optional[Report] = None
         self._saved: Optional[dict[str, Any]] = None  # the monitor's state once training ends, for state()
+        self._attached: Any = None  # the Trainer given to attach()
+        self._said_no_writer = False
         self._reset_run()
 
     def _reset_run(self) -> None:
@@ -159,14 +193,47 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._last_closed_step = 0
         self._window_start_step = 0
         self._pictured_step = -1
+        self._pictures_due = False
         self._rank_zero = True
+        self._args: Any = None
         self._control: Any = None
         self._tensorboard: Any = None  # the TensorBoardCallback, if any
         self._trainer: Any = None
         self._in_training_step = False
+        self._ending = False
+        self._window_alerts: list[str] = []
         self._guard: Any = None
         self._tail: Optional[_StripRelumonKeys] = None
         self._handler: Any = None  # the CallbackHandler, while the tail waits for a place
+
+    @property
+    def history(self) -> list[tuple[int, dict[str, float]]]:
+        """``(step, {layer: dead fraction})`` per closed window, oldest first: the heatmap's timeline.
+
+        Readable during and after training (and after a resume, from the checkpoint's start).
+        """
+        if self.monitor is not None:
+            return self.monitor.timeline
+        saved = self._saved or {}
+        return [(int(step), dict(fractions)) for step, fractions in saved.get("timeline", [])]
+
+    def attach(self, trainer: Any) -> ReluMonitorCallback:
+        """Tie this callback to ``trainer`` (a ``transformers.Trainer``), adding it to its callbacks if missing.
+
+        Optional: without it, ``on_train_begin`` looks for the Trainer that holds this callback among its callers.
+        Use it where that cannot work (a loop that raises the Trainer's events from elsewhere).
+
+        Returns:
+            The callback itself.
+        """
+        from transformers import Trainer
+
+        if not isinstance(trainer, Trainer):
+            raise TypeError(f"expected `trainer` to be a transformers.Trainer, got {type(trainer).__name__}")
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self._attached = trainer
+        return self
 
     # ------------------------------------------------------------------ attach and detach
 
@@ -174,39 +241,47 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._detach()  # an earlier train() that raised before its hooks could go
         self._reset_run()
         self._rank_zero = bool(state.is_world_process_zero)
+        self._args = args
         self._control = control
         self._last_closed_step = self._window_start_step = state.global_step
         model = kwargs.get("model")
-        handler, trainer = _find_handler_and_trainer(self)
+        trainer = self._find_trainer()
         self._trainer = trainer
-        if handler is not None:
-            self._take_place(handler)
+        if trainer is not None:
+            self._take_place(trainer.callback_handler)
         elif self._rank_zero:
             warn(
-                "ReluMonitorCallback could not find the Trainer's callback list, so it cannot run before the "
-                "reporting integrations: its scalars reach only the callbacks after it, and it cannot remove its "
-                "hooks if train() raises. Pass it to a transformers.Trainer through `callbacks=`."
+                "ReluMonitorCallback could not find the transformers.Trainer it belongs to, so it cannot run before "
+                "the reporting integrations: its scalars reach only the callbacks after it, and it cannot remove its "
+                "hooks if train() raises. Pass it through `Trainer(callbacks=...)`, or call "
+                "`callback.attach(trainer)`."
+            )
+        no_writer = trainer is not None and self._tensorboard is None
+        if self.figures and no_writer and self._rank_zero and not self._said_no_writer:
+            self._said_no_writer = True
+            warn(
+                "ReluMonitorCallback(figures=True) draws its pictures into TensorBoard, but the Trainer has no "
+                "TensorBoardCallback: no pictures. Add `report_to=['tensorboard']` to the TrainingArguments, or pass "
+                "figures=False."
             )
         if not isinstance(model, nn.Module):
             return
         types = self.options.types
         if not self.options.functional and not any(isinstance(m, types) for m in model.modules()):
             if self._rank_zero:
-                looked_for = ", ".join(t.__name__ for t in types)
-                warn(
-                    f"relumon found no module of the watched types ({looked_for}) in {type(model).__name__}. "
-                    "ReluMonitorCallback stays idle; training goes on."
-                )
+                warn(_no_watched_types_message(model, types))
             return
         # A resumed run (global_step > 0 at train begin) continues the state saved in the checkpoint; a new run, even
         # with a reused callback, starts fresh.
-        resumed = _saved_state(state, type(self).__name__, self.prefix) if state.global_step > 0 else None
+        resumed = self._resumed_state(args, state) if state.global_step > 0 else None
         if resumed is None:
             self._saved = None
             self.last_report = None
-        scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
-        monitor = Monitor(model, self.options.replace(grad_scaler=scaler, on_dead=self._on_dead_layer))
         optimizer = kwargs.get("optimizer")
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds the GradScaler
+        if scaler is None:
+            scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+        monitor = Monitor(model, self.options.replace(grad_scaler=scaler, on_dead=self._on_dead_layer))
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
         monitor.optimizers = [inner] if isinstance(inner, torch.optim.Optimizer) else []
         if resumed is not None:
@@ -217,10 +292,28 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             self._guard = model.register_forward_pre_hook(OwnPreHook(self._check_driven, model))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._ending = True
         if self.monitor is not None and state.global_step > self._last_closed_step:
             self._close_window(state, control)  # no training log came after the last steps: keep their report
         self._write_pictures(state.global_step)
         self._detach()
+
+    def _find_trainer(self) -> Any:
+        """The Trainer given to `attach`, or the one among the callers of this event whose callback list holds this
+        callback (the nearest; the whole stack is searched). None when there is none."""
+        from transformers import Trainer
+
+        attached = self._attached
+        if attached is not None and self in attached.callback_handler.callbacks:
+            return attached
+        frame = sys._getframe(1)
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            handler = getattr(owner, "callback_handler", None) if isinstance(owner, Trainer) else None
+            if isinstance(handler, CallbackHandler) and self in handler.callbacks:
+                return owner
+            frame = frame.f_back  # type: ignore[assignment]
+        return None
 
     def _take_place(self, handler: Any) -> None:
         """Move this callback right after ``DefaultFlowCallback``, in front of the reporting integrations, so the
@@ -271,7 +364,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def _guard_training_step(self, trainer: Any) -> None:
         """Wrap the Trainer's ``training_step`` (an instance attribute, undone at detach) so that an exception out of
-        it removes the hooks, and so that forwards the Trainer drives can be told from others."""
+        it removes the hooks, and so that forwards and logs the Trainer drives can be told from others."""
         original = trainer.training_step
         callback = self
 
@@ -289,20 +382,25 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         trainer.training_step = training_step
 
     def _check_driven(self, module: nn.Module, inputs: Any) -> None:
-        """A forward pre-hook on the model: a training forward outside the Trainer's ``training_step`` means
-        ``train()`` has unwound without ``on_train_end`` (an exception elsewhere): remove the hooks before it counts."""
+        """A forward pre-hook on the model: a training forward outside the Trainer's ``training_step`` after
+        ``train()`` has unwound without ``on_train_end`` (an exception elsewhere) removes the hooks before it counts.
+        One while ``train()`` still runs (a callback's probe forward) leaves them."""
         if self._in_training_step or not module.training or not torch.is_grad_enabled():
+            return
+        if _is_running(self._trainer):
             return
         self._detach()
         if self._rank_zero:
             warn(
-                "relumon: the model ran a training forward outside the Trainer's training_step, after train() "
-                "ended without on_train_end (an exception?). ReluMonitorCallback removed its hooks; "
-                "the next trainer.train() watches the model again."
+                "relumon: the model ran a training forward after the Trainer's train() ended without on_train_end "
+                "(an exception?). ReluMonitorCallback removed its hooks; the next trainer.train() watches the model "
+                "again."
             )
 
     def _detach(self) -> None:
-        """Remove every hook and wrapper; keep the monitor's state for ``state()``. Idempotent."""
+        """Remove every hook and wrapper; keep the monitor's state for ``state()``. Idempotent.
+
+        First says which layers looked dead but could not be confirmed, in the Trainer's terms."""
         trainer, self._trainer = self._trainer, None
         wrapper = getattr(trainer, "__dict__", {}).get("training_step")
         if wrapper is not None and hasattr(wrapper, "__relumon_original__"):
@@ -311,16 +409,29 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             self._guard.remove()
             self._guard = None
         if self.monitor is not None:
+            self._warn_unconfirmed(self.monitor)
             self._saved = self.monitor.state_dict()
             self.monitor.remove()
             self.monitor = None
+
+    def _warn_unconfirmed(self, monitor: Monitor) -> None:
+        """`Monitor.warn_unconfirmed`, with the Trainer's own setting to change named."""
+        logging_steps = getattr(self._args, "logging_steps", None)
+        now = f" (now {logging_steps:g})" if isinstance(logging_steps, (int, float)) else ""
+        monitor.warn_unconfirmed(
+            advice=f"lower the TrainingArguments' `logging_steps`{now}, so that windows close sooner,"
+        )
 
     # ------------------------------------------------------------------ windows
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None, **kwargs: Any) -> None:
         if self.monitor is None or logs is None or state.global_step <= self._last_closed_step:
             return
-        if any(key.startswith(_NOT_TRAINING) for key in logs):
+        # Only the Trainer's own training logs close a window: not eval/predict metrics, not a `self.log()` made in
+        # compute_loss or training_step, not a log without the Trainer's keys.
+        if self._in_training_step or any(key.startswith(_NOT_TRAINING) for key in logs):
+            return
+        if not any(key in logs for key in _TRAINER_LOG_KEYS):
             return
         report = self._close_window(state, control)
         scalars = report.scalars(self.prefix)
@@ -328,12 +439,20 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         if self._tail is not None:
             self._tail.keys = list(scalars)
         writer = getattr(self._tensorboard, "tb_writer", None)
-        if writer is not None and self._rank_zero and scalars:
-            write_layout_once(writer, _TRAIN_PREFIX + self.prefix, [_TRAIN_PREFIX + tag for tag in scalars])
+        if writer is not None and self._rank_zero:
+            if scalars:
+                write_layout_once(writer, _TRAIN_PREFIX + self.prefix, [_TRAIN_PREFIX + tag for tag in scalars])
+            write_alerts(writer, self._window_alerts, state.global_step, prefix=_TRAIN_PREFIX + self.prefix)
+        if self._pictures_due:
+            self._write_pictures(state.global_step)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # The last epoch's pictures come at on_train_end, after the end of training's log closed its last window.
-        if not control.should_training_stop and state.global_step < state.max_steps:
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            return
+        if control.should_log:
+            self._pictures_due = True  # this epoch's log comes next and closes its window: draw after it
+        else:
             self._write_pictures(state.global_step)
 
     def _close_window(self, state: Any, control: Any) -> Report:
@@ -341,6 +460,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._control = control
         step = state.global_step
         self._last_closed_step = step
+        self._window_alerts = []
         report = self.monitor.report(step=step)  # every rank: the reduction is collective
         self._window_start_step = step
         self.last_report = report
@@ -348,6 +468,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def _write_pictures(self, step: int) -> None:
         """The gradient-flow chart and the dead-unit heatmap to TensorBoard, once per step, from rank 0."""
+        self._pictures_due = False
         writer = getattr(self._tensorboard, "tb_writer", None)
         report, monitor = self.last_report, self.monitor
         if not self.figures or writer is None or not self._rank_zero or monitor is None or report is None:
@@ -371,38 +492,101 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def _on_dead_layer(self, layer: LayerReport) -> None:
         trainer_steps = self._last_closed_step - self._window_start_step
-        message = dead_layer_message(layer, optimizer_steps=trainer_steps or None)
+        monitor = self.monitor
+        message = dead_layer_message(
+            layer,
+            optimizer_steps=trainer_steps or None,
+            # Alerts run while the window closes, after the monitor has opened the next one.
+            window=monitor.window - 1 if monitor is not None else None,
+            step=self._last_closed_step,
+        )
+        self._window_alerts.append(message)
         if callable(self.on_dead):
             self.on_dead(layer)
         elif self.on_dead == "raise":
             self._detach()
             raise RelumonError(message)
         elif self.on_dead == "stop":
-            if self._control is not None:
-                self._control.should_training_stop = True
+            control, args = self._control, self._args
+            at_end = self._ending or (control is not None and control.should_training_stop)
+            if control is not None and not at_end:
+                control.should_training_stop = True
+                if getattr(args, "save_strategy", "no") != "no":  # SaveStrategy is a str enum
+                    control.should_save = True  # the checkpoint that shows the death
             if self._rank_zero:
-                warn(f"{message} Stopping training (ReluMonitorCallback(on_dead='stop')).", DeadUnitsWarning)
+                why = "Training was ending anyway" if at_end else "Stopping training"
+                warn(f"{message} {why} (ReluMonitorCallback(on_dead='stop')).", DeadUnitsWarning)
         elif self.on_dead == "warn" and self._rank_zero:
             warn(message, DeadUnitsWarning)
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _monitor_state(self) -> Optional[dict[str, Any]]:
+        return self.monitor.state_dict() if self.monitor is not None else self._saved
+
     def state(self) -> dict[str, Any]:
-        """The callback's checkpoint state for ``trainer_state.json`` (``ExportableState``): plain JSON data.
+        """The callback's checkpoint state for ``trainer_state.json`` (``ExportableState``): plain JSON data whose
+        size grows with the number of layers, not units.
 
         ``args`` rebuild the callback where ``restore_callback_states_from_checkpoint`` asks the Trainer to (options
         JSON cannot hold, such as ``types`` or a callable ``on_dead``, are left out: keep them as given by leaving
-        that flag off, the default); ``attributes`` carry the monitor's state.
+        that flag off, the default); ``attributes`` carry the monitor's state without the per-unit death history,
+        which `on_save` writes to ``relumon-<prefix>.pt`` next to it.
         """
-        monitor_state = self.monitor.state_dict() if self.monitor is not None else self._saved
-        return {"args": dict(self._json_args), "attributes": {"relumon_state": monitor_state}}
+        small, _ = _split_state(self._monitor_state(), self._units_file())
+        return {"args": dict(self._json_args), "attributes": {"relumon_state": small}}
+
+    def _units_file(self) -> str:
+        return "relumon-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.prefix) + ".pt"
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Write the per-unit death history into the checkpoint folder the Trainer just wrote (from rank 0)."""
+        _, per_unit = _split_state(self._monitor_state(), self._units_file())
+        if not per_unit or not state.is_world_process_zero:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(per_unit, os.path.join(folder, self._units_file()))
+
+    def _resumed_state(self, args: Any, state: Any) -> Optional[dict[str, Any]]:
+        """The monitor state saved in the checkpoint being resumed: this callback's newest entry in
+        ``stateful_callbacks`` and its per-unit file, looked for in ``<output_dir>/checkpoint-<global_step>``."""
+        small = _saved_state(state, type(self).__name__, self.prefix)
+        if small is None or "units_file" not in small:
+            return small
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", small["units_file"])
+        if not os.path.isfile(path):
+            if self._rank_zero:
+                warn(
+                    f"ReluMonitorCallback: resuming at step {state.global_step}, but the per-unit death history "
+                    f"{path} is not there (a checkpoint resumed from outside `output_dir`?). Alerts, windows and the "
+                    "timeline go on; each unit's death history starts again."
+                )
+            return small
+        per_unit = torch.load(path, weights_only=True)
+        history = small.setdefault("history", {})
+        for site, lists in per_unit.items():
+            history.setdefault(site, {}).update({key: value.tolist() for key, value in lists.items()})
+        return small
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if self.monitor is not None:
             state["_saved"] = self.monitor.state_dict()
         state.update(
-            monitor=None, _trainer=None, _guard=None, _control=None, _tensorboard=None, _tail=None, _handler=None
+            monitor=None,
+            _trainer=None,
+            _attached=None,
+            _guard=None,
+            _control=None,
+            _args=None,
+            _tensorboard=None,
+            _tail=None,
+            _handler=None,
         )
         return state
 
@@ -434,42 +618,86 @@ class _StripRelumonKeys(TrainerCallback):
         self.keys = []
 
 
-def _find_handler_and_trainer(callback: Any) -> tuple[Any, Any]:
-    """The ``CallbackHandler`` calling ``callback`` now, and the Trainer that owns it, from the calling frames.
-
-    Nothing hands a callback the Trainer: ``call_event`` is the handler's method (its ``self``), and the Trainer's
-    method that raised the event is a few frames above. Either is None when not found.
-    """
-    from transformers import Trainer
-
-    handler = trainer = None
+def _is_running(trainer: Any) -> bool:
+    """Whether ``trainer``'s ``train()`` is still on the calling stack (it has not unwound)."""
+    if trainer is None:
+        return False
     frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        if handler is None and isinstance(owner, CallbackHandler) and callback in owner.callbacks:
-            handler = owner
-        elif isinstance(owner, Trainer) and getattr(owner, "callback_handler", None) is handler is not None:
-            trainer = owner
-            break
+    while frame is not None:
+        if frame.f_locals.get("self") is trainer:
+            return True
         frame = frame.f_back  # type: ignore[assignment]
-    return handler, trainer
+    return False
+
+
+def _no_watched_types_message(model: nn.Module, types: tuple[type[nn.Module], ...]) -> str:
+    """The warning for a model with no module of the watched types: what it looked for, the activation classes it
+    found instead, and how to watch them (``types=``)."""
+    from transformers.activations import ACT2CLS
+
+    known = {cls if isinstance(cls, type) else cls[0] for cls in ACT2CLS.values()}  # type: ignore[index]
+    found: dict[str, int] = {}
+    for module in model.modules():
+        kind = type(module)
+        if kind in known or kind.__module__.startswith(("torch.nn.modules.activation", "transformers.activations")):
+            found[kind.__name__] = found.get(kind.__name__, 0) + 1
+    looked_for = ", ".join(t.__name__ for t in types)
+    message = f"relumon found no module of the watched types ({looked_for}) in {type(model).__name__}"
+    if found:
+        names = ", ".join(f"{name} ({count})" for name, count in sorted(found.items()))
+        first = sorted(found)[0]
+        message += (
+            f"; its activations are {names}. To watch one, pass its class: "
+            f"`ReluMonitorCallback(types=({first},))` (gradient flow; dead units for the ReLU family)"
+        )
+    return message + ". ReluMonitorCallback stays idle; training goes on."
+
+
+def _split_state(
+    state: Optional[dict[str, Any]], units_file: str
+) -> tuple[Optional[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
+    """A monitor ``state_dict()`` as its small part, for JSON (per site: counts and the last dead fraction), and its
+    per-unit lists as int64 tensors per site, for a file of relumon's own."""
+    if state is None:
+        return None, {}
+    small = {key: value for key, value in state.items() if key != "history"}
+    history: dict[str, Any] = {}
+    per_unit: dict[str, dict[str, torch.Tensor]] = {}
+    for site, record in (state.get("history") or {}).items():
+        history[site] = {key: value for key, value in record.items() if key not in _PER_UNIT}
+        lists = {key: torch.tensor(record[key], dtype=torch.int64) for key in _PER_UNIT if key in record}
+        if lists:
+            per_unit[site] = lists
+    small["history"] = history
+    if per_unit:
+        small["units_file"] = units_file
+    return small, per_unit
 
 
 def _saved_state(state: Any, name: str, prefix: str) -> Optional[dict[str, Any]]:
-    """This callback's saved monitor state in a resumed ``TrainerState``, or None (several callbacks of the class are
-    told apart by their ``prefix``)."""
+    """This callback's saved monitor state in a resumed ``TrainerState``, or None. Several callbacks of the class are
+    told apart by their ``prefix``; each save appends to the list, so the last matching entry is the newest."""
     entries = (getattr(state, "stateful_callbacks", None) or {}).get(name)
     if entries is None:
         return None
-    for entry in entries if isinstance(entries, list) else [entries]:
+    for entry in reversed(entries if isinstance(entries, list) else [entries]):
         if not isinstance(entry, dict):
             continue
         if entry.get("args", {}).get("prefix", "relumon") == prefix:
             saved = entry.get("attributes", {}).get("relumon_state")
-            return dict(saved) if isinstance(saved, dict) else None
+            return json.loads(json.dumps(saved)) if isinstance(saved, dict) else None
     return None
+
+
+def _changed(options: Options) -> dict[str, Any]:
+    """The fields of ``options`` that differ from the defaults (those the Trainer supplies, and ``on_dead``, aside)."""
+    defaults = Options()
+    return {
+        field.name: getattr(options, field.name)
+        for field in dataclasses.fields(Options)
+        if field.name not in (*FROM_TRAINER, "on_dead")
+        and getattr(options, field.name) != getattr(defaults, field.name)
+    }
 
 
 def _json_safe(values: dict[str, Any]) -> dict[str, Any]:

@@ -666,12 +666,16 @@ class Monitor(OptionAttributes):
         report = self.last_report
         return [] if report is None else [x for x in report.layers if x.confirming]
 
-    def warn_unconfirmed(self) -> None:
+    def warn_unconfirmed(self, advice: str = "close windows more often") -> None:
         """Say once which layers look dead but could not be confirmed, and why (training ended first).
 
         Called by [`remove()`][relumon.Monitor.remove] (so by leaving a ``with relumon.watch(...)`` block) and by the
         Lightning callback at the end of fit. Nothing happens when every suspect was confirmed or cleared. Only
         global rank 0 warns.
+
+        Args:
+            advice: the second remedy named after ``measure_every=1``, in the caller's terms (the Hugging Face
+                callback names ``logging_steps``).
         """
         suspects = self.unconfirmed()
         if not suspects or self._unconfirmed_said == self._window or global_rank() != 0:
@@ -687,7 +691,7 @@ class Monitor(OptionAttributes):
             f"relumon: {names} looked dead in window {report.window} (0-based) but could not be confirmed: that "
             f"window was sampled ({measured} of its {_steps(report.steps)} measured), and training ended before a "
             "window measured on every call could confirm it, so no alert was given. Measure every step "
-            "(`measure_every=1`) or close windows more often to have short runs confirmed.",
+            f"(`measure_every=1`) or {advice} to have short runs confirmed.",
             RelumonWarning,
         )
 

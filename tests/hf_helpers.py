@@ -14,8 +14,8 @@ VOCAB, SEQ, FFN = 64, 8, 32
 ACTS = ("model.decoder.layers.0.activation_fn", "model.decoder.layers.1.activation_fn")
 
 
-def tiny_opt(dead_layer0: bool = True, dead_units_layer1: int = 4) -> Any:
-    """A 2-layer OPT (hidden 16, FFN 32, ReLU) built from its config, no download.
+def tiny_opt(dead_layer0: bool = True, dead_units_layer1: int = 4, ffn: int = FFN, activation: str = "relu") -> Any:
+    """A 2-layer OPT (hidden 16, FFN ``ffn`` (32), ``activation`` (ReLU)) built from its config, no download.
 
     Ground truth, forced by construction: layer 0's FFN is dead (fc1 bias -1e3: every unit's pre-activation is
     below -900, since the LayerNorm output times 0.02-scale weights is far smaller); in layer 1 exactly
@@ -28,18 +28,18 @@ def tiny_opt(dead_layer0: bool = True, dead_units_layer1: int = 4) -> Any:
         vocab_size=VOCAB,
         hidden_size=16,
         num_hidden_layers=2,
-        ffn_dim=FFN,
+        ffn_dim=ffn,
         num_attention_heads=2,
         max_position_embeddings=SEQ * 2,
         word_embed_proj_dim=16,
-        activation_function="relu",
+        activation_function=activation,
         dropout=0.0,
         attention_dropout=0.0,
     )
     model = OPTForCausalLM(config)
     layers = model.model.decoder.layers
     if dead_layer0:
-        kill_units(layers[0].fc1, list(range(FFN)))
+        kill_units(layers[0].fc1, list(range(ffn)))
     with torch.no_grad():
         layers[1].fc1.bias.fill_(10.0)
     kill_units(layers[1].fc1, list(range(dead_units_layer1)))
@@ -79,7 +79,9 @@ def training_args(out: Path, **overrides: Any) -> Any:
     return TrainingArguments(str(out), **kwargs)
 
 
-def trainer(out: Path, callbacks: list[Any], model: Any = None, n: int = 16, **overrides: Any) -> Any:
+def trainer(
+    out: Path, callbacks: list[Any], model: Any = None, n: int = 16, eval_dataset: Any = None, **overrides: Any
+) -> Any:
     """A ``transformers.Trainer`` on a tiny OPT; TensorBoard event files somewhere under ``out`` (`event_dir`)."""
     from transformers import Trainer
 
@@ -87,6 +89,7 @@ def trainer(out: Path, callbacks: list[Any], model: Any = None, n: int = 16, **o
         model=model if model is not None else tiny_opt(),
         args=training_args(out, **overrides),
         train_dataset=Tokens(n),
+        eval_dataset=eval_dataset,
         callbacks=callbacks,
     )
 
