@@ -210,7 +210,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="print JSON instead of tables: fractions in [0, 1], plus windows and last step per layer",
     )
     summary_parser.add_argument("--prefix", default="relumon", help="the tag prefix relumon logged with")
+    from relumon import check as check_command  # `relumon check PATH`: relumon/check.py
+
+    check_command.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return check_command.run(args)
 
     try:
         summary = summarize(args.logdir, args.prefix)
