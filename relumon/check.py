@@ -21,8 +21,8 @@ What it reports, each with a severity:
 - **info**: units the Samuelson BatchNorm bound proves dead in training mode for batches of at most M values per
   channel (their M is named; with ``--values-per-channel M`` those that hold for M become warnings); BatchNorm
   channels that are **probably dormant, an estimate and not a proof**: shift ``<= -3 |scale|``, so a ReLU after them
-  would fire on about ``Phi(shift / |scale|)`` of the values *if* the normalised input were standard normal; all-zero
-  bias tensors.
+  would fire on about ``Phi(shift / |scale|)`` of the values *if* the normalised input were standard normal.
+  (All-zero biases and running statistics are not reported: they start at 0.)
 
 The permanence of a death (what an optimizer may still do) is not checked: a weights file holds no optimizer.
 The exit status is 1 when a finding is at or above ``--fail-on`` (default ``error``), 2 for a bad file or argument
@@ -32,6 +32,7 @@ The exit status is 1 when a finding is at or above ``--fail-on`` (default ``erro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -109,13 +110,14 @@ def load_checkpoint(path: str, whole_model: bool = False) -> tuple[dict[str, Ten
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Weights only" in str(err):
+        if "Unsupported global" in str(err):
             raise CheckError(
                 f"{path} holds pickled Python objects (a whole model saved with torch.save(model)?). Rerun with "
                 "--whole-model to load it with torch.load(weights_only=False), which runs code stored in the file: "
                 "only for files you trust"
             ) from None
-        raise CheckError(f"{path} is not a file torch.load can read: {str(err).splitlines()[0]}") from None
+        last = (str(err).strip().splitlines() or [""])[-1].strip()
+        raise CheckError(f"{path} is not a file torch.load can read (UnpicklingError: {last[:200]})") from None
     except Exception as err:  # a truncated zip, a text file...
         first = (str(err).splitlines() or [""])[0]
         raise CheckError(f"{path} is not a file torch.load can read ({type(err).__name__}: {first})") from None
@@ -175,10 +177,10 @@ def check_weights(state: dict[str, Tensor]) -> list[Finding]:
             findings.append(Finding("error", "nonfinite", key, (), f"{bad} of {t.numel()} values are NaN or Inf"))
             continue
         last = key.rsplit(".", 1)[-1]
-        if last in ("running_mean", "running_var", "num_batches_tracked") or bool((t != 0).any()):
+        # Biases and running statistics start at 0: only all-zero weights (a whole layer switched off) are news.
+        if last in ("bias", "running_mean", "running_var", "num_batches_tracked") or bool((t != 0).any()):
             continue
-        severity = "warning" if last == "weight" or t.ndim >= 2 else "info"
-        findings.append(Finding(severity, "all-zero", key, (), f"all {t.numel()} values are 0"))
+        findings.append(Finding("warning", "all-zero", key, (), f"all {t.numel()} values are 0"))
     for path, (scale, shift) in _batchnorms(state).items():
         if not (bool(scale.isfinite().all()) and bool(shift.isfinite().all())):
             continue
@@ -237,22 +239,23 @@ def _build(spec: str) -> nn.Module:
     return model
 
 
-def _load_into(model: nn.Module, state: dict[str, Tensor], spec: str) -> None:
+def _load_into(model: nn.Module, state: dict[str, Tensor], spec: str) -> str:
+    """Load ``state`` into ``model``; returns the key prefix stripped (a Lightning module's ``model.``) or ``""``."""
     keys = set(model.state_dict())
-    candidates = [state]
+    candidates = [("", state)]
     first = {k.split(".", 1)[0] for k in state}
     if len(first) == 1 and all("." in k for k in state):  # a Lightning module's attribute prefix, e.g. `model.`
         prefix = next(iter(first)) + "."
-        candidates.append({k[len(prefix) :]: v for k, v in state.items()})
-    for candidate in candidates:
+        candidates.append((prefix, {k[len(prefix) :]: v for k, v in state.items()}))
+    for prefix, candidate in candidates:
         if set(candidate) == keys:
             try:
                 model.load_state_dict(candidate)
-                return
+                return prefix
             except RuntimeError as err:
                 raise CheckError(f"the weights do not fit --model {spec}: {str(err).splitlines()[0]}") from None
-    missing = sorted(keys - set(candidates[-1]))[:3]
-    unexpected = sorted(set(candidates[-1]) - keys)[:3]
+    missing = sorted(keys - set(candidates[-1][1]))[:3]
+    unexpected = sorted(set(candidates[-1][1]) - keys)[:3]
     raise CheckError(f"the weights do not fit --model {spec}: missing keys {missing}, unexpected keys {unexpected}")
 
 
@@ -369,11 +372,15 @@ def check_path(
     """Every finding for the checkpoint at ``path`` (see the module docstring)."""
     state, model = load_checkpoint(path, whole_model)
     findings = check_weights(state)
+    prefix = ""
     if model_spec is not None:
         model = _build(model_spec)
-        _load_into(model, state, model_spec)
+        prefix = _load_into(model, state, model_spec)
     if model is not None and not any(f.kind == "nonfinite" for f in findings):
         proven, norms = check_model(model, input_shape, values_per_channel)
+        # Named as in the file (a Lightning checkpoint's `model.` prefix kept).
+        proven = [dataclasses.replace(f, where=prefix + f.where) for f in proven]
+        norms = {prefix + n for n in norms}
         # Where the wiring shows a ReLU right after the BatchNorm, its zero-scale channels are proven instead.
         findings = [f for f in findings if not (f.kind == "dead-if-relu-follows" and f.where in norms)] + proven
     order = {s: i for i, s in enumerate(SEVERITIES)}
