@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any
 
 import torch
 from sklearn.datasets import load_digits
@@ -76,7 +77,7 @@ def outputs(model: nn.Module, x: torch.Tensor, train_mode: bool, batch: int) -> 
         return torch.cat([model(x[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)])
 
 
-def conv_case() -> None:
+def conv_case() -> relumon.Report:
     """Conv-BN2d-ReLU on 8x8 digits: M = N*H*W = 16*8*8 = 1024, so the bound needs shift <= -32 |scale|."""
     torch.manual_seed(0)
     x, y, _, _ = digits()
@@ -111,9 +112,11 @@ def conv_case() -> None:
             f"M = N*H*W = {cert.values_per_channel}, so the bound needs shift/|scale| <= {need:.1f}; "
             f"the most negative channel has {float(ratio.min()):.1f}"
         )
+    return report
 
 
-def main() -> None:
+def main() -> dict[str, Any]:
+    """Train, certify, switch off, print; returns the reports and the comparisons (for tests)."""
     start = time.perf_counter()
     torch.manual_seed(0)
     x, y, x_held, y_held = digits()
@@ -148,8 +151,9 @@ def main() -> None:
         f"\nheld-out digits (397): accuracy {accuracy:.3f}; certified units switched off: outputs identical in "
         f"training-mode BatchNorm (batches of 16): {same_train}; in eval mode (running statistics): {same_eval}"
     )
-    conv_case()
+    conv = conv_case()
     print(f"\nrun time {time.perf_counter() - start:.1f} s")
+    return {"mlp": report, "same_train": same_train, "same_eval": same_eval, "accuracy": accuracy, "conv": conv}
 
 
 if __name__ == "__main__":

@@ -211,7 +211,7 @@ def check_weights(state: dict[str, Tensor]) -> list[Finding]:
                     tuple(dormant),
                     f"{len(dormant)} channel(s) probably dormant, an estimate and not a proof (units "
                     f"{_units(dormant)}): shift <= {-DORMANT_RATIO:g} |scale|, so a ReLU after them would fire on "
-                    f"at most {about} of the values if the normalised input were standard normal",
+                    f"{about} of the values if the normalised input were standard normal",
                 )
             )
     return findings

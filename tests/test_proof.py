@@ -315,3 +315,25 @@ def test_functional_and_leaky_sites_get_a_reason() -> None:
     c = cert(report, "act")
     assert not c.units and c.why_not is not None and "nn.ReLU/nn.ReLU6" in c.why_not
     assert math.isfinite(report["act"].grad_norm)
+
+
+def test_digits_example_certified_units_switched_off_change_no_held_out_output() -> None:
+    """The docs' measurement (examples/proof_of_death.py): certified units are a subset of the window's dead ones,
+    and zeroing their outgoing weights leaves every output on the held-out digits unchanged."""
+    pytest.importorskip("sklearn")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "proof_of_death.py"
+    spec = importlib.util.spec_from_file_location("proof_of_death", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main()
+    second = results["mlp"]["5"]
+    assert second.certified is not None and 0 < len(second.certified) <= second.dead_units
+    assert set(second.certified.indices) <= set(second.dead_indices)
+    assert results["same_train"] and results["accuracy"] > 0.8
+    conv = results["conv"]["5"]
+    assert conv.certified is not None and conv.certified.values_per_channel == 16 * 8 * 8
+    assert len(conv.certified) < conv.dead_units
