@@ -97,11 +97,10 @@ _KEEPS_NONNEGATIVE = (
     "Mean",
     "NativeDropout",
     "FeatureDropout",
-    "ConstantPadNd",
     "ReflectionPad",
     "ReplicationPad",
 )
-_NONNEGATIVE = ("Relu", "Threshold")
+_NONNEGATIVE = ("Relu",)
 
 
 @dataclass(frozen=True)

@@ -337,3 +337,15 @@ def test_digits_example_certified_units_switched_off_change_no_held_out_output()
     conv = results["conv"]["5"]
     assert conv.certified is not None and conv.certified.values_per_channel == 16 * 8 * 8
     assert len(conv.certified) < conv.dead_units
+
+
+def test_gradient_flow_picture_labels_proven_apart() -> None:
+    pytest.importorskip("matplotlib")
+    torch.manual_seed(0)
+    model = mlp()
+    plant(model)
+    report = certify(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    figure = report.plot()
+    labels = [t.get_text() for t in figure.axes[0].texts]
+    dead = round(100 * report["2"].dead_fraction)
+    assert f"{dead}% dead\n33% proven" in labels  # 2 of 6 units proven
