@@ -283,7 +283,7 @@ def check_model(
     Returns:
         The findings, and the paths of the BatchNorms the wiring shows feeding a ReLU directly.
     """
-    from relumon.proof import Certifier, closing_proof
+    from relumon.proof import FLOAT_CAVEAT, Certifier, closing_proof
 
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     was_training = model.training
@@ -344,7 +344,7 @@ def check_model(
                         name,
                         tuple(enough),
                         f"{len(enough)} unit(s) proven dead (batchnorm-bound) for every training-mode batch of "
-                        f"{values_per_channel} values per channel (units {_units(enough)})",
+                        f"{values_per_channel} values per channel, {FLOAT_CAVEAT} (units {_units(enough)})",
                     )
                 )
             if rest:
@@ -356,7 +356,7 @@ def check_model(
                         tuple(rest),
                         f"{len(rest)} unit(s) dead in training mode by the BatchNorm bound for batches of at most M "
                         f"values per channel, M from {min(bound[u] for u in rest)} to {max(bound[u] for u in rest)} "
-                        f"(units {_units(rest)}; set --values-per-channel to your batch's)",
+                        f"({FLOAT_CAVEAT}; units {_units(rest)}; set --values-per-channel to your batch's)",
                     )
                 )
     return findings, norms

@@ -20,8 +20,12 @@ the unit is *refused* with the reason.
   inequality each lies within ``sqrt(M - 1)`` population standard deviations of their mean; BatchNorm divides by
   ``sqrt(var + eps)``, which only shrinks them, so ``|x_hat| <= sqrt(M - 1)``. Hence ``shift + |scale| * sqrt(M - 1)
   <= 0`` closes the ReLU for **every training batch of at most M values per channel** (M is N for BatchNorm1d on
-  (N, C), N*L on (N, C, L), N*H*W for BatchNorm2d). The check keeps 0.1 % room for floating-point rounding
-  (`ROUNDING_ROOM`). It says nothing about eval mode, where BatchNorm uses running statistics.
+  (N, C), N*L on (N, C, L), N*H*W for BatchNorm2d). It says nothing about eval mode, where BatchNorm uses running
+  statistics. **Floating point:** the inequality is exact; BatchNorm's own float32 rounding is not. The check keeps
+  0.1 % room (`ROUNDING_ROOM`), which covered every batch tried whose channel values had ``|mean| < 1e4 * std``; a
+  nearly constant channel far from 0 (offset 1e6, spread 1e-3) gave normalised values 2.2 times the bound. The
+  certificate assumes the channel is not that ill-conditioned (`FLOAT_CAVEAT`); the other proofs are exact in
+  floating point (a product with 0 is 0; a sum of non-positive terms rounds to a non-positive number).
 
 **What keeps it closed** (`permanence`): once closed, the unit's own gradient is 0 (ReLU's derivative at 0 is 0 in
 torch). Every other way a parameter of the proof could move is checked, and any doubt refuses:
@@ -54,6 +58,7 @@ __all__ = [
     "PROOFS",
     "ALLOWED_OPTIMIZERS",
     "ROUNDING_ROOM",
+    "FLOAT_CAVEAT",
     "Proof",
     "Certification",
     "Feed",
@@ -70,6 +75,8 @@ PROOFS = ("zero-scale", "zero-filter", "nonnegative-input", "batchnorm-bound")
 ALLOWED_OPTIMIZERS = ("SGD", "Adam", "AdamW")
 #: Relative room kept in the BatchNorm bound for floating-point rounding of the normalised values.
 ROUNDING_ROOM = 2.0**-10
+#: The one precondition of the BatchNorm bound that relumon cannot check from the weights (see the module docstring).
+FLOAT_CAVEAT = "channel values not nearly constant far from 0: |mean| < 1e4 * std, float32 rounding"
 #: Activations whose output is exactly 0 for every input <= 0.
 CLOSING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.AlphaDropout)
@@ -439,7 +446,7 @@ def closing_proof(feed: Feed, unit: int, training: Optional[bool] = None) -> tup
                     f"{where} channel {unit}: shift {_fmt(shift)} + |scale| {_fmt(abs(scale))} * sqrt({m} - 1) = "
                     f"{_fmt(bound)} <= 0 (Samuelson: |x_hat| <= sqrt(M - 1)); holds up to M = {max_values}"
                 )
-                holds = f"every training-mode batch of at most {max_values} values per channel"
+                holds = f"every training-mode batch of at most {max_values} values per channel ({FLOAT_CAVEAT})"
                 return Proof("batchnorm-bound", statement, holds, max_values), None
         return None, refusal
     producer = feed.producer

@@ -349,3 +349,27 @@ def test_gradient_flow_picture_labels_proven_apart() -> None:
     labels = [t.get_text() for t in figure.axes[0].texts]
     dead = round(100 * report["2"].dead_fraction)
     assert f"{dead}% dead\n33% proven" in labels  # 2 of 6 units proven
+
+
+def test_the_float_caveat_of_the_batchnorm_bound_is_real_and_stated() -> None:
+    """The documented limit: float32 BatchNorm on a nearly constant channel far from 0 exceeds Samuelson's bound,
+    while a well-conditioned extremal batch stays within the rounding room. The proof says so in `holds_for`."""
+    m = 16
+    bn = nn.BatchNorm1d(1)
+    with torch.no_grad():
+        bn.weight.fill_(1.0)
+        bn.bias.fill_(0.0)
+
+        def top(offset: float, spread: float) -> float:
+            x = torch.full((m, 1), offset)
+            x[0, 0] += spread
+            return float(bn(x).max()) / math.sqrt(m - 1)
+
+        assert top(0.0, 1.0) <= 1 + relumon.proof.ROUNDING_ROOM
+        assert top(1e3, 1.0) <= 1 + relumon.proof.ROUNDING_ROOM  # |mean| / std about 4e3
+        assert top(1e6, 1e-3) > 2.0  # |mean| / std about 4e9: rounding, not statistics
+    torch.manual_seed(0)
+    model = mlp()
+    plant(model)
+    proof = cert(certify(model, torch.optim.SGD(model.parameters(), lr=0.05)), "2").units[1]
+    assert proof.kind == "batchnorm-bound" and relumon.proof.FLOAT_CAVEAT in proof.holds_for
