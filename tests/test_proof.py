@@ -373,3 +373,24 @@ def test_the_float_caveat_of_the_batchnorm_bound_is_real_and_stated() -> None:
     plant(model)
     proof = cert(certify(model, torch.optim.SGD(model.parameters(), lr=0.05)), "2").units[1]
     assert proof.kind == "batchnorm-bound" and relumon.proof.FLOAT_CAVEAT in proof.holds_for
+
+
+def test_lightning_callback_certifies_with_the_trainers_optimizer() -> None:
+    """A real Trainer: ReluMonitor(certify=True) hands the Trainer's optimizer to the proofs; a layer fed by a ReLU
+    through non-positive weights and biases is proven dead, and the alert says so."""
+    from tests.lightning_helpers import boring_module, import_namespace, loader, trainer
+
+    pl = import_namespace("lightning.pytorch")
+    from relumon.lightning import ReluMonitor
+
+    module = boring_module(pl, dead_fc2=True, lr=0.01)
+    with torch.no_grad():
+        module.net[2].weight.copy_(-module.net[2].weight.abs())
+    callback = ReluMonitor(certify=True, measure_every=1, on_dead="warn")
+    with pytest.warns(relumon.DeadUnitsWarning, match="Proven dead for every input: 12 of 12 units"):
+        trainer(pl, [callback]).fit(module, loader())
+    report = callback.last_report
+    assert report is not None
+    second = cert(report, "net.3")
+    assert second.indices == list(range(12)) and {p.kind for p in second.units.values()} == {"nonnegative-input"}
+    assert not cert(report, "net.1").units
