@@ -431,7 +431,9 @@ def closing_proof(feed: Feed, unit: int, training: Optional[bool] = None) -> tup
                 refusal = f"{where} is in eval mode (running statistics): the zero-filter proof needs batch statistics"
         if finite and eps > 0 and scale != 0.0 and shift < 0.0:
             room = abs(scale) * (1.0 + ROUNDING_ROOM)
-            max_values = int(math.floor((shift / room) ** 2 + 1.0))
+            ratio = shift / room
+            # Beyond 2**52 values per channel the float steps below are too coarse: cap it (no batch is that large).
+            max_values = int(math.floor(ratio * ratio + 1.0)) if abs(ratio) < 2.0**26 else 2**52
             while max_values > 1 and shift + room * math.sqrt(max_values - 1) > 0:  # float floor: step down
                 max_values -= 1
             m = feed.values_per_channel
