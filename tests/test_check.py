@@ -23,7 +23,9 @@ def files(tmp_path: Path) -> dict[str, str]:
     checkpoint, a NaN file and a junk file."""
     torch.manual_seed(0)
     model = build()
-    paths = {name: str(tmp_path / name) for name in ("old.pt", "new.pt", "whole.pt", "l.ckpt", "nan.pt", "junk.pt")}
+    names = ("old.pt", "new.pt", "whole.pt", "l.ckpt", "nan.pt", "junk.pt", "other.pt")
+    paths = {name: str(tmp_path / name) for name in names}
+    torch.save(torch.nn.Linear(3, 4).state_dict(), paths["other.pt"])
     torch.save(model.state_dict(), paths["old.pt"])
     with torch.no_grad():
         model[1].weight[[0, 1]] = 0.0
@@ -112,6 +114,7 @@ def test_exit_status_json_and_against(files: dict[str, str], capsys: pytest.Capt
         (["{new.pt}", "--model", "tests.check_models"], "pkg.module:callable"),
         (["{new.pt}", "--model", "tests.check_models:not_a_model"], "not a torch.nn.Module"),
         (["{old.pt}", "--model", "tests.check_models:build", "--input-shape", "2,5,8,8"], "dry forward"),
+        (["{other.pt}", "--model", "tests.check_models:build"], "do not fit"),
     ],
 )
 def test_bad_files_and_arguments_get_one_line(

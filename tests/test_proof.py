@@ -394,3 +394,34 @@ def test_lightning_callback_certifies_with_the_trainers_optimizer() -> None:
     second = cert(report, "net.3")
     assert second.indices == list(range(12)) and {p.kind for p in second.units.values()} == {"nonnegative-input"}
     assert not cert(report, "net.1").units
+
+
+def test_batchnorm_bound_never_fails_on_random_and_extremal_batches() -> None:
+    """Many random BatchNorm channels and batch sizes: wherever `closing_proof` proves a unit for M values per channel,
+    no batch of at most M values (random, heavy-tailed, or Samuelson-extremal: one outlier) makes it positive."""
+    from relumon.proof import Feed, closing_proof
+
+    torch.manual_seed(0)  # for the Student-t draws
+    gen = torch.Generator().manual_seed(0)
+    proven = 0
+    for trial in range(200):
+        m = int(torch.randint(2, 65, (1,), generator=gen))
+        bn = nn.BatchNorm1d(4)
+        with torch.no_grad():
+            bn.weight.copy_(torch.randn(4, generator=gen) * 2)
+            bn.bias.copy_(-torch.rand(4, generator=gen) * 3 * math.sqrt(m - 1) * bn.weight.abs())
+        feed = Feed("site", units=4, norm=bn, norm_path="bn", values_per_channel=m)
+        units = [u for u in range(4) if closing_proof(feed, u)[0] is not None]
+        proven += len(units)
+        for rows in (m, max(2, m // 2)):
+            batches = [
+                torch.randn(rows, 4, generator=gen) * 10 ** float(torch.randint(-3, 4, (1,), generator=gen)),
+                torch.distributions.StudentT(1.0).sample((rows, 4)),
+            ]
+            outlier = torch.zeros(rows, 4)
+            outlier[trial % rows] = 1e3
+            batches += [outlier, -outlier]
+            with torch.no_grad():
+                for x in batches:
+                    assert (bn(x)[:, units] <= 0).all(), (trial, m, rows)
+    assert proven > 100  # the bound was exercised, not vacuous
