@@ -24,7 +24,7 @@ from relumon.cause import CauseTracker
 from relumon.diagnosis import Diagnosis, blame
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
-from relumon.proof import Certifier
+from relumon.proof import Certification, Certifier
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
 from relumon.recycle import CRITERIA, Recycler, RecycleResult, optimizers_of_model
 from relumon.report import LayerReport, Report, dead_layer_message
@@ -233,6 +233,9 @@ class Monitor(OptionAttributes):
         if model is None or self._certifier is None:
             return layers
         certs = self._certifier.certify(model, [x.name for x in layers], self.optimizers or None)
+        for x in layers:  # certificates index channels (dim 1): only where the report's units are the same
+            if x.unit_dim != 1 and x.name in certs:
+                certs[x.name] = Certification(x.name, why_not=f"its units are along dim {x.unit_dim}, not dim 1")
         return [dataclasses.replace(x, certified=certs.get(x.name)) for x in layers]
 
     def _count_compiled_steps(self) -> None:

@@ -425,3 +425,12 @@ def test_batchnorm_bound_never_fails_on_random_and_extremal_batches() -> None:
                 for x in batches:
                     assert (bn(x)[:, units] <= 0).all(), (trial, m, rows)
     assert proven > 100  # the bound was exercised, not vacuous
+
+
+def test_units_along_another_dim_get_a_reason_not_a_wrong_index() -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    plant(model)
+    report = certify(model, torch.optim.SGD(model.parameters(), lr=0.05), unit_dim={"2": 0})
+    c = cert(report, "2")
+    assert report["2"].unit_dim == 0 and not c.units and c.why_not == "its units are along dim 0, not dim 1"
