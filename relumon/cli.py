@@ -242,7 +242,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         default=None,
         help="the tag prefix relumon logged with (default: relumon, or the one prefix found, e.g. train/relumon)",
     )
+    from relumon import check as check_command  # `relumon check PATH`: relumon/check.py
+
+    check_command.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "check":
+        return check_command.run(args)
 
     try:
         prefix = args.prefix

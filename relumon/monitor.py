@@ -24,6 +24,7 @@ from relumon.cause import CauseTracker
 from relumon.diagnosis import Diagnosis, blame
 from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
+from relumon.proof import Certification, Certifier
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
 from relumon.recycle import CRITERIA, Recycler, RecycleResult, optimizers_of_model
 from relumon.report import LayerReport, Report, dead_layer_message
@@ -98,6 +99,8 @@ class Monitor(OptionAttributes):
         # Recycling reads the wiring of one training forward: recorded from the first one when `recycle=` is set.
         self._recycler = Recycler(model, self.options.types) if self.options.recycle is not None else None
         self._warned_no_optimizer = False
+        # Certificates (`certify=True`) read the wiring of one training forward too, at report time only.
+        self._certifier = Certifier(model) if self.options.certify else None
 
     # ------------------------------------------------------------------ the per-step side, delegated
 
@@ -177,6 +180,8 @@ class Monitor(OptionAttributes):
         self._check_optimizers()
         wanted = {x.name for x, y in zip(measured, layers) if x.blame is not None and y.caused_by is None}
         layers = self._cause.attach(layers, wanted, window=self._window, step=step, close=reset)
+        if self._certifier is not None:
+            layers = self._certify(layers)
         # Under torch.distributed, steps add up over ranks, like samples and forwards. Compiled steps are counted by
         # `_count_compiled_steps`; the forwards bound a window whose steps began elsewhere (another rank's only site).
         steps = recorder.steps_seen - self._window_start
@@ -221,6 +226,17 @@ class Monitor(OptionAttributes):
             if self.options.recycle is not None:
                 report = self._recycle_after(report)
         return report
+
+    def _certify(self, layers: list[LayerReport]) -> list[LayerReport]:
+        """``certify=True``: attach each site's certificates (`relumon.proof`), from the weights and optimizers now."""
+        model = self._model_ref()
+        if model is None or self._certifier is None:
+            return layers
+        certs = self._certifier.certify(model, [x.name for x in layers], self.optimizers or None)
+        for x in layers:  # certificates index channels (dim 1): only where the report's units are the same
+            if x.unit_dim != 1 and x.name in certs:
+                certs[x.name] = Certification(x.name, why_not=f"its units are along dim {x.unit_dim}, not dim 1")
+        return [dataclasses.replace(x, certified=certs.get(x.name)) for x in layers]
 
     def _count_compiled_steps(self) -> None:
         """Add the open window's compiled steps not counted yet to the recorder's ``steps_seen``.
@@ -658,6 +674,8 @@ class Monitor(OptionAttributes):
         self._recorder.remove()
         if self._recycler is not None:
             self._recycler.remove()
+        if self._certifier is not None:
+            self._certifier.remove()
         self._cause.remove()
 
     def unconfirmed(self) -> list[LayerReport]:

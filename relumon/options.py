@@ -105,6 +105,10 @@ class Options:
             Lightning callback sets them from the Trainer). relumon then records the wiring of the first training
             forward (once), and measures on every call of the next window the sites where a sampled window found
             candidates, so that only confirmed units are recycled. See ``docs/plasticity.md``.
+        certify: also *prove* which units are dead for every input and every later step
+            ([`LayerReport.certified`][relumon.LayerReport], see `relumon.proof` and ``docs/check.md``). relumon then
+            records the wiring of the first training forward (once) and checks the weights, the wiring and the
+            optimizers (``optimizer=``) at report time. Nothing more runs per step.
 
     Raises:
         TypeError: on an argument of the wrong type.
@@ -126,6 +130,7 @@ class Options:
     grad_through: bool = False
     optimizer: Union[Any, Sequence[Any], None] = None
     recycle: Optional[Literal["dead", "dormant"]] = None
+    certify: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", _check_types(self.types))
@@ -135,7 +140,7 @@ class Options:
         check_int_at_least("min_samples", self.min_samples)
         check_int_at_least("measure_every", self.measure_every)
         check_int_at_least("permanent_after", self.permanent_after)
-        for name in ("track_grad", "functional", "grad_through"):
+        for name in ("track_grad", "functional", "grad_through", "certify"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"expected `{name}` to be True or False, got {getattr(self, name)!r}")
         if self.sync_dist is not None and not isinstance(self.sync_dist, bool):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, over
 import torch
 
 from relumon.cause import Cause
+from relumon.proof import Certification
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -92,6 +93,12 @@ class LayerReport:
         recycled_checked: units recycled after the previous window, seen for the first time in this one.
         recycled_dead_again: of those, the units dead again in this window (ReDo's "share of reset units dead
             again" is `dead_again_fraction`).
+        certified: with ``certify=True``, the [`Certification`][relumon.proof.Certification] of this site: the units
+            *proven* dead for every input and every later step, each with its proof (``certified.units``), the units
+            whose closing inequality holds but whose permanence could not be proven, with the reason
+            (``certified.refused``), and why no proof applies at all (``certified.why_not``); None without
+            ``certify``. Units only counted dead (``dead_units``) looked dead on the window's samples; certified
+            units are dead for every input.
     """
 
     name: str
@@ -134,6 +141,12 @@ class LayerReport:
     recycled_total: int = 0
     recycled_checked: int = 0
     recycled_dead_again: int = 0
+    certified: Optional[Certification] = field(default=None, compare=False)
+
+    @property
+    def certified_units(self) -> Optional[int]:
+        """How many units are proven dead (``len(certified)``), or None without ``certify=True``."""
+        return None if self.certified is None else len(self.certified)
 
     @property
     def dead_again_fraction(self) -> float:
@@ -233,6 +246,8 @@ class LayerReport:
             "recycled_total": self.recycled_total,
             "recycled_checked": self.recycled_checked,
             "recycled_dead_again": self.recycled_dead_again,
+            "certified_units": self.certified_units,
+            "certified": self.certified.to_dict() if self.certified is not None else None,
         }
 
     def _repr_html_(self) -> str:
@@ -327,7 +342,8 @@ class Report:
         Per site, when a backward pass ran: ``<prefix>/grad_norm/<name>`` and ``<prefix>/blocked/<name>`` (1 when a
         dead layer downstream blocked its gradient). ``<prefix>/grad_through_norm/<name>`` with ``grad_through``;
         ``<prefix>/nonfinite_units/<name>`` when non-zero; ``<prefix>/dormant_fraction/<name>`` with ``dormant_tau``.
-        With recycling: ``<prefix>/recycled/<name>`` (units re-initialised after this window) and
+        With ``certify=True``: ``<prefix>/certified_units/<name>`` (units proven dead). With recycling:
+        ``<prefix>/recycled/<name>`` (units re-initialised after this window) and
         ``<prefix>/recycled_dead_again/<name>`` (the share of the last recycled units dead again, when there were).
         Over the window: ``<prefix>/summary/dead_fraction`` over all counted units, ``<prefix>/summary/root_deaths``
         and ``<prefix>/summary/consequence_deaths``. Sites that saw no sample in the window are left out, so no NaN
@@ -360,6 +376,8 @@ class Report:
                 out[f"{prefix}/recycled/{layer.tag}"] = float(layer.recycled_units)
             if layer.recycled_checked:
                 out[f"{prefix}/recycled_dead_again/{layer.tag}"] = layer.dead_again_fraction
+            if layer.certified is not None and layer.counts_dead:
+                out[f"{prefix}/certified_units/{layer.tag}"] = float(len(layer.certified))
         if out:
             if any(layer.samples > 0 and layer.counts_dead for layer in self.layers):
                 out[f"{prefix}/summary/dead_fraction"] = self.dead_fraction
@@ -426,8 +444,10 @@ class Report:
         show_dormant = _shows_dormant(self)
         show_through = _shows_grad_through(self)
         show_recycled = any(layer.recycled_units is not None for layer in self.layers)
+        show_proven = _shows_proven(self)
         notes = [_note(layer) for layer in self.layers]
         header: tuple[str, ...] = ("layer", "kind", "units", "samples", "dead", "dead %")
+        header += ("proven",) if show_proven else ()
         header += ("saturated",) if show_sat else ()
         header += ("dormant",) if show_dormant else ()
         header += ("grad norm",) + (("grad through",) if show_through else ()) + ("fed by",)
@@ -442,6 +462,7 @@ class Report:
             grad = "-" if layer.backward_passes == 0 or math.isnan(layer.grad_norm) else f"{layer.grad_norm:.3e}"
             kind = _kind_cell(layer)
             row: tuple[str, ...] = (layer.name, kind, str(layer.units), str(layer.samples), dead, frac)
+            row += (_proven_cell(layer),) if show_proven else ()
             if show_sat:
                 row += (str(layer.saturated_units) if counted and layer.cap is not None else "-",)
             if show_dormant:
@@ -483,6 +504,8 @@ class Report:
             notes.append(_GRAD_THROUGH_NOTE)
         if _shows_dormant(self):
             notes.append(_DORMANT_NOTE)
+        if _shows_proven(self):
+            notes.append(_PROVEN_NOTE)
         return notes
 
 
@@ -505,6 +528,21 @@ _GRAD_THROUGH_NOTE = (
 )
 #: Under tables with ``dormant_tau`` set.
 _DORMANT_NOTE = "dormant: units whose mean |activation| over the layer's mean is <= dormant_tau (Sokar et al., 2023)"
+
+
+#: Under tables with ``certify=True``.
+_PROVEN_NOTE = (
+    "proven: units certified dead for every input and every later step (certify=True; see LayerReport.certified); "
+    "other dead units only looked dead on the window's samples"
+)
+
+
+def _shows_proven(report: Report) -> bool:
+    return any(layer.certified is not None for layer in report.layers)
+
+
+def _proven_cell(layer: LayerReport) -> str:
+    return "-" if layer.certified is None or not layer.counts_dead else str(len(layer.certified))
 
 
 def _shows_dormant(report: Report) -> bool:
@@ -557,6 +595,7 @@ _HTML_COLUMNS: tuple[_Column, ...] = (
     _Column("samples", "batch rows measured in the window", lambda x: str(x.samples)),
     _Column("dead", "units with output <= 0 for every measured sample", _dead_cell),
     _Column("dead %", "dead units over units", lambda x: _percent(x.dead_fraction)),
+    _Column("proven", _PROVEN_NOTE, _proven_cell, shown=_shows_proven),
     _Column(
         "saturated",
         "units at the cap (6 for ReLU6) for every measured sample: like dead units they pass no gradient",
@@ -614,6 +653,7 @@ _HTML_FACTS: tuple[tuple[str, Callable[[LayerReport], str]], ...] = (
     ("samples", lambda x: f"{x.samples} over {x.forwards} measured forwards, {x.backward_passes} backward passes"),
     ("dead", lambda x: f"{x.dead_units} of {x.units} ({_percent(x.dead_fraction)})"),
     ("dead units", lambda x: _indices(x.dead_indices)),
+    ("proven dead", lambda x: _certified_fact(x)),
     (
         "negative regime",
         lambda x: "yes: dead means stuck negative; alpha * gradient still flows" if x.negative_regime else "",
@@ -641,6 +681,23 @@ _HTML_FACTS: tuple[tuple[str, Callable[[LayerReport], str]], ...] = (
         ),
     ),
 )
+
+
+def _certified_fact(layer: LayerReport) -> str:
+    """The certificates of a layer in words: how many units, which proofs, or why none applies."""
+    cert = layer.certified
+    if cert is None:
+        return ""
+    if cert.why_not is not None and not cert.units:
+        return f"none: {cert.why_not}"
+    kinds: dict[str, int] = {}
+    for proof in cert.units.values():
+        kinds[proof.kind] = kinds.get(proof.kind, 0) + 1
+    text = f"{len(cert.units)} ({', '.join(f'{n} by {k}' for k, n in kinds.items()) or 'none'}): "
+    text += _indices(cert.indices) if cert.units else "-"
+    if cert.refused:
+        text += f"; {len(cert.refused)} refused (e.g. unit {min(cert.refused)}: {cert.refused[min(cert.refused)]})"
+    return text
 
 
 def _recycled_cell(layer: LayerReport) -> str:
@@ -745,6 +802,14 @@ def dead_layer_message(
         f"relumon: all {layer.units} units of `{layer.name}` ({layer.kind}) were {what} for {which}{ended} "
         f"({span}). {why}"
     )
+    if layer.certified is not None:
+        proven = len(layer.certified)
+        message += (
+            f" Proven dead for every input: {proven} of {layer.units} units (certificates);"
+            f" the other {layer.units - proven} only looked dead on the window's samples."
+            if proven
+            else " None of its units is proven dead for every input: they looked dead on the window's samples."
+        )
     if layer.blame:
         message += f" Blame: {layer.blame}."
     if layer.cause is not None:
