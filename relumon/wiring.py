@@ -31,7 +31,7 @@ reference to the graph afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -102,9 +102,28 @@ _SAME_DIMS = (
     "Lerp",
     "Addcmul",
     "Addcdiv",
+    "Split",
+    "SplitWithSizes",
+    "UnsafeSplit",
+    "UnsafeSplitWithSizes",
+    "Glu",
 )
+#: Reductions over saved dims (``x.sum(0)`` of a stack, ``mean(dim)``): the reduced dims are none of the activation's.
+_REDUCTIONS = ("Sum", "Mean")
 #: Ops a layer applies to its own weight (``Linear``'s transpose, an autocast copy).
-_WEIGHT_VIEWS = ("T", "Transpose", "Permute", "ToCopy", "View", "Reshape", "UnsafeView", "Expand", "Clone")
+_WEIGHT_VIEWS = (
+    "T",
+    "Transpose",
+    "Permute",
+    "ToCopy",
+    "View",
+    "Reshape",
+    "UnsafeView",
+    "Expand",
+    "Clone",
+    "Select",
+    "Slice",
+)
 #: Ops whose input and output differ in shape in ways `align_view` maps.
 _VIEWS = ("View", "UnsafeView", "Reshape", "Squeeze", "Unsqueeze", "AsStrided", "Flatten", "Unflatten")
 
@@ -125,7 +144,7 @@ class Wiring:
 
     unit_dim: Optional[int] = None
     why_not: str = "no producer layer in the autograd graph"
-    weights: Optional[frozenset[int]] = None
+    weights: Optional[frozenset[Hashable]] = None
     met: set[str] = field(default_factory=set)
     producer_kinds: list[str] = field(default_factory=list)
 
@@ -143,6 +162,26 @@ def _saved(node: Any, attr: str) -> Any:
         return getattr(node, attr)
     except (AttributeError, RuntimeError):  # a freed graph raises on saved values
         return None
+
+
+def saved_dim(value: Any, ndim: int) -> Optional[int]:
+    """A dim saved in the autograd graph, as a non-negative index into ``ndim`` dims, or None when it is none.
+
+    torch 2.13 reads a saved negative dim back as an unsigned 64-bit number (-1 is 2**64 - 1): it is converted back
+    before normalising, since ``% ndim`` on the raw value is right only when ``ndim`` is a power of two.
+
+    Example:
+        >>> saved_dim(2**64 - 1, 3)
+        2
+    """
+    if value is None or ndim <= 0:
+        return None
+    dim = int(value)
+    if dim >= 2**63:
+        dim -= 2**64
+    if not -ndim <= dim < ndim:
+        return None
+    return dim % ndim
 
 
 def align_view(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, int]:
@@ -215,11 +254,13 @@ def _input_dims(
             result[in_d] = dims[out_d]
         return tuple(result)
     if kind == "Transpose" or kind == "T":
-        d0, d1 = (_saved(node, "_saved_dim0"), _saved(node, "_saved_dim1")) if kind == "Transpose" else (0, 1)
-        if d0 is None or d1 is None or len(dims) < 2:
+        if len(dims) < 2:
+            return None
+        raw = (_saved(node, "_saved_dim0"), _saved(node, "_saved_dim1")) if kind == "Transpose" else (0, 1)
+        d0, d1 = saved_dim(raw[0], len(dims)), saved_dim(raw[1], len(dims))
+        if d0 is None or d1 is None:
             return None
         swapped = list(dims)
-        d0, d1 = int(d0) % len(dims), int(d1) % len(dims)
         swapped[d0], swapped[d1] = swapped[d1], swapped[d0]
         return tuple(swapped)
     if kind == "Permute":
@@ -227,26 +268,48 @@ def _input_dims(
         if order is None or len(order) != len(dims):
             return None
         permuted: list[Optional[int]] = [None] * len(dims)
-        for out_d, in_d in enumerate(order):
-            permuted[int(in_d) % len(dims)] = dims[out_d]
+        for out_d, raw_d in enumerate(order):
+            in_d = saved_dim(raw_d, len(dims))
+            if in_d is None:
+                return None
+            permuted[in_d] = dims[out_d]
         return tuple(permuted)
     if kind in ("Select", "Unbind"):
-        dim = _saved(node, "_saved_dim")
+        dim = saved_dim(_saved(node, "_saved_dim"), len(in_shape))
         if dim is None or len(in_shape) != len(dims) + 1:
             return None
-        dim = int(dim) % len(in_shape)
         return dims[:dim] + (None,) + dims[dim:]
     if kind == "Stack":
-        dim = _saved(node, "_saved_dim")
+        dim = saved_dim(_saved(node, "_saved_dim"), len(dims))
         if dim is None or len(in_shape) + 1 != len(dims):
             return None
-        dim = int(dim) % len(dims)
         return dims[:dim] + dims[dim + 1 :]
+    if kind in _REDUCTIONS:
+        return _reduced_input_dims(node, dims, in_shape)
     if kind.startswith(_SAME_DIMS + _POOLS + _CHANNEL_NORMS + _LAST_NORMS):
         if len(in_shape) > len(dims):
             return None
         return dims[len(dims) - len(in_shape) :]  # broadcasting aligns from the right
     return None
+
+
+def _reduced_input_dims(node: Any, dims: Dims, in_shape: tuple[int, ...]) -> Optional[Dims]:
+    """The activation dims of the input of a sum or mean over saved dims (None for a reduction over all dims)."""
+    raw = _saved(node, "_saved_dim")
+    if raw is None:
+        return None
+    raw = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)
+    reduced = {saved_dim(d, len(in_shape)) for d in raw}
+    if not raw or None in reduced:
+        return None
+    if bool(_saved(node, "_saved_keepdim")):
+        if len(in_shape) != len(dims):
+            return None
+        return tuple(None if d in reduced else dims[d] for d in range(len(dims)))
+    if len(in_shape) != len(dims) + len(reduced):
+        return None
+    kept = iter(dims)
+    return tuple(None if d in reduced else next(kept) for d in range(len(in_shape)))
 
 
 def read_wiring(
@@ -273,15 +336,20 @@ def read_wiring(
         wiring.why_not = "its input has no autograd graph (no gradient is tracked)"
         return wiring
     ndim = tensor.ndim
-    weights: set[int] = set()
+    weights: set[Hashable] = set()
     answers: set[int] = set()
     blurred = False
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
     start: Dims = tuple(range(ndim))
-    stack: list[tuple[Any, Dims, tuple[int, ...]]] = [(tensor.grad_fn, start, tuple(tensor.shape))]
+    # Each entry: a node, the activation dims of its output, that output's shape, and the dims before the last view
+    # that merged some of them (with the shape they had), so that the view back restores them (instance norm's
+    # ``(B, C, L) -> (1, B*C, L) -> (B, C, L)``).
+    stack: list[tuple[Any, Dims, tuple[int, ...], Optional[tuple[tuple[int, ...], Dims]]]] = [
+        (tensor.grad_fn, start, tuple(tensor.shape), None)
+    ]
     while stack and budget > 0:
-        node, dims, shape = stack.pop()
+        node, dims, shape, restore = stack.pop()
         if (id(node), dims) in visited:
             continue
         visited.add((id(node), dims))
@@ -305,7 +373,7 @@ def read_wiring(
             weight = next((p for p in params if p.ndim >= 3), None)
             feature = 0 if weight is not None and len(shape) == weight.ndim - 1 else 1
         elif kind.startswith(_LAST):
-            feature = len(shape) - 1
+            feature = _product_feature_dim(node, kind, len(shape))
         if feature is not None:
             wiring.producer_kinds.append(kind)
             weights.update(_first_weights(node))
@@ -317,6 +385,8 @@ def read_wiring(
         is_norm = kind.startswith(_CHANNEL_NORMS + _LAST_NORMS)
         if is_norm:
             weights.update(id(p) for p in params)
+        is_view = kind.startswith(_VIEWS)
+        keeps = kind.startswith(_SAME_DIMS + _CHANNEL_NORMS + _LAST_NORMS)
         followed = False
         for child, nr in edges:
             if getattr(child, "variable", None) is not None:
@@ -324,11 +394,18 @@ def read_wiring(
             in_shape = _shape_of(child, nr)
             if in_shape is None:
                 continue
-            child_dims = _input_dims(node, kind, dims, shape, in_shape)
+            child_restore = restore if keeps and len(in_shape) == len(dims) else None
+            if is_view and restore is not None and in_shape == restore[0]:
+                child_dims: Optional[Dims] = restore[1]  # the view back of an earlier merging view
+                child_restore = None
+            else:
+                child_dims = _input_dims(node, kind, dims, shape, in_shape)
+                if is_view and child_dims is not None and _lost(dims, child_dims):
+                    child_restore = (shape, dims)
             if child_dims is None:
                 continue
             followed = True
-            stack.append((child, child_dims, in_shape))
+            stack.append((child, child_dims, in_shape, child_restore))
             if is_norm:
                 break  # a norm's data input is its first edge; the rest are its own parameters
         if not followed and is_norm:
@@ -354,20 +431,85 @@ def read_wiring(
     return wiring
 
 
-def _first_weights(node: Any, limit: int = 64) -> set[int]:
-    """Ids of the parameters met first behind ``node``, breadth-first over at most ``limit`` nodes: a Linear's bias
+def _lost(dims: Dims, child_dims: Dims) -> bool:
+    """Whether a view loses track of some activation dim (merges it with another one)."""
+    return len({d for d in dims if d is not None} - {d for d in child_dims if d is not None}) > 0
+
+
+#: Operand positions ``(left, right)`` among ``next_functions`` of the matrix products.
+_OPERANDS = {"Mm": (0, 1), "Bmm": (0, 1), "Addmm": (1, 2), "Baddbmm": (1, 2)}
+
+
+def _product_feature_dim(node: Any, kind: str, ndim: int) -> int:
+    """The feature dim of a matrix product's output: the last dim (``x @ W``, ``Linear``), or the row dim when the
+    weight is the left operand alone (``W @ x + b``, a ``bmm`` with the weight on the left)."""
+    positions = _OPERANDS.get(kind)
+    if positions is None or ndim < 2:
+        return ndim - 1
+    nexts = node.next_functions
+    if max(positions) >= len(nexts):
+        return ndim - 1
+    left, right = (_weight_behind(nexts[p][0]) for p in positions)
+    return ndim - 2 if left and not right else ndim - 1
+
+
+def _weight_behind(node: Any, limit: int = 8) -> bool:
+    """Whether ``node`` is a parameter, possibly behind a chain of the views a layer applies to its own weight."""
+    for _ in range(limit):
+        if node is None:
+            return False
+        if isinstance(getattr(node, "variable", None), nn.Parameter):
+            return True
+        if _kind(node) not in _WEIGHT_VIEWS:
+            return False
+        inner = [child for child, _ in node.next_functions if child is not None]
+        if len(inner) != 1:
+            return False
+        node = inner[0]
+    return False
+
+
+def _path_step(node: Any) -> Optional[tuple[Any, ...]]:
+    """What a weight view does to the weight, for the site's identity: a transpose, a permute, or which expert (the
+    index of a select or the range of a slice); None for casts, views and copies, which change nothing."""
+    kind = _kind(node)
+    if kind in ("T", "Transpose"):
+        return ("T",)
+    if kind == "Permute":
+        return ("P", _saved(node, "_saved_dims"))
+    if kind == "Select":
+        return ("S", _saved(node, "_saved_dim"), _saved(node, "_saved_index"))
+    if kind == "Slice":
+        return ("L", _saved(node, "_saved_dim"), _saved(node, "_saved_start"), _saved(node, "_saved_end"))
+    return None
+
+
+def _first_weights(node: Any, limit: int = 64) -> set[Hashable]:
+    """Keys of the parameters met first behind ``node``, breadth-first over at most ``limit`` nodes: a Linear's bias
     and its weight (behind a transpose or a cast), or, for a product of two activations (attention), the weights
-    further back."""
-    found: set[int] = set()
-    frontier = [child for child, _ in node.next_functions if child is not None]
+    further back.
+
+    A parameter reached straight is keyed by its id; one reached through a transpose, permute, select or slice by its
+    id and that path, so an expert ``W1[e]`` of a batched ``(E, D, H)`` parameter, and ``W`` against ``W.T`` in a tied
+    autoencoder, are different weights."""
+    found: set[Hashable] = set()
+    frontier: list[tuple[Any, tuple[Any, ...]]] = [(child, ()) for child, _ in node.next_functions if child is not None]
     seen = 0
     while frontier and seen < limit:
         seen += len(frontier)
-        inner = [child for child in frontier if getattr(child, "variable", None) is None]
-        found.update(id(c.variable) for c in frontier if isinstance(getattr(c, "variable", None), nn.Parameter))
+        inner = [(c, path) for c, path in frontier if getattr(c, "variable", None) is None]
+        for c, path in frontier:
+            variable = getattr(c, "variable", None)
+            if isinstance(variable, nn.Parameter):
+                found.add(id(variable) if not path else (id(variable), path))
         # A weight behind its transpose or cast is still this layer's; further back only while none was found.
-        inner = inner if not found else [c for c in inner if _kind(c) in _WEIGHT_VIEWS]
-        frontier = [c for child in inner for c, _ in child.next_functions if c is not None]
+        if found:
+            inner = [(c, path) for c, path in inner if _kind(c) in _WEIGHT_VIEWS]
+        frontier = []
+        for child, path in inner:
+            step = _path_step(child)
+            longer = path + (step,) if step is not None else path
+            frontier.extend((c, longer) for c, _ in child.next_functions if c is not None)
     return found
 
 
