@@ -64,7 +64,7 @@ from relumon.hooks import (
 from relumon.options import Options
 from relumon.state import SiteLayout, SiteStats, batch_rows, layout_of
 from relumon.units import infer_unit_dim
-from relumon.wiring import Wiring, batch_first_of, read_wiring
+from relumon.wiring import UNBATCHED, Wiring, batch_first_of, read_wiring
 
 __all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES", "ZERO_FLOOR_TYPES", "counts_dead"]
 
@@ -720,7 +720,7 @@ class Recorder:
         if site is None:
             if call >= MAX_CALLS_PER_STEP:
                 return None
-            site = self._new_site(watched, call, out, fed_by, unit_dim, units)
+            site = self._new_site(watched, call, out, fed_by, unit_dim, units, wiring)
             if fed_by is not None and producer is not None and watched.counts_dead:
                 self.weight_grads.track(fed_by, producer)  # blame's gradient fact, about the window
             if key is not None:
@@ -744,7 +744,14 @@ class Recorder:
         return site
 
     def _new_site(
-        self, watched: _Watched, call: int, out: Tensor, fed_by: Optional[str], unit_dim: int, units: int
+        self,
+        watched: _Watched,
+        call: int,
+        out: Tensor,
+        fed_by: Optional[str],
+        unit_dim: int,
+        units: int,
+        wiring: Optional[Wiring] = None,
     ) -> Site:
         ndim = out.ndim
         stats = SiteStats(
@@ -758,7 +765,7 @@ class Recorder:
             through_slope=watched.slope if self._grad_through else None,
             cap=watched.cap,
             peak_dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
-            batch_dim=self._batch_dim_for(watched, ndim, unit_dim),
+            batch_dim=self._batch_dim_for(watched, ndim, unit_dim, wiring),
         )
         path = watched.name or "root"
         number = len(watched.distinct)  # sites are numbered per module in the order they are found
@@ -799,15 +806,18 @@ class Recorder:
         why = wiring.why_not if wiring is not None else _COMPILED
         return infer_unit_dim(ndim), (why if ndim >= 3 else None)
 
-    def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int) -> int:
-        """The dim that holds the samples: 0, or 1 for a 3-D activation in PyTorch's sequence-first ``(S, B, E)``
-        layout, as the option `batch_dim` or the model (``batch_first=False`` on its LSTM or Transformer layers)
-        says."""
+    def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int, wiring: Optional[Wiring] = None) -> int:
+        """The dim that holds the samples, as the option `batch_dim`, else the graph (convolutions: dim 0 of their
+        batched output wherever the walk carried it; an unbatched call is one sample, told by a batch dim equal to the
+        unit dim), else 0, or 1 for a 3-D activation in PyTorch's sequence-first ``(S, B, E)`` layout as the model
+        (``batch_first=False`` on its LSTM or Transformer layers) says."""
         given = self.options.batch_dim
         if isinstance(given, Mapping):
             given = given.get(watched.name, given.get("*"))
         if given is not None:
             return given % ndim if ndim and -ndim <= given < ndim else 0
+        if wiring is not None and wiring.batch_dim is not None and wiring.unit_dim == unit_dim:
+            return unit_dim if wiring.batch_dim == UNBATCHED else wiring.batch_dim
         if ndim != 3 or unit_dim != 2 or not self._batch_first:
             return 0
         inside = [p for p in self._batch_first if not p or watched.name.startswith(p + ".")]

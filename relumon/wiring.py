@@ -35,7 +35,10 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["Wiring", "read_wiring", "align_view", "MAX_NODES", "batch_first_of"]
+__all__ = ["Wiring", "read_wiring", "align_view", "saved_dim", "MAX_NODES", "UNBATCHED", "batch_first_of"]
+
+#: `Wiring.batch_dim` of a call of unbatched convolutions: the call is one sample.
+UNBATCHED = -1
 
 #: At most this many graph nodes are visited per walk: discovery stays cheap on very deep or wide graphs.
 MAX_NODES = 512
@@ -140,6 +143,9 @@ class Wiring:
         met: names of the sites whose outputs a path met (and stopped at): the same site's name marks a recurrent
             call (a cell fed its own earlier output).
         producer_kinds: names of the producer nodes reached (for messages and tests).
+        batch_dim: the activation dim that holds the samples when every producer says so (a convolution: dim 0 of
+            its batched output), `UNBATCHED` when they are unbatched convolutions (the call is one sample), or None
+            when the graph does not say (a matrix product's rows may be samples or positions).
     """
 
     unit_dim: Optional[int] = None
@@ -147,6 +153,7 @@ class Wiring:
     weights: Optional[frozenset[Hashable]] = None
     met: set[str] = field(default_factory=set)
     producer_kinds: list[str] = field(default_factory=list)
+    batch_dim: Optional[int] = None
 
 
 def _kind(node: Any) -> str:
@@ -338,6 +345,7 @@ def read_wiring(
     ndim = tensor.ndim
     weights: set[Hashable] = set()
     answers: set[int] = set()
+    batches: set[Optional[int]] = set()  # what the producers say of the sample dim
     blurred = False
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
@@ -359,6 +367,7 @@ def read_wiring(
             met = sites.get(key(node) if key is not None else node)
         if met is not None:  # another call's output: its units are known, and the walk stops there
             wiring.met.add(met[0])
+            batches.add(None)
             target = dims[met[1]] if met[1] < len(dims) else None
             if target is None:
                 blurred = True
@@ -372,8 +381,11 @@ def read_wiring(
         if kind.startswith(_CONV):
             weight = next((p for p in params if p.ndim >= 3), None)
             feature = 0 if weight is not None and len(shape) == weight.ndim - 1 else 1
+            # An unbatched call runs as a batch of one, squeezed after: its lost dim 0 of size 1 is one sample.
+            batches.add(UNBATCHED if feature == 0 or (dims[0] is None and shape[0] == 1) else dims[0])
         elif kind.startswith(_LAST):
             feature = _product_feature_dim(node, kind, len(shape))
+            batches.add(None)
         if feature is not None:
             wiring.producer_kinds.append(kind)
             weights.update(_first_weights(node))
@@ -420,6 +432,8 @@ def read_wiring(
         elif not followed and kind.startswith(_POOLS) and len(dims) >= 3 and dims[1] is not None:
             answers.add(int(dims[1]))
     wiring.weights = frozenset(weights)
+    if len(batches) == 1:
+        wiring.batch_dim = batches.pop()
     if len(answers) == 1 and not blurred:
         wiring.unit_dim = answers.pop()
     elif len(answers) > 1:
