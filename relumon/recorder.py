@@ -64,7 +64,7 @@ from relumon.hooks import (
 from relumon.options import Options
 from relumon.state import SiteLayout, SiteStats, batch_rows, layout_of
 from relumon.units import infer_unit_dim
-from relumon.wiring import UNBATCHED, Wiring, batch_first_of, read_wiring
+from relumon.wiring import UNBATCHED, Wiring, batch_first_of, call_signature, read_wiring
 
 __all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES", "ZERO_FLOOR_TYPES", "counts_dead"]
 
@@ -94,6 +94,9 @@ _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 #: Why a site found inside a torch.compile graph has no wiring (its output's graph is one opaque compiled node).
 _COMPILED = "torch.compile leaves no eager autograd graph to read; this is said once for all such sites"
+
+#: A call signature not seen yet (`Recorder._match_site`).
+_UNSEEN: Any = object()
 
 _FUNCTIONAL_SITE = re.compile(r"(.+\.)?F\.(relu|relu6|leaky_relu)$")
 
@@ -204,6 +207,8 @@ class _Watched:
         "restart",
         "recurrent",
         "warned_units",
+        "signatures",
+        "keyed",
     )
 
     def __init__(
@@ -246,6 +251,11 @@ class _Watched:
         self.restart: list[bool] = []
         self.recurrent: list[bool] = []
         self.warned_units = False
+        #: The site of each call signature (`relumon.wiring.call_signature`) seen at discovery; None where two sites
+        #: share one. Once the module has several sites (``keyed``), each call is matched by its signature, so calls
+        #: skipped by the data (experts with no token, LayerDrop) do not shift later calls into other sites.
+        self.signatures: dict[Any, Optional[Site]] = {}
+        self.keyed = False
 
 
 class Recorder:
@@ -412,6 +422,9 @@ class Recorder:
                 self._measuring = is_measured_step(self.steps_seen, self._measure_every)
                 self.steps_seen += 1
         watched.calls = call + 1
+        rows = watched.rows[call] if call < len(watched.rows) else True
+        if watched.keyed and site is not None and not compiling:
+            site, rows = self._match_site(watched, call, args, out, site, rows)
         if site is None or site.disabled is not None or out.numel() == 0:  # an empty batch adds no sample
             return
         stats = site.stats
@@ -429,8 +442,8 @@ class Recorder:
             if watched.regime_from_input and args and isinstance(args[0], Tensor) and args[0].shape == out.shape:
                 regime = args[0]  # PReLU: the input's sign tells the regime, whatever the learned slope
             if out.ndim == stats.ndim and (not out.ndim or out.shape[stats.unit_dim] == stats.units):
-                stats.observe(out, watched.rows[call], regime)
-            elif not self._observe_other_layout(watched, site, out, watched.rows[call], regime):
+                stats.observe(out, rows, regime)
+            elif not self._observe_other_layout(watched, site, out, rows, regime):
                 self._warn_shape(watched, site, out)
                 return
             if out.requires_grad:
@@ -447,6 +460,36 @@ class Recorder:
                 self._follow_device(watched, site, out)
                 return
             self._disable(watched, site, err)
+
+    def _match_site(
+        self, watched: _Watched, call: int, args: Any, out: Tensor, site: Site, rows: bool
+    ) -> tuple[Optional[Site], bool]:
+        """The site of a call of a module with several sites, matched by what fed it (its call signature) rather than
+        by its call index, and whether its rows count. A signature never seen is read from the wiring once."""
+        inp = args[0] if args and isinstance(args[0], Tensor) else None
+        signature = call_signature(inp, out)
+        if not signature:
+            return site, rows  # nothing tells: the call index decides
+        found = watched.signatures.get(signature, _UNSEEN)
+        if found is site or found is None:
+            return site, rows
+        if found is _UNSEEN:
+            found = _add_site_eagerly(self, watched, call, args, out, False, append=False)
+            if found is None or found is site:
+                return site, rows
+        assert isinstance(found, Site)
+        recurrent = any(r for known, r in zip(watched.sites, watched.recurrent) if known is found)
+        return found, not recurrent
+
+    def _note_signature(self, watched: _Watched, args: Any, out: Tensor, site: Site) -> None:
+        """Record which site a call signature belongs to (None when two sites share it) at discovery."""
+        inp = args[0] if args and isinstance(args[0], Tensor) else None
+        signature = call_signature(inp, out)
+        if not signature:
+            return
+        known = watched.signatures.get(signature, site)
+        watched.signatures[signature] = site if known is site else None
+        watched.keyed = watched.keyed or len(watched.distinct) > 1
 
     def _follow_device(self, watched: _Watched, site: Site, out: Tensor) -> None:
         """Move a site's state to its activation's new device (``model.cuda()`` after a first call on the CPU), and
@@ -699,11 +742,12 @@ class Recorder:
         return scale
 
     def _make_site(
-        self, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool = False
+        self, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool = False, append: bool = True
     ) -> Optional[Site]:
         """The site of a new call index, read from the wiring (`relumon.wiring`): an existing site of the module fed
-        by the same weights, or a new one. Records the call index in ``watched``; returns None, recording nothing,
-        when a new site would pass `MAX_CALLS_PER_STEP` (a missed step boundary)."""
+        by the same weights, or a new one. Records the call index in ``watched`` (unless ``append`` is False: a call
+        matched by its signature, not its index); returns None, recording nothing, when a new site would pass
+        `MAX_CALLS_PER_STEP` (a missed step boundary)."""
         inp = args[0] if args and isinstance(args[0], Tensor) else None
         fed_by, producer = (None, None)
         if inp is not None and self._tracer is not None:
@@ -729,6 +773,8 @@ class Recorder:
             earlier = recurrent = False
             if why_guessed is not None:
                 self._warn_units(watched, site, out, why_guessed)
+        elif not append:
+            earlier = recurrent = False
         else:
             earlier = any(known is site for known in watched.sites)  # the indices so far are this step's calls
             recurrent = self._join_upstream(site, out, compiled)
@@ -737,6 +783,10 @@ class Recorder:
         nodes = self._wiring_nodes
         if nodes is not None and out.grad_fn is not None:
             nodes[node_key(out.grad_fn)] = (site.name, site.stats.unit_dim)
+        if not compiled:
+            self._note_signature(watched, args, out, site)
+        if not append:
+            return site
         watched.sites.append(site)
         watched.rows.append(not (earlier and recurrent))  # a recurrent cell's later time steps are the same rows
         watched.restart.append(earlier and not recurrent)
@@ -947,10 +997,10 @@ class Recorder:
 # a graph break per new call site, on the first compiled training step only.
 @torch._dynamo.disable  # type: ignore[untyped-decorator]
 def _add_site_eagerly(
-    recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool
+    recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool, append: bool = True
 ) -> Optional[Site]:
     try:
-        return recorder._make_site(watched, call, args, out, compiled)
+        return recorder._make_site(watched, call, args, out, compiled, append)
     except Exception as err:
         recorder._disable(watched, None, err)
         return None

@@ -35,7 +35,7 @@ from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 from torch import Tensor, nn
 
-__all__ = ["Wiring", "read_wiring", "align_view", "saved_dim", "MAX_NODES", "UNBATCHED", "batch_first_of"]
+__all__ = ["Wiring", "read_wiring", "call_signature", "align_view", "saved_dim", "MAX_NODES", "UNBATCHED", "batch_first_of"]
 
 #: `Wiring.batch_dim` of a call of unbatched convolutions: the call is one sample.
 UNBATCHED = -1
@@ -525,6 +525,48 @@ def _first_weights(node: Any, limit: int = 64) -> set[Hashable]:
             longer = path + (step,) if step is not None else path
             frontier.extend((c, longer) for c, _ in child.next_functions if c is not None)
     return found
+
+
+#: Nodes a call signature steps through (the view back of a Linear over a 3-D input).
+_SIGNATURE_VIEWS = ("ViewBackward0", "UnsafeViewBackward0")
+#: Weight views a call signature looks behind: a Linear's transpose, an expert's select.
+_SIGNATURE_WEIGHTS = ("TBackward0", "SelectBackward0")
+
+
+def call_signature(inp: Optional[Tensor], out: Tensor) -> tuple[Hashable, ...]:
+    """A cheap fingerprint of the layer that fed one activation call: the parameters among the inputs of the node
+    behind it (a Linear's bias and weight, a conv's or a norm's, an expert's ``b1[e]`` with its index).
+
+    It looks at one node (two behind a view back), never walks the graph: cheap enough for every call of a module
+    with several sites, so that a call is matched to its site by what fed it, not by its call index, when calls are
+    skipped by the data (experts with no token, LayerDrop). Empty when the node behind has no parameter input (a
+    residual add): the call index decides then.
+    """
+    node = (inp if inp is not None else out).grad_fn
+    if node is None:
+        return ()
+    if inp is None or inp is out:  # in place: the activation's own node is first
+        edges = node.next_functions
+        node = edges[0][0] if edges else None
+    for _ in range(2):
+        if node is None or type(node).__name__ not in _SIGNATURE_VIEWS:
+            break
+        node = node.next_functions[0][0]
+    if node is None:
+        return ()
+    signature: list[Hashable] = []
+    for child, _ in node.next_functions:
+        if child is None:
+            continue
+        name = type(child).__name__
+        if name == "AccumulateGrad":
+            signature.append(id(child.variable))
+        elif name in _SIGNATURE_WEIGHTS:
+            inner = child.next_functions[0][0]
+            if inner is not None and type(inner).__name__ == "AccumulateGrad":
+                index = _saved(child, "_saved_index") if name == "SelectBackward0" else None
+                signature.append((name, id(inner.variable), index))
+    return tuple(signature)
 
 
 def batch_first_of(model: nn.Module) -> dict[str, bool]:
