@@ -422,21 +422,24 @@ class Recorder:
                 self._measuring = is_measured_step(self.steps_seen, self._measure_every)
                 self.steps_seen += 1
         watched.calls = call + 1
-        rows = watched.rows[call] if call < len(watched.rows) else True
-        if watched.keyed and site is not None and not compiling:
-            site, rows = self._match_site(watched, call, args, out, site, rows)
         if site is None or site.disabled is not None or out.numel() == 0:  # an empty batch adds no sample
             return
         stats = site.stats
         # Sampled out, unless the site is confirming a death (exact) or has no measured call in this window yet, so
         # that every window measures every site that ran in it.
         if not (self._measuring or site.exact or stats.n_forwards == 0):
-            stats.n_unmeasured += 1
+            stats.n_unmeasured += 1  # the call index decides which site counts an unmeasured call: no signature
             # Any backward ends the step, measured or not: a tiny hook tells, unless a call of the model itself
             # marks the steps (the common `model(x)` loop pays nothing for it).
             if out.requires_grad and not (self._step_pending or self._root_step):
                 out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
             return
+        rows = watched.rows[call]
+        if watched.keyed and not compiling:  # a measured call of a module with several sites: matched by its feeder
+            matched, rows = self._match_site(watched, call, args, out, site, rows)
+            if matched is None or matched.disabled is not None:
+                return
+            site, stats = matched, matched.stats
         try:
             regime = None
             if watched.regime_from_input and args and isinstance(args[0], Tensor) and args[0].shape == out.shape:

@@ -33,9 +33,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Wiring", "read_wiring", "call_signature", "align_view", "saved_dim", "MAX_NODES", "UNBATCHED", "batch_first_of"]
+__all__ = [
+    "Wiring",
+    "read_wiring",
+    "call_signature",
+    "align_view",
+    "saved_dim",
+    "MAX_NODES",
+    "UNBATCHED",
+    "batch_first_of",
+]
 
 #: `Wiring.batch_dim` of a call of unbatched convolutions: the call is one sample.
 UNBATCHED = -1
@@ -276,10 +286,10 @@ def _input_dims(
             return None
         permuted: list[Optional[int]] = [None] * len(dims)
         for out_d, raw_d in enumerate(order):
-            in_d = saved_dim(raw_d, len(dims))
-            if in_d is None:
+            at = saved_dim(raw_d, len(dims))
+            if at is None:
                 return None
-            permuted[in_d] = dims[out_d]
+            permuted[at] = dims[out_d]
         return tuple(permuted)
     if kind in ("Select", "Unbind"):
         dim = saved_dim(_saved(node, "_saved_dim"), len(in_shape))
@@ -527,6 +537,12 @@ def _first_weights(node: Any, limit: int = 64) -> set[Hashable]:
     return found
 
 
+#: The node type that ends a path at a leaf tensor (its ``variable``).
+_ACCUMULATE_GRAD: type = type(
+    (_leaf := nn.Parameter(torch.zeros(1))).mul(1).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+)
+del _leaf
+
 #: Nodes a call signature steps through (the view back of a Linear over a 3-D input).
 _SIGNATURE_VIEWS = ("ViewBackward0", "UnsafeViewBackward0")
 #: Weight views a call signature looks behind: a Linear's transpose, an expert's select.
@@ -542,7 +558,7 @@ def call_signature(inp: Optional[Tensor], out: Tensor) -> tuple[Hashable, ...]:
     skipped by the data (experts with no token, LayerDrop). Empty when the node behind has no parameter input (a
     residual add): the call index decides then.
     """
-    node = (inp if inp is not None else out).grad_fn
+    node: Any = (inp if inp is not None else out).grad_fn
     if node is None:
         return ()
     if inp is None or inp is out:  # in place: the activation's own node is first
@@ -555,15 +571,17 @@ def call_signature(inp: Optional[Tensor], out: Tensor) -> tuple[Hashable, ...]:
     if node is None:
         return ()
     signature: list[Hashable] = []
+    child: Any
     for child, _ in node.next_functions:
         if child is None:
             continue
-        name = type(child).__name__
-        if name == "AccumulateGrad":
+        if type(child) is _ACCUMULATE_GRAD:
             signature.append(id(child.variable))
-        elif name in _SIGNATURE_WEIGHTS:
-            inner = child.next_functions[0][0]
-            if inner is not None and type(inner).__name__ == "AccumulateGrad":
+            continue
+        name = type(child).__name__
+        if name in _SIGNATURE_WEIGHTS:
+            inner: Any = child.next_functions[0][0]
+            if type(inner) is _ACCUMULATE_GRAD:
                 index = _saved(child, "_saved_index") if name == "SelectBackward0" else None
                 signature.append((name, id(inner.variable), index))
     return tuple(signature)

@@ -8,9 +8,9 @@ chain of ops carries them to an ``nn.ReLU``. The ground truth is a plain forward
 every dim but the known unit dim and counts the known sample dim's rows.
 
 The rule checked: with only ops the walk knows, relumon's units, samples and dead units equal the hook's, with no
-warning (so no call is skipped as "another shape"); with an op it does not know (``cumsum``), relumon warns (that the
-graph does not tell, or that calls of another shape are skipped), and never gives a wrong figure silently. Hypothesis composes random chains of the table's ops;
-the chains that found bugs are kept as explicit cases.
+warning (so no call is skipped as "another shape"); with an op it does not know (``cumsum``), relumon warns
+(that the graph does not tell, or that calls of another shape are skipped), and never gives a wrong figure silently.
+Hypothesis composes random chains of the table's ops; the chains that found bugs are kept as explicit cases.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ KILLED = [0, 3]
 def _neg(dim: int, ndim: int) -> int:
     """``dim`` as a negative index."""
     return dim - ndim
+
+
+def _shift(dim: Optional[int], removed: int) -> Optional[int]:
+    """``dim`` after dim ``removed`` is taken out."""
+    return dim - 1 if dim is not None and dim > removed else dim
 
 
 def _other_dims(t: Tensor, u: int, b: Optional[int]) -> list[int]:
@@ -113,8 +118,7 @@ def _squeeze_ones(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
     if not ones or t.ndim <= 2:
         return None
     d = ones[-1]
-    shift = (lambda x: x - 1 if x is not None and x > d else x)
-    return t.squeeze(_neg(d, t.ndim)), int(shift(u)), shift(b)
+    return t.squeeze(_neg(d, t.ndim)), u - (u > d), _shift(b, d)
 
 
 def _cat_other(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
@@ -157,8 +161,7 @@ def _select_other(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
     if t.ndim < 4 or not others:
         return None
     d = others[-1]
-    shift = (lambda x: x - 1 if x is not None and x > d else x)
-    return t.select(_neg(d, t.ndim), 0), int(shift(u)), shift(b)
+    return t.select(_neg(d, t.ndim), 0), u - (u > d), _shift(b, d)
 
 
 def _chunk_units(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:

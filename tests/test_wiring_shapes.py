@@ -7,10 +7,8 @@ plain forward hook that knows which dim holds the units and which the samples.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import relumon
