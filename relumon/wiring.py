@@ -538,7 +538,7 @@ def _first_weights(node: Any, limit: int = 64) -> set[Hashable]:
 
 
 #: The node type that ends a path at a leaf tensor (its ``variable``).
-_ACCUMULATE_GRAD: type = type(
+_ACCUMULATE_GRAD: Any = type(
     (_leaf := nn.Parameter(torch.zeros(1))).mul(1).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
 )
 del _leaf
