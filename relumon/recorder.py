@@ -857,7 +857,8 @@ class Recorder:
         if (wiring is None or wiring.weights is None) and producer is not None:
             return infer_unit_dim(ndim, producer), None  # no graph (no gradient tracked): the module that fed it
         why = wiring.why_not if wiring is not None else _COMPILED
-        return infer_unit_dim(ndim), (why if ndim >= 3 else None)
+        unknown = wiring is not None and bool(wiring.unknown)  # an op the walk does not know: said for 2-D too
+        return infer_unit_dim(ndim), (why if ndim >= 3 or unknown else None)
 
     def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int, wiring: Optional[Wiring] = None) -> int:
         """The dim that holds the samples, as the option `batch_dim`, else the graph (convolutions: dim 0 of their
@@ -887,7 +888,7 @@ class Recorder:
         warn(
             f"relumon: the autograd graph does not tell which dim of `{site.name}`'s output {tuple(out.shape)} holds "
             f"its units ({why}), so relumon counts dim {site.stats.unit_dim} (its fallback: dim 1 of a 4-D or 5-D "
-            f"output, the last dim of a 3-D one). If that is wrong, pass `unit_dim={{{watched.name!r}: <dim>}}`.",
+            f"output, the last dim of a 2-D or 3-D one). If that is wrong, pass `unit_dim={{{watched.name!r}: <dim>}}`.",
             RelumonWarning,
         )
 

@@ -156,6 +156,7 @@ class Wiring:
         batch_dim: the activation dim that holds the samples when every producer says so (a convolution: dim 0 of
             its batched output), `UNBATCHED` when they are unbatched convolutions (the call is one sample), or None
             when the graph does not say (a matrix product's rows may be samples or positions).
+        unknown: names of the nodes the walk could not follow (an op it does not know, or dims it could not map).
     """
 
     unit_dim: Optional[int] = None
@@ -164,6 +165,7 @@ class Wiring:
     met: set[str] = field(default_factory=set)
     producer_kinds: list[str] = field(default_factory=list)
     batch_dim: Optional[int] = None
+    unknown: list[str] = field(default_factory=list)
 
 
 def _kind(node: Any) -> str:
@@ -261,6 +263,10 @@ def _input_dims(
     node: Any, kind: str, dims: Dims, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
 ) -> Optional[Dims]:
     """The activation dims of one input of ``node``, given those of its output, or None when unknown."""
+    if kind in ("Squeeze", "Unsqueeze"):
+        exact = _squeezed_input_dims(node, kind, dims, in_shape)
+        if exact is not None:
+            return exact
     if kind.startswith(_VIEWS) or kind == "Expand":
         if kind == "Expand":
             lead = len(out_shape) - len(in_shape)
@@ -310,6 +316,89 @@ def _input_dims(
     return None
 
 
+def _squeezed_input_dims(node: Any, kind: str, dims: Dims, in_shape: tuple[int, ...]) -> Optional[Dims]:
+    """The activation dims of the input of a squeeze or unsqueeze, from its saved dims (size-1 dims included, which a
+    view's alignment cannot place); None when they are not saved."""
+    raw = _saved(node, "_saved_dim")
+    if kind == "Unsqueeze":
+        dim = saved_dim(raw, len(dims))
+        if dim is None or len(in_shape) + 1 != len(dims):
+            return None
+        return dims[:dim] + dims[dim + 1 :]
+    if raw is None:  # squeeze(): every size-1 dim
+        removed = {d for d, n in enumerate(in_shape) if n == 1}
+    else:
+        raw = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)
+        named = [saved_dim(d, len(in_shape)) for d in raw]
+        removed = {d for d in named if d is not None and in_shape[d] == 1}
+    if len(in_shape) != len(dims) + len(removed):
+        return None
+    kept = iter(dims)
+    return tuple(None if d in removed else next(kept) for d in range(len(in_shape)))
+
+
+def _strided_input_dims(
+    node: Any, dims: Dims, in_shape: tuple[int, ...], base_strides: Optional[tuple[int, ...]]
+) -> Optional[Dims]:
+    """The activation dims of the base of an ``as_strided`` view (what an in-place op on a view leaves: ConvNeXt's
+    ``permute`` then ``ReLU(inplace=True)``).
+
+    ``base_strides`` are the base's real strides (known for the activation's own view: its ``_base``), or None. A
+    plain view of a whole contiguous base (a reshape) maps like a view. With the base's strides, each view dim is
+    matched to the base dim with its stride: one view dim per base dim, of the base dim's size (or smaller, a slice,
+    when every view dim matched); view dims that match nothing were merged into a base dim (a view of a view), which
+    is then known only if its size says it holds nothing else. None when no dim maps: the graph does not tell."""
+    size, stride = _saved(node, "_saved_size"), _saved(node, "_saved_stride")
+    if size is None or stride is None or len(size) != len(dims) or len(stride) != len(dims):
+        return None
+    size, stride = tuple(int(n) for n in size), tuple(int(st) for st in stride)
+    contiguous = [1] * len(in_shape)
+    for d in range(len(in_shape) - 2, -1, -1):
+        contiguous[d] = contiguous[d + 1] * in_shape[d + 1]
+    if base_strides is None or list(base_strides) == contiguous or len(in_shape) <= 1:
+        plain = _contiguous_view_dims(node, dims, in_shape, size, stride)
+        if plain is not None or base_strides is None:
+            return plain
+    if base_strides is None or len(base_strides) != len(in_shape):
+        return None
+    matched: dict[int, list[int]] = {}
+    unmatched = False
+    for out_d, (n, st) in enumerate(zip(size, stride)):
+        if n == 1:
+            continue
+        hits = [d for d in range(len(in_shape)) if base_strides[d] == st and in_shape[d] > 1 and n <= in_shape[d]]
+        if len(hits) != 1:
+            unmatched = True
+            continue
+        matched.setdefault(hits[0], []).append(out_d)
+    result: list[Optional[int]] = [None] * len(in_shape)
+    for base_d, outs in matched.items():
+        if len(outs) == 1 and (size[outs[0]] == in_shape[base_d] or not unmatched):
+            result[base_d] = dims[outs[0]]
+    return tuple(result) if any(d is not None for d in result) else None
+
+
+def _contiguous_view_dims(
+    node: Any, dims: Dims, in_shape: tuple[int, ...], size: tuple[int, ...], stride: tuple[int, ...]
+) -> Optional[Dims]:
+    """An ``as_strided`` view that is a plain view of its whole contiguous base (a reshape then an in-place op):
+    mapped like a view. None otherwise."""
+    expected, numel = 1, 1
+    for n, st in zip(reversed(size), reversed(stride)):
+        if n != 1 and st != expected:
+            return None
+        expected *= n
+    for n in in_shape:
+        numel *= n
+    if expected != numel or int(_saved(node, "_saved_storage_offset") or 0) != 0:
+        return None
+    mapping = align_view(in_shape, size)
+    result: list[Optional[int]] = [None] * len(in_shape)
+    for out_d, in_d in mapping.items():
+        result[in_d] = dims[out_d]
+    return tuple(result)
+
+
 def _reduced_input_dims(node: Any, dims: Dims, in_shape: tuple[int, ...]) -> Optional[Dims]:
     """The activation dims of the input of a sum or mean over saved dims (None for a reduction over all dims)."""
     raw = _saved(node, "_saved_dim")
@@ -353,6 +442,9 @@ def read_wiring(
         wiring.why_not = "its input has no autograd graph (no gradient is tracked)"
         return wiring
     ndim = tensor.ndim
+    root = tensor.grad_fn
+    base = tensor._base
+    base_strides = tuple(base.stride()) if base is not None and base.layout == torch.strided else None
     weights: set[Hashable] = set()
     answers: set[int] = set()
     batches: set[Optional[int]] = set()  # what the producers say of the sample dim
@@ -417,8 +509,13 @@ def read_wiring(
             if in_shape is None:
                 continue
             child_restore = restore if keeps and len(in_shape) == len(dims) else None
-            if is_view and restore is not None and in_shape == restore[0]:
-                child_dims: Optional[Dims] = restore[1]  # the view back of an earlier merging view
+            child_dims: Optional[Dims]
+            if kind == "AsStrided":  # an in-place op on a view: the base's strides are known for the activation's
+                child_dims = _strided_input_dims(node, dims, in_shape, base_strides if node is root else None)
+                if child_dims is not None and _lost(dims, child_dims):
+                    child_restore = (shape, dims)
+            elif is_view and restore is not None and in_shape == restore[0]:
+                child_dims = restore[1]  # the view back of an earlier merging view
                 child_restore = None
             else:
                 child_dims = _input_dims(node, kind, dims, shape, in_shape)
@@ -441,6 +538,8 @@ def read_wiring(
                     answers.add(int(dims[-1]))
         elif not followed and kind.startswith(_POOLS) and len(dims) >= 3 and dims[1] is not None:
             answers.add(int(dims[1]))
+        elif not followed and any(getattr(child, "variable", None) is None for child, _ in edges):
+            wiring.unknown.append(kind)  # a path the walk cannot follow: it never guesses past it
     wiring.weights = frozenset(weights)
     if len(batches) == 1:
         wiring.batch_dim = batches.pop()
@@ -452,6 +551,8 @@ def read_wiring(
         wiring.why_not = "a view or reduction merges the producer's feature dim with another dim"
     elif budget <= 0:
         wiring.why_not = f"no producer layer within {MAX_NODES} autograd nodes"
+    elif wiring.unknown:
+        wiring.why_not = f"the walk cannot follow `{'`, `'.join(sorted(set(wiring.unknown)))}` back to a producer layer"
     return wiring
 
 

@@ -401,12 +401,12 @@ LENGTHS = (6, 8, 6)
 class Chain(nn.Module):
     """producer -> ops -> ReLU, with the unit and sample dims of the ReLU's input known by construction."""
 
-    def __init__(self, producer: Producer, ops: list[Op]) -> None:
+    def __init__(self, producer: Producer, ops: list[Op], inplace: bool = False) -> None:
         super().__init__()
         self.producer = producer.make()
         self.spec = producer
         self.ops = ops
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=inplace)
         self.dims: tuple[int, Optional[int]] = (producer.unit_dim, producer.batch_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -419,27 +419,32 @@ class Chain(nn.Module):
         return self.act(t)
 
 
-def build_chain(producer: Producer, wanted: list[str]) -> Chain:
+def build_chain(producer: Producer, wanted: list[str], inplace: bool = False) -> Chain:
     """A chain of the ``wanted`` ops that apply, in order, to every batch (ops that do not apply are left out)."""
-    chain = Chain(producer, [])
+    chain = Chain(producer, [], inplace)
     kept: list[Op] = []
     for name in wanted:
         trial = Chain.__new__(Chain)
         nn.Module.__init__(trial)
         trial.producer, trial.spec, trial.ops, trial.act = chain.producer, producer, kept + [OPS[name]], chain.act
-        if all(_applies(trial, producer.data(n)) for n in LENGTHS):
+        if all(_applies(trial, producer.data(n), inplace) for n in LENGTHS):
             kept.append(OPS[name])
     chain.ops = kept
     return chain
 
 
-def _applies(chain: Chain, x: Tensor) -> bool:
+def _applies(chain: Chain, x: Tensor, inplace: bool = False) -> bool:
     t, u, b = chain.producer(x), chain.spec.unit_dim, chain.spec.batch_dim
     for op in chain.ops:
         state = op.apply(t, u, b)
         if state is None:
             return False
         t, u, b = state
+    if inplace:
+        try:  # torch forbids in-place ops on some views (one output of a chunk or split)
+            F.relu(t, inplace=True)
+        except RuntimeError:
+            return False
     return t.ndim >= 2 and t.numel() > 0
 
 
@@ -464,11 +469,12 @@ class PlainHook:
         return len(self.peak), self.samples, [int(i) for i in torch.nonzero(self.peak <= 0).flatten()]
 
 
-def run_oracle(producer_name: str, op_names: list[str]) -> None:
-    """Train a chain under relumon and a plain hook; check relumon against the hook."""
+def run_oracle(producer_name: str, op_names: list[str], inplace: bool = False) -> None:
+    """Train a chain under relumon and a plain hook; check relumon against the hook (with an in-place ReLU, the
+    hook's output is the ReLU's output all the same)."""
     torch.manual_seed(0)
     producer = PRODUCERS[producer_name]
-    chain = build_chain(producer, op_names)
+    chain = build_chain(producer, op_names, inplace)
     known = all(op.known for op in chain.ops)
     hook = PlainHook(chain)
     opt = torch.optim.SGD(chain.parameters(), lr=1e-3)
@@ -489,11 +495,15 @@ def run_oracle(producer_name: str, op_names: list[str]) -> None:
     layer = report["act"]
     right = (layer.units, layer.samples, layer.dead_indices) == (units, samples, dead)
     ops = [op.name for op in chain.ops]
-    if known:
+    # Known ops must give the right figures without a word; an in-place ReLU after several views may leave a view of
+    # a view whose base merges dims (an instance norm's), where the walk may only say that it cannot tell.
+    if known and (not inplace or len(ops) <= 1 or not said):
         assert not said, (producer_name, ops, said)
         assert right, (producer_name, ops, (layer.units, layer.samples, layer.dead_indices), (units, samples, dead))
     else:
         assert right or said, (producer_name, ops, said)  # never a wrong figure without a warning
+    if said:
+        assert any("does not tell" in message for message in said), said  # the documented warning comes first
 
 
 # --------------------------------------------------------------------------- the table: every op on every producer
@@ -513,8 +523,9 @@ _TABLE = [
 
 
 @pytest.mark.parametrize(("producer", "op"), _TABLE, ids=[f"{p}-{o}" for p, o in _TABLE])
-def test_op_table(producer: str, op: str) -> None:
-    run_oracle(producer, [op])
+@pytest.mark.parametrize("inplace", [False, True], ids=["relu", "inplace"])
+def test_op_table(producer: str, op: str, inplace: bool) -> None:
+    run_oracle(producer, [op], inplace)
 
 
 def test_every_op_is_in_the_table() -> None:
@@ -547,6 +558,7 @@ FOUND = [
     ("conv1d", ["stack(0).sum(0)"]),
     ("conv1d", ["instance_norm"]),
     ("linear 3-D", ["chunk units"]),  # channels-last ReGLU
+    ("conv1d unbatched", ["transpose(u,-1)"]),  # an unbatched call counted its time steps as samples
 ]
 
 
@@ -555,12 +567,21 @@ def test_chains_that_found_bugs(producer: str, ops: list[str]) -> None:
     run_oracle(producer, ops)
 
 
+def test_an_inplace_relu_on_a_permuted_view() -> None:
+    """ConvNeXt's ``permute`` then ``ReLU(inplace=True)``: the graph shows an as_strided view of the conv output."""
+    run_oracle("conv2d", ["permute channels last"], inplace=True)
+
+
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     producer=st.sampled_from(sorted(PRODUCERS)),
     ops=st.lists(st.sampled_from(sorted(OPS)), min_size=1, max_size=4),
+    inplace=st.booleans(),
 )
-@example(producer="conv2d", ops=["permute channels last", "transpose(-1,-2)", "layer_norm"])
-@example(producer="linear 4-D channels-last", ops=["permute channels first", "instance_norm", "chunk units"])
-def test_random_chains_match_a_plain_hook(producer: str, ops: list[str]) -> None:
-    run_oracle(producer, ops)
+@example(producer="conv2d", ops=["permute channels last", "transpose(-1,-2)", "layer_norm"], inplace=False)
+@example(
+    producer="linear 4-D channels-last", ops=["permute channels first", "instance_norm", "chunk units"], inplace=False
+)
+@example(producer="conv2d", ops=["permute channels last"], inplace=True)  # ConvNeXt: an as_strided view in the graph
+def test_random_chains_match_a_plain_hook(producer: str, ops: list[str], inplace: bool) -> None:
+    run_oracle(producer, ops, inplace)
