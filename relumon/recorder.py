@@ -888,7 +888,8 @@ class Recorder:
         warn(
             f"relumon: the autograd graph does not tell which dim of `{site.name}`'s output {tuple(out.shape)} holds "
             f"its units ({why}), so relumon counts dim {site.stats.unit_dim} (its fallback: dim 1 of a 4-D or 5-D "
-            f"output, the last dim of a 2-D or 3-D one). If that is wrong, pass `unit_dim={{{watched.name!r}: <dim>}}`.",
+            f"output, the last dim of a 2-D or 3-D one). If that is wrong, pass "
+            f"`unit_dim={{{watched.name!r}: <dim>}}`.",
             RelumonWarning,
         )
 
