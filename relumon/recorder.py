@@ -327,6 +327,9 @@ class Recorder:
         self._wiring_nodes: Optional[dict[Any, tuple[str, int]]] = {}
         #: Modules with a ``batch_first`` layout (LSTM, Transformer layers), by path.
         self._batch_first = batch_first_of(model)
+        #: Output nodes of those modules in the first training forward: ``node_key -> the dim holding the samples``
+        #: (None once that forward is over), for `relumon.wiring.batch_walk`.
+        self._layout_nodes: Optional[dict[Any, int]] = {}
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -354,6 +357,9 @@ class Recorder:
                 self._watched[module] = watched
                 hook = OwnHook(functools.partial(self._observe, watched), module)
                 self._handles.append(module.register_forward_hook(hook))
+            for name, module in hookable_modules(model):
+                if name in self._batch_first:  # what a layout module's output says of the samples, at discovery
+                    self._handles.append(module.register_forward_hook(OwnHook(self._on_layout_output, module)))
             self._handles.append(model.register_forward_pre_hook(OwnPreHook(self._on_root_forward, model)))
             self._handles.append(model.register_forward_hook(OwnHook(self._on_root_done, model)))
             self._tracer = ProducerTracer(model, transparent={m for m in self._watched if isinstance(m, nn.Module)})
@@ -698,6 +704,17 @@ class Recorder:
         if not is_compiling():
             self._forward_done = True  # the step's forward ended without an exception: its wiring is all read
 
+    def _on_layout_output(self, module: nn.Module, args: Any, out: Any) -> None:
+        """A module that declares its layout ran: in the first training forward, note which dim of its output holds
+        the samples (dim 1 of a 3-D output with ``batch_first=False``)."""
+        layouts = self._layout_nodes
+        if layouts is None or is_compiling():
+            return None
+        first = out[0] if isinstance(out, tuple) and out else out
+        if isinstance(first, Tensor) and first.grad_fn is not None and first.ndim == 3:
+            layouts[node_key(first.grad_fn)] = 0 if getattr(module, "batch_first", True) else 1
+        return None
+
     def _on_backward(self) -> None:
         self._step_pending = True
         self._forward_done = True
@@ -734,6 +751,8 @@ class Recorder:
             self._graph_nodes = None if traced else {}
         if self._wiring_nodes is not None:
             self._wiring_nodes = None if traced else {}
+        if self._layout_nodes is not None:
+            self._layout_nodes = None if traced else {}
 
     # ------------------------------------------------------------------ call-site discovery
 
@@ -756,7 +775,11 @@ class Recorder:
         if inp is not None and self._tracer is not None:
             fed_by, producer = self._tracer.producer_of(inp)
         # An in-place activation's input is its output: the walk steps over the activation's own node.
-        wiring = None if compiled else read_wiring(inp if inp is not None else out, self._wiring_nodes, node_key)
+        wiring = (
+            None
+            if compiled
+            else read_wiring(inp if inp is not None else out, self._wiring_nodes, node_key, self._layout_nodes)
+        )
         ndim = out.ndim
         unit_dim, why_guessed = self._unit_dim_for(watched, out, wiring, producer)
         units = out.shape[unit_dim] if ndim else 1
@@ -861,24 +884,28 @@ class Recorder:
         return infer_unit_dim(ndim), (why if ndim >= 3 or unknown else None)
 
     def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int, wiring: Optional[Wiring] = None) -> int:
-        """The dim that holds the samples, as the option `batch_dim`, else the graph (convolutions: dim 0 of their
-        batched output wherever the walk carried it; an unbatched call is one sample, told by a batch dim equal to the
-        unit dim), else 0, or 1 for a 3-D activation in PyTorch's sequence-first ``(S, B, E)`` layout as the model
-        (``batch_first=False`` on its LSTM or Transformer layers) says."""
+        """The dim that holds the samples: as the option `batch_dim` says; else as the graph says (a convolution's
+        dim 0 wherever the walk carried it, an unbatched call being one sample, told by a batch dim equal to the unit
+        dim; or the rows followed back to the output of a module that declares its layout, such as an ``nn.LSTM`` with
+        ``batch_first=False``); else, inside a module that declares its layout, as it says (dim 1 of a 3-D activation
+        when sequence-first); else dim 0."""
         given = self.options.batch_dim
         if isinstance(given, Mapping):
             given = given.get(watched.name, given.get("*"))
         if given is not None:
             return given % ndim if ndim and -ndim <= given < ndim else 0
-        if wiring is not None and wiring.batch_dim is not None and wiring.unit_dim == unit_dim:
-            return unit_dim if wiring.batch_dim == UNBATCHED else wiring.batch_dim
+        said = wiring.batch_dim if wiring is not None else None
+        if said == UNBATCHED:
+            if wiring is not None and wiring.unit_dim == unit_dim:
+                return unit_dim
+        elif said is not None and said != unit_dim and said < ndim:
+            return said
         if ndim != 3 or unit_dim != 2 or not self._batch_first:
             return 0
         inside = [p for p in self._batch_first if not p or watched.name.startswith(p + ".")]
         if inside:  # the innermost enclosing module that says
             return 0 if self._batch_first[max(inside, key=len)] else 1
-        settings = set(self._batch_first.values())
-        return 1 if settings == {False} else 0  # fed by the model's sequence-first layers
+        return 0
 
     def _warn_units(self, watched: _Watched, site: Site, out: Tensor, why: str) -> None:
         if watched.warned_units or (why == _COMPILED and self._warned_compiled_units):
@@ -996,6 +1023,7 @@ class Recorder:
         self._module_stack.clear()
         self._graph_nodes = None
         self._wiring_nodes = None
+        self._layout_nodes = None
 
 
 # Allocation runs eagerly even inside a torch.compile trace: state created in a graph would not persist. This costs

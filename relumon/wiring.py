@@ -39,6 +39,7 @@ from torch import Tensor, nn
 __all__ = [
     "Wiring",
     "read_wiring",
+    "batch_walk",
     "call_signature",
     "align_view",
     "saved_dim",
@@ -422,6 +423,7 @@ def read_wiring(
     tensor: Optional[Tensor],
     sites: Optional[Mapping[Any, tuple[str, int]]] = None,
     key: Optional[Callable[[Any], Any]] = None,
+    layouts: Optional[Mapping[Any, int]] = None,
 ) -> Wiring:
     """Read the wiring of an activation from the autograd graph behind its input ``tensor``.
 
@@ -432,6 +434,10 @@ def read_wiring(
             path that meets one stops there and takes that site's units (a ReLU after a residual add of a site's
             output); the names met are in ``Wiring.met``.
         key: how to key nodes for ``sites`` (e.g. `relumon.cascade.node_key`).
+        layouts: for the output nodes of modules that declare their layout (``batch_first`` on ``nn.LSTM``,
+            ``nn.MultiheadAttention``, ``nn.Transformer*``), keyed by ``key(node)``, the dim of that output holding the
+            samples. When the producers do not say where the samples are, a second walk follows the rows back through
+            the producers to such an output (`batch_walk`).
 
     Returns:
         A `Wiring`. Its ``unit_dim`` is None when the graph cannot tell (no graph, branches that disagree, a view that
@@ -543,6 +549,8 @@ def read_wiring(
     wiring.weights = frozenset(weights)
     if len(batches) == 1:
         wiring.batch_dim = batches.pop()
+    if wiring.batch_dim is None and layouts:
+        wiring.batch_dim = batch_walk(tensor, layouts, key)
     if len(answers) == 1 and not blurred:
         wiring.unit_dim = answers.pop()
     elif len(answers) > 1:
@@ -554,6 +562,75 @@ def read_wiring(
     elif wiring.unknown:
         wiring.why_not = f"the walk cannot follow `{'`, `'.join(sorted(set(wiring.unknown)))}` back to a producer layer"
     return wiring
+
+
+def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callable[[Any], Any]] = None) -> Optional[int]:
+    """The activation dim that holds the samples, read by following the rows back to the output of a module that
+    declares its layout (an ``nn.LSTM`` with ``batch_first=False``: dim 1), or None when no path reaches one, or the
+    paths disagree.
+
+    Rows are followed through the ops of `read_wiring`'s walk and *through* the producers: a matrix product's rows are
+    the rows of its data operand (a Linear over ``(T, B, D)`` is a view to ``(T*B, D)``, a product, and the view back:
+    the dims merged on the way in come back on the way out), a convolution's dim 0 is its input's dim 0.
+    """
+    answers: set[Optional[int]] = set()
+    visited: set[tuple[int, Dims]] = set()
+    budget = MAX_NODES
+    stack: list[tuple[Any, Dims, tuple[int, ...], Optional[tuple[tuple[int, ...], Dims]]]] = [
+        (tensor.grad_fn, tuple(range(tensor.ndim)), tuple(tensor.shape), None)
+    ]
+    while stack and budget > 0:
+        node, dims, shape, restore = stack.pop()
+        if node is None or (id(node), dims) in visited:
+            continue
+        visited.add((id(node), dims))
+        budget -= 1
+        said = layouts.get(key(node) if key is not None else node)
+        if said is not None:
+            answers.add(dims[said] if said < len(dims) else None)
+            continue
+        kind = _kind(node)
+        nexts = node.next_functions
+        if kind in _OPERANDS and len(shape) == 2:  # rows of a product: its data operand's rows (weight on the right)
+            left, right = _OPERANDS[kind]
+            if max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is not None:
+                child, nr = nexts[left]
+                in_shape = _shape_of(child, nr)
+                if in_shape is not None and len(in_shape) == 2:
+                    prefix = (restore[0][:-1], restore[1][:-1]) if restore is not None else None
+                    stack.append((child, (dims[0], None), in_shape, prefix))
+            continue
+        if kind.startswith(_CONV):
+            child, nr = nexts[0] if nexts else (None, 0)
+            in_shape = _shape_of(child, nr) if child is not None else None
+            if in_shape is not None and len(in_shape) == len(dims):
+                stack.append((child, (dims[0],) + (None,) * (len(dims) - 1), in_shape, None))
+            continue
+        if kind.startswith(_LAST) or kind == "AsStrided":
+            continue
+        is_view = kind.startswith(_VIEWS)
+        keeps = kind.startswith(_SAME_DIMS + _CHANNEL_NORMS + _LAST_NORMS)
+        for child, nr in nexts:
+            if child is None or getattr(child, "variable", None) is not None:
+                continue
+            in_shape = _shape_of(child, nr)
+            if in_shape is None:
+                continue
+            child_restore = restore if keeps and len(in_shape) == len(dims) else None
+            child_dims: Optional[Dims]
+            if is_view and restore is not None and in_shape[: len(restore[0])] == restore[0]:
+                # The view into the product (prefix: a Linear's rows) or back (an instance norm's merge).
+                child_dims = restore[1] + (None,) * (len(in_shape) - len(restore[1]))
+                child_restore = None
+            else:
+                child_dims = _input_dims(node, kind, dims, shape, in_shape)
+                if is_view and child_dims is not None and _lost(dims, child_dims):
+                    child_restore = (shape, dims)
+            if child_dims is not None:
+                stack.append((child, child_dims, in_shape, child_restore))
+            if kind.startswith(_CHANNEL_NORMS + _LAST_NORMS):
+                break
+    return answers.pop() if len(answers) == 1 else None
 
 
 def _lost(dims: Dims, child_dims: Dims) -> bool:

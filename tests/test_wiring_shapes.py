@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -144,11 +145,14 @@ def test_experts_in_one_parameter_are_a_site_each() -> None:
 
 
 class TiedAutoencoder(nn.Module):
-    """A bias-free tied autoencoder: ``act(x @ W.T)`` then ``act(h @ W)``, one ReLU object."""
+    """A bias-free tied autoencoder with a square weight: ``act(x @ W.T)`` then ``act(h @ W)``, one ReLU object."""
 
-    def __init__(self, d: int = 6, h: int = 4) -> None:
+    def __init__(self, d: int = 6) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(h, d))
+        weight = torch.rand(d, d) + 0.1
+        weight[0, :] = -weight[0, :]  # encoder unit 0 (row 0 of W) is dead on non-negative inputs
+        weight[:, 5] = -weight[:, 5].abs()  # decoder unit 5 (column 5 of W) is dead on non-negative codes
+        self.weight = nn.Parameter(weight)
         self.act = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -159,6 +163,97 @@ class TiedAutoencoder(nn.Module):
 def test_tied_autoencoder_encoder_and_decoder_are_two_sites() -> None:
     torch.manual_seed(0)
     model = TiedAutoencoder()
-    report = _train(model, [torch.randn(5, 6) for _ in range(2)])
+    calls: list[Tensor] = []
+    model.act.register_forward_hook(lambda m, a, out: calls.append(out.detach()))
+    report = _train(model, [torch.rand(5, 6) for _ in range(2)])
     layers = [layer for layer in report if layer.module == "act"]
-    assert sorted(layer.units for layer in layers) == [4, 6]
+    assert len(layers) == 2
+    truth = [
+        [int(i) for i in torch.nonzero(torch.stack([c.amax(0) for c in calls[k::2]]).amax(0) <= 0).flatten()]
+        for k in (0, 1)
+    ]
+    assert truth == [[0], [5]]
+    assert [layer.dead_indices for layer in layers] == truth
+    assert [layer.samples for layer in layers] == [10, 10]
+
+
+# --------------------------------------------------------------------------- samples from the graph
+
+
+class SeqFirstToBatchFirst(nn.Module):
+    """A sequence-first encoder (``batch_first=False``) whose output is transposed to batch-first for a ReLU head."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "lstm":
+            self.enc: nn.Module = nn.LSTM(4, 6)
+        else:
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, 0.0, activation="gelu"), 1)
+        self.head, self.act = nn.Linear(6 if kind == "lstm" else 4, 5), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, D)
+        seq = x.transpose(0, 1)
+        out = self.enc(seq)[0] if self.kind == "lstm" else self.enc(seq)
+        return self.act(self.head(out.transpose(0, 1)))
+
+
+def _rows_hook(module: nn.Module, seen: list[int], dim: int) -> None:
+    module.register_forward_hook(lambda m, a, out: seen.append(out.shape[dim]))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "transformer"])
+def test_a_sequence_first_encoder_transposed_to_batch_first_counts_batch_rows(kind: str) -> None:
+    model = SeqFirstToBatchFirst(kind)
+    rows: list[int] = []
+    _rows_hook(model.act, rows, 0)
+    report = _train(model, [torch.randn(3, 7, 4) for _ in range(4)])
+    assert report["act"].samples == sum(rows) == 12  # batch rows, not 4 * 7 positions
+
+
+class BatchFirstWithDefaultAttention(nn.Module):
+    """A batch-first block calling a default (sequence-first) ``nn.MultiheadAttention`` through transposes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.fc, self.act = nn.Linear(8, 6), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, E)
+        seq = x.transpose(0, 1)
+        out, _ = self.attn(seq, seq, seq)
+        return self.act(self.fc(out.transpose(0, 1)))
+
+
+def test_a_batch_first_block_around_default_attention_counts_batch_rows() -> None:
+    model = BatchFirstWithDefaultAttention()
+    rows: list[int] = []
+    _rows_hook(model.act, rows, 0)
+    report = _train(model, [torch.randn(3, 5, 8) for _ in range(4)])
+    assert report["act"].samples == sum(rows) == 12
+
+
+class TwoBranches(nn.Module):
+    """A sequence-first GRU in one branch, a batch-first Linear/ReLU branch that it does not feed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(4, 4)
+        self.fc, self.act = nn.Linear(4, 6), nn.ReLU()
+        self.gru_head, self.gru_act = nn.Linear(4, 6), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, D)
+        seq_out, _ = self.gru(x.transpose(0, 1))  # (T, B, D)
+        branch = self.act(self.fc(x))  # (B, T, 6)
+        return branch.sum() + self.gru_act(self.gru_head(seq_out)).sum()
+
+
+def test_a_sequence_first_gru_does_not_change_a_branch_it_does_not_feed() -> None:
+    model = TwoBranches()
+    rows: list[int] = []
+    gru_rows: list[int] = []
+    _rows_hook(model.act, rows, 0)
+    _rows_hook(model.gru_act, gru_rows, 1)  # the GRU head is sequence-first: batch in dim 1
+    report = _train(model, [torch.randn(3, 20, 4) for _ in range(4)])
+    assert report["act"].samples == sum(rows) == 12  # not 80 positions
+    assert report["gru_act"].samples == sum(gru_rows) == 12
