@@ -549,8 +549,6 @@ def read_wiring(
     wiring.weights = frozenset(weights)
     if len(batches) == 1:
         wiring.batch_dim = batches.pop()
-    if wiring.batch_dim is None and layouts:
-        wiring.batch_dim = batch_walk(tensor, layouts, key)
     if len(answers) == 1 and not blurred:
         wiring.unit_dim = answers.pop()
     elif len(answers) > 1:
@@ -561,6 +559,8 @@ def read_wiring(
         wiring.why_not = f"no producer layer within {MAX_NODES} autograd nodes"
     elif wiring.unknown:
         wiring.why_not = f"the walk cannot follow `{'`, `'.join(sorted(set(wiring.unknown)))}` back to a producer layer"
+    if wiring.batch_dim is None and wiring.unit_dim is not None and tensor.ndim >= 3:
+        wiring.batch_dim = batch_walk(tensor, layouts or {}, key)
     return wiring
 
 
@@ -571,9 +571,12 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
 
     Rows are followed through the ops of `read_wiring`'s walk and *through* the producers: a matrix product's rows are
     the rows of its data operand (a Linear over ``(T, B, D)`` is a view to ``(T*B, D)``, a product, and the view back:
-    the dims merged on the way in come back on the way out), a convolution's dim 0 is its input's dim 0.
+    the dims merged on the way in come back on the way out), a convolution's dim 0 is its input's dim 0. Where no
+    such output is reached, a token embedding of 2-D indices says: dim 0 of ``input_ids`` is the batch, by the
+    convention of Hugging Face models (a fairseq-style model transposes to ``(T, B, C)`` after it).
     """
     answers: set[Optional[int]] = set()
+    lookups: set[Optional[int]] = set()  # dim 0 of token embeddings (``input_ids`` are batch-first by convention)
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
     stack: list[tuple[Any, Dims, tuple[int, ...], Optional[tuple[tuple[int, ...], Dims]]]] = [
@@ -606,6 +609,9 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
             if in_shape is not None and len(in_shape) == len(dims):
                 stack.append((child, (dims[0],) + (None,) * (len(dims) - 1), in_shape, None))
             continue
+        if kind == "Embedding" and len(shape) >= 3 and shape[0] > 1:
+            lookups.add(dims[0])
+            continue
         if kind.startswith(_LAST) or kind == "AsStrided":
             continue
         is_view = kind.startswith(_VIEWS)
@@ -630,7 +636,9 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
                 stack.append((child, child_dims, in_shape, child_restore))
             if kind.startswith(_CHANNEL_NORMS + _LAST_NORMS):
                 break
-    return answers.pop() if len(answers) == 1 else None
+    if answers:
+        return answers.pop() if len(answers) == 1 else None
+    return lookups.pop() if len(lookups) == 1 else None
 
 
 def _lost(dims: Dims, child_dims: Dims) -> bool:
