@@ -257,3 +257,40 @@ def test_a_sequence_first_gru_does_not_change_a_branch_it_does_not_feed() -> Non
     report = _train(model, [torch.randn(3, 20, 4) for _ in range(4)])
     assert report["act"].samples == sum(rows) == 12  # not 80 positions
     assert report["gru_act"].samples == sum(gru_rows) == 12
+
+
+# --------------------------------------------------------------------------- cascades
+
+
+class MessagePassing(nn.Module):
+    """A graph layer: messages ``act1(lin1(x))[src]`` summed into ``zeros(N, H).index_add_(0, dst, ...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1, self.act1 = nn.Linear(4, 8), nn.ReLU()
+        self.lin2, self.act2 = nn.Linear(8, 8), nn.ReLU()
+        with torch.no_grad():
+            self.lin1.weight.zero_()
+            self.lin1.bias.fill_(-1e3)  # the first layer is dead
+            self.lin2.bias.fill_(-1.0)  # so the second sees only zeros, and outputs its negative bias: dead too
+
+    def forward(self, x: Tensor, src: Tensor, dst: Tensor) -> Tensor:
+        messages = self.act1(self.lin1(x))[src]
+        aggregated = torch.zeros(x.shape[0], 8).index_add_(0, dst, messages)
+        return self.act2(self.lin2(aggregated))
+
+
+def test_a_scatter_aggregation_keeps_one_cascade_one_root() -> None:
+    torch.manual_seed(0)
+    model = MessagePassing()
+    src, dst = torch.randint(0, 6, (12,)), torch.randint(0, 6, (12,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relumon.watch(model, measure_every=1) as monitor:
+            for _ in range(3):
+                model(torch.randn(6, 4), src, dst).pow(2).sum().backward()
+            report = monitor.report()
+    assert report["act1"].all_dead and report["act2"].all_dead
+    assert report["act1"].is_root and report["act2"].caused_by == "act1"
+    alerts = [str(w.message) for w in caught if "were dead" in str(w.message)]
+    assert len(alerts) == 1 and "`act1`" in alerts[0], alerts
