@@ -57,7 +57,24 @@ MAX_NODES = 512
 #: Nodes whose output carries features in dim 1 (dim 0 unbatched).
 _CONV = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv", "ThnnConv", "ConvDepthwise")
 #: Nodes whose output carries features in the last dim.
-_LAST = ("Addmm", "Mm", "Bmm", "Baddbmm", "Addmv", "Mv", "Linear", "Embedding", "EmbeddingBag", "Matmul")
+_LAST = (
+    "Addmm",
+    "Mm",
+    "Bmm",
+    "Baddbmm",
+    "Addmv",
+    "Mv",
+    "Linear",
+    "Embedding",
+    "EmbeddingBag",
+    "Matmul",
+    "MkldnnRnnLayer",
+    "CudnnRnn",
+    "MiopenRnn",
+)
+#: Recurrent layers whose output is time-major whatever ``batch_first`` says (the CPU LSTM: ``(T, B, H)``, then a
+#: transpose), and whose final states are ``(B, H)``.
+_TIME_MAJOR_RNN = ("MkldnnRnnLayer",)
 #: Norms: walked through; with nothing behind them, BatchNorm-like ones mean dim 1 and LayerNorm-like the last dim.
 _CHANNEL_NORMS = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm", "NativeGroupNorm")
 _LAST_NORMS = ("NativeLayerNorm", "LayerNorm", "FusedRmsNorm", "RmsNorm")
@@ -493,7 +510,7 @@ def read_wiring(
             batches.add(UNBATCHED if feature == 0 or (dims[0] is None and shape[0] == 1) else dims[0])
         elif kind.startswith(_LAST):
             feature = _product_feature_dim(node, kind, len(shape))
-            batches.add(None)
+            batches.add(_rnn_batch_dim(kind, dims))
         if feature is not None:
             wiring.producer_kinds.append(kind)
             weights.update(_first_weights(node))
@@ -612,6 +629,9 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
         if kind == "Embedding" and len(shape) >= 3 and shape[0] > 1:
             lookups.add(dims[0])
             continue
+        if kind.startswith(_TIME_MAJOR_RNN):
+            answers.add(_rnn_batch_dim(kind, dims))
+            continue
         if kind.startswith(_LAST) or kind == "AsStrided":
             continue
         is_view = kind.startswith(_VIEWS)
@@ -639,6 +659,14 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
     if answers:
         return answers.pop() if len(answers) == 1 else None
     return lookups.pop() if len(lookups) == 1 else None
+
+
+def _rnn_batch_dim(kind: str, dims: Dims) -> Optional[int]:
+    """The activation dim holding the samples, for an output of a time-major recurrent layer (``(T, B, H)``, or its
+    final state ``(B, H)``); None for other producers (their rows may be samples or positions)."""
+    if not kind.startswith(_TIME_MAJOR_RNN):
+        return None
+    return dims[1] if len(dims) == 3 else dims[0] if len(dims) == 2 else None
 
 
 def _lost(dims: Dims, child_dims: Dims) -> bool:

@@ -294,3 +294,189 @@ def test_a_scatter_aggregation_keeps_one_cascade_one_root() -> None:
     assert report["act1"].is_root and report["act2"].caused_by == "act1"
     alerts = [str(w.message) for w in caught if "were dead" in str(w.message)]
     assert len(alerts) == 1 and "`act1`" in alerts[0], alerts
+
+
+# --------------------------------------------------------------------------- recurrent layers and real-code blocks
+
+
+class ReluOnRNN(nn.Module):
+    def __init__(self, kind: type[nn.Module], batch_first: bool) -> None:
+        super().__init__()
+        self.rnn, self.act = kind(4, 6, batch_first=batch_first), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.rnn(x)[0])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda k: k.__name__)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_relu_on_a_recurrent_output_reads_units_and_rows_without_a_warning(
+    kind: type[nn.Module], batch_first: bool
+) -> None:
+    model = ReluOnRNN(kind, batch_first)
+    rows: list[int] = []
+    _rows_hook(model.act, rows, 0 if batch_first else 1)
+    x = [torch.randn(3, 11, 4) if batch_first else torch.randn(11, 3, 4) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", relumon.RelumonWarning)
+        with relumon.watch(model, measure_every=1) as monitor:
+            for batch in x:
+                model(batch).sum().backward()
+            report = monitor.report()
+    assert (report["act"].units, report["act"].unit_dim, report["act"].samples) == (6, 2, sum(rows)) == (6, 2, 6)
+
+
+class WaveNetBlock(nn.Module):
+    """A gated dilated conv (one conv, chunked: ``tanh(a) * sigmoid(b)``), residual and skip 1x1 convs."""
+
+    def __init__(self, c: int, dilation: int) -> None:
+        super().__init__()
+        self.dilated = nn.Conv1d(c, 2 * c, 2, dilation=dilation, padding=dilation)
+        self.res, self.skip = nn.Conv1d(c, c, 1), nn.Conv1d(c, c, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = self.dilated(x)[..., : x.shape[-1]].chunk(2, 1)
+        h = torch.tanh(a) * torch.sigmoid(b)
+        return x + self.res(h), self.skip(h)
+
+
+class WaveNet(nn.Module):
+    """WaveNet's output stack: ``relu(sum of skips)`` (``torch.stack(skips).sum(0)``), a 1x1 conv, ``relu``."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Conv1d(1, c, 1)
+        self.blocks = nn.ModuleList(WaveNetBlock(c, d) for d in (1, 2, 4))
+        self.act1, self.out, self.act2 = nn.ReLU(), nn.Conv1d(c, c, 1), nn.ReLU()
+        with torch.no_grad():
+            for block in self.blocks:
+                block.skip.weight[:3] = 0.0
+                block.skip.bias[:3] = -1e3  # channels 0-2 of every skip are very negative: their sum is dead
+            self.out.weight[5:] = 0.0
+            self.out.bias[5:] = -1e3
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        skips = []
+        for block in self.blocks:
+            h, s = block(h)
+            skips.append(s)
+        return self.act2(self.out(self.act1(torch.stack(skips).sum(0))))
+
+
+def _dead_by_hook(module: nn.Module, dim: int, batch_dim: int) -> tuple[list[int], list[int]]:
+    """A plain hook's dead units and samples (lists filled during training)."""
+    dead: list[int] = []
+    samples: list[int] = []
+    peaks: list[Tensor] = []
+
+    def hook(m: nn.Module, args: object, out: Tensor) -> None:
+        peaks.append(out.detach().amax([d for d in range(out.ndim) if d != dim]))
+        samples.append(out.shape[batch_dim])
+        dead[:] = [int(i) for i in torch.nonzero(torch.stack(peaks).amax(0) <= 0).flatten()]
+
+    module.register_forward_hook(hook)
+    return dead, samples
+
+
+def test_wavenet_gated_stack_with_variable_lengths_counts_channels() -> None:
+    torch.manual_seed(0)
+    model = WaveNet()
+    truth = {name: _dead_by_hook(getattr(model, name), 1, 0) for name in ("act1", "act2")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", relumon.RelumonWarning)  # no guess, no skipped shape
+        warnings.filterwarnings("ignore", "relumon: .* were dead", relumon.RelumonWarning)
+        report = _train(model, [torch.randn(4, 1, n) for n in (16, 24, 12)])
+    for name, (dead, samples) in truth.items():
+        assert (report[name].units, report[name].samples, report[name].dead_indices) == (8, sum(samples), dead)
+    assert {0, 1, 2} <= set(truth["act1"][0]) and {5, 6, 7} <= set(truth["act2"][0])
+    assert report["act1"].samples == 12
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block with ReLU: depthwise conv, ``permute`` to channels-last, an in-place ReLU on that view, then
+    LayerNorm, Linear (x4), ReLU, Linear, ``permute`` back, residual."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.act0 = nn.ReLU(inplace=True)
+        self.norm, self.pw1, self.act, self.pw2 = nn.LayerNorm(c), nn.Linear(c, 4 * c), nn.ReLU(), nn.Linear(4 * c, c)
+        with torch.no_grad():
+            self.dw.weight[:3] = 0.0
+            self.dw.bias[:3] = -1e3
+            self.pw1.weight[7:9] = 0.0
+            self.pw1.bias[7:9] = -1e3
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act0(self.dw(x).permute(0, 2, 3, 1))
+        h = self.pw2(self.act(self.pw1(self.norm(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+def test_convnext_block_with_an_inplace_relu_on_a_permuted_view() -> None:
+    torch.manual_seed(0)
+    model = ConvNeXtBlock()
+    truth0 = _dead_by_hook(model.act0, 3, 0)
+    truth = _dead_by_hook(model.act, 3, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", relumon.RelumonWarning)
+        warnings.filterwarnings("ignore", "relumon: .* were dead", relumon.RelumonWarning)
+        report = _train(model, [torch.randn(2, 8, 10, 5) for _ in range(3)])
+    assert (report["act0"].units, report["act0"].samples, report["act0"].dead_indices) == (8, 6, truth0[0])
+    assert truth0[0] == [0, 1, 2]  # 8 channels, 3 dead (not 10 "units" on the H rows)
+    assert (report["act"].units, report["act"].samples, report["act"].dead_indices) == (32, 6, truth[0])
+    assert {7, 8} <= set(truth[0])
+
+
+class ReGLU(nn.Module):
+    """A channels-last ReGLU feed-forward: ``relu(a) * b`` with ``a, b = Linear(x).chunk(2, -1)``."""
+
+    def __init__(self, d: int = 4, h: int = 6) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(d, 2 * h), nn.ReLU(), nn.Linear(h, d)
+        with torch.no_grad():
+            self.fc.weight[:2] = 0.0
+            self.fc.bias[:2] = -1e3
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.fc(x).chunk(2, -1)
+        return self.out(self.act(a) * b)
+
+
+def test_channels_last_reglu_with_variable_lengths() -> None:
+    torch.manual_seed(0)
+    model = ReGLU()
+    dead, samples = _dead_by_hook(model.act, 2, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", relumon.RelumonWarning)
+        warnings.filterwarnings("ignore", "relumon: .* were dead", relumon.RelumonWarning)
+        report = _train(model, [torch.randn(3, n, 4) for n in (5, 9, 7, 4)])
+    assert (report["act"].units, report["act"].samples, report["act"].dead_indices) == (6, 12, dead)
+    assert dead[:2] == [0, 1] and sum(samples) == 12
+
+
+class Seq2SeqHead(nn.Module):
+    """A sequence-first GRU encoder-decoder with a ReLU output head over the decoder's time-major outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.GRU(4, 8), nn.GRU(4, 8)
+        self.fc, self.act, self.proj = nn.Linear(8, 10), nn.ReLU(), nn.Linear(10, 4)
+        with torch.no_grad():
+            self.fc.weight[:4] = 0.0
+            self.fc.bias[:4] = -1e3
+
+    def forward(self, src: Tensor) -> Tensor:  # (S, B, 4)
+        _, state = self.enc(src)
+        out, _ = self.dec(src.flip(0), state)
+        return self.proj(self.act(self.fc(out)))
+
+
+def test_seq2seq_head_counts_batch_rows() -> None:
+    torch.manual_seed(0)
+    model = Seq2SeqHead()
+    dead, samples = _dead_by_hook(model.act, 2, 1)
+    report = _train(model, [torch.randn(n, 3, 4) for n in (6, 9)])
+    assert (report["act"].units, report["act"].samples, report["act"].dead_indices) == (10, sum(samples), dead)
+    assert sum(samples) == 6 and dead[:4] == [0, 1, 2, 3]
