@@ -480,3 +480,34 @@ def test_seq2seq_head_counts_batch_rows() -> None:
     report = _train(model, [torch.randn(n, 3, 4) for n in (6, 9)])
     assert (report["act"].units, report["act"].samples, report["act"].dead_indices) == (10, sum(samples), dead)
     assert sum(samples) == 6 and dead[:4] == [0, 1, 2, 3]
+
+
+class UnrolledCell(nn.Module):
+    """A recurrent cell unrolled T times through one ReLU: one site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.rec, self.act = nn.Linear(3, 6), nn.Linear(6, 6), nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 3)
+        h = torch.zeros(x.shape[0], 6)
+        for t in range(x.shape[1]):
+            h = self.act(self.inp(x[:, t]) + self.rec(h))
+        return h
+
+
+def test_a_recurrent_site_counts_gradient_arrivals_per_time_step() -> None:
+    """`backward_passes` counts one gradient arrival per time-step call; `grad_norm` is their mean norm (docs)."""
+    torch.manual_seed(0)
+    model = UnrolledCell()
+    norms: list[float] = []
+
+    def grad_norms(module: nn.Module, args: object, out: Tensor) -> None:
+        out.register_hook(lambda g: norms.append(float(g.norm())))  # type: ignore[no-untyped-call]
+
+    model.act.register_forward_hook(grad_norms)
+    report = _train(model, [torch.randn(4, 5, 3) for _ in range(4)])
+    layer = report["act"]
+    assert layer.forwards == 4 and layer.samples == 16  # later time steps are the same rows
+    assert layer.backward_passes == len(norms) == 4 * 5
+    assert abs(layer.grad_norm - sum(norms) / len(norms)) < 1e-5 * max(1.0, layer.grad_norm)
