@@ -511,3 +511,49 @@ def test_a_recurrent_site_counts_gradient_arrivals_per_time_step() -> None:
     assert layer.forwards == 4 and layer.samples == 16  # later time steps are the same rows
     assert layer.backward_passes == len(norms) == 4 * 5
     assert abs(layer.grad_norm - sum(norms) / len(norms)) < 1e-5 * max(1.0, layer.grad_norm)
+
+
+class FlakyUpstream(nn.Module):
+    """``u`` is dead unless the step's input says fire; ``d`` is dead on its own (zero weights, bias -1e3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin_u, self.u = nn.Linear(4, 6), nn.ReLU()
+        self.lin_d, self.d = nn.Linear(6, 6), nn.ReLU()
+        with torch.no_grad():
+            self.lin_u.weight.fill_(1.0)
+            self.lin_u.bias.fill_(-1.0)
+            self.lin_d.weight.zero_()
+            self.lin_d.bias.fill_(-1e3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x >= 0 fires every unit of u, x = -1 kills them
+        return self.d(self.lin_d(self.u(self.lin_u(x))))
+
+
+def test_an_upstream_that_fired_on_unmeasured_calls_explains_nothing() -> None:
+    """The cascade rule: an upstream left unmeasured on some calls may have fired then, so a dead site below it is its
+    own root. Here ``u`` was confirmed silent, then fires only on steps the schedule does not measure."""
+    from relumon.recorder import is_measured_step
+
+    model = FlakyUpstream()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay as built
+    windows = []
+    step = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relumon.watch(model, measure_every=4) as monitor:
+            for window in range(5):
+                for i in range(8):
+                    # Fire on steps the schedule leaves unmeasured (a window's first call is always measured).
+                    fire = window >= 2 and i > 0 and not is_measured_step(step, 4)
+                    x = torch.ones(3, 4) if fire else -torch.ones(3, 4)
+                    opt.zero_grad()
+                    model(x).sum().backward()
+                    step += 1
+                report = monitor.report()
+                windows.append({layer.name: (layer.caused_by, layer.exact) for layer in report})
+    fired_windows = range(2, 5)
+    for w in fired_windows:
+        assert windows[w]["d"][0] != "u", (w, windows)  # u fired in this window: it explains nothing
+    alerts = [str(m.message) for m in caught if "were dead" in str(m.message)]
+    assert any("`d`" in a for a in alerts), alerts  # d is dead on its own: it is confirmed and alerts as a root
