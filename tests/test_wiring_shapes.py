@@ -557,3 +557,46 @@ def test_an_upstream_that_fired_on_unmeasured_calls_explains_nothing() -> None:
         assert windows[w]["d"][0] != "u", (w, windows)  # u fired in this window: it explains nothing
     alerts = [str(m.message) for m in caught if "were dead" in str(m.message)]
     assert any("`d`" in a for a in alerts), alerts  # d is dead on its own: it is confirmed and alerts as a root
+
+
+class FunctionalExperts(nn.Module):
+    """``F.relu`` in a loop over experts, skipping those the data routes no token to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 8) for _ in range(3))
+        with torch.no_grad():
+            self.experts[0].weight.zero_()
+            self.experts[0].bias.fill_(-1e3)  # expert 0 is all dead
+        self.seen: dict[int, list[Tensor]] = {}
+
+    def forward(self, x: Tensor, route: Tensor) -> Tensor:
+        total = x.new_zeros(())
+        for e, expert in enumerate(self.experts):
+            rows = route == e
+            if not bool(rows.any()):
+                continue
+            h = torch.nn.functional.relu(expert(x[rows]))
+            self.seen.setdefault(e, []).append(h.detach())
+            total = total + h.sum()
+        return total
+
+
+def test_functional_relu_in_a_loop_with_skipped_experts() -> None:
+    torch.manual_seed(0)
+    model = FunctionalExperts()
+    x = torch.randn(9, 4)
+    routes = [torch.tensor([1] * 3 + [2] * 6), torch.tensor([0] * 3 + [1] * 3 + [2] * 3), torch.tensor([0] * 9)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.RelumonWarning)
+        with relumon.watch(model, measure_every=1, functional=True) as monitor:
+            for route in routes:
+                model(x, route).backward()
+            report = monitor.report()
+    # Sites are named in the order found: experts 1 and 2 in the first step, expert 0 (no token then) in the second.
+    site_of = {1: "F.relu", 2: "F.relu.call2", 0: "F.relu.call3"}
+    assert report.names == ["F.relu", "F.relu.call2", "F.relu.call3"]
+    for e, name in site_of.items():
+        samples, dead = _expert_truth(model.seen[e])
+        assert (report[name].samples, report[name].dead_indices) == (samples, dead), e
+    assert report["F.relu.call3"].all_dead and report["F.relu.call3"].samples == 12
