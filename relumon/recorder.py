@@ -24,9 +24,16 @@ What the `Recorder` does:
   (`relumon.wiring.read_wiring`): the unit dim, and the weights that feed the call. A call fed by the same weights
   as an earlier site of the module is that site (a recurrent cell unrolled T times is one site; its later time steps
   add no samples); otherwise a new `Site` is made with its `relumon.state.SiteStats`. Without a graph (no gradient
-  tracked) the module that fed the call decides (`relumon.units`).
+  tracked) the module that fed the call decides (`relumon.units`). The sample dim comes from the graph too
+  (`relumon.wiring.Wiring.batch_dim`; modules that declare a ``batch_first`` layout note their outputs' nodes in the
+  first training forward for it).
   In the first training forward discovery also records the site's nearest upstream sites in the autograd graph
   (`relumon.cascade.upstream_sites`, once per site; later steps add nothing).
+- **Calls the data skips.** Once a module has several sites, each measured call is matched to its site by its call
+  signature (`relumon.wiring.call_signature`: one node's parameter inputs, recorded at discovery), not by its call
+  index, so experts that get no token or layers that LayerDrop skips do not shift later calls into other sites. A
+  signature never seen is discovered like a new call index (one walk). Unmeasured calls, and calls whose signature is
+  empty or shared by two sites, keep the call index.
 - **Never breaking the training step.** An unexpected exception inside these hooks disables the call site it
   happened in (or the module, before its site exists), with one `RelumonWarning` naming both; the report marks the
   site ``disabled``. ``RELUMON_STRICT=1`` re-raises instead. Calls under ``torch.func`` transforms are skipped, with

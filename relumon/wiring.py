@@ -5,27 +5,41 @@ network is really wired, not on the nearest module. `read_wiring` answers from t
 site, when the site is discovered:
 
 - **Units.** From the activation's input, the walk follows ``next_functions`` back through ops that keep or move
-  dims (adds, subs, muls, cats, slices and chomps, selects, transposes, permutes, views and reshapes, squeezes,
-  expands, norms, pools, dropout, other activations, clones, dtype casts, whatever custom module they sit in), and
-  carries along the way which dim of each tensor is which dim of the activation. It stops at the layers that make
-  features: a convolution (channels: dim 1 of its output, dim 0 when unbatched), a matrix product (``Linear``,
-  ``addmm``, ``mm``, ``bmm``: the last dim) or an embedding (the last dim). Norms are walked *through*, so
-  ``LayerNorm([C, H, W])`` after a conv keeps the conv's channels; a norm with nothing behind it decides itself
-  (BatchNorm and GroupNorm: dim 1; a LayerNorm over the last dim: the last dim). The units are the activation dim that
-  the producer's feature dim maps to. When branches disagree, or a view merges the feature dim with another one, or
-  no producer is reached, the graph cannot tell: the caller falls back and warns.
-- **Weights.** The parameters of the first producers on every path (and of the norms walked through): calls of one
+  dims (adds, subs, muls, cats, stacks, slices and chomps, selects, ``chunk``/``split``/``unsafe_chunk``, ``glu``,
+  sums and means over saved dims, transposes, permutes, views and reshapes, squeezes and unsqueezes, expands, the
+  ``as_strided`` view an in-place op on a view leaves, norms, pools, dropout, other activations, clones, dtype casts,
+  whatever custom module they sit in), and carries along the way which dim of each tensor is which dim of the
+  activation. It stops at the layers that make features: a convolution (channels: dim 1 of its output, dim 0 when
+  unbatched), a matrix product (``Linear``, ``addmm``, ``mm``, ``bmm``: the last dim, or the row dim when the weight
+  is the left operand alone, ``W @ x + b``), a recurrent layer or an embedding (the last dim). Norms are walked
+  *through*, so ``LayerNorm([C, H, W])`` after a conv keeps the conv's channels, and a view that merges dims is undone
+  by the view back (instance norm's ``(B, C, L) -> (1, B*C, L) -> (B, C, L)``); a norm with nothing behind it decides
+  itself (BatchNorm and GroupNorm: dim 1; a LayerNorm over the last dim: the last dim). The units are the activation
+  dim that the producer's feature dim maps to. When branches disagree, or a view merges the feature dim with another
+  one, or no producer is reached, or an op the walk does not know cuts it (``Wiring.unknown``), the graph cannot
+  tell: the caller falls back and warns.
+- **Samples.** Convolutions say where the samples are (dim 0 of their batched output); otherwise `batch_walk` follows
+  the rows back through the producers to the output of a module that declares its layout, a time-major recurrent
+  layer, or a token embedding (`Wiring.batch_dim`).
+- **Weights.** The parameters of the first producers on every path (and of the norms walked through), each keyed with
+  the select, slice or transpose it is read through (an expert ``W1[e]``, ``W`` against ``W.T``): calls of one
   activation module fed by the same weights are one site (a recurrent cell unrolled T times is one site).
 - **Recurrence.** Which sites' outputs the walk met on the way: the same site's marks a recurrent cell's state.
+- **Call signatures.** `call_signature` looks at one node behind a call (its parameter inputs), cheaply enough for
+  the per-step path: a module with several sites matches each call to its site by it, not by its call index.
 
 Facts this relies on (torch 2.13): a node's ``_input_metadata[i].shape`` is the shape of its ``i``-th forward output,
 and each ``next_functions`` edge ``(node, i)`` names that output; a parameter ends a path at an ``AccumulateGrad``
-node whose ``variable`` is the parameter; ``SliceBackward0``/``SelectBackward0``/``CatBackward0`` save ``_saved_dim``,
-``TransposeBackward0`` ``_saved_dim0``/``_saved_dim1``, ``PermuteBackward0`` ``_saved_dims``. Node names are torch's
-internal ones: an unknown node ends its path ("cannot tell"), never a guess.
+node whose ``variable`` is the parameter; ``SliceBackward0``/``SelectBackward0``/``CatBackward0``/``StackBackward0``/
+``SplitBackward0``/``GluBackward0``/``SqueezeBackward1``/``UnsqueezeBackward0`` save ``_saved_dim``, ``SumBackward1``
+and ``MeanBackward1`` ``_saved_dim`` (a tuple) and ``_saved_keepdim``, ``TransposeBackward0``
+``_saved_dim0``/``_saved_dim1``, ``PermuteBackward0`` ``_saved_dims``, ``AsStridedBackward0`` ``_saved_size`` and
+``_saved_stride``; a saved negative dim reads back as an unsigned 64-bit number (`saved_dim` converts it). Node names
+are torch's internal ones: an unknown node ends its path ("cannot tell"), never a guess. ``tests/test_wiring_oracle.py``
+checks every op named here against plain forward hooks.
 
-The walk runs at discovery only (the first call of each call index), visits at most `MAX_NODES` nodes, and holds no
-reference to the graph afterwards.
+The walk runs at discovery only (the first call of each call index, or of each new call signature), visits at most
+`MAX_NODES` nodes, and holds no reference to the graph afterwards.
 """
 
 from __future__ import annotations
