@@ -779,7 +779,8 @@ _SIGNATURE_WEIGHTS = ("TBackward0", "SelectBackward0")
 
 def call_signature(inp: Optional[Tensor], out: Tensor) -> tuple[Hashable, ...]:
     """A cheap fingerprint of the layer that fed one activation call: the parameters among the inputs of the node
-    behind it (a Linear's bias and weight, a conv's or a norm's, an expert's ``b1[e]`` with its index).
+    behind it (a Linear's bias, a conv's or a norm's parameters), or where there are none, the parameters right behind
+    a transpose or select there (a bias-free Linear's weight, an expert's ``b1[e]`` with its index).
 
     It looks at one node (two behind a view back), never walks the graph: cheap enough for every call of a module
     with several sites, so that a call is matched to its site by what fed it, not by its call index, when calls are
@@ -798,16 +799,16 @@ def call_signature(inp: Optional[Tensor], out: Tensor) -> tuple[Hashable, ...]:
         node = node.next_functions[0][0]
     if node is None:
         return ()
-    signature: list[Hashable] = []
+    edges = node.next_functions
+    signature: list[Hashable] = [id(c.variable) for c, _ in edges if type(c) is _ACCUMULATE_GRAD]
+    if signature:  # a bias, a conv's weight: enough, and the cheapest look
+        return tuple(signature)
     child: Any
-    for child, _ in node.next_functions:
+    for child, _ in edges:
         if child is None:
             continue
-        if type(child) is _ACCUMULATE_GRAD:
-            signature.append(id(child.variable))
-            continue
         name = type(child).__name__
-        if name in _SIGNATURE_WEIGHTS:
+        if name in _SIGNATURE_WEIGHTS:  # a bias-free Linear's weight behind its transpose, an expert's b1[e]
             inner: Any = child.next_functions[0][0]
             if type(inner) is _ACCUMULATE_GRAD:
                 index = _saved(child, "_saved_index") if name == "SelectBackward0" else None

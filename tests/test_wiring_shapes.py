@@ -189,7 +189,9 @@ class SeqFirstToBatchFirst(nn.Module):
         if kind == "lstm":
             self.enc: nn.Module = nn.LSTM(4, 6)
         else:
-            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, 0.0, activation="gelu"), 1)
+            self.enc = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(4, 2, 8, 0.0, activation="gelu"), 1, enable_nested_tensor=False
+            )
         self.head, self.act = nn.Linear(6 if kind == "lstm" else 4, 5), nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, T, D)
