@@ -238,8 +238,8 @@ def saved_dim(value: Any, ndim: int) -> Optional[int]:
 def align_view(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, int]:
     """Map each dim of ``out_shape`` to the dim of ``in_shape`` it is, for a view or reshape between them.
 
-    A dim maps only when it is one dim on both sides with the same size; dims merged or split by the view, and
-    size-1 dims, map to nothing.
+    A dim maps only when it is one dim on both sides with the same size (size-1 dims only when in step on both
+    sides); dims merged or split by the view, and other size-1 dims, map to nothing.
 
     Example:
         >>> align_view((12, 7), (2, 6, 7))
@@ -249,7 +249,7 @@ def align_view(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, i
     i = j = 0
     while i < len(in_shape) and j < len(out_shape):
         a, b = int(in_shape[i]), int(out_shape[j])
-        if a == b and a != 1:
+        if a == b:  # size-1 dims in step on both sides are the same dim too (a layer's single unit)
             mapping[j] = i
             i += 1
             j += 1

@@ -250,6 +250,68 @@ def _cumsum(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
     return t.cumsum(others[-1]), u, b
 
 
+def _transpose_last_two_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    n = t.ndim
+    if n < 3 or b in (n - 1, n - 2):
+        return None
+    swap = {n - 1: n - 2, n - 2: n - 1}
+    return t.transpose(n - 2, n - 1), swap.get(u, u), b
+
+
+def _permute_channels_last_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    n = t.ndim
+    if n < 3 or b != 0 or u != 1:
+        return None
+    return t.permute(0, *range(2, n), 1), n - 1, 0
+
+
+def _stack_last_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    if t.ndim >= 5:
+        return None
+    return torch.stack([t, t + 1.0], dim=t.ndim), u, b
+
+
+def _cat_other_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    others = _other_dims(t, u, b)
+    if not others:
+        return None
+    return torch.cat([t, t * 0.5], dim=others[-1]), u, b
+
+
+def _select_other_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    others = _other_dims(t, u, b)
+    if t.ndim < 4 or not others:
+        return None
+    d = others[-1]
+    return t.select(d, 0), u - (u > d), _shift(b, d)
+
+
+def _chunk_units_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    if t.shape[u] % 2:
+        return None
+    return t.chunk(2, u)[1], u, b
+
+
+def _glu_units_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    if t.shape[u] % 2:
+        return None
+    return F.glu(t, u), u, b
+
+
+def _squeeze_ones_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    ones = [d for d in _other_dims(t, u, b) if t.shape[d] == 1]
+    if not ones or t.ndim <= 2:
+        return None
+    d = ones[0]
+    return t.squeeze(d), u - (u > d), _shift(b, d)
+
+
+def _unsqueeze_positive(t: Tensor, u: int, b: Optional[int]) -> Optional[State]:
+    if t.ndim >= 5:
+        return None
+    return t.unsqueeze(t.ndim), u, b
+
+
 OPS: dict[str, Op] = {
     op.name: op
     for op in (
@@ -281,6 +343,15 @@ OPS: dict[str, Op] = {
         Op("layer_norm", _layer_norm_last),
         Op("max_pool", _max_pool),
         Op("adaptive avg pool", _avg_pool),
+        Op("transpose(n-2,n-1)", _transpose_last_two_positive),
+        Op("permute channels last (positive dims)", _permute_channels_last_positive),
+        Op("stack(ndim)", _stack_last_positive),
+        Op("cat other dim (positive)", _cat_other_positive),
+        Op("select (positive)", _select_other_positive),
+        Op("chunk units (positive)", _chunk_units_positive),
+        Op("glu (positive)", _glu_units_positive),
+        Op("squeeze (positive)", _squeeze_ones_positive),
+        Op("unsqueeze(ndim)", _unsqueeze_positive),
         Op("cumsum", _cumsum, known=False),
     )
 }
@@ -583,5 +654,9 @@ def test_an_inplace_relu_on_a_permuted_view() -> None:
     producer="linear 4-D channels-last", ops=["permute channels first", "instance_norm", "chunk units"], inplace=False
 )
 @example(producer="conv2d", ops=["permute channels last"], inplace=True)  # ConvNeXt: an as_strided view in the graph
+@example(producer="conv2d", ops=["glu", "glu", "glu", "flatten(-2)"], inplace=False)  # one unit: a size-1 unit dim
+@example(producer="conv1d unbatched", ops=["cumsum", "transpose(u,-1)"], inplace=False)  # unknown op on 2-D: warned
+@example(producer="W @ x + b", ops=["permute channels last", "add mul", "chomp"], inplace=True)  # base not contiguous
+@example(producer="W @ x + b", ops=["instance_norm", "chomp"], inplace=True)  # a view of a view: warned, not wrong
 def test_random_chains_match_a_plain_hook(producer: str, ops: list[str], inplace: bool) -> None:
     run_oracle(producer, ops, inplace)
