@@ -438,21 +438,27 @@ class Recorder:
         if site is None or site.disabled is not None or out.numel() == 0:  # an empty batch adds no sample
             return
         stats = site.stats
+        rows = watched.rows[call]
+        # A module with several sites: a call that may be measured is matched to its site by what fed it (on sampled
+        # steps only while some site is measured on every call, so that such a site misses none of its calls).
+        if (
+            watched.keyed
+            and not compiling
+            and (self._measuring or self.confirming or site.exact or stats.n_forwards == 0)
+        ):
+            matched, rows = self._match_site(watched, call, args, out, site, rows)
+            if matched is None or matched.disabled is not None:
+                return
+            site, stats = matched, matched.stats
         # Sampled out, unless the site is confirming a death (exact) or has no measured call in this window yet, so
         # that every window measures every site that ran in it.
         if not (self._measuring or site.exact or stats.n_forwards == 0):
-            stats.n_unmeasured += 1  # the call index decides which site counts an unmeasured call: no signature
+            stats.n_unmeasured += 1  # unmatched on most sampled steps: the call index decides which site counts it
             # Any backward ends the step, measured or not: a tiny hook tells, unless a call of the model itself
             # marks the steps (the common `model(x)` loop pays nothing for it).
             if out.requires_grad and not (self._step_pending or self._root_step):
                 out.register_hook(self._backward_seen)  # type: ignore[no-untyped-call]
             return
-        rows = watched.rows[call]
-        if watched.keyed and not compiling:  # a measured call of a module with several sites: matched by its feeder
-            matched, rows = self._match_site(watched, call, args, out, site, rows)
-            if matched is None or matched.disabled is not None:
-                return
-            site, stats = matched, matched.stats
         try:
             regime = None
             if watched.regime_from_input and args and isinstance(args[0], Tensor) and args[0].shape == out.shape:

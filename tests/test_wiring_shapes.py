@@ -602,3 +602,33 @@ def test_functional_relu_in_a_loop_with_skipped_experts() -> None:
         samples, dead = _expert_truth(model.seen[e])
         assert (report[name].samples, report[name].dead_indices) == (samples, dead), e
     assert report["F.relu.call3"].all_dead and report["F.relu.call3"].samples == 12
+
+
+def test_a_confirmed_expert_misses_none_of_its_calls_when_others_are_skipped() -> None:
+    """Sampled steps: an expert being confirmed (measured on every call) gets all its calls, even when the data skips
+    the experts before it (its call index then names another expert's site)."""
+    torch.manual_seed(0)
+    moe = RoutedMoE()
+    with torch.no_grad():
+        moe.experts[2].bias.fill_(-1e3)
+        moe.experts[2].weight.zero_()
+        for healthy in moe.experts[:2]:
+            healthy.bias.fill_(10.0)  # never a dead unit: only expert 2 is confirmed
+    x = torch.randn(12, 4)
+    every = torch.tensor([0] * 4 + [1] * 4 + [2] * 4)
+    skip_one = torch.tensor([0] * 6 + [2] * 6)  # expert 1 gets no token: expert 2 is the second call
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.RelumonWarning)
+        with relumon.watch(moe, measure_every=4) as monitor:
+            for i in range(8):
+                moe(x, every if i % 2 == 0 else skip_one).pow(2).mean().backward()
+            first = monitor.report()
+            moe.seen.clear()
+            for i in range(8):
+                moe(x, skip_one if i % 2 == 0 else every).pow(2).mean().backward()
+            second = monitor.report()
+    name = next(layer.name for layer in first if layer.fed_by == "experts.2")
+    assert first[name].confirming and [layer.exact for layer in second if layer.name != name] == [False, False]
+    samples, dead = _expert_truth(moe.seen[2])
+    assert second[name].exact and (second[name].samples, second[name].dead_units) == (samples, 8) == (40, 8)
+    assert name in monitor.alerted
