@@ -14,7 +14,10 @@ a conv, whose dead input gives a dead output whatever its other operand holds) o
 frozen parameters and masks are no signal). Joins are residual adds and ``torch.cat``, which module hooks cannot see,
 but equally a slice assignment into a buffer (``feat[:, :6] = h; feat[:, 6:] = wide``, a ``CopySlices`` node),
 ``index_put``, ``index_copy``, ``torch.maximum(site, data)`` or ``addmm(data, site, w)``: the rule names the few ops
-that cannot join, so an op it does not know errs towards a join. The ``AccumulateGrad`` of a leaf that is not a
+that cannot join, so an op it does not know errs towards a join. Scatter aggregations (``index_add_``,
+``scatter_add_``, ``scatter_reduce_``, ``index_reduce_``: a graph network's message passing into
+``torch.zeros(...)``) are not joins: their buffer without grad counts as the zeros it is in that pattern, so one dead
+layer's cascade through an aggregation has one root. The ``AccumulateGrad`` of a leaf that is not a
 parameter (an input that requires grad) and an embedding lookup with no site upstream count as data too. The walk
 visits each graph node between a site and its nearest upstream sites once; it runs for the sites of the first
 training forward only and adds nothing to later steps.
@@ -35,9 +38,10 @@ first of those dead layers in forward order.
 **Limits.** Sites first called after the first training forward, and every site under ``torch.compile`` (there is no
 eager graph to walk), have an unknown upstream: each of their deaths is its own root. A constant tensor that needs no
 gradient counts as data, so a site fed by one is a root (relumon errs towards more roots, never hiding a death): a
-buffer made without grad (``torch.zeros``) and then filled from sites alone, and the frozen bias of a Linear
-(``addmm``) are such constants. A reentrant ``torch.utils.checkpoint`` segment starts from a detached input: the
-first site in it is a root.
+buffer made without grad (``torch.zeros``) and then filled from sites alone by slice assignment or ``index_put``, and
+the frozen bias of a Linear (``addmm``) are such constants. Conversely, a scatter aggregation into a data tensor
+(``data.index_add_(0, idx, site)``) is taken for a buffer of zeros: there the data joins unseen. A reentrant
+``torch.utils.checkpoint`` segment starts from a detached input: the first site in it is a root.
 """
 
 from __future__ import annotations
@@ -73,6 +77,12 @@ _NO_SIGNAL_OPERAND = (
     "NativeLayerNorm",
     "NativeGroupNorm",
     "NativeDropoutBackward",
+    # Scatter aggregations (graph message passing): ``zeros(N, H).index_add_(0, dst, site[src])``. Their buffer needs
+    # no gradient and is, in that pattern, zeros: a constant, not the data (a dead site's messages sum to nothing).
+    "IndexAddBackward",
+    "ScatterAddBackward",
+    "ScatterReduceBackward",
+    "IndexReduceBackward",
 )
 
 

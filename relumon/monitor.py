@@ -83,9 +83,6 @@ class Monitor(OptionAttributes):
         self._window_start = 0  # the recorder's steps_seen when the open window started
         self._compiled_counted = 0  # compiled steps of the open window already added to the recorder's steps_seen
         self._alerted: set[str] = set()
-        #: Sites whose silence (every unit dead or capped) a window measured on every call confirmed, and that stayed
-        #: silent in every closed window since: their silence explains the deaths downstream (`relumon.cascade`).
-        self._confirmed_silent: set[str] = set()
         self._idle_checked = False
         self._unconfirmed_said: Optional[int] = None  # the window whose unconfirmed deaths were last reported
         self.optimizers: list[Any] = list(self.options.optimizer or ())
@@ -209,14 +206,14 @@ class Monitor(OptionAttributes):
             self._window += 1
             self._window_start = recorder.steps_seen
             self._compiled_counted = 0
-            silent = {x.name for x in layers if x.carries_no_signal}
-            self._confirmed_silent = {x.name for x in layers if x.exact and x.carries_no_signal} | (
-                self._confirmed_silent & silent
-            )
             self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0 and x.counts_dead}))
             self.last_report = report
             # A sampled window never alerts on its own: its suspects are measured on every call of the next window.
-            recorder.confirming = {x.name for x in layers if x.confirming} | self._recycle_suspects(layers)
+            recorder.confirming = (
+                {x.name for x in layers if x.confirming}
+                | self._recycle_suspects(layers)
+                | _cascade_sites(layers, [layout for layout, _ in gathered])
+            )
             for site in sites.values():
                 site.exact = site.name in recorder.confirming
             if not self._idle_checked and (steps > 0 or recorder.training_seen or self._model_has_gradients()):
@@ -449,10 +446,10 @@ class Monitor(OptionAttributes):
         dead = {x.name for x in layers if x.all_dead_or_saturated}
         silent = {x.name for x in layers if x.carries_no_signal}
         zero_grad = {x.name for x in layers if x.backward_passes > 0 and x.grad_norm == 0}
-        # Silence is known where every call was measured, or where an exact window confirmed it and it has lasted:
-        # a confirmed dead root stays sampled once alerted, and its consequences must not become roots (and be
-        # confirmed, and alert) again in every sampled window.
-        known_silent = {x.name for x in layers if x.exact} | (self._confirmed_silent & silent)
+        # Silence is known only where every call was measured: an upstream left unmeasured on some call may have fired
+        # then. Dead sites below a silent one, and that one, are measured on every call while they last
+        # (`_cascade_sites`), so a cascade's consequences do not become roots (and alert) in sampled windows.
+        known_silent = {x.name for x in layers if x.exact}
         root_of = find_roots(order, upstream, from_input, dead, silent, known_silent)
         blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
         consequences = consequences_of(order, root_of)
@@ -640,7 +637,6 @@ class Monitor(OptionAttributes):
             "window": self._window,
             "steps": recorder.steps_seen,
             "confirming": sorted(recorder.confirming),
-            "confirmed_silent": sorted(self._confirmed_silent),
             "history": self._diagnosis.state_dict(),
             "timeline": timeline,
         }
@@ -656,7 +652,6 @@ class Monitor(OptionAttributes):
         recorder.steps_seen = int(state.get("steps", recorder.steps_seen))
         self._window_start = recorder.steps_seen  # the open window's statistics are not saved: it starts here
         recorder.confirming = set(state.get("confirming", ()))
-        self._confirmed_silent = set(state.get("confirmed_silent", ()))
         for site in recorder.sites:
             site.exact = site.name in recorder.confirming
         self._diagnosis.load_state_dict(state.get("history", {}))
@@ -794,3 +789,20 @@ def global_rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return 0
+
+
+def _cascade_sites(layers: list[LayerReport], layouts: list[SiteLayout]) -> set[str]:
+    """Dead sites whose nearest upstream site carried no signal, and those upstream sites: measured on every call of
+    the next window, so that the cascade rule knows whether the upstream really stayed silent (a sampled upstream may
+    fire on a call that is not measured, and then explains nothing). Costs kernels on dead cascades only."""
+    upstream = {layout.name: layout.info.get("upstream") or () for layout in layouts}
+    silent = {x.name for x in layers if x.carries_no_signal}
+    sites: set[str] = set()
+    for layer in layers:
+        if not layer.all_dead_or_saturated:
+            continue
+        quiet = [u for u in upstream.get(layer.name, ()) if u in silent]
+        if quiet:
+            sites.add(layer.name)
+            sites.update(quiet)
+    return sites

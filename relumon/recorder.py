@@ -24,9 +24,16 @@ What the `Recorder` does:
   (`relumon.wiring.read_wiring`): the unit dim, and the weights that feed the call. A call fed by the same weights
   as an earlier site of the module is that site (a recurrent cell unrolled T times is one site; its later time steps
   add no samples); otherwise a new `Site` is made with its `relumon.state.SiteStats`. Without a graph (no gradient
-  tracked) the module that fed the call decides (`relumon.units`).
+  tracked) the module that fed the call decides (`relumon.units`). The sample dim comes from the graph too
+  (`relumon.wiring.Wiring.batch_dim`; modules that declare a ``batch_first`` layout note their outputs' nodes in the
+  first training forward for it).
   In the first training forward discovery also records the site's nearest upstream sites in the autograd graph
   (`relumon.cascade.upstream_sites`, once per site; later steps add nothing).
+- **Calls the data skips.** Once a module has several sites, each measured call is matched to its site by its call
+  signature (`relumon.wiring.call_signature`: one node's parameter inputs, recorded at discovery), not by its call
+  index, so experts that get no token or layers that LayerDrop skips do not shift later calls into other sites. A
+  signature never seen is discovered like a new call index (one walk). Unmeasured calls, and calls whose signature is
+  empty or shared by two sites, keep the call index.
 - **Never breaking the training step.** An unexpected exception inside these hooks disables the call site it
   happened in (or the module, before its site exists), with one `RelumonWarning` naming both; the report marks the
   site ``disabled``. ``RELUMON_STRICT=1`` re-raises instead. Calls under ``torch.func`` transforms are skipped, with
@@ -64,7 +71,7 @@ from relumon.hooks import (
 from relumon.options import Options
 from relumon.state import SiteLayout, SiteStats, batch_rows, layout_of
 from relumon.units import infer_unit_dim
-from relumon.wiring import Wiring, batch_first_of, read_wiring
+from relumon.wiring import UNBATCHED, Wiring, batch_first_of, call_signature, read_wiring
 
 __all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES", "ZERO_FLOOR_TYPES", "counts_dead"]
 
@@ -94,6 +101,9 @@ _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 #: Why a site found inside a torch.compile graph has no wiring (its output's graph is one opaque compiled node).
 _COMPILED = "torch.compile leaves no eager autograd graph to read; this is said once for all such sites"
+
+#: A call signature not seen yet (`Recorder._match_site`).
+_UNSEEN: Any = object()
 
 _FUNCTIONAL_SITE = re.compile(r"(.+\.)?F\.(relu|relu6|leaky_relu)$")
 
@@ -204,6 +214,8 @@ class _Watched:
         "restart",
         "recurrent",
         "warned_units",
+        "signatures",
+        "keyed",
     )
 
     def __init__(
@@ -246,6 +258,11 @@ class _Watched:
         self.restart: list[bool] = []
         self.recurrent: list[bool] = []
         self.warned_units = False
+        #: The site of each call signature (`relumon.wiring.call_signature`) seen at discovery; None where two sites
+        #: share one. Once the module has several sites (``keyed``), each call is matched by its signature, so calls
+        #: skipped by the data (experts with no token, LayerDrop) do not shift later calls into other sites.
+        self.signatures: dict[Any, Optional[Site]] = {}
+        self.keyed = False
 
 
 class Recorder:
@@ -317,6 +334,9 @@ class Recorder:
         self._wiring_nodes: Optional[dict[Any, tuple[str, int]]] = {}
         #: Modules with a ``batch_first`` layout (LSTM, Transformer layers), by path.
         self._batch_first = batch_first_of(model)
+        #: Output nodes of those modules in the first training forward: ``node_key -> the dim holding the samples``
+        #: (None once that forward is over), for `relumon.wiring.batch_walk`.
+        self._layout_nodes: Optional[dict[Any, int]] = {}
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -344,6 +364,9 @@ class Recorder:
                 self._watched[module] = watched
                 hook = OwnHook(functools.partial(self._observe, watched), module)
                 self._handles.append(module.register_forward_hook(hook))
+            for name, module in hookable_modules(model):
+                if name in self._batch_first:  # what a layout module's output says of the samples, at discovery
+                    self._handles.append(module.register_forward_hook(OwnHook(self._on_layout_output, module)))
             self._handles.append(model.register_forward_pre_hook(OwnPreHook(self._on_root_forward, model)))
             self._handles.append(model.register_forward_hook(OwnHook(self._on_root_done, model)))
             self._tracer = ProducerTracer(model, transparent={m for m in self._watched if isinstance(m, nn.Module)})
@@ -415,10 +438,22 @@ class Recorder:
         if site is None or site.disabled is not None or out.numel() == 0:  # an empty batch adds no sample
             return
         stats = site.stats
+        rows = watched.rows[call]
+        # A module with several sites: a call that may be measured is matched to its site by what fed it (on sampled
+        # steps only while some site is measured on every call, so that such a site misses none of its calls).
+        if (
+            watched.keyed
+            and not compiling
+            and (self._measuring or self.confirming or site.exact or stats.n_forwards == 0)
+        ):
+            matched, rows = self._match_site(watched, call, args, out, site, rows)
+            if matched is None or matched.disabled is not None:
+                return
+            site, stats = matched, matched.stats
         # Sampled out, unless the site is confirming a death (exact) or has no measured call in this window yet, so
         # that every window measures every site that ran in it.
         if not (self._measuring or site.exact or stats.n_forwards == 0):
-            stats.n_unmeasured += 1
+            stats.n_unmeasured += 1  # unmatched on most sampled steps: the call index decides which site counts it
             # Any backward ends the step, measured or not: a tiny hook tells, unless a call of the model itself
             # marks the steps (the common `model(x)` loop pays nothing for it).
             if out.requires_grad and not (self._step_pending or self._root_step):
@@ -429,8 +464,8 @@ class Recorder:
             if watched.regime_from_input and args and isinstance(args[0], Tensor) and args[0].shape == out.shape:
                 regime = args[0]  # PReLU: the input's sign tells the regime, whatever the learned slope
             if out.ndim == stats.ndim and (not out.ndim or out.shape[stats.unit_dim] == stats.units):
-                stats.observe(out, watched.rows[call], regime)
-            elif not self._observe_other_layout(watched, site, out, watched.rows[call], regime):
+                stats.observe(out, rows, regime)
+            elif not self._observe_other_layout(watched, site, out, rows, regime):
                 self._warn_shape(watched, site, out)
                 return
             if out.requires_grad:
@@ -447,6 +482,36 @@ class Recorder:
                 self._follow_device(watched, site, out)
                 return
             self._disable(watched, site, err)
+
+    def _match_site(
+        self, watched: _Watched, call: int, args: Any, out: Tensor, site: Site, rows: bool
+    ) -> tuple[Optional[Site], bool]:
+        """The site of a call of a module with several sites, matched by what fed it (its call signature) rather than
+        by its call index, and whether its rows count. A signature never seen is read from the wiring once."""
+        inp = args[0] if args and isinstance(args[0], Tensor) else None
+        signature = call_signature(inp, out)
+        if not signature:
+            return site, rows  # nothing tells: the call index decides
+        found = watched.signatures.get(signature, _UNSEEN)
+        if found is site or found is None:
+            return site, rows
+        if found is _UNSEEN:
+            found = _add_site_eagerly(self, watched, call, args, out, False, append=False)
+            if found is None or found is site:
+                return site, rows
+        assert isinstance(found, Site)
+        recurrent = any(r for known, r in zip(watched.sites, watched.recurrent) if known is found)
+        return found, not recurrent
+
+    def _note_signature(self, watched: _Watched, args: Any, out: Tensor, site: Site) -> None:
+        """Record which site a call signature belongs to (None when two sites share it) at discovery."""
+        inp = args[0] if args and isinstance(args[0], Tensor) else None
+        signature = call_signature(inp, out)
+        if not signature:
+            return
+        known = watched.signatures.get(signature, site)
+        watched.signatures[signature] = site if known is site else None
+        watched.keyed = watched.keyed or len(watched.distinct) > 1
 
     def _follow_device(self, watched: _Watched, site: Site, out: Tensor) -> None:
         """Move a site's state to its activation's new device (``model.cuda()`` after a first call on the CPU), and
@@ -652,6 +717,17 @@ class Recorder:
         if not is_compiling():
             self._forward_done = True  # the step's forward ended without an exception: its wiring is all read
 
+    def _on_layout_output(self, module: nn.Module, args: Any, out: Any) -> None:
+        """A module that declares its layout ran: in the first training forward, note which dim of its output holds
+        the samples (dim 1 of a 3-D output with ``batch_first=False``)."""
+        layouts = self._layout_nodes
+        if layouts is None or is_compiling():
+            return None
+        first = out[0] if isinstance(out, tuple) and out else out
+        if isinstance(first, Tensor) and first.grad_fn is not None and first.ndim == 3:
+            layouts[node_key(first.grad_fn)] = 0 if getattr(module, "batch_first", True) else 1
+        return None
+
     def _on_backward(self) -> None:
         self._step_pending = True
         self._forward_done = True
@@ -688,6 +764,8 @@ class Recorder:
             self._graph_nodes = None if traced else {}
         if self._wiring_nodes is not None:
             self._wiring_nodes = None if traced else {}
+        if self._layout_nodes is not None:
+            self._layout_nodes = None if traced else {}
 
     # ------------------------------------------------------------------ call-site discovery
 
@@ -699,17 +777,22 @@ class Recorder:
         return scale
 
     def _make_site(
-        self, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool = False
+        self, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool = False, append: bool = True
     ) -> Optional[Site]:
         """The site of a new call index, read from the wiring (`relumon.wiring`): an existing site of the module fed
-        by the same weights, or a new one. Records the call index in ``watched``; returns None, recording nothing,
-        when a new site would pass `MAX_CALLS_PER_STEP` (a missed step boundary)."""
+        by the same weights, or a new one. Records the call index in ``watched`` (unless ``append`` is False: a call
+        matched by its signature, not its index); returns None, recording nothing, when a new site would pass
+        `MAX_CALLS_PER_STEP` (a missed step boundary)."""
         inp = args[0] if args and isinstance(args[0], Tensor) else None
         fed_by, producer = (None, None)
         if inp is not None and self._tracer is not None:
             fed_by, producer = self._tracer.producer_of(inp)
         # An in-place activation's input is its output: the walk steps over the activation's own node.
-        wiring = None if compiled else read_wiring(inp if inp is not None else out, self._wiring_nodes, node_key)
+        wiring = (
+            None
+            if compiled
+            else read_wiring(inp if inp is not None else out, self._wiring_nodes, node_key, self._layout_nodes)
+        )
         ndim = out.ndim
         unit_dim, why_guessed = self._unit_dim_for(watched, out, wiring, producer)
         units = out.shape[unit_dim] if ndim else 1
@@ -720,7 +803,7 @@ class Recorder:
         if site is None:
             if call >= MAX_CALLS_PER_STEP:
                 return None
-            site = self._new_site(watched, call, out, fed_by, unit_dim, units)
+            site = self._new_site(watched, call, out, fed_by, unit_dim, units, wiring)
             if fed_by is not None and producer is not None and watched.counts_dead:
                 self.weight_grads.track(fed_by, producer)  # blame's gradient fact, about the window
             if key is not None:
@@ -729,6 +812,8 @@ class Recorder:
             earlier = recurrent = False
             if why_guessed is not None:
                 self._warn_units(watched, site, out, why_guessed)
+        elif not append:
+            earlier = recurrent = False
         else:
             earlier = any(known is site for known in watched.sites)  # the indices so far are this step's calls
             recurrent = self._join_upstream(site, out, compiled)
@@ -737,6 +822,10 @@ class Recorder:
         nodes = self._wiring_nodes
         if nodes is not None and out.grad_fn is not None:
             nodes[node_key(out.grad_fn)] = (site.name, site.stats.unit_dim)
+        if not compiled:
+            self._note_signature(watched, args, out, site)
+        if not append:
+            return site
         watched.sites.append(site)
         watched.rows.append(not (earlier and recurrent))  # a recurrent cell's later time steps are the same rows
         watched.restart.append(earlier and not recurrent)
@@ -744,7 +833,14 @@ class Recorder:
         return site
 
     def _new_site(
-        self, watched: _Watched, call: int, out: Tensor, fed_by: Optional[str], unit_dim: int, units: int
+        self,
+        watched: _Watched,
+        call: int,
+        out: Tensor,
+        fed_by: Optional[str],
+        unit_dim: int,
+        units: int,
+        wiring: Optional[Wiring] = None,
     ) -> Site:
         ndim = out.ndim
         stats = SiteStats(
@@ -758,7 +854,7 @@ class Recorder:
             through_slope=watched.slope if self._grad_through else None,
             cap=watched.cap,
             peak_dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
-            batch_dim=self._batch_dim_for(watched, ndim, unit_dim),
+            batch_dim=self._batch_dim_for(watched, ndim, unit_dim, wiring),
         )
         path = watched.name or "root"
         number = len(watched.distinct)  # sites are numbered per module in the order they are found
@@ -797,24 +893,32 @@ class Recorder:
         if (wiring is None or wiring.weights is None) and producer is not None:
             return infer_unit_dim(ndim, producer), None  # no graph (no gradient tracked): the module that fed it
         why = wiring.why_not if wiring is not None else _COMPILED
-        return infer_unit_dim(ndim), (why if ndim >= 3 else None)
+        unknown = wiring is not None and bool(wiring.unknown)  # an op the walk does not know: said for 2-D too
+        return infer_unit_dim(ndim), (why if ndim >= 3 or unknown else None)
 
-    def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int) -> int:
-        """The dim that holds the samples: 0, or 1 for a 3-D activation in PyTorch's sequence-first ``(S, B, E)``
-        layout, as the option `batch_dim` or the model (``batch_first=False`` on its LSTM or Transformer layers)
-        says."""
+    def _batch_dim_for(self, watched: _Watched, ndim: int, unit_dim: int, wiring: Optional[Wiring] = None) -> int:
+        """The dim that holds the samples: as the option `batch_dim` says; else as the graph says (a convolution's
+        dim 0 wherever the walk carried it, an unbatched call being one sample, told by a batch dim equal to the unit
+        dim; or the rows followed back to the output of a module that declares its layout, such as an ``nn.LSTM`` with
+        ``batch_first=False``); else, inside a module that declares its layout, as it says (dim 1 of a 3-D activation
+        when sequence-first); else dim 0."""
         given = self.options.batch_dim
         if isinstance(given, Mapping):
             given = given.get(watched.name, given.get("*"))
         if given is not None:
             return given % ndim if ndim and -ndim <= given < ndim else 0
+        said = wiring.batch_dim if wiring is not None else None
+        if said == UNBATCHED:
+            if wiring is not None and wiring.unit_dim == unit_dim:
+                return unit_dim
+        elif said is not None and said != unit_dim and said < ndim:
+            return said
         if ndim != 3 or unit_dim != 2 or not self._batch_first:
             return 0
         inside = [p for p in self._batch_first if not p or watched.name.startswith(p + ".")]
         if inside:  # the innermost enclosing module that says
             return 0 if self._batch_first[max(inside, key=len)] else 1
-        settings = set(self._batch_first.values())
-        return 1 if settings == {False} else 0  # fed by the model's sequence-first layers
+        return 0
 
     def _warn_units(self, watched: _Watched, site: Site, out: Tensor, why: str) -> None:
         if watched.warned_units or (why == _COMPILED and self._warned_compiled_units):
@@ -824,7 +928,8 @@ class Recorder:
         warn(
             f"relumon: the autograd graph does not tell which dim of `{site.name}`'s output {tuple(out.shape)} holds "
             f"its units ({why}), so relumon counts dim {site.stats.unit_dim} (its fallback: dim 1 of a 4-D or 5-D "
-            f"output, the last dim of a 3-D one). If that is wrong, pass `unit_dim={{{watched.name!r}: <dim>}}`.",
+            f"output, the last dim of a 2-D or 3-D one). If that is wrong, pass "
+            f"`unit_dim={{{watched.name!r}: <dim>}}`.",
             RelumonWarning,
         )
 
@@ -931,16 +1036,17 @@ class Recorder:
         self._module_stack.clear()
         self._graph_nodes = None
         self._wiring_nodes = None
+        self._layout_nodes = None
 
 
 # Allocation runs eagerly even inside a torch.compile trace: state created in a graph would not persist. This costs
 # a graph break per new call site, on the first compiled training step only.
 @torch._dynamo.disable  # type: ignore[untyped-decorator]
 def _add_site_eagerly(
-    recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool
+    recorder: Recorder, watched: _Watched, call: int, args: Any, out: Tensor, compiled: bool, append: bool = True
 ) -> Optional[Site]:
     try:
-        return recorder._make_site(watched, call, args, out, compiled)
+        return recorder._make_site(watched, call, args, out, compiled, append)
     except Exception as err:
         recorder._disable(watched, None, err)
         return None

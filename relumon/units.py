@@ -8,7 +8,8 @@ A unit is
 The autograd graph decides first (`relumon.wiring.read_wiring`: the dim of the layer that made the features, carried
 through adds, cats, slices, permutes, views and norms). Without a graph (no gradient tracked), the module that
 produced the activation's input decides between "channel" and "last dim" (`infer_unit_dim`). When neither tells, a
-4-D or 5-D activation is taken as a feature map (dim 1) and a 3-D one as a sequence (last dim), with a warning.
+4-D or 5-D activation is taken as a feature map (dim 1) and a 2-D or 3-D one as features last (the last dim), with a
+warning (for 2-D, when an op the walk does not know cut it).
 ``relumon.watch(..., unit_dim=...)`` overrides all of this.
 """
 

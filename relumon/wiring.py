@@ -5,37 +5,65 @@ network is really wired, not on the nearest module. `read_wiring` answers from t
 site, when the site is discovered:
 
 - **Units.** From the activation's input, the walk follows ``next_functions`` back through ops that keep or move
-  dims (adds, subs, muls, cats, slices and chomps, selects, transposes, permutes, views and reshapes, squeezes,
-  expands, norms, pools, dropout, other activations, clones, dtype casts, whatever custom module they sit in), and
-  carries along the way which dim of each tensor is which dim of the activation. It stops at the layers that make
-  features: a convolution (channels: dim 1 of its output, dim 0 when unbatched), a matrix product (``Linear``,
-  ``addmm``, ``mm``, ``bmm``: the last dim) or an embedding (the last dim). Norms are walked *through*, so
-  ``LayerNorm([C, H, W])`` after a conv keeps the conv's channels; a norm with nothing behind it decides itself
-  (BatchNorm and GroupNorm: dim 1; a LayerNorm over the last dim: the last dim). The units are the activation dim that
-  the producer's feature dim maps to. When branches disagree, or a view merges the feature dim with another one, or
-  no producer is reached, the graph cannot tell: the caller falls back and warns.
-- **Weights.** The parameters of the first producers on every path (and of the norms walked through): calls of one
+  dims (adds, subs, muls, cats, stacks, slices and chomps, selects, ``chunk``/``split``/``unsafe_chunk``, ``glu``,
+  sums and means over saved dims, transposes, permutes, views and reshapes, squeezes and unsqueezes, expands, the
+  ``as_strided`` view an in-place op on a view leaves, norms, pools, dropout, other activations, clones, dtype casts,
+  whatever custom module they sit in), and carries along the way which dim of each tensor is which dim of the
+  activation. It stops at the layers that make features: a convolution (channels: dim 1 of its output, dim 0 when
+  unbatched), a matrix product (``Linear``, ``addmm``, ``mm``, ``bmm``: the last dim, or the row dim when the weight
+  is the left operand alone, ``W @ x + b``), a recurrent layer or an embedding (the last dim). Norms are walked
+  *through*, so ``LayerNorm([C, H, W])`` after a conv keeps the conv's channels, and a view that merges dims is undone
+  by the view back (instance norm's ``(B, C, L) -> (1, B*C, L) -> (B, C, L)``); a norm with nothing behind it decides
+  itself (BatchNorm and GroupNorm: dim 1; a LayerNorm over the last dim: the last dim). The units are the activation
+  dim that the producer's feature dim maps to. When branches disagree, or a view merges the feature dim with another
+  one, or no producer is reached, or an op the walk does not know cuts it (``Wiring.unknown``), the graph cannot
+  tell: the caller falls back and warns.
+- **Samples.** Convolutions say where the samples are (dim 0 of their batched output); otherwise `batch_walk` follows
+  the rows back through the producers to the output of a module that declares its layout, a time-major recurrent
+  layer, or a token embedding (`Wiring.batch_dim`).
+- **Weights.** The parameters of the first producers on every path (and of the norms walked through), each keyed with
+  the select, slice or transpose it is read through (an expert ``W1[e]``, ``W`` against ``W.T``): calls of one
   activation module fed by the same weights are one site (a recurrent cell unrolled T times is one site).
 - **Recurrence.** Which sites' outputs the walk met on the way: the same site's marks a recurrent cell's state.
+- **Call signatures.** `call_signature` looks at one node behind a call (its parameter inputs), cheaply enough for
+  the per-step path: a module with several sites matches each call to its site by it, not by its call index.
 
 Facts this relies on (torch 2.13): a node's ``_input_metadata[i].shape`` is the shape of its ``i``-th forward output,
 and each ``next_functions`` edge ``(node, i)`` names that output; a parameter ends a path at an ``AccumulateGrad``
-node whose ``variable`` is the parameter; ``SliceBackward0``/``SelectBackward0``/``CatBackward0`` save ``_saved_dim``,
-``TransposeBackward0`` ``_saved_dim0``/``_saved_dim1``, ``PermuteBackward0`` ``_saved_dims``. Node names are torch's
-internal ones: an unknown node ends its path ("cannot tell"), never a guess.
+node whose ``variable`` is the parameter; ``SliceBackward0``/``SelectBackward0``/``CatBackward0``/``StackBackward0``/
+``SplitBackward0``/``GluBackward0``/``SqueezeBackward1``/``UnsqueezeBackward0`` save ``_saved_dim``, ``SumBackward1``
+and ``MeanBackward1`` ``_saved_dim`` (a tuple) and ``_saved_keepdim``, ``TransposeBackward0``
+``_saved_dim0``/``_saved_dim1``, ``PermuteBackward0`` ``_saved_dims``, ``AsStridedBackward0`` ``_saved_size`` and
+``_saved_stride``; a saved negative dim reads back as an unsigned 64-bit number (`saved_dim` converts it). Node names
+are torch's internal ones: an unknown node ends its path ("cannot tell"), never a guess. ``tests/test_wiring_oracle.py``
+checks every op named here against plain forward hooks.
 
-The walk runs at discovery only (the first call of each call index), visits at most `MAX_NODES` nodes, and holds no
-reference to the graph afterwards.
+The walk runs at discovery only (the first call of each call index, or of each new call signature), visits at most
+`MAX_NODES` nodes, and holds no reference to the graph afterwards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Wiring", "read_wiring", "align_view", "MAX_NODES", "batch_first_of"]
+__all__ = [
+    "Wiring",
+    "read_wiring",
+    "batch_walk",
+    "call_signature",
+    "align_view",
+    "saved_dim",
+    "MAX_NODES",
+    "UNBATCHED",
+    "batch_first_of",
+]
+
+#: `Wiring.batch_dim` of a call of unbatched convolutions: the call is one sample.
+UNBATCHED = -1
 
 #: At most this many graph nodes are visited per walk: discovery stays cheap on very deep or wide graphs.
 MAX_NODES = 512
@@ -43,7 +71,24 @@ MAX_NODES = 512
 #: Nodes whose output carries features in dim 1 (dim 0 unbatched).
 _CONV = ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv", "ThnnConv", "ConvDepthwise")
 #: Nodes whose output carries features in the last dim.
-_LAST = ("Addmm", "Mm", "Bmm", "Baddbmm", "Addmv", "Mv", "Linear", "Embedding", "EmbeddingBag", "Matmul")
+_LAST = (
+    "Addmm",
+    "Mm",
+    "Bmm",
+    "Baddbmm",
+    "Addmv",
+    "Mv",
+    "Linear",
+    "Embedding",
+    "EmbeddingBag",
+    "Matmul",
+    "MkldnnRnnLayer",
+    "CudnnRnn",
+    "MiopenRnn",
+)
+#: Recurrent layers whose output is time-major whatever ``batch_first`` says (the CPU LSTM: ``(T, B, H)``, then a
+#: transpose), and whose final states are ``(B, H)``.
+_TIME_MAJOR_RNN = ("MkldnnRnnLayer",)
 #: Norms: walked through; with nothing behind them, BatchNorm-like ones mean dim 1 and LayerNorm-like the last dim.
 _CHANNEL_NORMS = ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm", "NativeGroupNorm")
 _LAST_NORMS = ("NativeLayerNorm", "LayerNorm", "FusedRmsNorm", "RmsNorm")
@@ -102,9 +147,28 @@ _SAME_DIMS = (
     "Lerp",
     "Addcmul",
     "Addcdiv",
+    "Split",
+    "SplitWithSizes",
+    "UnsafeSplit",
+    "UnsafeSplitWithSizes",
+    "Glu",
 )
+#: Reductions over saved dims (``x.sum(0)`` of a stack, ``mean(dim)``): the reduced dims are none of the activation's.
+_REDUCTIONS = ("Sum", "Mean")
 #: Ops a layer applies to its own weight (``Linear``'s transpose, an autocast copy).
-_WEIGHT_VIEWS = ("T", "Transpose", "Permute", "ToCopy", "View", "Reshape", "UnsafeView", "Expand", "Clone")
+_WEIGHT_VIEWS = (
+    "T",
+    "Transpose",
+    "Permute",
+    "ToCopy",
+    "View",
+    "Reshape",
+    "UnsafeView",
+    "Expand",
+    "Clone",
+    "Select",
+    "Slice",
+)
 #: Ops whose input and output differ in shape in ways `align_view` maps.
 _VIEWS = ("View", "UnsafeView", "Reshape", "Squeeze", "Unsqueeze", "AsStrided", "Flatten", "Unflatten")
 
@@ -121,13 +185,19 @@ class Wiring:
         met: names of the sites whose outputs a path met (and stopped at): the same site's name marks a recurrent
             call (a cell fed its own earlier output).
         producer_kinds: names of the producer nodes reached (for messages and tests).
+        batch_dim: the activation dim that holds the samples when every producer says so (a convolution: dim 0 of
+            its batched output), `UNBATCHED` when they are unbatched convolutions (the call is one sample), or None
+            when the graph does not say (a matrix product's rows may be samples or positions).
+        unknown: names of the nodes the walk could not follow (an op it does not know, or dims it could not map).
     """
 
     unit_dim: Optional[int] = None
     why_not: str = "no producer layer in the autograd graph"
-    weights: Optional[frozenset[int]] = None
+    weights: Optional[frozenset[Hashable]] = None
     met: set[str] = field(default_factory=set)
     producer_kinds: list[str] = field(default_factory=list)
+    batch_dim: Optional[int] = None
+    unknown: list[str] = field(default_factory=list)
 
 
 def _kind(node: Any) -> str:
@@ -145,11 +215,31 @@ def _saved(node: Any, attr: str) -> Any:
         return None
 
 
+def saved_dim(value: Any, ndim: int) -> Optional[int]:
+    """A dim saved in the autograd graph, as a non-negative index into ``ndim`` dims, or None when it is none.
+
+    torch 2.13 reads a saved negative dim back as an unsigned 64-bit number (-1 is 2**64 - 1): it is converted back
+    before normalising, since ``% ndim`` on the raw value is right only when ``ndim`` is a power of two.
+
+    Example:
+        >>> saved_dim(2**64 - 1, 3)
+        2
+    """
+    if value is None or ndim <= 0:
+        return None
+    dim = int(value)
+    if dim >= 2**63:
+        dim -= 2**64
+    if not -ndim <= dim < ndim:
+        return None
+    return dim % ndim
+
+
 def align_view(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, int]:
     """Map each dim of ``out_shape`` to the dim of ``in_shape`` it is, for a view or reshape between them.
 
-    A dim maps only when it is one dim on both sides with the same size; dims merged or split by the view, and
-    size-1 dims, map to nothing.
+    A dim maps only when it is one dim on both sides with the same size (size-1 dims only when in step on both
+    sides); dims merged or split by the view, and other size-1 dims, map to nothing.
 
     Example:
         >>> align_view((12, 7), (2, 6, 7))
@@ -159,7 +249,7 @@ def align_view(in_shape: Sequence[int], out_shape: Sequence[int]) -> dict[int, i
     i = j = 0
     while i < len(in_shape) and j < len(out_shape):
         a, b = int(in_shape[i]), int(out_shape[j])
-        if a == b and a != 1:
+        if a == b:  # size-1 dims in step on both sides are the same dim too (a layer's single unit)
             mapping[j] = i
             i += 1
             j += 1
@@ -205,6 +295,10 @@ def _input_dims(
     node: Any, kind: str, dims: Dims, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
 ) -> Optional[Dims]:
     """The activation dims of one input of ``node``, given those of its output, or None when unknown."""
+    if kind in ("Squeeze", "Unsqueeze"):
+        exact = _squeezed_input_dims(node, kind, dims, in_shape)
+        if exact is not None:
+            return exact
     if kind.startswith(_VIEWS) or kind == "Expand":
         if kind == "Expand":
             lead = len(out_shape) - len(in_shape)
@@ -215,11 +309,13 @@ def _input_dims(
             result[in_d] = dims[out_d]
         return tuple(result)
     if kind == "Transpose" or kind == "T":
-        d0, d1 = (_saved(node, "_saved_dim0"), _saved(node, "_saved_dim1")) if kind == "Transpose" else (0, 1)
-        if d0 is None or d1 is None or len(dims) < 2:
+        if len(dims) < 2:
+            return None
+        raw = (_saved(node, "_saved_dim0"), _saved(node, "_saved_dim1")) if kind == "Transpose" else (0, 1)
+        d0, d1 = saved_dim(raw[0], len(dims)), saved_dim(raw[1], len(dims))
+        if d0 is None or d1 is None:
             return None
         swapped = list(dims)
-        d0, d1 = int(d0) % len(dims), int(d1) % len(dims)
         swapped[d0], swapped[d1] = swapped[d1], swapped[d0]
         return tuple(swapped)
     if kind == "Permute":
@@ -227,21 +323,24 @@ def _input_dims(
         if order is None or len(order) != len(dims):
             return None
         permuted: list[Optional[int]] = [None] * len(dims)
-        for out_d, in_d in enumerate(order):
-            permuted[int(in_d) % len(dims)] = dims[out_d]
+        for out_d, raw_d in enumerate(order):
+            at = saved_dim(raw_d, len(dims))
+            if at is None:
+                return None
+            permuted[at] = dims[out_d]
         return tuple(permuted)
     if kind in ("Select", "Unbind"):
-        dim = _saved(node, "_saved_dim")
+        dim = saved_dim(_saved(node, "_saved_dim"), len(in_shape))
         if dim is None or len(in_shape) != len(dims) + 1:
             return None
-        dim = int(dim) % len(in_shape)
         return dims[:dim] + (None,) + dims[dim:]
     if kind == "Stack":
-        dim = _saved(node, "_saved_dim")
+        dim = saved_dim(_saved(node, "_saved_dim"), len(dims))
         if dim is None or len(in_shape) + 1 != len(dims):
             return None
-        dim = int(dim) % len(dims)
         return dims[:dim] + dims[dim + 1 :]
+    if kind in _REDUCTIONS:
+        return _reduced_input_dims(node, dims, in_shape)
     if kind.startswith(_SAME_DIMS + _POOLS + _CHANNEL_NORMS + _LAST_NORMS):
         if len(in_shape) > len(dims):
             return None
@@ -249,10 +348,113 @@ def _input_dims(
     return None
 
 
+def _squeezed_input_dims(node: Any, kind: str, dims: Dims, in_shape: tuple[int, ...]) -> Optional[Dims]:
+    """The activation dims of the input of a squeeze or unsqueeze, from its saved dims (size-1 dims included, which a
+    view's alignment cannot place); None when they are not saved."""
+    raw = _saved(node, "_saved_dim")
+    if kind == "Unsqueeze":
+        dim = saved_dim(raw, len(dims))
+        if dim is None or len(in_shape) + 1 != len(dims):
+            return None
+        return dims[:dim] + dims[dim + 1 :]
+    if raw is None:  # squeeze(): every size-1 dim
+        removed = {d for d, n in enumerate(in_shape) if n == 1}
+    else:
+        raw = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)
+        named = [saved_dim(d, len(in_shape)) for d in raw]
+        removed = {d for d in named if d is not None and in_shape[d] == 1}
+    if len(in_shape) != len(dims) + len(removed):
+        return None
+    kept = iter(dims)
+    return tuple(None if d in removed else next(kept) for d in range(len(in_shape)))
+
+
+def _strided_input_dims(
+    node: Any, dims: Dims, in_shape: tuple[int, ...], base_strides: Optional[tuple[int, ...]]
+) -> Optional[Dims]:
+    """The activation dims of the base of an ``as_strided`` view (what an in-place op on a view leaves: ConvNeXt's
+    ``permute`` then ``ReLU(inplace=True)``).
+
+    ``base_strides`` are the base's real strides (known for the activation's own view: its ``_base``), or None. A
+    plain view of a whole contiguous base (a reshape) maps like a view. With the base's strides, each view dim is
+    matched to the base dim with its stride: one view dim per base dim, of the base dim's size (or smaller, a slice,
+    when every view dim matched); view dims that match nothing were merged into a base dim (a view of a view), which
+    is then known only if its size says it holds nothing else. None when no dim maps: the graph does not tell."""
+    size, stride = _saved(node, "_saved_size"), _saved(node, "_saved_stride")
+    if size is None or stride is None or len(size) != len(dims) or len(stride) != len(dims):
+        return None
+    size, stride = tuple(int(n) for n in size), tuple(int(st) for st in stride)
+    contiguous = [1] * len(in_shape)
+    for d in range(len(in_shape) - 2, -1, -1):
+        contiguous[d] = contiguous[d + 1] * in_shape[d + 1]
+    if base_strides is None or list(base_strides) == contiguous or len(in_shape) <= 1:
+        plain = _contiguous_view_dims(node, dims, in_shape, size, stride)
+        if plain is not None or base_strides is None:
+            return plain
+    if base_strides is None or len(base_strides) != len(in_shape):
+        return None
+    matched: dict[int, list[int]] = {}
+    unmatched = False
+    for out_d, (n, st) in enumerate(zip(size, stride)):
+        if n == 1:
+            continue
+        hits = [d for d in range(len(in_shape)) if base_strides[d] == st and in_shape[d] > 1 and n <= in_shape[d]]
+        if len(hits) != 1:
+            unmatched = True
+            continue
+        matched.setdefault(hits[0], []).append(out_d)
+    result: list[Optional[int]] = [None] * len(in_shape)
+    for base_d, outs in matched.items():
+        if len(outs) == 1 and (size[outs[0]] == in_shape[base_d] or not unmatched):
+            result[base_d] = dims[outs[0]]
+    return tuple(result) if any(d is not None for d in result) else None
+
+
+def _contiguous_view_dims(
+    node: Any, dims: Dims, in_shape: tuple[int, ...], size: tuple[int, ...], stride: tuple[int, ...]
+) -> Optional[Dims]:
+    """An ``as_strided`` view that is a plain view of its whole contiguous base (a reshape then an in-place op):
+    mapped like a view. None otherwise."""
+    expected, numel = 1, 1
+    for n, st in zip(reversed(size), reversed(stride)):
+        if n != 1 and st != expected:
+            return None
+        expected *= n
+    for n in in_shape:
+        numel *= n
+    if expected != numel or int(_saved(node, "_saved_storage_offset") or 0) != 0:
+        return None
+    mapping = align_view(in_shape, size)
+    result: list[Optional[int]] = [None] * len(in_shape)
+    for out_d, in_d in mapping.items():
+        result[in_d] = dims[out_d]
+    return tuple(result)
+
+
+def _reduced_input_dims(node: Any, dims: Dims, in_shape: tuple[int, ...]) -> Optional[Dims]:
+    """The activation dims of the input of a sum or mean over saved dims (None for a reduction over all dims)."""
+    raw = _saved(node, "_saved_dim")
+    if raw is None:
+        return None
+    raw = tuple(raw) if isinstance(raw, (tuple, list)) else (raw,)
+    reduced = {saved_dim(d, len(in_shape)) for d in raw}
+    if not raw or None in reduced:
+        return None
+    if bool(_saved(node, "_saved_keepdim")):
+        if len(in_shape) != len(dims):
+            return None
+        return tuple(None if d in reduced else dims[d] for d in range(len(dims)))
+    if len(in_shape) != len(dims) + len(reduced):
+        return None
+    kept = iter(dims)
+    return tuple(None if d in reduced else next(kept) for d in range(len(in_shape)))
+
+
 def read_wiring(
     tensor: Optional[Tensor],
     sites: Optional[Mapping[Any, tuple[str, int]]] = None,
     key: Optional[Callable[[Any], Any]] = None,
+    layouts: Optional[Mapping[Any, int]] = None,
 ) -> Wiring:
     """Read the wiring of an activation from the autograd graph behind its input ``tensor``.
 
@@ -263,6 +465,10 @@ def read_wiring(
             path that meets one stops there and takes that site's units (a ReLU after a residual add of a site's
             output); the names met are in ``Wiring.met``.
         key: how to key nodes for ``sites`` (e.g. `relumon.cascade.node_key`).
+        layouts: for the output nodes of modules that declare their layout (``batch_first`` on ``nn.LSTM``,
+            ``nn.MultiheadAttention``, ``nn.Transformer*``), keyed by ``key(node)``, the dim of that output holding the
+            samples. When the producers do not say where the samples are, a second walk follows the rows back through
+            the producers to such an output (`batch_walk`).
 
     Returns:
         A `Wiring`. Its ``unit_dim`` is None when the graph cannot tell (no graph, branches that disagree, a view that
@@ -273,15 +479,24 @@ def read_wiring(
         wiring.why_not = "its input has no autograd graph (no gradient is tracked)"
         return wiring
     ndim = tensor.ndim
-    weights: set[int] = set()
+    root = tensor.grad_fn
+    base = tensor._base
+    base_strides = tuple(base.stride()) if base is not None and base.layout == torch.strided else None
+    weights: set[Hashable] = set()
     answers: set[int] = set()
+    batches: set[Optional[int]] = set()  # what the producers say of the sample dim
     blurred = False
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
     start: Dims = tuple(range(ndim))
-    stack: list[tuple[Any, Dims, tuple[int, ...]]] = [(tensor.grad_fn, start, tuple(tensor.shape))]
+    # Each entry: a node, the activation dims of its output, that output's shape, and the dims before the last view
+    # that merged some of them (with the shape they had), so that the view back restores them (instance norm's
+    # ``(B, C, L) -> (1, B*C, L) -> (B, C, L)``).
+    stack: list[tuple[Any, Dims, tuple[int, ...], Optional[tuple[tuple[int, ...], Dims]]]] = [
+        (tensor.grad_fn, start, tuple(tensor.shape), None)
+    ]
     while stack and budget > 0:
-        node, dims, shape = stack.pop()
+        node, dims, shape, restore = stack.pop()
         if (id(node), dims) in visited:
             continue
         visited.add((id(node), dims))
@@ -291,6 +506,7 @@ def read_wiring(
             met = sites.get(key(node) if key is not None else node)
         if met is not None:  # another call's output: its units are known, and the walk stops there
             wiring.met.add(met[0])
+            batches.add(None)
             target = dims[met[1]] if met[1] < len(dims) else None
             if target is None:
                 blurred = True
@@ -304,8 +520,11 @@ def read_wiring(
         if kind.startswith(_CONV):
             weight = next((p for p in params if p.ndim >= 3), None)
             feature = 0 if weight is not None and len(shape) == weight.ndim - 1 else 1
+            # An unbatched call runs as a batch of one, squeezed after: its lost dim 0 of size 1 is one sample.
+            batches.add(UNBATCHED if feature == 0 or (dims[0] is None and shape[0] == 1) else dims[0])
         elif kind.startswith(_LAST):
-            feature = len(shape) - 1
+            feature = _product_feature_dim(node, kind, len(shape))
+            batches.add(_rnn_batch_dim(kind, dims))
         if feature is not None:
             wiring.producer_kinds.append(kind)
             weights.update(_first_weights(node))
@@ -317,6 +536,8 @@ def read_wiring(
         is_norm = kind.startswith(_CHANNEL_NORMS + _LAST_NORMS)
         if is_norm:
             weights.update(id(p) for p in params)
+        is_view = kind.startswith(_VIEWS)
+        keeps = kind.startswith(_SAME_DIMS + _CHANNEL_NORMS + _LAST_NORMS)
         followed = False
         for child, nr in edges:
             if getattr(child, "variable", None) is not None:
@@ -324,11 +545,23 @@ def read_wiring(
             in_shape = _shape_of(child, nr)
             if in_shape is None:
                 continue
-            child_dims = _input_dims(node, kind, dims, shape, in_shape)
+            child_restore = restore if keeps and len(in_shape) == len(dims) else None
+            child_dims: Optional[Dims]
+            if kind == "AsStrided":  # an in-place op on a view: the base's strides are known for the activation's
+                child_dims = _strided_input_dims(node, dims, in_shape, base_strides if node is root else None)
+                if child_dims is not None and _lost(dims, child_dims):
+                    child_restore = (shape, dims)
+            elif is_view and restore is not None and in_shape == restore[0]:
+                child_dims = restore[1]  # the view back of an earlier merging view
+                child_restore = None
+            else:
+                child_dims = _input_dims(node, kind, dims, shape, in_shape)
+                if is_view and child_dims is not None and _lost(dims, child_dims):
+                    child_restore = (shape, dims)
             if child_dims is None:
                 continue
             followed = True
-            stack.append((child, child_dims, in_shape))
+            stack.append((child, child_dims, in_shape, child_restore))
             if is_norm:
                 break  # a norm's data input is its first edge; the rest are its own parameters
         if not followed and is_norm:
@@ -342,7 +575,11 @@ def read_wiring(
                     answers.add(int(dims[-1]))
         elif not followed and kind.startswith(_POOLS) and len(dims) >= 3 and dims[1] is not None:
             answers.add(int(dims[1]))
+        elif not followed and any(getattr(child, "variable", None) is None for child, _ in edges):
+            wiring.unknown.append(kind)  # a path the walk cannot follow: it never guesses past it
     wiring.weights = frozenset(weights)
+    if len(batches) == 1:
+        wiring.batch_dim = batches.pop()
     if len(answers) == 1 and not blurred:
         wiring.unit_dim = answers.pop()
     elif len(answers) > 1:
@@ -351,24 +588,232 @@ def read_wiring(
         wiring.why_not = "a view or reduction merges the producer's feature dim with another dim"
     elif budget <= 0:
         wiring.why_not = f"no producer layer within {MAX_NODES} autograd nodes"
+    elif wiring.unknown:
+        wiring.why_not = f"the walk cannot follow `{'`, `'.join(sorted(set(wiring.unknown)))}` back to a producer layer"
+    if wiring.batch_dim is None and wiring.unit_dim is not None and tensor.ndim >= 3:
+        wiring.batch_dim = batch_walk(tensor, layouts or {}, key)
     return wiring
 
 
-def _first_weights(node: Any, limit: int = 64) -> set[int]:
-    """Ids of the parameters met first behind ``node``, breadth-first over at most ``limit`` nodes: a Linear's bias
+def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callable[[Any], Any]] = None) -> Optional[int]:
+    """The activation dim that holds the samples, read by following the rows back to the output of a module that
+    declares its layout (an ``nn.LSTM`` with ``batch_first=False``: dim 1), or None when no path reaches one, or the
+    paths disagree.
+
+    Rows are followed through the ops of `read_wiring`'s walk and *through* the producers: a matrix product's rows are
+    the rows of its data operand (a Linear over ``(T, B, D)`` is a view to ``(T*B, D)``, a product, and the view back:
+    the dims merged on the way in come back on the way out), a convolution's dim 0 is its input's dim 0. Where no
+    such output is reached, a token embedding of 2-D indices says: dim 0 of ``input_ids`` is the batch, by the
+    convention of Hugging Face models (a fairseq-style model transposes to ``(T, B, C)`` after it).
+    """
+    answers: set[Optional[int]] = set()
+    lookups: set[Optional[int]] = set()  # dim 0 of token embeddings (``input_ids`` are batch-first by convention)
+    visited: set[tuple[int, Dims]] = set()
+    budget = MAX_NODES
+    stack: list[tuple[Any, Dims, tuple[int, ...], Optional[tuple[tuple[int, ...], Dims]]]] = [
+        (tensor.grad_fn, tuple(range(tensor.ndim)), tuple(tensor.shape), None)
+    ]
+    while stack and budget > 0:
+        node, dims, shape, restore = stack.pop()
+        if node is None or (id(node), dims) in visited:
+            continue
+        visited.add((id(node), dims))
+        budget -= 1
+        said = layouts.get(key(node) if key is not None else node)
+        if said is not None:
+            answers.add(dims[said] if said < len(dims) else None)
+            continue
+        kind = _kind(node)
+        nexts = node.next_functions
+        if kind in _OPERANDS and len(shape) == 2:  # rows of a product: its data operand's rows (weight on the right)
+            left, right = _OPERANDS[kind]
+            if max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is not None:
+                child, nr = nexts[left]
+                in_shape = _shape_of(child, nr)
+                if in_shape is not None and len(in_shape) == 2:
+                    prefix = (restore[0][:-1], restore[1][:-1]) if restore is not None else None
+                    stack.append((child, (dims[0], None), in_shape, prefix))
+            continue
+        if kind.startswith(_CONV):
+            child, nr = nexts[0] if nexts else (None, 0)
+            in_shape = _shape_of(child, nr) if child is not None else None
+            if in_shape is not None and len(in_shape) == len(dims):
+                stack.append((child, (dims[0],) + (None,) * (len(dims) - 1), in_shape, None))
+            continue
+        if kind == "Embedding" and len(shape) >= 3 and shape[0] > 1:
+            lookups.add(dims[0])
+            continue
+        if kind.startswith(_TIME_MAJOR_RNN):
+            answers.add(_rnn_batch_dim(kind, dims))
+            continue
+        if kind.startswith(_LAST) or kind == "AsStrided":
+            continue
+        is_view = kind.startswith(_VIEWS)
+        keeps = kind.startswith(_SAME_DIMS + _CHANNEL_NORMS + _LAST_NORMS)
+        for child, nr in nexts:
+            if child is None or getattr(child, "variable", None) is not None:
+                continue
+            in_shape = _shape_of(child, nr)
+            if in_shape is None:
+                continue
+            child_restore = restore if keeps and len(in_shape) == len(dims) else None
+            child_dims: Optional[Dims]
+            if is_view and restore is not None and in_shape[: len(restore[0])] == restore[0]:
+                # The view into the product (prefix: a Linear's rows) or back (an instance norm's merge).
+                child_dims = restore[1] + (None,) * (len(in_shape) - len(restore[1]))
+                child_restore = None
+            else:
+                child_dims = _input_dims(node, kind, dims, shape, in_shape)
+                if is_view and child_dims is not None and _lost(dims, child_dims):
+                    child_restore = (shape, dims)
+            if child_dims is not None:
+                stack.append((child, child_dims, in_shape, child_restore))
+            if kind.startswith(_CHANNEL_NORMS + _LAST_NORMS):
+                break
+    if answers:
+        return answers.pop() if len(answers) == 1 else None
+    return lookups.pop() if len(lookups) == 1 else None
+
+
+def _rnn_batch_dim(kind: str, dims: Dims) -> Optional[int]:
+    """The activation dim holding the samples, for an output of a time-major recurrent layer (``(T, B, H)``, or its
+    final state ``(B, H)``); None for other producers (their rows may be samples or positions)."""
+    if not kind.startswith(_TIME_MAJOR_RNN):
+        return None
+    return dims[1] if len(dims) == 3 else dims[0] if len(dims) == 2 else None
+
+
+def _lost(dims: Dims, child_dims: Dims) -> bool:
+    """Whether a view loses track of some activation dim (merges it with another one)."""
+    return len({d for d in dims if d is not None} - {d for d in child_dims if d is not None}) > 0
+
+
+#: Operand positions ``(left, right)`` among ``next_functions`` of the matrix products.
+_OPERANDS = {"Mm": (0, 1), "Bmm": (0, 1), "Addmm": (1, 2), "Baddbmm": (1, 2)}
+
+
+def _product_feature_dim(node: Any, kind: str, ndim: int) -> int:
+    """The feature dim of a matrix product's output: the last dim (``x @ W``, ``Linear``), or the row dim when the
+    weight is the left operand alone (``W @ x + b``, a ``bmm`` with the weight on the left)."""
+    positions = _OPERANDS.get(kind)
+    if positions is None or ndim < 2:
+        return ndim - 1
+    nexts = node.next_functions
+    if max(positions) >= len(nexts):
+        return ndim - 1
+    left, right = (_weight_behind(nexts[p][0]) for p in positions)
+    return ndim - 2 if left and not right else ndim - 1
+
+
+def _weight_behind(node: Any, limit: int = 8) -> bool:
+    """Whether ``node`` is a parameter, possibly behind a chain of the views a layer applies to its own weight."""
+    for _ in range(limit):
+        if node is None:
+            return False
+        if isinstance(getattr(node, "variable", None), nn.Parameter):
+            return True
+        if _kind(node) not in _WEIGHT_VIEWS:
+            return False
+        inner = [child for child, _ in node.next_functions if child is not None]
+        if len(inner) != 1:
+            return False
+        node = inner[0]
+    return False
+
+
+def _path_step(node: Any) -> Optional[tuple[Any, ...]]:
+    """What a weight view does to the weight, for the site's identity: a transpose, a permute, or which expert (the
+    index of a select or the range of a slice); None for casts, views and copies, which change nothing."""
+    kind = _kind(node)
+    if kind in ("T", "Transpose"):
+        return ("T",)
+    if kind == "Permute":
+        return ("P", _saved(node, "_saved_dims"))
+    if kind == "Select":
+        return ("S", _saved(node, "_saved_dim"), _saved(node, "_saved_index"))
+    if kind == "Slice":
+        return ("L", _saved(node, "_saved_dim"), _saved(node, "_saved_start"), _saved(node, "_saved_end"))
+    return None
+
+
+def _first_weights(node: Any, limit: int = 64) -> set[Hashable]:
+    """Keys of the parameters met first behind ``node``, breadth-first over at most ``limit`` nodes: a Linear's bias
     and its weight (behind a transpose or a cast), or, for a product of two activations (attention), the weights
-    further back."""
-    found: set[int] = set()
-    frontier = [child for child, _ in node.next_functions if child is not None]
+    further back.
+
+    A parameter reached straight is keyed by its id; one reached through a transpose, permute, select or slice by its
+    id and that path, so an expert ``W1[e]`` of a batched ``(E, D, H)`` parameter, and ``W`` against ``W.T`` in a tied
+    autoencoder, are different weights."""
+    found: set[Hashable] = set()
+    frontier: list[tuple[Any, tuple[Any, ...]]] = [(child, ()) for child, _ in node.next_functions if child is not None]
     seen = 0
     while frontier and seen < limit:
         seen += len(frontier)
-        inner = [child for child in frontier if getattr(child, "variable", None) is None]
-        found.update(id(c.variable) for c in frontier if isinstance(getattr(c, "variable", None), nn.Parameter))
+        inner = [(c, path) for c, path in frontier if getattr(c, "variable", None) is None]
+        for c, path in frontier:
+            variable = getattr(c, "variable", None)
+            if isinstance(variable, nn.Parameter):
+                found.add(id(variable) if not path else (id(variable), path))
         # A weight behind its transpose or cast is still this layer's; further back only while none was found.
-        inner = inner if not found else [c for c in inner if _kind(c) in _WEIGHT_VIEWS]
-        frontier = [c for child in inner for c, _ in child.next_functions if c is not None]
+        if found:
+            inner = [(c, path) for c, path in inner if _kind(c) in _WEIGHT_VIEWS]
+        frontier = []
+        for child, path in inner:
+            step = _path_step(child)
+            longer = path + (step,) if step is not None else path
+            frontier.extend((c, longer) for c, _ in child.next_functions if c is not None)
     return found
+
+
+#: The node type that ends a path at a leaf tensor (its ``variable``).
+_ACCUMULATE_GRAD: Any = type(
+    (_leaf := nn.Parameter(torch.zeros(1))).mul(1).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+)
+del _leaf
+
+#: Nodes a call signature steps through (the view back of a Linear over a 3-D input).
+_SIGNATURE_VIEWS = ("ViewBackward0", "UnsafeViewBackward0")
+#: Weight views a call signature looks behind: a Linear's transpose, an expert's select.
+_SIGNATURE_WEIGHTS = ("TBackward0", "SelectBackward0")
+
+
+def call_signature(inp: Optional[Tensor], out: Tensor) -> tuple[Hashable, ...]:
+    """A cheap fingerprint of the layer that fed one activation call: the parameters among the inputs of the node
+    behind it (a Linear's bias, a conv's or a norm's parameters), or where there are none, the parameters right behind
+    a transpose or select there (a bias-free Linear's weight, an expert's ``b1[e]`` with its index).
+
+    It looks at one node (two behind a view back), never walks the graph: cheap enough for every call of a module
+    with several sites, so that a call is matched to its site by what fed it, not by its call index, when calls are
+    skipped by the data (experts with no token, LayerDrop). Empty when the node behind has no parameter input (a
+    residual add): the call index decides then.
+    """
+    node: Any = (inp if inp is not None else out).grad_fn
+    if node is None:
+        return ()
+    if inp is None or inp is out:  # in place: the activation's own node is first
+        edges = node.next_functions
+        node = edges[0][0] if edges else None
+    for _ in range(2):
+        if node is None or type(node).__name__ not in _SIGNATURE_VIEWS:
+            break
+        node = node.next_functions[0][0]
+    if node is None:
+        return ()
+    edges = node.next_functions
+    signature: list[Hashable] = [id(c.variable) for c, _ in edges if type(c) is _ACCUMULATE_GRAD]
+    if signature:  # a bias, a conv's weight: enough, and the cheapest look
+        return tuple(signature)
+    child: Any
+    for child, _ in edges:
+        if child is None:
+            continue
+        name = type(child).__name__
+        if name in _SIGNATURE_WEIGHTS:  # a bias-free Linear's weight behind its transpose, an expert's b1[e]
+            inner: Any = child.next_functions[0][0]
+            if type(inner) is _ACCUMULATE_GRAD:
+                index = _saved(child, "_saved_index") if name == "SelectBackward0" else None
+                signature.append((name, id(inner.variable), index))
+    return tuple(signature)
 
 
 def batch_first_of(model: nn.Module) -> dict[str, bool]:
