@@ -12,6 +12,8 @@ transformers 5.x, ``trainer.py`` and ``trainer_callback.py``):
   ``on_train_end``. ``Trainer.log`` called from a subclass's ``compute_loss`` (inside ``training_step``) is not one.
 - ``on_epoch_end`` runs before that epoch's log; ``on_save`` runs after the checkpoint folder
   ``<output_dir>/checkpoint-<global_step>`` and its ``trainer_state.json`` are written.
+- ``train(resume_from_checkpoint=...)`` hands the folder (resolved to a path when ``True``) to
+  ``_inner_training_loop`` as ``resume_from_checkpoint``, whose frame is on the stack at ``on_train_begin``.
 - The reporting integrations of ``report_to`` (``TensorBoardCallback``, ``WandbCallback``, ``MLflowCallback``...)
   come before the user's callbacks, and each writes the ``logs`` dict it receives in ``on_log``. A key added to that
   dict by a callback that runs *before* them reaches every one of them; one added after them reaches none.
@@ -35,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -119,10 +122,10 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     them, and counts as a step of the window. A later ``train()`` with the same callback starts afresh.
 
     **Resume**: the callback is an ``ExportableState``. Per checkpoint, ``trainer_state.json`` gets its arguments and
-    its small state (alerts given, windows, the timeline, per layer the counts), which grow with the number of
-    layers, not units; the per-unit death history goes to ``relumon-<prefix>.pt`` in the checkpoint folder (at
-    ``on_save``). ``train(resume_from_checkpoint=...)`` continues both, whether or not
-    ``restore_callback_states_from_checkpoint`` is set.
+    its small state (alerts given, windows, per layer the counts), which grows with the number of layers, not units
+    or windows; the per-unit death history and the heatmap's timeline go to ``relumon-<prefix>.pt`` in the checkpoint
+    folder (at ``on_save``). ``train(resume_from_checkpoint=...)`` continues both, from the folder it is given
+    (moved or not), whether or not ``restore_callback_states_from_checkpoint`` is set.
 
     Args:
         on_dead: what to do the first time a window measured on every call finds every unit of a layer dead (once
@@ -273,7 +276,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             return
         # A resumed run (global_step > 0 at train begin) continues the state saved in the checkpoint; a new run, even
         # with a reused callback, starts fresh.
-        resumed = self._resumed_state(args, state) if state.global_step > 0 else None
+        resumed = self._resumed_state(args, state, trainer) if state.global_step > 0 else None
         if resumed is None:
             self._saved = None
             self.last_report = None
@@ -526,12 +529,13 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         """The callback's checkpoint state for ``trainer_state.json`` (``ExportableState``): plain JSON data whose
-        size grows with the number of layers, not units.
+        size grows with the number of layers, not units or windows.
 
         ``args`` rebuild the callback where ``restore_callback_states_from_checkpoint`` asks the Trainer to (options
         JSON cannot hold, such as ``types`` or a callable ``on_dead``, are left out: keep them as given by leaving
-        that flag off, the default); ``attributes`` carry the monitor's state without the per-unit death history,
-        which `on_save` writes to ``relumon-<prefix>.pt`` next to it.
+        that flag off, the default); ``attributes`` carry the monitor's state without the per-unit death history and
+        the heatmap's timeline, which `on_save` writes to ``relumon-<prefix>.pt`` next to it (named, with a digest of
+        its content, in the state).
         """
         small, _ = _split_state(self._monitor_state(), self._units_file())
         return {"args": dict(self._json_args), "attributes": {"relumon_state": small}}
@@ -540,37 +544,52 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         return "relumon-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.prefix) + ".pt"
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Write the per-unit death history into the checkpoint folder the Trainer just wrote (from rank 0)."""
-        _, per_unit = _split_state(self._monitor_state(), self._units_file())
-        if not per_unit or not state.is_world_process_zero:
+        """Write the per-unit death history and the timeline into the checkpoint folder the Trainer just wrote (from
+        rank 0)."""
+        _, payload = _split_state(self._monitor_state(), self._units_file())
+        if not payload or not state.is_world_process_zero:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save(per_unit, os.path.join(folder, self._units_file()))
+            torch.save(payload, os.path.join(folder, self._units_file()))
 
-    def _resumed_state(self, args: Any, state: Any) -> Optional[dict[str, Any]]:
+    def _resumed_state(self, args: Any, state: Any, trainer: Any) -> Optional[dict[str, Any]]:
         """The monitor state saved in the checkpoint being resumed: this callback's newest entry in
-        ``stateful_callbacks`` and its per-unit file, looked for in ``<output_dir>/checkpoint-<global_step>``."""
+        ``stateful_callbacks`` and its file, read from the folder given to ``train(resume_from_checkpoint=...)``
+        (else ``<output_dir>/checkpoint-<global_step>``), and only if its digest is the one the entry names."""
         small = _saved_state(state, type(self).__name__, self.prefix)
         if small is None or "units_file" not in small:
             return small
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", small["units_file"])
-        if not os.path.isfile(path):
-            if self._rank_zero:
-                warn(
-                    f"ReluMonitorCallback: resuming at step {state.global_step}, but the per-unit death history "
-                    f"{path} is not there (a checkpoint resumed from outside `output_dir`?). Alerts, windows and the "
-                    "timeline go on; each unit's death history starts again."
-                )
+        folders = [
+            _resume_folder(trainer),
+            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+        ]
+        paths = list(dict.fromkeys(os.path.join(f, small["units_file"]) for f in folders if f is not None))
+        foreign = []
+        for path in paths:
+            if not os.path.isfile(path):
+                continue
+            payload = torch.load(path, weights_only=True)
+            if not isinstance(payload, dict) or payload.get("digest") != small.get("units_digest"):
+                foreign.append(path)
+                continue
+            history = small.setdefault("history", {})
+            for site, lists in payload.get("history", {}).items():
+                history.setdefault(site, {}).update({key: value.tolist() for key, value in lists.items()})
+            small["timeline"] = payload.get("timeline", [])
             return small
-        per_unit = torch.load(path, weights_only=True)
-        history = small.setdefault("history", {})
-        for site, lists in per_unit.items():
-            history.setdefault(site, {}).update({key: value.tolist() for key, value in lists.items()})
+        if self._rank_zero:
+            where = " or ".join(paths)
+            why = f"{' and '.join(foreign)} belongs to another checkpoint" if foreign else f"{where} is not there"
+            warn(
+                f"ReluMonitorCallback: resuming at step {state.global_step}, but its per-unit death history and "
+                f"timeline ({small['units_file']}) cannot be read: {why}. Alerts and windows go on; each unit's "
+                "death history and the heatmap's timeline start again."
+            )
         return small
 
     def __getstate__(self) -> dict[str, Any]:
@@ -653,14 +672,13 @@ def _no_watched_types_message(model: nn.Module, types: tuple[type[nn.Module], ..
     return message + ". ReluMonitorCallback stays idle; training goes on."
 
 
-def _split_state(
-    state: Optional[dict[str, Any]], units_file: str
-) -> tuple[Optional[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
-    """A monitor ``state_dict()`` as its small part, for JSON (per site: counts and the last dead fraction), and its
-    per-unit lists as int64 tensors per site, for a file of relumon's own."""
+def _split_state(state: Optional[dict[str, Any]], units_file: str) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
+    """A monitor ``state_dict()`` as its small part, for JSON (per site: counts and the last dead fraction), and the
+    rest for a file of relumon's own: per site its per-unit lists as int64 tensors, the heatmap's timeline, and a
+    digest of both that the small part names too (so a resume reads only the file written with it)."""
     if state is None:
         return None, {}
-    small = {key: value for key, value in state.items() if key != "history"}
+    small = {key: value for key, value in state.items() if key not in ("history", "timeline")}
     history: dict[str, Any] = {}
     per_unit: dict[str, dict[str, torch.Tensor]] = {}
     for site, record in (state.get("history") or {}).items():
@@ -669,9 +687,28 @@ def _split_state(
         if lists:
             per_unit[site] = lists
     small["history"] = history
-    if per_unit:
-        small["units_file"] = units_file
-    return small, per_unit
+    timeline = state.get("timeline") or []
+    if not per_unit and not timeline:
+        return small, {}
+    content = {site: {key: value.tolist() for key, value in lists.items()} for site, lists in per_unit.items()}
+    digest = hashlib.sha256(json.dumps([content, timeline], sort_keys=True).encode()).hexdigest()[:16]
+    small["units_file"], small["units_digest"] = units_file, digest
+    return small, {"history": per_unit, "timeline": timeline, "digest": digest}
+
+
+def _resume_folder(trainer: Any) -> Optional[str]:
+    """The checkpoint folder ``trainer``'s running ``train()`` resumes from (its ``resume_from_checkpoint``, a path
+    once ``train()`` resolved ``True``), read from the calling frames; None when none is found."""
+    if trainer is None:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        local = frame.f_locals
+        folder = local.get("resume_from_checkpoint")
+        if local.get("self") is trainer and isinstance(folder, (str, os.PathLike)):
+            return str(os.fspath(folder))
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def _saved_state(state: Any, name: str, prefix: str) -> Optional[dict[str, Any]]:
