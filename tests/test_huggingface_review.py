@@ -1,0 +1,61 @@
+"""A hostile review of the Hugging Face Trainer callback (issue 26): each test reproduces a defect the review found,
+with its own ground truth (a plain forward hook, files on disk, the Trainer's own logs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import relumon
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+pytest.importorskip("tensorboard")
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from relumon.cli import main  # noqa: E402
+from relumon.huggingface import ReluMonitorCallback  # noqa: E402
+from tests.hf_helpers import ACTS, trainer  # noqa: E402
+
+DEAD0, PART1 = ACTS
+
+
+def test_relumon_summary_shows_a_trainer_run_next_to_a_plain_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # One logdir, two runs: a plain loop's monitor.log (relumon/...) and a Trainer's (train/relumon/...). The summary
+    # showed only the plain run, silently dropping the Trainer run and its dead layer.
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with relumon.watch(model, measure_every=1) as monitor, SummaryWriter(str(tmp_path / "plain")) as writer:
+        model(torch.randn(16, 4)).sum().backward()
+        monitor.log(writer, step=1)
+    with pytest.warns(relumon.DeadUnitsWarning):
+        trainer(tmp_path / "hf", [ReluMonitorCallback(measure_every=1)], max_steps=2, logging_steps=2).train()
+    capsys.readouterr()
+    assert main(["summary", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    hf_run = next(name for name in out["runs"] if name.startswith("hf"))
+    assert set(out["runs"]) == {"plain", hf_run}
+    assert {x["layer"]: x["last_dead_fraction"] for x in out["runs"][hf_run]}[DEAD0] == 1.0
+    assert [a["step"] for a in out["alerts"][hf_run]] == [2]
+
+
+def test_relumon_summary_finds_a_custom_prefix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # prefix="mon" under the Trainer writes train/mon/...: it was "no relumon scalars", naming no prefix.
+    with pytest.warns(relumon.DeadUnitsWarning):
+        trainer(tmp_path, [ReluMonitorCallback(measure_every=1, prefix="mon")], max_steps=2, logging_steps=2).train()
+    capsys.readouterr()
+    assert main(["summary", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ((_, layers),) = out["runs"].items()
+    assert {x["layer"]: x["last_dead_fraction"] for x in layers}[DEAD0] == 1.0
+    ((_, alerts),) = out["alerts"].items()
+    assert [a["step"] for a in alerts] == [2]
+    # Another tool's tags that merely look alike (no dead_units next to dead_fraction) are not taken for relumon's.
+    with SummaryWriter(str(tmp_path / "other")) as writer:
+        writer.add_scalar("probe/dead_fraction/x", 0.5, global_step=1)
+    from relumon.cli import detect_prefixes
+
+    assert detect_prefixes(str(tmp_path)) == ["train/mon"]
