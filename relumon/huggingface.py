@@ -181,9 +181,10 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self.prefix = prefix
         # What the Trainer needs to rebuild this callback from trainer_state.json (restore_callback_states_from_
         # checkpoint): the arguments in force, those given through `options=` included, where JSON can hold them.
-        self._json_args = _json_safe(
-            {"on_dead": on_dead, "figures": figures, "prefix": prefix, **_changed(self.options)}
-        )
+        given = {"on_dead": on_dead, "figures": figures, "prefix": prefix, **_changed(self.options)}
+        self._json_args = _json_safe(given)
+        # Named in state() so that a callback the Trainer rebuilds from it can say what it runs without.
+        self._unsaved = sorted(set(given) - set(self._json_args))
         self.monitor: Optional[Monitor] = None
         self.last_report: Optional[Report] = None
         self._saved: Optional[dict[str, Any]] = None  # the monitor's state once training ends, for state()
@@ -258,6 +259,16 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
                 "the reporting integrations: its scalars reach only the callbacks after it, and it cannot remove its "
                 "hooks if train() raises. Pass it through `Trainer(callbacks=...)`, or call "
                 "`callback.attach(trainer)`."
+            )
+        unsaved = self.__dict__.pop("relumon_unsaved", None)  # set by the Trainer on a callback it rebuilt
+        if unsaved and self._rank_zero:
+            names = ", ".join(f"`{name}`" for name in unsaved)
+            warn(
+                "restore_callback_states_from_checkpoint=True: transformers replaced your ReluMonitorCallback with "
+                f"one rebuilt from trainer_state.json, without {names} (JSON cannot hold them): it runs with their "
+                "defaults, and its history is on the callback in `trainer.callback_handler.callbacks`, not on "
+                "yours. Leave that flag off (the default) to keep your callback and its options; relumon's state is "
+                "resumed either way."
             )
         no_writer = trainer is not None and self._tensorboard is None
         if self.figures and no_writer and self._rank_zero and not self._said_no_writer:
@@ -538,7 +549,11 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         its content, in the state).
         """
         small, _ = _split_state(self._monitor_state(), self._units_file())
-        return {"args": dict(self._json_args), "attributes": {"relumon_state": small}}
+        attributes: dict[str, Any] = {"relumon_state": small}
+        if self._unsaved:
+            # The Trainer sets each attribute on the callback it rebuilds: `relumon_unsaved` tells it what was lost.
+            attributes["relumon_unsaved"] = list(self._unsaved)
+        return {"args": dict(self._json_args), "attributes": attributes}
 
     def _units_file(self) -> str:
         return "relumon-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.prefix) + ".pt"

@@ -220,7 +220,7 @@ def test_arguments_are_checked() -> None:
     # JSON cannot hold `types`: the args the Trainer would rebuild the callback from leave it out.
     assert callback.state() == {
         "args": {"on_dead": "warn", "figures": True, "prefix": "relumon", "measure_every": 2},
-        "attributes": {"relumon_state": None},
+        "attributes": {"relumon_state": None, "relumon_unsaved": ["types"]},
     }
 
 

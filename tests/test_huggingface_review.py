@@ -4,6 +4,7 @@ with its own ground truth (a plain forward hook, files on disk, the Trainer's ow
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,27 @@ def test_relumon_summary_finds_a_custom_prefix(tmp_path: Path, capsys: pytest.Ca
     from relumon.cli import detect_prefixes
 
     assert detect_prefixes(str(tmp_path)) == ["train/mon"]
+
+
+def test_restore_callback_states_says_which_options_it_could_not_restore(tmp_path: Path) -> None:
+    # With restore_callback_states_from_checkpoint=True transformers replaces the callback by one rebuilt from the
+    # JSON args: a callable on_dead and `types` were silently replaced by their defaults.
+    seen: list[object] = []
+    first = ReluMonitorCallback(measure_every=1, on_dead=seen.append, types=(nn.ReLU,))
+    trainer(tmp_path, [first], max_steps=2, save_strategy="steps", save_steps=2).train()
+    assert len(seen) == 1  # the callable got the first run's alert
+    mine = ReluMonitorCallback(measure_every=1, on_dead=seen.append, types=(nn.ReLU,))
+    run = trainer(tmp_path, [mine], max_steps=4, restore_callback_states_from_checkpoint=True)
+    with pytest.warns(relumon.RelumonWarning, match=r"without `on_dead`, `types` \(JSON cannot hold them\)"):
+        run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    live = next(cb for cb in run.callback_handler.callbacks if isinstance(cb, ReluMonitorCallback))
+    assert live is not mine and live.on_dead == "warn"  # what the warning says
+    assert [step for step, _ in live.history] == [2, 4] and mine.history == []
+    # Without the flag, your callback runs with your options, and nothing is said.
+    mine = ReluMonitorCallback(measure_every=1, on_dead=seen.append, types=(nn.ReLU,))
+    run = trainer(tmp_path, [mine], max_steps=4)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert not [w for w in record if "JSON cannot hold" in str(w.message)]
+    assert mine.on_dead == seen.append and [step for step, _ in mine.history] == [2, 4]
