@@ -207,6 +207,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._ending = False
         self._window_alerts: list[str] = []
         self._guard: Any = None
+        self._step_wrapper: Any = None  # (trainer, its training_step wrapper) while guarded
         self._tail: Optional[_StripRelumonKeys] = None
         self._handler: Any = None  # the CallbackHandler, while the tail waits for a place
 
@@ -378,11 +379,14 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def _guard_training_step(self, trainer: Any) -> None:
         """Wrap the Trainer's ``training_step`` (an instance attribute, undone at detach) so that an exception out of
-        it removes the hooks, and so that forwards and logs the Trainer drives can be told from others."""
+        it removes the hooks, and so that forwards and logs the Trainer drives can be told from others. A
+        ``training_step`` of your own set on the instance is called inside it and put back at detach."""
         original = trainer.training_step
         callback = self
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
+            if not training_step.__relumon_active__:  # type: ignore[attr-defined]
+                return original(*args, **kwargs)  # detached while another wrapper held on to this one
             callback._in_training_step = True
             try:
                 return original(*args, **kwargs)
@@ -393,7 +397,28 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
                 callback._in_training_step = False
 
         training_step.__relumon_original__ = original  # type: ignore[attr-defined]
+        training_step.__relumon_had_own__ = "training_step" in vars(trainer)  # type: ignore[attr-defined]
+        training_step.__relumon_active__ = True  # type: ignore[attr-defined]
         trainer.training_step = training_step
+        self._step_wrapper = (trainer, training_step)
+
+    def _unguard_training_step(self) -> None:
+        """Undo `_guard_training_step`: put back what the instance had (the class's method, or your own), skipping
+        wrappers of relumon's already detached; a wrapper another one holds on to only stops acting."""
+        guard, self._step_wrapper = self._step_wrapper, None
+        if guard is None:
+            return
+        trainer, wrapper = guard
+        wrapper.__relumon_active__ = False
+        if vars(trainer).get("training_step") is not wrapper:
+            return
+        inner, had_own = wrapper.__relumon_original__, wrapper.__relumon_had_own__
+        while getattr(inner, "__relumon_active__", None) is False:
+            inner, had_own = inner.__relumon_original__, inner.__relumon_had_own__
+        if had_own:
+            trainer.training_step = inner
+        else:
+            del trainer.training_step
 
     def _check_driven(self, module: nn.Module, inputs: Any) -> None:
         """A forward pre-hook on the model: a training forward outside the Trainer's ``training_step`` after
@@ -415,10 +440,8 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         """Remove every hook and wrapper; keep the monitor's state for ``state()``. Idempotent.
 
         First says which layers looked dead but could not be confirmed, in the Trainer's terms."""
-        trainer, self._trainer = self._trainer, None
-        wrapper = getattr(trainer, "__dict__", {}).get("training_step")
-        if wrapper is not None and hasattr(wrapper, "__relumon_original__"):
-            del trainer.training_step
+        self._trainer = None
+        self._unguard_training_step()
         if self._guard is not None:
             self._guard.remove()
             self._guard = None
@@ -616,6 +639,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             _trainer=None,
             _attached=None,
             _guard=None,
+            _step_wrapper=None,
             _control=None,
             _args=None,
             _tensorboard=None,

@@ -84,3 +84,40 @@ def test_restore_callback_states_says_which_options_it_could_not_restore(tmp_pat
         run.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert not [w for w in record if "JSON cannot hold" in str(w.message)]
     assert mine.on_dead == seen.append and [step for step, _ in mine.history] == [2, 4]
+
+
+def _hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_your_own_training_step_on_the_instance_is_kept(tmp_path: Path) -> None:
+    # A training_step set on the Trainer instance (a patch of your own) was deleted with relumon's wrapper at the end
+    # of train(): the next train() ran without it.
+    import types
+
+    run = trainer(tmp_path, [ReluMonitorCallback(measure_every=1)], max_steps=2)
+    calls: list[int] = []
+    original = run.training_step
+
+    def patched(self: object, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    run.training_step = types.MethodType(patched, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        run.train()
+        assert len(calls) == 2 and run.training_step.__func__ is patched  # put back after train()
+        run.train()
+    assert len(calls) == 4  # and used by the next train() too
+
+
+def test_two_callbacks_leave_the_trainer_as_they_found_it(tmp_path: Path) -> None:
+    # Two callbacks wrap training_step in turn; whichever detaches first, the Trainer ends with no wrapper.
+    callbacks = [ReluMonitorCallback(measure_every=1, prefix=p) for p in ("a", "b")]
+    model_run = trainer(tmp_path, callbacks, max_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        model_run.train()
+    assert "training_step" not in vars(model_run) and _hook_count(model_run.model) == 0
+    assert all(cb.last_report is not None and cb.last_report[PART1].dead_units == 4 for cb in callbacks)
