@@ -539,7 +539,11 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         )
         self._window_alerts.append(message)
         if callable(self.on_dead):
-            self.on_dead(layer)
+            try:
+                self.on_dead(layer)
+            except BaseException:
+                self._detach()  # as for on_dead="raise": your exception ends train(), no hook stays behind
+                raise
         elif self.on_dead == "raise":
             self._detach()
             raise RelumonError(message)

@@ -121,3 +121,17 @@ def test_two_callbacks_leave_the_trainer_as_they_found_it(tmp_path: Path) -> Non
         model_run.train()
     assert "training_step" not in vars(model_run) and _hook_count(model_run.model) == 0
     assert all(cb.last_report is not None and cb.last_report[PART1].dead_units == 4 for cb in callbacks)
+
+
+def test_a_callable_on_dead_that_raises_removes_the_hooks(tmp_path: Path) -> None:
+    # on_dead="raise" removed the hooks before raising; a callable that raises left them (and the wrapper) behind.
+    class Abort(Exception):
+        pass
+
+    def abort(layer: relumon.LayerReport) -> None:
+        raise Abort(layer.name)
+
+    run = trainer(tmp_path, [ReluMonitorCallback(measure_every=1, on_dead=abort)], max_steps=4)
+    with pytest.raises(Abort, match=DEAD0):
+        run.train()
+    assert _hook_count(run.model) == 0 and "training_step" not in vars(run)
