@@ -583,7 +583,12 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         return {"args": dict(self._json_args), "attributes": attributes}
 
     def _units_file(self) -> str:
-        return "relumon-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.prefix) + ".pt"
+        """``relumon-<prefix>.pt``; a prefix with characters a file name should not hold is spelled with ``_`` and
+        told apart by a short hash (``enc/relu`` and ``enc_relu`` get two files)."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.prefix)
+        if safe != self.prefix:
+            safe += "-" + hashlib.sha256(self.prefix.encode()).hexdigest()[:8]
+        return f"relumon-{safe}.pt"
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the per-unit death history and the timeline into the checkpoint folder the Trainer just wrote (from

@@ -135,3 +135,19 @@ def test_a_callable_on_dead_that_raises_removes_the_hooks(tmp_path: Path) -> Non
     with pytest.raises(Abort, match=DEAD0):
         run.train()
     assert _hook_count(run.model) == 0 and "training_step" not in vars(run)
+
+
+def test_two_prefixes_that_read_alike_keep_their_own_files(tmp_path: Path) -> None:
+    # "enc/relu" and "enc_relu" both made relumon-enc_relu.pt: the second save overwrote the first's per-unit history.
+    first = [ReluMonitorCallback(measure_every=1, prefix=p) for p in ("enc/relu", "enc_relu")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        trainer(tmp_path, first, max_steps=2, save_strategy="steps", save_steps=2).train()
+    files = sorted(p.name for p in (tmp_path / "checkpoint-2").glob("relumon-*.pt"))
+    assert len(files) == 2, files
+    second = [ReluMonitorCallback(measure_every=1, prefix=p) for p in ("enc/relu", "enc_relu")]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path, second, max_steps=4).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert not [w for w in record if "cannot be read" in str(w.message)]
+    assert all([step for step, _ in cb.history] == [2, 4] for cb in second)
