@@ -107,9 +107,10 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     alerts are decided alike on every rank; the integrations write from rank 0 only.
 
     **Pictures and alerts**: the gradient-flow chart and the dead-unit heatmap go to the ``TensorBoardCallback``'s
-    writer (tags ``relumon/grad_flow`` and ``relumon/dead_heatmap``) at the end of each epoch (after that epoch's
-    window closed) and of training; needs matplotlib. Alerts go to the same writer as text under
-    ``train/relumon/alerts``, at the step of their window, which ``relumon summary`` prints.
+    writer (tags ``relumon/grad_flow`` and ``relumon/dead_heatmap``) once per epoch, when the first window that
+    closes at or after the epoch's end closes (at its step), and at the end of training; needs matplotlib. Alerts go
+    to the same writer as text under ``train/relumon/alerts``, at the step of their window, which ``relumon summary``
+    prints.
 
     **Finding the Trainer**: the callback needs the Trainer (for its callback list and its ``training_step``). Pass it
     with ``attach(trainer)``, or let ``on_train_begin`` find the Trainer that holds this callback among its callers.
@@ -487,10 +488,12 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         # The last epoch's pictures come at on_train_end, after the end of training's log closed its last window.
         if control.should_training_stop or state.global_step >= state.max_steps:
             return
-        if control.should_log:
-            self._pictures_due = True  # this epoch's log comes next and closes its window: draw after it
+        if self._last_closed_step == state.global_step and not control.should_log:
+            self._write_pictures(state.global_step)  # a window closed at this very step: the pictures hold it
         else:
-            self._write_pictures(state.global_step)
+            # Drawn when the next window closes (this epoch's log, or the next logging step), at that window's step:
+            # a picture never holds data older than the step it is shown at.
+            self._pictures_due = True
 
     def _close_window(self, state: Any, control: Any) -> Report:
         assert self.monitor is not None

@@ -151,3 +151,31 @@ def test_two_prefixes_that_read_alike_keep_their_own_files(tmp_path: Path) -> No
         trainer(tmp_path, second, max_steps=4).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert not [w for w in record if "cannot be read" in str(w.message)]
     assert all([step for step, _ in cb.history] == [2, 4] for cb in second)
+
+
+def test_epoch_pictures_under_step_logging_hold_the_window_of_their_step(tmp_path: Path) -> None:
+    # 4 steps per epoch, a log every 3: the picture at the end of epoch 1 (step 4) held only the window closed at 3.
+    from transformers import TrainerCallback
+
+    callback = ReluMonitorCallback(measure_every=1)
+    drawn: list[tuple[int, int]] = []
+
+    class Spy(TrainerCallback):
+        """Records, per heatmap written, its step and the newest window the callback had closed then."""
+
+        def on_train_begin(self, args: object, state: object, control: object, **kwargs: object) -> None:
+            writer = callback._tensorboard.tb_writer
+            add_figure = writer.add_figure
+
+            def spy(tag: str, figure: object, global_step: int) -> None:
+                if tag.endswith("dead_heatmap"):
+                    drawn.append((global_step, callback.history[-1][0]))
+                add_figure(tag, figure, global_step=global_step)
+
+            writer.add_figure = spy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        trainer(tmp_path, [callback, Spy()], n=8, max_steps=-1, num_train_epochs=3, logging_steps=3).train()
+    assert [step for step, _ in callback.history] == [3, 6, 9, 12]
+    assert drawn == [(6, 6), (9, 9), (12, 12)]  # one per epoch, each at the step of the newest window it holds
