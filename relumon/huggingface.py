@@ -351,28 +351,38 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._place_tail(running)
 
     def _place_tail(self, running: int) -> None:
-        """Put a `_StripRelumonKeys` in front of the progress bar or printer (which print ``logs``), after the
-        reporting integrations, unless one is there already.
+        """Move the progress bar or printer (which print ``logs``) to the end of the list and put a
+        `_StripRelumonKeys` right in front of it: every other callback, the reporting integrations and loggers added
+        with ``add_callback`` after the Trainer was built included, gets relumon's keys; only the printer does not.
 
-        ``running`` is the index the handler's loop is at: inserting above it leaves every entry still to be called
-        exactly once, inserting at or below it would call one twice. Where the slot is not above it (the Trainer
-        rebuilt the callback at the end of its list on resume, or it was added with ``add_callback`` after the
-        Trainer was built), this waits for the next event, when this callback runs from its new place.
+        ``running`` is the index the handler's loop is at: moving or inserting entries above it leaves every entry
+        still to be called exactly once, touching one at or below it would call one twice. Where the printer is not
+        above it (the Trainer rebuilt the callback at the end of its list on resume, or it was added with
+        ``add_callback`` after the Trainer was built), this waits for the next event, when this callback runs from
+        its new place.
         """
         handler, self._handler = self._handler, None
         callbacks: list[Any] = handler.callbacks
-        if any(isinstance(cb, _StripRelumonKeys) and cb.owner is self for cb in callbacks):
-            self._tail = next(cb for cb in callbacks if isinstance(cb, _StripRelumonKeys) and cb.owner is self)
-            return
         printer = next(
             (i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("ProgressCallback", "PrinterCallback")),
-            len(callbacks),
+            None,
         )
-        if printer <= running:
+        if printer is not None and printer <= running:
             self._handler = handler  # retried at the next event
             return
-        self._tail = _StripRelumonKeys(self)
-        callbacks.insert(printer, self._tail)
+        tail = next((cb for cb in callbacks if isinstance(cb, _StripRelumonKeys) and cb.owner is self), None)
+        if tail is not None and callbacks.index(tail) <= running:
+            self._tail = tail  # already called in this event: leave it where it is
+            return
+        if tail is not None:
+            callbacks.remove(tail)  # from an earlier train(): placed again, in front of the printer
+        if printer is not None:
+            printer = next(
+                i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("ProgressCallback", "PrinterCallback")
+            )
+            callbacks.append(callbacks.pop(printer))
+        self._tail = tail if tail is not None else _StripRelumonKeys(self)
+        callbacks.insert(len(callbacks) - 1 if printer is not None else len(callbacks), self._tail)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._handler is not None and self in self._handler.callbacks:

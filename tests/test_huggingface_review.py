@@ -179,3 +179,30 @@ def test_epoch_pictures_under_step_logging_hold_the_window_of_their_step(tmp_pat
         trainer(tmp_path, [callback, Spy()], n=8, max_steps=-1, num_train_epochs=3, logging_steps=3).train()
     assert [step for step, _ in callback.history] == [3, 6, 9, 12]
     assert drawn == [(6, 6), (9, 9), (12, 12)]  # one per epoch, each at the step of the newest window it holds
+
+
+def test_a_logger_added_after_the_trainer_was_built_gets_the_scalars(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # trainer.add_callback(logger) puts it after the printer; relumon's keys were stripped before it (as they are for
+    # the printer), so such a logger (W&B added by hand, say) got only the summary.
+    from transformers import TrainerCallback
+
+    class Logger(TrainerCallback):
+        def __init__(self) -> None:
+            self.keys: set[str] = set()
+
+        def on_log(self, args: object, state: object, control: object, logs: object = None, **kwargs: object) -> None:
+            self.keys |= {key for key in logs if "relumon" in key}  # type: ignore[union-attr]
+
+    logger = Logger()
+    run = trainer(tmp_path, [ReluMonitorCallback(measure_every=1)], max_steps=2, logging_steps=2, report_to=[])
+    run.add_callback(logger)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.train()
+    assert f"relumon/dead_fraction/{PART1}" in logger.keys and "relumon/summary/dead_fraction" in logger.keys
+    printed = capsys.readouterr().out
+    assert "relumon/summary/dead_fraction" in printed and "relumon/dead_fraction/" not in printed  # printer: summary
+    names = [type(cb).__name__ for cb in run.callback_handler.callbacks]
+    assert names[-3:] == ["Logger", "_StripRelumonKeys", "PrinterCallback"]
