@@ -226,8 +226,8 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     def attach(self, trainer: Any) -> ReluMonitorCallback:
         """Tie this callback to ``trainer`` (a ``transformers.Trainer``), adding it to its callbacks if missing.
 
-        Optional: without it, ``on_train_begin`` looks for the Trainer that holds this callback among its callers.
-        Use it where that cannot work (a loop that raises the Trainer's events from elsewhere).
+        Optional: ``on_train_begin`` looks for the Trainer that holds this callback among its callers first, and
+        takes this one only where none is found (a loop that raises the Trainer's events from elsewhere).
 
         Returns:
             The callback itself.
@@ -315,13 +315,13 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._detach()
 
     def _find_trainer(self) -> Any:
-        """The Trainer given to `attach`, or the one among the callers of this event whose callback list holds this
-        callback (the nearest; the whole stack is searched). None when there is none."""
+        """The Trainer among the callers of this event whose callback list holds this callback (the nearest; the
+        whole stack is searched), else the one given to `attach` if it holds it. None when there is none.
+
+        The callers come first: a callback attached to one Trainer and then passed to another is driven by that one.
+        """
         from transformers import Trainer
 
-        attached = self._attached
-        if attached is not None and self in attached.callback_handler.callbacks:
-            return attached
         frame = sys._getframe(1)
         while frame is not None:
             owner = frame.f_locals.get("self")
@@ -329,6 +329,9 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             if isinstance(handler, CallbackHandler) and self in handler.callbacks:
                 return owner
             frame = frame.f_back  # type: ignore[assignment]
+        attached = self._attached
+        if attached is not None and self in attached.callback_handler.callbacks:
+            return attached
         return None
 
     def _take_place(self, handler: Any) -> None:

@@ -206,3 +206,26 @@ def test_a_logger_added_after_the_trainer_was_built_gets_the_scalars(
     assert "relumon/summary/dead_fraction" in printed and "relumon/dead_fraction/" not in printed  # printer: summary
     names = [type(cb).__name__ for cb in run.callback_handler.callbacks]
     assert names[-3:] == ["Logger", "_StripRelumonKeys", "PrinterCallback"]
+
+
+def test_a_callback_attached_to_one_trainer_watches_the_next_trainer_it_is_given_to(tmp_path: Path) -> None:
+    # attach(first), then Trainer(callbacks=[callback]) for a second stage: the callback took `first` as its Trainer,
+    # so the second Trainer's training forwards looked like forwards after train() ended: it removed its hooks at the
+    # first step, and the second run had no relumon scalar at all.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.hf_helpers import event_dir, tiny_opt
+
+    model = tiny_opt()
+    callback = ReluMonitorCallback(measure_every=1)
+    first = trainer(tmp_path / "1", [], model=model, max_steps=2)
+    callback.attach(first)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        first.train()
+        trainer(tmp_path / "2", [callback], model=model, max_steps=4, logging_steps=2).train()
+    assert not [w for w in record if "removed its hooks" in str(w.message)]
+    assert [step for step, _ in callback.history] == [2, 4]
+    acc = EventAccumulator(str(event_dir(tmp_path / "2")), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars(f"train/relumon/dead_units/{PART1}")] == [(2, 4.0), (4, 4.0)]
