@@ -637,7 +637,8 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             if not os.path.isfile(path):
                 continue
             payload = torch.load(path, weights_only=True)
-            if not isinstance(payload, dict) or payload.get("digest") != small.get("units_digest"):
+            digest = small.get("units_digest")
+            if not isinstance(payload, dict) or digest is None or payload.get("digest") != digest:
                 foreign.append(path)
                 continue
             history = small.setdefault("history", {})
