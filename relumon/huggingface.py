@@ -616,7 +616,9 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save(payload, os.path.join(folder, self._units_file()))
+            path = os.path.join(folder, self._units_file())
+            torch.save(payload, path + ".tmp")
+            os.replace(path + ".tmp", path)  # whole or absent, even if the job is killed while saving
 
     def _resumed_state(self, args: Any, state: Any, trainer: Any) -> Optional[dict[str, Any]]:
         """The monitor state saved in the checkpoint being resumed: this callback's newest entry in
@@ -636,7 +638,11 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         for path in paths:
             if not os.path.isfile(path):
                 continue
-            payload = torch.load(path, weights_only=True)
+            try:
+                payload = torch.load(path, weights_only=True)
+            except Exception:  # a file cut short (a job killed while saving) must not stop the resume
+                foreign.append(path)
+                continue
             digest = small.get("units_digest")
             if not isinstance(payload, dict) or digest is None or payload.get("digest") != digest:
                 foreign.append(path)
@@ -648,7 +654,11 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             return small
         if self._rank_zero:
             where = " or ".join(paths)
-            why = f"{' and '.join(foreign)} belongs to another checkpoint" if foreign else f"{where} is not there"
+            why = (
+                f"{' and '.join(foreign)} is unreadable or belongs to another checkpoint"
+                if foreign
+                else f"{where} is not there"
+            )
             warn(
                 f"ReluMonitorCallback: resuming at step {state.global_step}, but its per-unit death history and "
                 f"timeline ({small['units_file']}) cannot be read: {why}. Alerts and windows go on; each unit's "

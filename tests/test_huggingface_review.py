@@ -229,3 +229,24 @@ def test_a_callback_attached_to_one_trainer_watches_the_next_trainer_it_is_given
     acc = EventAccumulator(str(event_dir(tmp_path / "2")), size_guidance={"scalars": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars(f"train/relumon/dead_units/{PART1}")] == [(2, 4.0), (4, 4.0)]
+
+
+def test_a_truncated_relumon_file_does_not_stop_the_resume(tmp_path: Path) -> None:
+    # A job killed while relumon wrote its file left it cut short: torch.load raised out of on_train_begin, so the
+    # resume itself failed. The file is now written whole or not at all, and an unreadable one is said and skipped.
+    with pytest.warns(relumon.DeadUnitsWarning):
+        trainer(
+            tmp_path, [ReluMonitorCallback(measure_every=1)], max_steps=2, save_strategy="steps", save_steps=2
+        ).train()
+    path = tmp_path / "checkpoint-2" / "relumon-relumon.pt"
+    assert not list((tmp_path / "checkpoint-2").glob("*.tmp"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    callback = ReluMonitorCallback(measure_every=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        output = trainer(tmp_path, [callback], max_steps=4).train(resume_from_checkpoint=True)
+    assert output.global_step == 4
+    said = [str(w.message) for w in record if "cannot be read" in str(w.message)]
+    assert len(said) == 1 and "unreadable" in said[0]
+    assert [step for step, _ in callback.history] == [4]
+    assert not [w for w in record if issubclass(w.category, relumon.DeadUnitsWarning)]  # the alert was before
