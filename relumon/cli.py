@@ -288,7 +288,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"relumon summary: no such directory: {args.logdir}", file=sys.stderr)
         return EXIT_USAGE
     except LookupError as err:
-        print(f"relumon summary: {err}", file=sys.stderr)
+        hint = ""
+        if args.prefix is not None and os.path.isdir(args.logdir):
+            try:
+                found = detect_prefixes(args.logdir)
+            except LookupError as several:
+                found = [str(several)]
+            hint = f" (relumon scalars found under {', '.join(found)}: pass --prefix {found[0]})" if found else ""
+        print(f"relumon summary: {err}{hint}", file=sys.stderr)
         return EXIT_NO_DATA
     except _CliError as err:
         print(err, file=sys.stderr)

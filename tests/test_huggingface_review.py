@@ -250,3 +250,12 @@ def test_a_truncated_relumon_file_does_not_stop_the_resume(tmp_path: Path) -> No
     assert len(said) == 1 and "unreadable" in said[0]
     assert [step for step, _ in callback.history] == [4]
     assert not [w for w in record if issubclass(w.category, relumon.DeadUnitsWarning)]  # the alert was before
+
+
+def test_a_wrong_prefix_is_told_the_prefix_found(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.warns(relumon.DeadUnitsWarning):
+        trainer(tmp_path, [ReluMonitorCallback(measure_every=1)], max_steps=2, logging_steps=2).train()
+    capsys.readouterr()
+    assert main(["summary", str(tmp_path), "--prefix", "relumon"]) == 1
+    error = capsys.readouterr().err
+    assert "no relumon scalars (relumon/dead_fraction/...)" in error and "pass --prefix train/relumon" in error
