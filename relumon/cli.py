@@ -31,7 +31,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "summarize", "read_alerts", "detect_prefix"]
+__all__ = ["main", "summarize", "read_alerts", "detect_prefix", "detect_prefixes"]
 
 EXIT_USAGE, EXIT_NO_DATA = 2, 1
 
@@ -142,31 +142,62 @@ def summarize(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, 
     return summary
 
 
-def detect_prefix(logdir: str) -> str:
-    """The tag prefix relumon's scalars carry under ``logdir``: ``relumon``, or where only one other prefix ending in
-    ``relumon`` is found (``train/relumon``, as the Hugging Face Trainer's TensorBoard integration writes), that one.
+#: Pairs of metrics relumon always writes together for a layer: a tag head carrying one of these pairs is relumon's.
+_SIGNATURES = (("dead_fraction", "dead_units"), ("grad_norm", "blocked"))
+
+
+def _heads(tags: Sequence[str]) -> set[str]:
+    """The prefixes under which ``tags`` hold relumon's per-layer scalars: ``relumon`` and ``.../relumon`` (such as
+    ``train/relumon``), and a custom ``prefix=`` (``train/<prefix>``...) with both metrics of a `_SIGNATURES` pair
+    for one layer."""
+    tag_set = set(tags)
+    heads = set()
+    for tag in tag_set:
+        for metric, partner in _SIGNATURES:
+            marker = f"/{metric}/"
+            if marker in tag:
+                head, layer = tag.split(marker, 1)
+                if head == "relumon" or head.endswith("/relumon") or f"{head}/{partner}/{layer}" in tag_set:
+                    heads.add(head)
+    return heads
+
+
+def detect_prefixes(logdir: str) -> list[str]:
+    """The tag prefixes of relumon's scalars under ``logdir``, one per run, sorted: ``relumon`` for plain loops and
+    Lightning, ``train/relumon`` for a Hugging Face Trainer run, or a custom ``prefix=`` (``train/<prefix>``).
+    Runs may differ (a plain run and a Trainer run under one directory each get their own).
 
     Raises:
-        LookupError: several such prefixes and none is ``relumon`` (``--prefix`` must choose).
+        LookupError: a run holds relumon scalars under several prefixes (``--prefix`` must choose).
     """
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
-        return "relumon"  # summarize() says what to install
+        return ["relumon"]  # summarize() says what to install
     found: set[str] = set()
     for run in _runs(logdir):
         acc = EventAccumulator(run, size_guidance={"scalars": 1})
         acc.Reload()
-        for tag in acc.Tags().get("scalars", []):
-            for metric in ("/dead_fraction/", "/grad_norm/"):
-                head = tag.split(metric)[0] if metric in tag else ""
-                if head == "relumon" or head.endswith("/relumon"):
-                    found.add(head)
-    if "relumon" in found or not found:
-        return "relumon"
+        heads = _heads(acc.Tags().get("scalars", []))
+        if len(heads) > 1:
+            raise LookupError(
+                f"relumon scalars under several prefixes {sorted(heads)} in {run}: pass --prefix to choose one"
+            )
+        found |= heads
+    return sorted(found)
+
+
+def detect_prefix(logdir: str) -> str:
+    """The one tag prefix relumon's scalars carry under ``logdir`` (see `detect_prefixes`); ``relumon`` when none is
+    found.
+
+    Raises:
+        LookupError: several prefixes (in one run, or across runs): ``--prefix`` must choose.
+    """
+    found = detect_prefixes(logdir)
     if len(found) > 1:
-        raise LookupError(f"relumon scalars under several prefixes {sorted(found)} in {logdir}: pass --prefix")
-    return found.pop()
+        raise LookupError(f"relumon scalars under several prefixes {found} in {logdir}: pass --prefix")
+    return found[0] if found else "relumon"
 
 
 def read_alerts(logdir: str, prefix: str = "relumon") -> dict[str, list[dict[str, Any]]]:
@@ -250,16 +281,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return check_command.run(args)
 
     try:
-        prefix = args.prefix
-        if prefix is None and os.path.isdir(args.logdir):
-            prefix = detect_prefix(args.logdir)
-        summary = summarize(args.logdir, prefix or "relumon")
-        alerts = read_alerts(args.logdir, prefix or "relumon")
+        prefixes = [args.prefix] if args.prefix is not None else None
+        if prefixes is None and os.path.isdir(args.logdir):
+            prefixes = detect_prefixes(args.logdir)
+        summary, alerts = {}, {}
+        for prefix in prefixes or ["relumon"]:  # runs under different prefixes (a plain run, a Trainer run) each
+            summary.update(summarize(args.logdir, prefix))
+            alerts.update(read_alerts(args.logdir, prefix))
+        summary = dict(sorted(summary.items()))
     except FileNotFoundError:
         print(f"relumon summary: no such directory: {args.logdir}", file=sys.stderr)
         return EXIT_USAGE
     except LookupError as err:
-        print(f"relumon summary: {err}", file=sys.stderr)
+        hint = ""
+        if args.prefix is not None and os.path.isdir(args.logdir):
+            try:
+                found = detect_prefixes(args.logdir)
+            except LookupError as several:
+                found = [str(several)]
+            hint = f" (relumon scalars found under {', '.join(found)}: pass --prefix {found[0]})" if found else ""
+        print(f"relumon summary: {err}{hint}", file=sys.stderr)
         return EXIT_NO_DATA
     except _CliError as err:
         print(err, file=sys.stderr)

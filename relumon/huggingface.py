@@ -12,6 +12,8 @@ transformers 5.x, ``trainer.py`` and ``trainer_callback.py``):
   ``on_train_end``. ``Trainer.log`` called from a subclass's ``compute_loss`` (inside ``training_step``) is not one.
 - ``on_epoch_end`` runs before that epoch's log; ``on_save`` runs after the checkpoint folder
   ``<output_dir>/checkpoint-<global_step>`` and its ``trainer_state.json`` are written.
+- ``train(resume_from_checkpoint=...)`` hands the folder (resolved to a path when ``True``) to
+  ``_inner_training_loop`` as ``resume_from_checkpoint``, whose frame is on the stack at ``on_train_begin``.
 - The reporting integrations of ``report_to`` (``TensorBoardCallback``, ``WandbCallback``, ``MLflowCallback``...)
   come before the user's callbacks, and each writes the ``logs`` dict it receives in ``on_log``. A key added to that
   dict by a callback that runs *before* them reaches every one of them; one added after them reaches none.
@@ -35,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -104,9 +107,10 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     alerts are decided alike on every rank; the integrations write from rank 0 only.
 
     **Pictures and alerts**: the gradient-flow chart and the dead-unit heatmap go to the ``TensorBoardCallback``'s
-    writer (tags ``relumon/grad_flow`` and ``relumon/dead_heatmap``) at the end of each epoch (after that epoch's
-    window closed) and of training; needs matplotlib. Alerts go to the same writer as text under
-    ``train/relumon/alerts``, at the step of their window, which ``relumon summary`` prints.
+    writer (tags ``relumon/grad_flow`` and ``relumon/dead_heatmap``) once per epoch, when the first window that
+    closes at or after the epoch's end closes (at its step), and at the end of training; needs matplotlib. Alerts go
+    to the same writer as text under ``train/relumon/alerts``, at the step of their window, which ``relumon summary``
+    prints.
 
     **Finding the Trainer**: the callback needs the Trainer (for its callback list and its ``training_step``). Pass it
     with ``attach(trainer)``, or let ``on_train_begin`` find the Trainer that holds this callback among its callers.
@@ -119,10 +123,10 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     them, and counts as a step of the window. A later ``train()`` with the same callback starts afresh.
 
     **Resume**: the callback is an ``ExportableState``. Per checkpoint, ``trainer_state.json`` gets its arguments and
-    its small state (alerts given, windows, the timeline, per layer the counts), which grow with the number of
-    layers, not units; the per-unit death history goes to ``relumon-<prefix>.pt`` in the checkpoint folder (at
-    ``on_save``). ``train(resume_from_checkpoint=...)`` continues both, whether or not
-    ``restore_callback_states_from_checkpoint`` is set.
+    its small state (alerts given, windows, per layer the counts), which grows with the number of layers, not units
+    or windows; the per-unit death history and the heatmap's timeline go to ``relumon-<prefix>.pt`` in the checkpoint
+    folder (at ``on_save``). ``train(resume_from_checkpoint=...)`` continues both, from the folder it is given
+    (moved or not), whether or not ``restore_callback_states_from_checkpoint`` is set.
 
     Args:
         on_dead: what to do the first time a window measured on every call finds every unit of a layer dead (once
@@ -178,9 +182,10 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self.prefix = prefix
         # What the Trainer needs to rebuild this callback from trainer_state.json (restore_callback_states_from_
         # checkpoint): the arguments in force, those given through `options=` included, where JSON can hold them.
-        self._json_args = _json_safe(
-            {"on_dead": on_dead, "figures": figures, "prefix": prefix, **_changed(self.options)}
-        )
+        given = {"on_dead": on_dead, "figures": figures, "prefix": prefix, **_changed(self.options)}
+        self._json_args = _json_safe(given)
+        # Named in state() so that a callback the Trainer rebuilds from it can say what it runs without.
+        self._unsaved = sorted(set(given) - set(self._json_args))
         self.monitor: Optional[Monitor] = None
         self.last_report: Optional[Report] = None
         self._saved: Optional[dict[str, Any]] = None  # the monitor's state once training ends, for state()
@@ -203,6 +208,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._ending = False
         self._window_alerts: list[str] = []
         self._guard: Any = None
+        self._step_wrapper: Any = None  # (trainer, its training_step wrapper) while guarded
         self._tail: Optional[_StripRelumonKeys] = None
         self._handler: Any = None  # the CallbackHandler, while the tail waits for a place
 
@@ -220,8 +226,8 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
     def attach(self, trainer: Any) -> ReluMonitorCallback:
         """Tie this callback to ``trainer`` (a ``transformers.Trainer``), adding it to its callbacks if missing.
 
-        Optional: without it, ``on_train_begin`` looks for the Trainer that holds this callback among its callers.
-        Use it where that cannot work (a loop that raises the Trainer's events from elsewhere).
+        Optional: ``on_train_begin`` looks for the Trainer that holds this callback among its callers first, and
+        takes this one only where none is found (a loop that raises the Trainer's events from elsewhere).
 
         Returns:
             The callback itself.
@@ -256,6 +262,16 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
                 "hooks if train() raises. Pass it through `Trainer(callbacks=...)`, or call "
                 "`callback.attach(trainer)`."
             )
+        unsaved = self.__dict__.pop("relumon_unsaved", None)  # set by the Trainer on a callback it rebuilt
+        if unsaved and self._rank_zero:
+            names = ", ".join(f"`{name}`" for name in unsaved)
+            warn(
+                "restore_callback_states_from_checkpoint=True: transformers replaced your ReluMonitorCallback with "
+                f"one rebuilt from trainer_state.json, without {names} (JSON cannot hold them): it runs with their "
+                "defaults, and its history is on the callback in `trainer.callback_handler.callbacks`, not on "
+                "yours. Leave that flag off (the default) to keep your callback and its options; relumon's state is "
+                "resumed either way."
+            )
         no_writer = trainer is not None and self._tensorboard is None
         if self.figures and no_writer and self._rank_zero and not self._said_no_writer:
             self._said_no_writer = True
@@ -273,7 +289,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             return
         # A resumed run (global_step > 0 at train begin) continues the state saved in the checkpoint; a new run, even
         # with a reused callback, starts fresh.
-        resumed = self._resumed_state(args, state) if state.global_step > 0 else None
+        resumed = self._resumed_state(args, state, trainer) if state.global_step > 0 else None
         if resumed is None:
             self._saved = None
             self.last_report = None
@@ -299,13 +315,13 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._detach()
 
     def _find_trainer(self) -> Any:
-        """The Trainer given to `attach`, or the one among the callers of this event whose callback list holds this
-        callback (the nearest; the whole stack is searched). None when there is none."""
+        """The Trainer among the callers of this event whose callback list holds this callback (the nearest; the
+        whole stack is searched), else the one given to `attach` if it holds it. None when there is none.
+
+        The callers come first: a callback attached to one Trainer and then passed to another is driven by that one.
+        """
         from transformers import Trainer
 
-        attached = self._attached
-        if attached is not None and self in attached.callback_handler.callbacks:
-            return attached
         frame = sys._getframe(1)
         while frame is not None:
             owner = frame.f_locals.get("self")
@@ -313,6 +329,9 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             if isinstance(handler, CallbackHandler) and self in handler.callbacks:
                 return owner
             frame = frame.f_back  # type: ignore[assignment]
+        attached = self._attached
+        if attached is not None and self in attached.callback_handler.callbacks:
+            return attached
         return None
 
     def _take_place(self, handler: Any) -> None:
@@ -335,28 +354,38 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         self._place_tail(running)
 
     def _place_tail(self, running: int) -> None:
-        """Put a `_StripRelumonKeys` in front of the progress bar or printer (which print ``logs``), after the
-        reporting integrations, unless one is there already.
+        """Move the progress bar or printer (which print ``logs``) to the end of the list and put a
+        `_StripRelumonKeys` right in front of it: every other callback, the reporting integrations and loggers added
+        with ``add_callback`` after the Trainer was built included, gets relumon's keys; only the printer does not.
 
-        ``running`` is the index the handler's loop is at: inserting above it leaves every entry still to be called
-        exactly once, inserting at or below it would call one twice. Where the slot is not above it (the Trainer
-        rebuilt the callback at the end of its list on resume, or it was added with ``add_callback`` after the
-        Trainer was built), this waits for the next event, when this callback runs from its new place.
+        ``running`` is the index the handler's loop is at: moving or inserting entries above it leaves every entry
+        still to be called exactly once, touching one at or below it would call one twice. Where the printer is not
+        above it (the Trainer rebuilt the callback at the end of its list on resume, or it was added with
+        ``add_callback`` after the Trainer was built), this waits for the next event, when this callback runs from
+        its new place.
         """
         handler, self._handler = self._handler, None
         callbacks: list[Any] = handler.callbacks
-        if any(isinstance(cb, _StripRelumonKeys) and cb.owner is self for cb in callbacks):
-            self._tail = next(cb for cb in callbacks if isinstance(cb, _StripRelumonKeys) and cb.owner is self)
-            return
         printer = next(
             (i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("ProgressCallback", "PrinterCallback")),
-            len(callbacks),
+            None,
         )
-        if printer <= running:
+        if printer is not None and printer <= running:
             self._handler = handler  # retried at the next event
             return
-        self._tail = _StripRelumonKeys(self)
-        callbacks.insert(printer, self._tail)
+        tail = next((cb for cb in callbacks if isinstance(cb, _StripRelumonKeys) and cb.owner is self), None)
+        if tail is not None and callbacks.index(tail) <= running:
+            self._tail = tail  # already called in this event: leave it where it is
+            return
+        if tail is not None:
+            callbacks.remove(tail)  # from an earlier train(): placed again, in front of the printer
+        if printer is not None:
+            printer = next(
+                i for i, cb in enumerate(callbacks) if type(cb).__name__ in ("ProgressCallback", "PrinterCallback")
+            )
+            callbacks.append(callbacks.pop(printer))
+        self._tail = tail if tail is not None else _StripRelumonKeys(self)
+        callbacks.insert(len(callbacks) - 1 if printer is not None else len(callbacks), self._tail)
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._handler is not None and self in self._handler.callbacks:
@@ -364,11 +393,14 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def _guard_training_step(self, trainer: Any) -> None:
         """Wrap the Trainer's ``training_step`` (an instance attribute, undone at detach) so that an exception out of
-        it removes the hooks, and so that forwards and logs the Trainer drives can be told from others."""
+        it removes the hooks, and so that forwards and logs the Trainer drives can be told from others. A
+        ``training_step`` of your own set on the instance is called inside it and put back at detach."""
         original = trainer.training_step
         callback = self
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
+            if not training_step.__relumon_active__:  # type: ignore[attr-defined]
+                return original(*args, **kwargs)  # detached while another wrapper held on to this one
             callback._in_training_step = True
             try:
                 return original(*args, **kwargs)
@@ -379,7 +411,28 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
                 callback._in_training_step = False
 
         training_step.__relumon_original__ = original  # type: ignore[attr-defined]
+        training_step.__relumon_had_own__ = "training_step" in vars(trainer)  # type: ignore[attr-defined]
+        training_step.__relumon_active__ = True  # type: ignore[attr-defined]
         trainer.training_step = training_step
+        self._step_wrapper = (trainer, training_step)
+
+    def _unguard_training_step(self) -> None:
+        """Undo `_guard_training_step`: put back what the instance had (the class's method, or your own), skipping
+        wrappers of relumon's already detached; a wrapper another one holds on to only stops acting."""
+        guard, self._step_wrapper = self._step_wrapper, None
+        if guard is None:
+            return
+        trainer, wrapper = guard
+        wrapper.__relumon_active__ = False
+        if vars(trainer).get("training_step") is not wrapper:
+            return
+        inner, had_own = wrapper.__relumon_original__, wrapper.__relumon_had_own__
+        while getattr(inner, "__relumon_active__", None) is False:
+            inner, had_own = inner.__relumon_original__, inner.__relumon_had_own__
+        if had_own:
+            trainer.training_step = inner
+        else:
+            del trainer.training_step
 
     def _check_driven(self, module: nn.Module, inputs: Any) -> None:
         """A forward pre-hook on the model: a training forward outside the Trainer's ``training_step`` after
@@ -401,10 +454,8 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         """Remove every hook and wrapper; keep the monitor's state for ``state()``. Idempotent.
 
         First says which layers looked dead but could not be confirmed, in the Trainer's terms."""
-        trainer, self._trainer = self._trainer, None
-        wrapper = getattr(trainer, "__dict__", {}).get("training_step")
-        if wrapper is not None and hasattr(wrapper, "__relumon_original__"):
-            del trainer.training_step
+        self._trainer = None
+        self._unguard_training_step()
         if self._guard is not None:
             self._guard.remove()
             self._guard = None
@@ -450,10 +501,12 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         # The last epoch's pictures come at on_train_end, after the end of training's log closed its last window.
         if control.should_training_stop or state.global_step >= state.max_steps:
             return
-        if control.should_log:
-            self._pictures_due = True  # this epoch's log comes next and closes its window: draw after it
+        if self._last_closed_step == state.global_step and not control.should_log:
+            self._write_pictures(state.global_step)  # a window closed at this very step: the pictures hold it
         else:
-            self._write_pictures(state.global_step)
+            # Drawn when the next window closes (this epoch's log, or the next logging step), at that window's step:
+            # a picture never holds data older than the step it is shown at.
+            self._pictures_due = True
 
     def _close_window(self, state: Any, control: Any) -> Report:
         assert self.monitor is not None
@@ -502,7 +555,11 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
         )
         self._window_alerts.append(message)
         if callable(self.on_dead):
-            self.on_dead(layer)
+            try:
+                self.on_dead(layer)
+            except BaseException:
+                self._detach()  # as for on_dead="raise": your exception ends train(), no hook stays behind
+                raise
         elif self.on_dead == "raise":
             self._detach()
             raise RelumonError(message)
@@ -526,51 +583,87 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         """The callback's checkpoint state for ``trainer_state.json`` (``ExportableState``): plain JSON data whose
-        size grows with the number of layers, not units.
+        size grows with the number of layers, not units or windows.
 
         ``args`` rebuild the callback where ``restore_callback_states_from_checkpoint`` asks the Trainer to (options
         JSON cannot hold, such as ``types`` or a callable ``on_dead``, are left out: keep them as given by leaving
-        that flag off, the default); ``attributes`` carry the monitor's state without the per-unit death history,
-        which `on_save` writes to ``relumon-<prefix>.pt`` next to it.
+        that flag off, the default); ``attributes`` carry the monitor's state without the per-unit death history and
+        the heatmap's timeline, which `on_save` writes to ``relumon-<prefix>.pt`` next to it (named, with a digest of
+        its content, in the state).
         """
         small, _ = _split_state(self._monitor_state(), self._units_file())
-        return {"args": dict(self._json_args), "attributes": {"relumon_state": small}}
+        attributes: dict[str, Any] = {"relumon_state": small}
+        if self._unsaved:
+            # The Trainer sets each attribute on the callback it rebuilds: `relumon_unsaved` tells it what was lost.
+            attributes["relumon_unsaved"] = list(self._unsaved)
+        return {"args": dict(self._json_args), "attributes": attributes}
 
     def _units_file(self) -> str:
-        return "relumon-" + re.sub(r"[^A-Za-z0-9_.-]", "_", self.prefix) + ".pt"
+        """``relumon-<prefix>.pt``; a prefix with characters a file name should not hold is spelled with ``_`` and
+        told apart by a short hash (``enc/relu`` and ``enc_relu`` get two files)."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.prefix)
+        if safe != self.prefix:
+            safe += "-" + hashlib.sha256(self.prefix.encode()).hexdigest()[:8]
+        return f"relumon-{safe}.pt"
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Write the per-unit death history into the checkpoint folder the Trainer just wrote (from rank 0)."""
-        _, per_unit = _split_state(self._monitor_state(), self._units_file())
-        if not per_unit or not state.is_world_process_zero:
+        """Write the per-unit death history and the timeline into the checkpoint folder the Trainer just wrote (from
+        rank 0)."""
+        _, payload = _split_state(self._monitor_state(), self._units_file())
+        if not payload or not state.is_world_process_zero:
             return
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            torch.save(per_unit, os.path.join(folder, self._units_file()))
+            path = os.path.join(folder, self._units_file())
+            torch.save(payload, path + ".tmp")
+            os.replace(path + ".tmp", path)  # whole or absent, even if the job is killed while saving
 
-    def _resumed_state(self, args: Any, state: Any) -> Optional[dict[str, Any]]:
+    def _resumed_state(self, args: Any, state: Any, trainer: Any) -> Optional[dict[str, Any]]:
         """The monitor state saved in the checkpoint being resumed: this callback's newest entry in
-        ``stateful_callbacks`` and its per-unit file, looked for in ``<output_dir>/checkpoint-<global_step>``."""
+        ``stateful_callbacks`` and its file, read from the folder given to ``train(resume_from_checkpoint=...)``
+        (else ``<output_dir>/checkpoint-<global_step>``), and only if its digest is the one the entry names."""
         small = _saved_state(state, type(self).__name__, self.prefix)
         if small is None or "units_file" not in small:
             return small
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", small["units_file"])
-        if not os.path.isfile(path):
-            if self._rank_zero:
-                warn(
-                    f"ReluMonitorCallback: resuming at step {state.global_step}, but the per-unit death history "
-                    f"{path} is not there (a checkpoint resumed from outside `output_dir`?). Alerts, windows and the "
-                    "timeline go on; each unit's death history starts again."
-                )
+        folders = [
+            _resume_folder(trainer),
+            os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+        ]
+        paths = list(dict.fromkeys(os.path.join(f, small["units_file"]) for f in folders if f is not None))
+        foreign = []
+        for path in paths:
+            if not os.path.isfile(path):
+                continue
+            try:
+                payload = torch.load(path, weights_only=True)
+            except Exception:  # a file cut short (a job killed while saving) must not stop the resume
+                foreign.append(path)
+                continue
+            digest = small.get("units_digest")
+            if not isinstance(payload, dict) or digest is None or payload.get("digest") != digest:
+                foreign.append(path)
+                continue
+            history = small.setdefault("history", {})
+            for site, lists in payload.get("history", {}).items():
+                history.setdefault(site, {}).update({key: value.tolist() for key, value in lists.items()})
+            small["timeline"] = payload.get("timeline", [])
             return small
-        per_unit = torch.load(path, weights_only=True)
-        history = small.setdefault("history", {})
-        for site, lists in per_unit.items():
-            history.setdefault(site, {}).update({key: value.tolist() for key, value in lists.items()})
+        if self._rank_zero:
+            where = " or ".join(paths)
+            why = (
+                f"{' and '.join(foreign)} is unreadable or belongs to another checkpoint"
+                if foreign
+                else f"{where} is not there"
+            )
+            warn(
+                f"ReluMonitorCallback: resuming at step {state.global_step}, but its per-unit death history and "
+                f"timeline ({small['units_file']}) cannot be read: {why}. Alerts and windows go on; each unit's "
+                "death history and the heatmap's timeline start again."
+            )
         return small
 
     def __getstate__(self) -> dict[str, Any]:
@@ -582,6 +675,7 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             _trainer=None,
             _attached=None,
             _guard=None,
+            _step_wrapper=None,
             _control=None,
             _args=None,
             _tensorboard=None,
@@ -653,14 +747,13 @@ def _no_watched_types_message(model: nn.Module, types: tuple[type[nn.Module], ..
     return message + ". ReluMonitorCallback stays idle; training goes on."
 
 
-def _split_state(
-    state: Optional[dict[str, Any]], units_file: str
-) -> tuple[Optional[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
-    """A monitor ``state_dict()`` as its small part, for JSON (per site: counts and the last dead fraction), and its
-    per-unit lists as int64 tensors per site, for a file of relumon's own."""
+def _split_state(state: Optional[dict[str, Any]], units_file: str) -> tuple[Optional[dict[str, Any]], dict[str, Any]]:
+    """A monitor ``state_dict()`` as its small part, for JSON (per site: counts and the last dead fraction), and the
+    rest for a file of relumon's own: per site its per-unit lists as int64 tensors, the heatmap's timeline, and a
+    digest of both that the small part names too (so a resume reads only the file written with it)."""
     if state is None:
         return None, {}
-    small = {key: value for key, value in state.items() if key != "history"}
+    small = {key: value for key, value in state.items() if key not in ("history", "timeline")}
     history: dict[str, Any] = {}
     per_unit: dict[str, dict[str, torch.Tensor]] = {}
     for site, record in (state.get("history") or {}).items():
@@ -669,9 +762,28 @@ def _split_state(
         if lists:
             per_unit[site] = lists
     small["history"] = history
-    if per_unit:
-        small["units_file"] = units_file
-    return small, per_unit
+    timeline = state.get("timeline") or []
+    if not per_unit and not timeline:
+        return small, {}
+    content = {site: {key: value.tolist() for key, value in lists.items()} for site, lists in per_unit.items()}
+    digest = hashlib.sha256(json.dumps([content, timeline], sort_keys=True).encode()).hexdigest()[:16]
+    small["units_file"], small["units_digest"] = units_file, digest
+    return small, {"history": per_unit, "timeline": timeline, "digest": digest}
+
+
+def _resume_folder(trainer: Any) -> Optional[str]:
+    """The checkpoint folder ``trainer``'s running ``train()`` resumes from (its ``resume_from_checkpoint``, a path
+    once ``train()`` resolved ``True``), read from the calling frames; None when none is found."""
+    if trainer is None:
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        local = frame.f_locals
+        folder = local.get("resume_from_checkpoint")
+        if local.get("self") is trainer and isinstance(folder, (str, os.PathLike)):
+            return str(os.fspath(folder))
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def _saved_state(state: Any, name: str, prefix: str) -> Optional[dict[str, Any]]:

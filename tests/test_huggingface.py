@@ -179,7 +179,8 @@ def test_state_survives_resume_from_checkpoint(tmp_path: Path) -> None:
     state = saved["stateful_callbacks"]["ReluMonitorCallback"]
     assert state["args"] == {"on_dead": "warn", "figures": True, "prefix": "relumon", "measure_every": 1}
     assert state["attributes"]["relumon_state"]["alerted"] == [DEAD0]
-    assert [step for step, _ in state["attributes"]["relumon_state"]["timeline"]] == [2]
+    payload = torch.load(tmp_path / "checkpoint-2" / "relumon-relumon.pt", weights_only=True)
+    assert [step for step, _ in payload["timeline"]] == [2]  # the timeline is in relumon's file, not in the JSON
 
     # A new process would build a new callback and Trainer: resume from step 2, as a new run of 4 steps.
     for restore in (False, True):
@@ -196,8 +197,7 @@ def test_state_survives_resume_from_checkpoint(tmp_path: Path) -> None:
         assert (live is second) is not restore and live.options.measure_every == 1
         assert _order(run) == ORDER  # a rebuilt callback, appended last by the Trainer, takes its place too
         assert live.last_report is not None and live.last_report.window == 1  # window 0 was before the checkpoint
-        assert live.state()["attributes"]["relumon_state"]["timeline"][0][0] == 2
-        assert [step for step, _ in live.state()["attributes"]["relumon_state"]["timeline"]] == [2, 4]
+        assert [step for step, _ in live.history] == [2, 4]
 
 
 def test_arguments_are_checked() -> None:
@@ -220,7 +220,7 @@ def test_arguments_are_checked() -> None:
     # JSON cannot hold `types`: the args the Trainer would rebuild the callback from leave it out.
     assert callback.state() == {
         "args": {"on_dead": "warn", "figures": True, "prefix": "relumon", "measure_every": 2},
-        "attributes": {"relumon_state": None},
+        "attributes": {"relumon_state": None, "relumon_unsaved": ["types"]},
     }
 
 
@@ -397,7 +397,7 @@ def test_trainer_state_json_grows_with_layers_not_units(tmp_path: Path) -> None:
         entry = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]
         sizes[ffn] = len(json.dumps(entry["ReluMonitorCallback"]))
         per_unit = torch.load(out / "checkpoint-2" / "relumon-relumon.pt", weights_only=True)
-        assert per_unit[DEAD0]["first_dead_step"].tolist() == [2] * ffn  # every unit of layer 0 died at step 2
+        assert per_unit["history"][DEAD0]["first_dead_step"].tolist() == [2] * ffn  # every unit of layer 0 died at 2
     assert abs(sizes[512] - sizes[32]) < 64, sizes  # 16x the units, the same JSON (digits of fractions aside)
 
     # A resume reads the per-unit history back from the checkpoint folder.
@@ -597,7 +597,7 @@ def test_relumon_summary_names_the_prefixes_when_several_are_found(
     assert main(["summary", str(tmp_path), "--prefix", "eval/relumon"]) == 0
 
 
-def test_a_checkpoint_resumed_from_elsewhere_says_the_per_unit_history_is_missing(tmp_path: Path) -> None:
+def test_a_checkpoint_moved_elsewhere_resumes_with_its_own_per_unit_history(tmp_path: Path) -> None:
     import shutil
 
     with pytest.warns(relumon.DeadUnitsWarning):
@@ -605,11 +605,49 @@ def test_a_checkpoint_resumed_from_elsewhere_says_the_per_unit_history_is_missin
             tmp_path / "a", [ReluMonitorCallback(measure_every=1)], max_steps=2, save_strategy="steps", save_steps=2
         ).train()
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "moved")
+    # Another run (nothing dead) left its own checkpoint-2 in the output_dir the resumed run writes to.
+    quiet = tiny_opt(dead_layer0=False, dead_units_layer1=0)
+    other = [ReluMonitorCallback(measure_every=1)]
+    trainer(tmp_path / "b", other, model=quiet, max_steps=2, save_strategy="steps", save_steps=2).train()
+    truth = torch.load(tmp_path / "moved" / "relumon-relumon.pt", weights_only=True)["history"]
+    assert truth[DEAD0]["first_dead_step"].tolist() == [2] * FFN  # the moved checkpoint's own file
+
     callback = ReluMonitorCallback(measure_every=1)
-    run = trainer(tmp_path / "b", [callback], max_steps=4)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        run.train(resume_from_checkpoint=str(tmp_path / "moved"))
-    assert any("per-unit death history" in str(w.message) and "is not there" in str(w.message) for w in record)
+        trainer(tmp_path / "b", [callback], max_steps=4).train(resume_from_checkpoint=str(tmp_path / "moved"))
+    assert not [w for w in record if "cannot be read" in str(w.message)]
     assert _dead_warnings(record) == []  # the alerts given before the checkpoint still count
     assert [step for step, _ in callback.history] == [2, 4]
+    history = callback._saved["history"] if callback._saved is not None else {}
+    assert history[DEAD0]["first_dead_step"] == [2] * FFN  # not the other run's (nothing dead at 2: 4 here)
+
+    # Without relumon's file (copied without it), the callback says so: only output_dir's foreign file is there.
+    (tmp_path / "moved" / "relumon-relumon.pt").unlink()
+    callback = ReluMonitorCallback(measure_every=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "b", [callback], max_steps=4).train(resume_from_checkpoint=str(tmp_path / "moved"))
+    said = [str(w.message) for w in record if "cannot be read" in str(w.message)]
+    assert len(said) == 1 and "belongs to another checkpoint" in said[0], said
+    assert _dead_warnings(record) == [] and [step for step, _ in callback.history] == [4]
+    history = callback._saved["history"] if callback._saved is not None else {}
+    assert history[DEAD0]["first_dead_step"] == [4] * FFN  # started again, not taken from the foreign file
+
+
+def test_trainer_state_json_does_not_grow_with_windows(tmp_path: Path) -> None:
+    # 2 windows by checkpoint-2, 12 by checkpoint-12: relumon's JSON entry is the same size (the timeline, which grows
+    # with windows, is in relumon-relumon.pt).
+    callback = ReluMonitorCallback(measure_every=1, figures=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", relumon.DeadUnitsWarning)
+        trainer(tmp_path, [callback], max_steps=12, logging_steps=1, save_strategy="steps", save_steps=2).train()
+    sizes = {}
+    for step in (2, 12):
+        entry = json.loads((tmp_path / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        relumon_state = entry["stateful_callbacks"]["ReluMonitorCallback"]["attributes"]["relumon_state"]
+        sizes[step] = len(json.dumps(relumon_state))
+        payload = torch.load(tmp_path / f"checkpoint-{step}" / "relumon-relumon.pt", weights_only=True)
+        assert [s for s, _ in payload["timeline"]] == list(range(1, step + 1))
+        assert payload["digest"] == relumon_state["units_digest"]
+    assert abs(sizes[12] - sizes[2]) < 32, sizes  # the digits of `window` and `steps` aside
