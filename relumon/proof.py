@@ -6,7 +6,7 @@ a certificate is issued only when every condition of it is checked, never on a t
 the unit is *refused* with the reason.
 
 **What closes the unit** (the activation is ``nn.ReLU`` or ``nn.ReLU6``, whose output is 0 wherever its input is
-``<= 0``; ``Dropout`` and ``Identity`` between keep the sign):
+``<= 0``; ``Dropout`` and ``Identity`` between keep the sign; ``AlphaDropout`` does not, and stops every proof):
 
 - ``zero-scale``: a BatchNorm channel with scale exactly 0 and shift ``<= 0`` feeds the ReLU. Its output is the shift,
   in training mode and in eval mode alike (the normalised value is finite: ``eps > 0``).
@@ -79,7 +79,9 @@ ROUNDING_ROOM = 2.0**-10
 FLOAT_CAVEAT = "channel values not nearly constant far from 0: |mean| < 1e4 * std, float32 rounding"
 #: Activations whose output is exactly 0 for every input <= 0.
 CLOSING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.AlphaDropout)
+#: AlphaDropout is not among them: in training mode it maps every value x to ``a * x + b`` or a constant, with
+#: ``b > 0``, so it can lift a closed pre-activation above 0.
+_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: Graph nodes whose output is >= 0 wherever their data input is (monotone, sign-keeping or selecting ops).
 _KEEPS_NONNEGATIVE = (
