@@ -83,29 +83,36 @@ CLOSING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 #: ``b > 0``, so it can lift a closed pre-activation above 0.
 _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Graph nodes whose output is >= 0 wherever their data input is (monotone, sign-keeping or selecting ops).
-_KEEPS_NONNEGATIVE = (
-    "View",
-    "UnsafeView",
-    "Reshape",
-    "Flatten",
-    "Squeeze",
-    "Unsqueeze",
-    "Permute",
-    "Transpose",
-    "T",
-    "Clone",
-    "ToCopy",
-    "Expand",
-    "Slice",
-    "Select",
+#: Graph nodes whose output is >= 0 wherever their one data input is (monotone, sign-keeping or selecting ops), by
+#: their exact kind (the node's class name less ``Backward<n>``): a prefix would also take ``Tan`` or ``Threshold``.
+_KEEPS_NONNEGATIVE = frozenset(
+    {
+        "View",
+        "UnsafeView",
+        "Reshape",
+        "ReshapeAlias",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Permute",
+        "Transpose",
+        "T",
+        "Clone",
+        "ToCopy",
+        "Expand",
+        "Slice",
+        "Select",
+        "Mean",
+        "NativeDropout",
+        "FeatureDropout",
+    }
+)
+#: Pools and pads (of any dimension) keep the sign too; matched by prefix, these names have no other kinds.
+_KEEPS_NONNEGATIVE_FAMILIES = (
     "MaxPool",
     "AvgPool",
     "AdaptiveAvgPool",
     "AdaptiveMaxPool",
-    "Mean",
-    "NativeDropout",
-    "FeatureDropout",
     "ReflectionPad",
     "ReplicationPad",
 )
@@ -249,16 +256,21 @@ def _nonnegative(node: Any, depth: int = 0) -> Optional[str]:
     if node is None or depth > 64 or getattr(node, "variable", None) is not None:
         return None
     kind = _kind(node)
-    if kind.startswith(_NONNEGATIVE):
+    if kind in _NONNEGATIVE:
         return "the output of a ReLU"
     if kind == "Hardtanh":  # ReLU6 is hardtanh(0, 6)
         low = getattr(node, "_saved_min_val", None)
         return "the output of a ReLU6" if isinstance(low, (int, float)) and low >= 0 else None
-    data = [child for child, _ in node.next_functions if child is not None and getattr(child, "variable", None) is None]
+    inputs = list(node.next_functions)
+    # Every input must be a graph node: a constant (no grad) or a parameter of unknown sign would join the values.
+    if not inputs or any(child is None or getattr(child, "variable", None) is not None for child, _ in inputs):
+        return None
+    data = [child for child, _ in inputs]
     if kind == "Cat" or kind == "Stack":
         reasons = [_nonnegative(child, depth + 1) for child in data]
-        return "a concatenation of ReLU outputs" if data and all(reasons) else None
-    if kind.startswith(_KEEPS_NONNEGATIVE) and len(data) == 1:
+        return "a concatenation of ReLU outputs" if all(reasons) else None
+    keeps = kind in _KEEPS_NONNEGATIVE or kind.startswith(_KEEPS_NONNEGATIVE_FAMILIES)
+    if keeps and len(data) == 1:
         inner = _nonnegative(data[0], depth + 1)
         return None if inner is None else f"{inner}, through {kind}"
     return None

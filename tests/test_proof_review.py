@@ -79,3 +79,54 @@ def test_alpha_dropout_between_batchnorm_and_relu_stops_the_proof() -> None:
     _zero_scale(model[1])
     certification, fired = certify_and_fire(model, "3")
     assert certification.units[0].kind == "zero-scale" and 0 not in fired
+
+
+class Fn(nn.Module):
+    """A module around a function (the function's graph nodes are what the proof reads)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _after_relu(middle: nn.Module) -> nn.Sequential:
+    """Linear-ReLU-middle-Linear-ReLU with unit 0 of the second site non-positive (a bias -0.1)."""
+    torch.manual_seed(1)
+    width = 6 if isinstance(middle, Fn) and getattr(middle, "wide", False) else 4
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), middle, nn.Linear(width, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[3].weight[0] = -model[3].weight[0].abs() - 0.1
+        model[3].bias[0] = -0.1
+    return model
+
+
+def _cat_constant(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, -torch.ones(x.shape[0], 2)], 1)
+
+
+def _slice_scatter_constant(x: torch.Tensor) -> torch.Tensor:
+    return torch.slice_scatter(x, -5 * torch.ones(x.shape[0], 2), dim=1, start=0, end=2)
+
+
+def test_nonnegative_input_is_not_taken_through_ops_that_can_go_negative() -> None:
+    # A prefix match took `Tan` and `Threshold` for the transpose `T`; a constant operand (no grad) was not looked at.
+    cases: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "threshold": lambda x: F.threshold(x, 0.5, -10.0),
+        "tan": lambda x: torch.tan(3 * x),
+        "cat with a negative constant": _cat_constant,
+        "slice_scatter of a negative constant": _slice_scatter_constant,
+    }
+    for name, fn in cases.items():
+        middle = Fn(fn)
+        middle.wide = name.startswith("cat")  # type: ignore[assignment]
+        certification, fired = certify_and_fire(_after_relu(middle), "4")
+        assert 0 in fired, name  # ground truth: the input went negative and the non-positive row opened the unit
+        assert 0 not in certification.units, name
+    # The sign-keeping ops still prove it, and the unit stays closed.
+    for name, fn in {"max pool": lambda x: F.max_pool1d(x.unsqueeze(1), 1).squeeze(1), "view": lambda x: x.view(-1, 4)}.items():
+        certification, fired = certify_and_fire(_after_relu(Fn(fn)), "4")
+        assert certification.units[0].kind == "nonnegative-input", name
+        assert 0 not in fired, name
