@@ -283,7 +283,8 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
         calls: the calls `relumon.recycle.WiringProbe.take_calls` recorded (path, module, index, in_node, out_node,
             in_shape, out_shape).
         model: the model (for tied weights).
-        output_nodes: autograd nodes of the model's outputs (to see every node that reads a parameter).
+        output_nodes: autograd nodes of the model's outputs: roots of the graph too (a tensor returned beside the logits
+            can read a parameter again), and a BatchNorm or producer output returned as is is a second consumer.
 
     Returns:
         ``{site name: Feed}`` for each call of a closing activation (`CLOSING_ACTIVATIONS`).
@@ -292,7 +293,9 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
     for call in calls:  # children finish first: the innermost module that returned a node owns it
         if call.out_node is not None:
             out_owner.setdefault(id(call.out_node), call)
-    roots = [c.out_node for c in calls] + [c.in_node for c in calls] + list(output_nodes)
+    outputs = [node for node in output_nodes if node is not None]
+    roots = [c.out_node for c in calls] + [c.in_node for c in calls] + outputs
+    returned = {id(node) for node in outputs}
     consumers, param_reads = _graph(roots)
     calls_per_module: dict[int, int] = {}
     for call in calls:
@@ -306,7 +309,7 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
             continue
         name = _site_name(call.path, call.index)
         if name not in feeds:
-            feeds[name] = _feed(name, call, out_owner, consumers, param_reads, calls_per_module, names)
+            feeds[name] = _feed(name, call, out_owner, consumers, param_reads, calls_per_module, names, returned)
     return feeds
 
 
@@ -318,6 +321,7 @@ def _feed(
     param_reads: dict[int, int],
     calls_per_module: dict[int, int],
     names: dict[int, list[str]],
+    returned: frozenset[int] | set[int] = frozenset(),
 ) -> Feed:
     shape = call.out_shape
     feed = Feed(name, activation=call.module, units=int(shape[1]) if len(shape) >= 2 else 0)
@@ -332,22 +336,32 @@ def _feed(
             feed.problem = reason
         return feed
 
-    while True:
+    for _ in range(10_000):  # a walk back through modules; bounded, whatever the graph
         if node is None:
             return stop("it is fed by the model's input or a tensor without gradient: no weights bound it")
         owner = out_owner.get(id(node))
+        if owner is not None and owner.in_node is node:
+            owner = None  # a module that returned its input as is (Identity, Dropout off) did not make the node
         if owner is None:
             op = type(node).__name__
             if _kind(node) in ("Add", "Sub"):
                 return stop(f"its input is a sum (`{op}`, a skip connection or residual add): no bound on one term")
             return stop(f"its input comes from `{op}`, an operation outside any module: no proof follows it")
         readers = consumers.get(id(node), [])
+        if id(node) in returned:
+            return stop(
+                f"the output of `{owner.path}` is also returned by the model (a second consumer): gradient can reach "
+                "its parameters that way"
+            )
         if len(readers) > 1:
             return stop(
                 f"the output of `{owner.path}` is also read by another operation (a second consumer): gradient can "
                 "reach its parameters that way"
             )
         module = owner.module
+        made = _own_op(module, node)
+        if made is not None:
+            return stop(made)
         if isinstance(module, _PASS_THROUGH):
             node = owner.in_node
             continue
@@ -373,6 +387,32 @@ def _feed(
             feed.nonnegative_input = _nonnegative(owner.in_node)
             return feed
         return stop(f"it is fed by `{owner.path}` ({type(module).__name__}), not a BatchNorm, Linear or Conv")
+    return stop("its wiring is too deep to follow")
+
+
+#: The graph node kinds each module's own operation makes (its output's ``grad_fn``); any other kind means something
+#: else (a forward hook returning a changed output, a subclass's forward) made the output the ReLU reads.
+_OWN_OPS: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...]], ...] = (
+    ((nn.modules.batchnorm._BatchNorm,), ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm")),
+    ((nn.Linear,), ("Addmm", "Mm", "Linear")),
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv")),
+    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), ("NativeDropout", "FeatureDropout", "Mul", "Div")),
+    ((nn.Identity,), ()),
+)
+
+
+def _own_op(module: nn.Module, node: Any) -> Optional[str]:
+    """Why ``node``, the output of ``module``'s call, is not what the module's own operation makes; None when it is."""
+    for types, kinds in _OWN_OPS:
+        if isinstance(module, types):
+            kind = _kind(node)
+            if kind.startswith(kinds) if kinds else False:
+                return None
+            return (
+                f"the output of `{type(module).__name__}` comes from `{type(node).__name__}`, not from its own "
+                "operation (a forward hook or a subclass changed it): no proof follows it"
+            )
+    return None
 
 
 def _param_problems(
@@ -632,7 +672,10 @@ class Certifier:
         """Every site's `Feed`, read once from the recorded forward; None while no forward was recorded."""
         if self._feeds is None and self._probe is not None and self._probe.recorded:
             probe = self._probe
-            self._feeds = read_feeds(probe.take_calls(), model)
+            # The model's outputs are roots of the graph too: a tensor returned beside the logits (a tuple) can be
+            # a second consumer of a BatchNorm's or producer's output, or read a parameter again.
+            outputs = list(getattr(probe, "_output_refs", ()))
+            self._feeds = read_feeds(probe.take_calls(), model, outputs)
             self._probe = None
         return self._feeds
 

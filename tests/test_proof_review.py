@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,3 +131,74 @@ def test_nonnegative_input_is_not_taken_through_ops_that_can_go_negative() -> No
         certification, fired = certify_and_fire(_after_relu(Fn(fn)), "4")
         assert certification.units[0].kind == "nonnegative-input", name
         assert 0 not in fired, name
+
+
+def test_a_forward_hook_that_changes_the_batchnorm_output_stops_the_proof() -> None:
+    # A hook registered before `watch` returns output + 1: the graph node the ReLU reads is the hook's add, which
+    # the probe credited to the BatchNorm call.
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    _zero_scale(model[1])
+    model[1].register_forward_hook(lambda module, args, out: out + 1.0)
+    certification, fired = certify_and_fire(model, "2")
+    assert 0 in fired
+    assert 0 not in certification.units
+    assert certification.why_not is not None and "forward hook" in certification.why_not
+    # A hook that only reads (returns None) changes nothing: certified, and closed.
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    _zero_scale(model[1])
+    model[1].register_forward_hook(lambda module, args, out: None)
+    certification, fired = certify_and_fire(model, "2")
+    assert certification.units[0].kind == "zero-scale" and 0 not in fired
+
+
+class IdentityAfterAdd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.same = nn.Identity()
+        self.act = nn.ReLU()
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.same(self.fc(x) + 1.0)))
+
+
+@pytest.mark.timeout(60)
+def test_an_identity_after_an_operation_outside_modules_does_not_hang_the_report() -> None:
+    # The Identity returned its input as is, so it "owned" the add's node and the walk went round forever.
+    model = IdentityAfterAdd()
+    certification, _ = certify_and_fire(model, "act", steps=1, more=0)
+    assert not certification.units
+    assert certification.why_not is not None and "sum" in certification.why_not
+
+
+class ReturnsTheBatchNormOutput(nn.Module):
+    """Returns the BatchNorm's output beside the logits (a second consumer outside any module call)."""
+
+    def __init__(self, tied: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(4, 2)
+        self.tied = tied
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.bn(self.fc(x))
+        aux = F.linear(x, self.bn.weight.unsqueeze(1).expand(4, 8)) if self.tied else h
+        return self.out(self.act(h)), aux
+
+
+def _aux_loss(out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return out[0].pow(2).mean() - out[1][:, 0].mean() - 0.1 * out[1][:, 0].abs().mean()
+
+
+def test_a_second_consumer_returned_beside_the_logits_is_seen() -> None:
+    for tied in (False, True):
+        model = ReturnsTheBatchNormOutput(tied)
+        _zero_scale(model.bn)
+        certification, fired = certify_and_fire(model, "act", lr=0.01, loss_fn=_aux_loss, more=30)
+        assert 0 in fired, tied  # the loss on the returned tensor lifts the shift (or the scale) until it fires
+        assert 0 not in certification.units, tied
+        reasons = [certification.why_not or "", *certification.refused.values()]
+        assert any("returned by the model" in r or "read by 2 nodes" in r for r in reasons), (tied, reasons)
