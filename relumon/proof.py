@@ -329,6 +329,16 @@ def _feed(
         feed.problem = "its input is not batched (fewer than 2 dims)"
         return feed
     node = call.in_node
+    activation = type(call.module)
+    if activation.forward not in (nn.ReLU.forward, nn.Hardtanh.forward):
+        feed.problem = f"`{activation.__name__}` overrides the forward of nn.ReLU/ReLU6: what it computes is unknown"
+        return feed
+    if call.out_node is not None and _kind(call.out_node) not in ("Relu", "Hardtanh", "Threshold"):
+        feed.problem = (
+            f"the output of `{activation.__name__}` comes from `{type(call.out_node).__name__}`, not from the ReLU "
+            "itself (a forward hook changed it?)"
+        )
+        return feed
 
     def stop(reason: str) -> Feed:
         # Past the BatchNorm, a wiring the walk cannot follow only means no producer: the BatchNorm proofs stand.

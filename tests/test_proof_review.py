@@ -202,3 +202,28 @@ def test_a_second_consumer_returned_beside_the_logits_is_seen() -> None:
         assert 0 not in certification.units, tied
         reasons = [certification.why_not or "", *certification.refused.values()]
         assert any("returned by the model" in r or "read by 2 nodes" in r for r in reasons), (tied, reasons)
+
+
+class ShiftedReLU(nn.ReLU):
+    """An nn.ReLU whose forward is not ReLU's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + 1.0)
+
+
+def test_an_activation_that_is_not_plain_relu_gets_no_certificate() -> None:
+    # A subclass overriding forward, and a forward hook that changes a ReLU's output, both open the unit.
+    subclass = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), ShiftedReLU(), nn.Linear(4, 2))
+    hooked = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    hooked[2].register_forward_hook(lambda module, args, out: out + 1.0)
+    for model, why in ((subclass, "overrides the forward"), (hooked, "forward hook")):
+        _zero_scale(model[1])
+        certification, fired = certify_and_fire(model, "2")
+        assert 0 in fired, why
+        assert 0 not in certification.units, why
+        assert certification.why_not is not None and why in certification.why_not
+    # nn.ReLU6 (a Hardtanh) is still certified.
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU6(inplace=True), nn.Linear(4, 2))
+    _zero_scale(model[1])
+    certification, fired = certify_and_fire(model, "2")
+    assert certification.units[0].kind == "zero-scale" and 0 not in fired
