@@ -571,8 +571,10 @@ def permanence(
         problem = feed.param_problems.get(id(param))
         if problem is not None:
             return problem
-        if not param.requires_grad:
-            continue  # frozen
+        holders = [(opt, g) for opt in optimizers or () for g in opt.param_groups if any(p is param for p in g["params"])]
+        if not param.requires_grad and not holders:
+            continue  # frozen, and no optimizer holds it
+        # Frozen but held by an optimizer: its momentum and decay still count (unfrozen, it moves with them).
         grad = param.grad
         if grad is not None and bool((grad.detach()[unit] != 0).any()):
             return (
@@ -581,7 +583,6 @@ def permanence(
             )
         if optimizers is None or not optimizers:
             return "no optimizer is known, so what a later step does to the weights is unknown (pass `optimizer=`)"
-        holders = [(opt, g) for opt in optimizers for g in opt.param_groups if any(p is param for p in g["params"])]
         if not holders:
             return f"`{name}` trains but is in none of the optimizers relumon knows of: another one may update it"
         for opt, group in holders:

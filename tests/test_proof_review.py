@@ -227,3 +227,44 @@ def test_an_activation_that_is_not_plain_relu_gets_no_certificate() -> None:
     _zero_scale(model[1])
     certification, fired = certify_and_fire(model, "2")
     assert certification.units[0].kind == "zero-scale" and 0 not in fired
+
+
+def test_a_frozen_parameter_with_momentum_left_in_its_optimizer_is_refused() -> None:
+    # The BatchNorm is frozen at the report but its optimizer still holds a velocity for it: unfrozen, the shift
+    # rises past 0 with no gradient at all.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    opt.state[model[1].bias]["momentum_buffer"][0] = -5.0  # a velocity that lifts the shift
+    _zero_scale(model[1])
+    model[1].requires_grad_(False)
+    monitor = relumon.watch(model, certify=True, optimizer=opt, **QUIET)
+    step()
+    certification = monitor.report()["2"].certified
+    monitor.remove()
+    assert certification is not None and 0 not in certification.units
+    assert "momentum left" in certification.refused[0]
+    model[1].requires_grad_(True)  # ground truth: unfrozen, the unit opens
+    fired: set[int] = set()
+    model[2].register_forward_hook(lambda module, args, out: fired.update((out.amax(0) > 0).nonzero().flatten().tolist()))
+    for _ in range(5):
+        step()
+    assert 0 in fired
+    # Frozen and held by no optimizer: nothing can move it, and it is certified.
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    _zero_scale(model[1])
+    model[1].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    monitor = relumon.watch(model, certify=True, optimizer=opt, **QUIET)
+    model(torch.randn(16, 8)).pow(2).mean().backward()
+    opt.step()
+    certification = monitor.report()["2"].certified
+    monitor.remove()
+    assert certification is not None and certification.units[0].kind == "zero-scale"
