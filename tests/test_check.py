@@ -137,3 +137,19 @@ def test_console_entry_point_runs_check(files: dict[str, str]) -> None:
     )
     assert done.returncode == 1, done.stderr
     assert "dead-if-relu-follows" in done.stdout and "fails at --fail-on warning" in done.stdout
+
+
+def test_known_wiring_drops_the_relu_hint_where_something_adds_before_the_relu(tmp_path: Path) -> None:
+    # A zero-initialised residual branch: scale 0, shift 0, but the input is added before the ReLU, which fires.
+    from tests.check_models import residual
+
+    model = residual()
+    path = str(tmp_path / "res.pt")
+    torch.save(model.state_dict(), path)
+    with torch.no_grad():  # ground truth with a plain forward: the ReLU's channels fire
+        assert (model.act(model.bn(model.fc(torch.ones(4, 8))) + torch.ones(4, 8)) > 0).all()
+    alone = kinds(check_path(path))
+    assert alone["dead-if-relu-follows"] == [("bn", tuple(range(8)))]  # the weights alone: a hedged hint
+    known = kinds(check_path(path, model_spec="tests.check_models:residual"))
+    assert "dead-if-relu-follows" not in known and "proven-dead" not in known
+    assert known["all-zero"] == [("bn.weight", ())]
