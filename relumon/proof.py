@@ -34,7 +34,8 @@ torch). Every other way a parameter of the proof could move is checked, and any 
   connection) and nothing else reads the BatchNorm's or producer's output (a second consumer would send gradient);
   the modules run once per forward and hold no tied weights; no other node of the graph reads the parameters;
 - the parameters' ``.grad``, where kept, is exactly 0 at those entries (a penalty term in the loss would show there);
-- every optimizer that holds them is on the allow-list (`ALLOWED_OPTIMIZERS`: SGD, Adam, AdamW), not ``maximize``,
+- every optimizer that holds them is on the allow-list (`ALLOWED_OPTIMIZERS`: torch.optim's own SGD, Adam, AdamW, not a
+  subclass or another library's class of that name), not ``maximize``,
   with its momentum state (SGD's ``momentum_buffer``, Adam's ``exp_avg``) exactly 0 at those entries, and a weight
   decay that cannot lift the proof: ``lr * weight_decay <= 1`` (the decay step then shrinks each entry toward 0
   without flipping its sign), no decay together with SGD momentum or Adam's coupled decay (both can carry an entry
@@ -591,6 +592,12 @@ def permanence(
                 return (
                     f"`{name}` is trained by {kind}, not on the allow-list {ALLOWED_OPTIMIZERS} of optimizers whose "
                     "update of a zero-gradient parameter relumon knows"
+                )
+            if type(opt) is not getattr(torch.optim, kind):
+                return (
+                    f"`{name}` is trained by {type(opt).__module__}.{type(opt).__qualname__}, not torch.optim.{kind} "
+                    "itself (a subclass or another library's class of that name may keep other state and update "
+                    "otherwise)"
                 )
             if group.get("maximize", False):
                 return f"`{name}` is trained with maximize=True, which the proof does not cover"

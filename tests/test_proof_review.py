@@ -268,3 +268,46 @@ def test_a_frozen_parameter_with_momentum_left_in_its_optimizer_is_refused() -> 
     certification = monitor.report()["2"].certified
     monitor.remove()
     assert certification is not None and certification.units[0].kind == "zero-scale"
+
+
+class Adam(torch.optim.Optimizer):
+    """Another library's optimizer named Adam: its momentum lives in ``state["m"]``, where relumon does not look."""
+
+    def __init__(self, params: Any, lr: float = 0.01, beta: float = 0.9) -> None:
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("m", torch.zeros_like(p))
+                m.mul_(group["beta"]).add_(p.grad)
+                p.add_(m, alpha=-group["lr"])
+
+
+def test_an_optimizer_that_only_shares_a_name_with_the_allow_list_is_refused() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    opt = Adam(model.parameters())
+
+    def step() -> None:
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    opt.state[model[1].bias]["m"][0] = -3.0  # a velocity that lifts the shift
+    _zero_scale(model[1])
+    monitor = relumon.watch(model, certify=True, optimizer=opt, **QUIET)
+    step()
+    certification = monitor.report()["2"].certified
+    monitor.remove()
+    assert certification is not None and 0 not in certification.units
+    assert any("not torch.optim.Adam itself" in r for r in certification.refused.values())
+    fired: set[int] = set()
+    model[2].register_forward_hook(lambda module, args, out: fired.update((out.amax(0) > 0).nonzero().flatten().tolist()))
+    for _ in range(40):
+        step()
+    assert 0 in fired  # ground truth: its momentum carried the shift past 0
