@@ -401,27 +401,37 @@ def _feed(
     return stop("its wiring is too deep to follow")
 
 
-#: The graph node kinds each module's own operation makes (its output's ``grad_fn``); any other kind means something
-#: else (a forward hook returning a changed output, a subclass's forward) made the output the ReLU reads.
-_OWN_OPS: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...]], ...] = (
-    ((nn.modules.batchnorm._BatchNorm,), ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm")),
-    ((nn.Linear,), ("Addmm", "Mm", "Linear")),
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv")),
-    ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), ("NativeDropout", "FeatureDropout", "Mul", "Div")),
-    ((nn.Identity,), ()),
+#: The graph node kinds each module's own operation makes (its output's ``grad_fn``), and the forwards that make them;
+#: another kind means something else (a forward hook returning a changed output) made the output the ReLU reads, and
+#: another forward (a subclass: weight standardisation, a fused activation) computes something the proof cannot see.
+_BN = nn.modules.batchnorm._BatchNorm
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_OWN_OPS: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...], tuple[Any, ...]], ...] = (
+    ((nn.SyncBatchNorm,), ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm", "SyncBatchNorm"), ()),
+    ((_BN,), ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm"), (_BN.forward,)),
+    ((nn.Linear,), ("Addmm", "Mm", "Linear"), (nn.Linear.forward,)),
+    (
+        (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+        ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv"),
+        (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward),
+    ),
+    (_DROPOUTS, ("NativeDropout", "FeatureDropout", "Mul", "Div"), tuple(d.forward for d in _DROPOUTS)),
+    ((nn.Identity,), (), (nn.Identity.forward,)),
 )
 
 
 def _own_op(module: nn.Module, node: Any) -> Optional[str]:
     """Why ``node``, the output of ``module``'s call, is not what the module's own operation makes; None when it is."""
-    for types, kinds in _OWN_OPS:
+    for types, kinds, forwards in _OWN_OPS:
         if isinstance(module, types):
-            kind = _kind(node)
-            if kind.startswith(kinds) if kinds else False:
+            name = type(module).__name__
+            if forwards and type(module).forward not in forwards:
+                return f"`{name}` overrides the forward of its base class: what it computes is unknown"
+            if kinds and _kind(node).startswith(kinds):
                 return None
             return (
-                f"the output of `{type(module).__name__}` comes from `{type(node).__name__}`, not from its own "
-                "operation (a forward hook or a subclass changed it): no proof follows it"
+                f"the output of `{name}` comes from `{type(node).__name__}`, not from its own operation (a forward "
+                "hook or a subclass changed it): no proof follows it"
             )
     return None
 

@@ -311,3 +311,34 @@ def test_an_optimizer_that_only_shares_a_name_with_the_allow_list_is_refused() -
     for _ in range(40):
         step()
     assert 0 in fired  # ground truth: its momentum carried the shift past 0
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight standardisation as timm writes it (the weight read once, through a batch norm of its rows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        w = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_a_producer_subclass_with_its_own_forward_gets_no_certificate() -> None:
+    # Row 0 is all <= 0 after a ReLU, but the standardised row the convolution uses has both signs: it fires.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), StdConv2d(4, 5, 3), nn.ReLU(), Fn(lambda x: x.mean((2, 3))), nn.Linear(5, 2)
+    )
+    with torch.no_grad():
+        model[2].weight[0] = -torch.rand_like(model[2].weight[0])
+        model[2].bias[0] = -0.1
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = relumon.watch(model, certify=True, optimizer=opt, **QUIET)
+    model(torch.randn(4, 3, 8, 8)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    certification = monitor.report()["3"].certified
+    monitor.remove()
+    assert certification is not None and 0 not in certification.units
+    assert certification.why_not is not None and "overrides the forward" in certification.why_not
+    with torch.no_grad():  # ground truth
+        assert (model[:4](torch.randn(4, 3, 8, 8))[:, 0] > 0).any()
