@@ -32,8 +32,15 @@ torch). Every other way a parameter of the proof could move is checked, and any 
 
 - the wiring, from the autograd graph of one training forward: nothing else adds to the ReLU's input (a skip
   connection) and nothing else reads the BatchNorm's or producer's output (a second consumer would send gradient);
-  the modules run once per forward and hold no tied weights; no other node of the graph reads the parameters;
-- the parameters' ``.grad``, where kept, is exactly 0 at those entries (a penalty term in the loss would show there);
+  the modules run once per forward and hold no tied weights; no other node of the graph (the model's returned
+  tensors included) reads the parameters; the activation, BatchNorm and producer are the torch classes' own forwards
+  (no subclass overriding ``forward``) and their outputs their own operations' (no forward hook that changed them).
+  What the graph cannot show is outside the proof: a wiring that changes between steps (a branch taken at random or
+  by step), a tensor changed in place under ``torch.no_grad()``, a loss term on an activation kept outside the model
+  (only a kept ``.grad`` shows it: below), a hook added after the recorded forward;
+- the parameters' ``.grad``, where kept, is exactly 0 at those entries (a penalty term in the loss would show there;
+  after ``zero_grad()`` there is nothing to see, so report before it where such terms may exist); a frozen parameter
+  that an optimizer still holds gets the optimizer checks below (unfrozen, momentum left would move it);
 - every optimizer that holds them is on the allow-list (`ALLOWED_OPTIMIZERS`: torch.optim's own SGD, Adam, AdamW, not a
   subclass or another library's class of that name), not ``maximize``,
   with its momentum state (SGD's ``momentum_buffer``, Adam's ``exp_avg``) exactly 0 at those entries, and a weight
