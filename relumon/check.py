@@ -253,7 +253,10 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], spec: str) -> str:
                 model.load_state_dict(candidate)
                 return prefix
             except RuntimeError as err:
-                raise CheckError(f"the weights do not fit --model {spec}: {str(err).splitlines()[0]}") from None
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                # torch's first line only says "Error(s) in loading state_dict for X:"; the next says which tensor.
+                said = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+                raise CheckError(f"the weights do not fit --model {spec}: {said}") from None
     missing = sorted(keys - set(candidates[-1][1]))[:3]
     unexpected = sorted(set(candidates[-1][1]) - keys)[:3]
     raise CheckError(f"the weights do not fit --model {spec}: missing keys {missing}, unexpected keys {unexpected}")

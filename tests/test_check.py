@@ -153,3 +153,13 @@ def test_known_wiring_drops_the_relu_hint_where_something_adds_before_the_relu(t
     known = kinds(check_path(path, model_spec="tests.check_models:residual"))
     assert "dead-if-relu-follows" not in known and "proven-dead" not in known
     assert known["all-zero"] == [("bn.weight", ())]
+
+
+def test_weights_of_another_shape_name_the_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = dict(build().state_dict())
+    state["0.weight"] = torch.zeros(8, 3, 5, 5)  # a 5x5 filter where --model builds 3x3
+    path = str(tmp_path / "shape.pt")
+    torch.save(state, path)
+    assert main([path, "--model", "tests.check_models:build"]) == 2
+    err = capsys.readouterr().err
+    assert "size mismatch for 0.weight" in err and len(err.strip().splitlines()) == 1
