@@ -341,7 +341,11 @@ def _feed(
     if activation.forward not in (nn.ReLU.forward, nn.Hardtanh.forward):
         feed.problem = f"`{activation.__name__}` overrides the forward of nn.ReLU/ReLU6: what it computes is unknown"
         return feed
-    if call.out_node is not None and _kind(call.out_node) not in ("Relu", "Hardtanh", "Threshold"):
+    if isinstance(call.module, nn.Hardtanh) and not (call.module.min_val == 0.0 and call.module.max_val > 0.0):
+        low, high = call.module.min_val, call.module.max_val
+        feed.problem = f"this ReLU6 clamps to [{low:g}, {high:g}], not [0, max]: it is not closed by inputs <= 0"
+        return feed
+    if call.out_node is not None and _kind(call.out_node) not in ("Relu", "Hardtanh"):
         feed.problem = (
             f"the output of `{activation.__name__}` comes from `{type(call.out_node).__name__}`, not from the ReLU "
             "itself (a forward hook changed it?)"

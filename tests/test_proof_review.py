@@ -342,3 +342,21 @@ def test_a_producer_subclass_with_its_own_forward_gets_no_certificate() -> None:
     assert certification.why_not is not None and "overrides the forward" in certification.why_not
     with torch.no_grad():  # ground truth
         assert (model[:4](torch.randn(4, 3, 8, 8))[:, 0] > 0).any()
+
+
+def test_a_relu6_with_a_moved_floor_is_not_a_closing_activation() -> None:
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU6(), nn.Linear(4, 2))
+    model[2].min_val = 0.5  # clamps to [0.5, 6]: every output is > 0
+    _zero_scale(model[1])
+    certification, fired = certify_and_fire(model, "2")
+    assert 0 in fired and 0 not in certification.units
+    assert certification.why_not is not None and "clamps to [0.5, 6]" in certification.why_not
+
+
+def test_a_hook_that_thresholds_the_relu_output_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model[2].register_forward_hook(lambda module, args, out: F.threshold(out, 0.5, 3.0))  # 0 becomes 3
+    _zero_scale(model[1])
+    certification, fired = certify_and_fire(model, "2")
+    assert 0 in fired and 0 not in certification.units
+    assert certification.why_not is not None and "ThresholdBackward" in certification.why_not
