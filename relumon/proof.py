@@ -381,7 +381,7 @@ def _feed(
                 "reach its parameters that way"
             )
         module = owner.module
-        made = _own_op(module, node)
+        made = None if isinstance(module, nn.Linear) and len(shape) != 2 else _own_op(module, node)  # dims: below
         if made is not None:
             return stop(made)
         if isinstance(module, _PASS_THROUGH):
