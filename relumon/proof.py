@@ -593,7 +593,9 @@ def permanence(
         problem = feed.param_problems.get(id(param))
         if problem is not None:
             return problem
-        holders = [(opt, g) for opt in optimizers or () for g in opt.param_groups if any(p is param for p in g["params"])]
+        holders = [
+            (opt, g) for opt in optimizers or () for g in opt.param_groups if any(p is param for p in g["params"])
+        ]
         if not param.requires_grad and not holders:
             continue  # frozen, and no optimizer holds it
         # Frozen but held by an optimizer: its momentum and decay still count (unfrozen, it moves with them).

@@ -127,7 +127,10 @@ def test_nonnegative_input_is_not_taken_through_ops_that_can_go_negative() -> No
         assert 0 in fired, name  # ground truth: the input went negative and the non-positive row opened the unit
         assert 0 not in certification.units, name
     # The sign-keeping ops still prove it, and the unit stays closed.
-    for name, fn in {"max pool": lambda x: F.max_pool1d(x.unsqueeze(1), 1).squeeze(1), "view": lambda x: x.view(-1, 4)}.items():
+    for name, fn in {
+        "max pool": lambda x: F.max_pool1d(x.unsqueeze(1), 1).squeeze(1),
+        "view": lambda x: x.view(-1, 4),
+    }.items():
         certification, fired = certify_and_fire(_after_relu(Fn(fn)), "4")
         assert certification.units[0].kind == "nonnegative-input", name
         assert 0 not in fired, name
@@ -253,7 +256,9 @@ def test_a_frozen_parameter_with_momentum_left_in_its_optimizer_is_refused() -> 
     assert "momentum left" in certification.refused[0]
     model[1].requires_grad_(True)  # ground truth: unfrozen, the unit opens
     fired: set[int] = set()
-    model[2].register_forward_hook(lambda module, args, out: fired.update((out.amax(0) > 0).nonzero().flatten().tolist()))
+    model[2].register_forward_hook(
+        lambda module, args, out: fired.update((out.amax(0) > 0).nonzero().flatten().tolist())
+    )
     for _ in range(5):
         step()
     assert 0 in fired
@@ -307,7 +312,9 @@ def test_an_optimizer_that_only_shares_a_name_with_the_allow_list_is_refused() -
     assert certification is not None and 0 not in certification.units
     assert any("not torch.optim.Adam itself" in r for r in certification.refused.values())
     fired: set[int] = set()
-    model[2].register_forward_hook(lambda module, args, out: fired.update((out.amax(0) > 0).nonzero().flatten().tolist()))
+    model[2].register_forward_hook(
+        lambda module, args, out: fired.update((out.amax(0) > 0).nonzero().flatten().tolist())
+    )
     for _ in range(40):
         step()
     assert 0 in fired  # ground truth: its momentum carried the shift past 0
