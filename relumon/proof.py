@@ -278,6 +278,12 @@ def _nonnegative(node: Any, depth: int = 0) -> Optional[str]:
         reasons = [_nonnegative(child, depth + 1) for child in data]
         return "a concatenation of ReLU outputs" if all(reasons) else None
     keeps = kind in _KEEPS_NONNEGATIVE or kind.startswith(_KEEPS_NONNEGATIVE_FAMILIES)
+    # avg_pool(..., divisor_override=-1) flips the sign; the node keeps the divisor as an unsigned 64-bit number.
+    divisor = getattr(node, "_saved_divisor_override", None)
+    if isinstance(divisor, int) and divisor >= 2**63:
+        divisor -= 2**64
+    if kind.startswith("AvgPool") and not (divisor is None or (isinstance(divisor, (int, float)) and divisor > 0)):
+        keeps = False
     if keeps and len(data) == 1:
         inner = _nonnegative(data[0], depth + 1)
         return None if inner is None else f"{inner}, through {kind}"

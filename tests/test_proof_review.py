@@ -119,6 +119,7 @@ def test_nonnegative_input_is_not_taken_through_ops_that_can_go_negative() -> No
         "tan": lambda x: torch.tan(3 * x),
         "cat with a negative constant": _cat_constant,
         "slice_scatter of a negative constant": _slice_scatter_constant,
+        "avg_pool with a negative divisor": lambda x: F.avg_pool2d(x[:, None, None], 1, divisor_override=-1)[:, 0, 0],
     }
     for name, fn in cases.items():
         middle = Fn(fn)
@@ -129,6 +130,7 @@ def test_nonnegative_input_is_not_taken_through_ops_that_can_go_negative() -> No
     # The sign-keeping ops still prove it, and the unit stays closed.
     for name, fn in {
         "max pool": lambda x: F.max_pool1d(x.unsqueeze(1), 1).squeeze(1),
+        "avg pool": lambda x: F.avg_pool2d(x[:, None, None], 1)[:, 0, 0],
         "view": lambda x: x.view(-1, 4),
     }.items():
         certification, fired = certify_and_fire(_after_relu(Fn(fn)), "4")
