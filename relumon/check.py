@@ -253,7 +253,10 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], spec: str) -> str:
                 model.load_state_dict(candidate)
                 return prefix
             except RuntimeError as err:
-                raise CheckError(f"the weights do not fit --model {spec}: {str(err).splitlines()[0]}") from None
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                # torch's first line only says "Error(s) in loading state_dict for X:"; the next says which tensor.
+                said = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+                raise CheckError(f"the weights do not fit --model {spec}: {said}") from None
     missing = sorted(keys - set(candidates[-1][1]))[:3]
     unexpected = sorted(set(candidates[-1][1]) - keys)[:3]
     raise CheckError(f"the weights do not fit --model {spec}: missing keys {missing}, unexpected keys {unexpected}")
@@ -281,13 +284,35 @@ def check_model(
     The model's mode and its BatchNorm running statistics are restored afterwards.
 
     Returns:
-        The findings, and the paths of the BatchNorms the wiring shows feeding a ReLU directly.
+        The findings, and the paths of the BatchNorms whose zero-scale channels need no "dead if a ReLU directly
+        follows" hint: those the wiring shows feeding a ReLU (their deaths are proven here) and those it shows
+        feeding no ReLU as is (the hint would be false).
     """
     from relumon.proof import FLOAT_CAVEAT, Certifier, closing_proof
 
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     was_training = model.training
     certifier = Certifier(model)
+    # Which BatchNorms the dry forward ran, and whether a ReLU reads their output as is: where none does (a residual
+    # add between, as in a zero-initialised residual branch), "dead if a ReLU directly follows" is known to be false.
+    norm_out: dict[str, list[Any]] = {}
+    relu_in: list[Any] = []
+    handles = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+
+            def keep(module: nn.Module, args: Any, out: Any, path: str = path) -> None:
+                if isinstance(out, Tensor):
+                    norm_out.setdefault(path, []).append(out.grad_fn)
+
+            handles.append(module.register_forward_hook(keep))
+        elif isinstance(module, (nn.ReLU, nn.ReLU6)):
+
+            def read(module: nn.Module, args: Any) -> None:
+                if args and isinstance(args[0], Tensor):
+                    relu_in.append(args[0].grad_fn)
+
+            handles.append(module.register_forward_pre_hook(read))
     try:
         model.train()
         x = _tiny_input(model, input_shape)
@@ -301,11 +326,14 @@ def check_model(
                 ) from None
         feeds = certifier.feeds(model) or {}
     finally:
+        for handle in handles:
+            handle.remove()
         certifier.remove()
         model.load_state_dict(saved)
         model.train(was_training)
     findings = []
-    norms: set[str] = set()
+    read_by_relu = {id(node) for node in relu_in if node is not None}
+    norms = {p for p, nodes in norm_out.items() if not any(id(n) in read_by_relu for n in nodes if n is not None)}
     for name, feed in feeds.items():
         if feed.problem is not None:
             continue
@@ -381,7 +409,8 @@ def check_path(
         # Named as in the file (a Lightning checkpoint's `model.` prefix kept).
         proven = [dataclasses.replace(f, where=prefix + f.where) for f in proven]
         norms = {prefix + n for n in norms}
-        # Where the wiring shows a ReLU right after the BatchNorm, its zero-scale channels are proven instead.
+        # Where the wiring shows a ReLU right after the BatchNorm, its zero-scale channels are proven instead; where it
+        # shows none reading it as is (a residual add between), the hint is false.
         findings = [f for f in findings if not (f.kind == "dead-if-relu-follows" and f.where in norms)] + proven
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: -order[f.severity])

@@ -6,7 +6,7 @@ a certificate is issued only when every condition of it is checked, never on a t
 the unit is *refused* with the reason.
 
 **What closes the unit** (the activation is ``nn.ReLU`` or ``nn.ReLU6``, whose output is 0 wherever its input is
-``<= 0``; ``Dropout`` and ``Identity`` between keep the sign):
+``<= 0``; ``Dropout`` and ``Identity`` between keep the sign; ``AlphaDropout`` does not, and stops every proof):
 
 - ``zero-scale``: a BatchNorm channel with scale exactly 0 and shift ``<= 0`` feeds the ReLU. Its output is the shift,
   in training mode and in eval mode alike (the normalised value is finite: ``eps > 0``).
@@ -32,9 +32,17 @@ torch). Every other way a parameter of the proof could move is checked, and any 
 
 - the wiring, from the autograd graph of one training forward: nothing else adds to the ReLU's input (a skip
   connection) and nothing else reads the BatchNorm's or producer's output (a second consumer would send gradient);
-  the modules run once per forward and hold no tied weights; no other node of the graph reads the parameters;
-- the parameters' ``.grad``, where kept, is exactly 0 at those entries (a penalty term in the loss would show there);
-- every optimizer that holds them is on the allow-list (`ALLOWED_OPTIMIZERS`: SGD, Adam, AdamW), not ``maximize``,
+  the modules run once per forward and hold no tied weights; no other node of the graph (the model's returned
+  tensors included) reads the parameters; the activation, BatchNorm and producer are the torch classes' own forwards
+  (no subclass overriding ``forward``) and their outputs their own operations' (no forward hook that changed them).
+  What the graph cannot show is outside the proof: a wiring that changes between steps (a branch taken at random or
+  by step), a tensor changed in place under ``torch.no_grad()``, a loss term on an activation kept outside the model
+  (only a kept ``.grad`` shows it: below), a hook added after the recorded forward;
+- the parameters' ``.grad``, where kept, is exactly 0 at those entries (a penalty term in the loss would show there;
+  after ``zero_grad()`` there is nothing to see, so report before it where such terms may exist); a frozen parameter
+  that an optimizer still holds gets the optimizer checks below (unfrozen, momentum left would move it);
+- every optimizer that holds them is on the allow-list (`ALLOWED_OPTIMIZERS`: torch.optim's own SGD, Adam, AdamW, not a
+  subclass or another library's class of that name), not ``maximize``,
   with its momentum state (SGD's ``momentum_buffer``, Adam's ``exp_avg``) exactly 0 at those entries, and a weight
   decay that cannot lift the proof: ``lr * weight_decay <= 1`` (the decay step then shrinks each entry toward 0
   without flipping its sign), no decay together with SGD momentum or Adam's coupled decay (both can carry an entry
@@ -79,31 +87,40 @@ ROUNDING_ROOM = 2.0**-10
 FLOAT_CAVEAT = "channel values not nearly constant far from 0: |mean| < 1e4 * std, float32 rounding"
 #: Activations whose output is exactly 0 for every input <= 0.
 CLOSING_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.AlphaDropout)
+#: AlphaDropout is not among them: in training mode it maps every value x to ``a * x + b`` or a constant, with
+#: ``b > 0``, so it can lift a closed pre-activation above 0.
+_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-#: Graph nodes whose output is >= 0 wherever their data input is (monotone, sign-keeping or selecting ops).
-_KEEPS_NONNEGATIVE = (
-    "View",
-    "UnsafeView",
-    "Reshape",
-    "Flatten",
-    "Squeeze",
-    "Unsqueeze",
-    "Permute",
-    "Transpose",
-    "T",
-    "Clone",
-    "ToCopy",
-    "Expand",
-    "Slice",
-    "Select",
+#: Graph nodes whose output is >= 0 wherever their one data input is (monotone, sign-keeping or selecting ops), by
+#: their exact kind (the node's class name less ``Backward<n>``): a prefix would also take ``Tan`` or ``Threshold``.
+_KEEPS_NONNEGATIVE = frozenset(
+    {
+        "View",
+        "UnsafeView",
+        "Reshape",
+        "ReshapeAlias",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Permute",
+        "Transpose",
+        "T",
+        "Clone",
+        "ToCopy",
+        "Expand",
+        "Slice",
+        "Select",
+        "Mean",
+        "NativeDropout",
+        "FeatureDropout",
+    }
+)
+#: Pools and pads (of any dimension) keep the sign too; matched by prefix, these names have no other kinds.
+_KEEPS_NONNEGATIVE_FAMILIES = (
     "MaxPool",
     "AvgPool",
     "AdaptiveAvgPool",
     "AdaptiveMaxPool",
-    "Mean",
-    "NativeDropout",
-    "FeatureDropout",
     "ReflectionPad",
     "ReplicationPad",
 )
@@ -247,16 +264,27 @@ def _nonnegative(node: Any, depth: int = 0) -> Optional[str]:
     if node is None or depth > 64 or getattr(node, "variable", None) is not None:
         return None
     kind = _kind(node)
-    if kind.startswith(_NONNEGATIVE):
+    if kind in _NONNEGATIVE:
         return "the output of a ReLU"
     if kind == "Hardtanh":  # ReLU6 is hardtanh(0, 6)
         low = getattr(node, "_saved_min_val", None)
         return "the output of a ReLU6" if isinstance(low, (int, float)) and low >= 0 else None
-    data = [child for child, _ in node.next_functions if child is not None and getattr(child, "variable", None) is None]
+    inputs = list(node.next_functions)
+    # Every input must be a graph node: a constant (no grad) or a parameter of unknown sign would join the values.
+    if not inputs or any(child is None or getattr(child, "variable", None) is not None for child, _ in inputs):
+        return None
+    data = [child for child, _ in inputs]
     if kind == "Cat" or kind == "Stack":
         reasons = [_nonnegative(child, depth + 1) for child in data]
-        return "a concatenation of ReLU outputs" if data and all(reasons) else None
-    if kind.startswith(_KEEPS_NONNEGATIVE) and len(data) == 1:
+        return "a concatenation of ReLU outputs" if all(reasons) else None
+    keeps = kind in _KEEPS_NONNEGATIVE or kind.startswith(_KEEPS_NONNEGATIVE_FAMILIES)
+    # avg_pool(..., divisor_override=-1) flips the sign; the node keeps the divisor as an unsigned 64-bit number.
+    divisor = getattr(node, "_saved_divisor_override", None)
+    if isinstance(divisor, int) and divisor >= 2**63:
+        divisor -= 2**64
+    if kind.startswith("AvgPool") and not (divisor is None or (isinstance(divisor, (int, float)) and divisor > 0)):
+        keeps = False
+    if keeps and len(data) == 1:
         inner = _nonnegative(data[0], depth + 1)
         return None if inner is None else f"{inner}, through {kind}"
     return None
@@ -269,7 +297,8 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
         calls: the calls `relumon.recycle.WiringProbe.take_calls` recorded (path, module, index, in_node, out_node,
             in_shape, out_shape).
         model: the model (for tied weights).
-        output_nodes: autograd nodes of the model's outputs (to see every node that reads a parameter).
+        output_nodes: autograd nodes of the model's outputs: roots of the graph too (a tensor returned beside the logits
+            can read a parameter again), and a BatchNorm or producer output returned as is is a second consumer.
 
     Returns:
         ``{site name: Feed}`` for each call of a closing activation (`CLOSING_ACTIVATIONS`).
@@ -278,7 +307,9 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
     for call in calls:  # children finish first: the innermost module that returned a node owns it
         if call.out_node is not None:
             out_owner.setdefault(id(call.out_node), call)
-    roots = [c.out_node for c in calls] + [c.in_node for c in calls] + list(output_nodes)
+    outputs = [node for node in output_nodes if node is not None]
+    roots = [c.out_node for c in calls] + [c.in_node for c in calls] + outputs
+    returned = {id(node) for node in outputs}
     consumers, param_reads = _graph(roots)
     calls_per_module: dict[int, int] = {}
     for call in calls:
@@ -292,7 +323,7 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
             continue
         name = _site_name(call.path, call.index)
         if name not in feeds:
-            feeds[name] = _feed(name, call, out_owner, consumers, param_reads, calls_per_module, names)
+            feeds[name] = _feed(name, call, out_owner, consumers, param_reads, calls_per_module, names, returned)
     return feeds
 
 
@@ -304,6 +335,7 @@ def _feed(
     param_reads: dict[int, int],
     calls_per_module: dict[int, int],
     names: dict[int, list[str]],
+    returned: frozenset[int] | set[int] = frozenset(),
 ) -> Feed:
     shape = call.out_shape
     feed = Feed(name, activation=call.module, units=int(shape[1]) if len(shape) >= 2 else 0)
@@ -311,6 +343,20 @@ def _feed(
         feed.problem = "its input is not batched (fewer than 2 dims)"
         return feed
     node = call.in_node
+    activation = type(call.module)
+    if activation.forward not in (nn.ReLU.forward, nn.Hardtanh.forward):
+        feed.problem = f"`{activation.__name__}` overrides the forward of nn.ReLU/ReLU6: what it computes is unknown"
+        return feed
+    if isinstance(call.module, nn.Hardtanh) and not (call.module.min_val == 0.0 and call.module.max_val > 0.0):
+        low, high = call.module.min_val, call.module.max_val
+        feed.problem = f"this ReLU6 clamps to [{low:g}, {high:g}], not [0, max]: it is not closed by inputs <= 0"
+        return feed
+    if call.out_node is not None and _kind(call.out_node) not in ("Relu", "Hardtanh"):
+        feed.problem = (
+            f"the output of `{activation.__name__}` comes from `{type(call.out_node).__name__}`, not from the ReLU "
+            "itself (a forward hook changed it?)"
+        )
+        return feed
 
     def stop(reason: str) -> Feed:
         # Past the BatchNorm, a wiring the walk cannot follow only means no producer: the BatchNorm proofs stand.
@@ -318,22 +364,32 @@ def _feed(
             feed.problem = reason
         return feed
 
-    while True:
+    for _ in range(10_000):  # a walk back through modules; bounded, whatever the graph
         if node is None:
             return stop("it is fed by the model's input or a tensor without gradient: no weights bound it")
         owner = out_owner.get(id(node))
+        if owner is not None and owner.in_node is node:
+            owner = None  # a module that returned its input as is (Identity, Dropout off) did not make the node
         if owner is None:
             op = type(node).__name__
             if _kind(node) in ("Add", "Sub"):
                 return stop(f"its input is a sum (`{op}`, a skip connection or residual add): no bound on one term")
             return stop(f"its input comes from `{op}`, an operation outside any module: no proof follows it")
         readers = consumers.get(id(node), [])
+        if id(node) in returned:
+            return stop(
+                f"the output of `{owner.path}` is also returned by the model (a second consumer): gradient can reach "
+                "its parameters that way"
+            )
         if len(readers) > 1:
             return stop(
                 f"the output of `{owner.path}` is also read by another operation (a second consumer): gradient can "
                 "reach its parameters that way"
             )
         module = owner.module
+        made = None if isinstance(module, nn.Linear) and len(shape) != 2 else _own_op(module, node)  # dims: below
+        if made is not None:
+            return stop(made)
         if isinstance(module, _PASS_THROUGH):
             node = owner.in_node
             continue
@@ -359,6 +415,42 @@ def _feed(
             feed.nonnegative_input = _nonnegative(owner.in_node)
             return feed
         return stop(f"it is fed by `{owner.path}` ({type(module).__name__}), not a BatchNorm, Linear or Conv")
+    return stop("its wiring is too deep to follow")
+
+
+#: The graph node kinds each module's own operation makes (its output's ``grad_fn``), and the forwards that make them;
+#: another kind means something else (a forward hook returning a changed output) made the output the ReLU reads, and
+#: another forward (a subclass: weight standardisation, a fused activation) computes something the proof cannot see.
+_BN = nn.modules.batchnorm._BatchNorm
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_OWN_OPS: tuple[tuple[tuple[type[nn.Module], ...], tuple[str, ...], tuple[Any, ...]], ...] = (
+    ((nn.SyncBatchNorm,), ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm", "SyncBatchNorm"), ()),
+    ((_BN,), ("NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "BatchNorm"), (_BN.forward,)),
+    ((nn.Linear,), ("Addmm", "Mm", "Linear"), (nn.Linear.forward,)),
+    (
+        (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+        ("Convolution", "CudnnConvolution", "MkldnnConvolution", "SlowConv"),
+        (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward),
+    ),
+    (_DROPOUTS, ("NativeDropout", "FeatureDropout", "Mul", "Div"), tuple(d.forward for d in _DROPOUTS)),
+    ((nn.Identity,), (), (nn.Identity.forward,)),
+)
+
+
+def _own_op(module: nn.Module, node: Any) -> Optional[str]:
+    """Why ``node``, the output of ``module``'s call, is not what the module's own operation makes; None when it is."""
+    for types, kinds, forwards in _OWN_OPS:
+        if isinstance(module, types):
+            name = type(module).__name__
+            if forwards and type(module).forward not in forwards:
+                return f"`{name}` overrides the forward of its base class: what it computes is unknown"
+            if kinds and _kind(node).startswith(kinds):
+                return None
+            return (
+                f"the output of `{name}` comes from `{type(node).__name__}`, not from its own operation (a forward "
+                "hook or a subclass changed it): no proof follows it"
+            )
+    return None
 
 
 def _param_problems(
@@ -507,8 +599,12 @@ def permanence(
         problem = feed.param_problems.get(id(param))
         if problem is not None:
             return problem
-        if not param.requires_grad:
-            continue  # frozen
+        holders = [
+            (opt, g) for opt in optimizers or () for g in opt.param_groups if any(p is param for p in g["params"])
+        ]
+        if not param.requires_grad and not holders:
+            continue  # frozen, and no optimizer holds it
+        # Frozen but held by an optimizer: its momentum and decay still count (unfrozen, it moves with them).
         grad = param.grad
         if grad is not None and bool((grad.detach()[unit] != 0).any()):
             return (
@@ -517,7 +613,6 @@ def permanence(
             )
         if optimizers is None or not optimizers:
             return "no optimizer is known, so what a later step does to the weights is unknown (pass `optimizer=`)"
-        holders = [(opt, g) for opt in optimizers for g in opt.param_groups if any(p is param for p in g["params"])]
         if not holders:
             return f"`{name}` trains but is in none of the optimizers relumon knows of: another one may update it"
         for opt, group in holders:
@@ -526,6 +621,12 @@ def permanence(
                 return (
                     f"`{name}` is trained by {kind}, not on the allow-list {ALLOWED_OPTIMIZERS} of optimizers whose "
                     "update of a zero-gradient parameter relumon knows"
+                )
+            if type(opt) is not getattr(torch.optim, kind):
+                return (
+                    f"`{name}` is trained by {type(opt).__module__}.{type(opt).__qualname__}, not torch.optim.{kind} "
+                    "itself (a subclass or another library's class of that name may keep other state and update "
+                    "otherwise)"
                 )
             if group.get("maximize", False):
                 return f"`{name}` is trained with maximize=True, which the proof does not cover"
@@ -618,7 +719,10 @@ class Certifier:
         """Every site's `Feed`, read once from the recorded forward; None while no forward was recorded."""
         if self._feeds is None and self._probe is not None and self._probe.recorded:
             probe = self._probe
-            self._feeds = read_feeds(probe.take_calls(), model)
+            # The model's outputs are roots of the graph too: a tensor returned beside the logits (a tuple) can be
+            # a second consumer of a BatchNorm's or producer's output, or read a parameter again.
+            outputs = list(getattr(probe, "_output_refs", ()))
+            self._feeds = read_feeds(probe.take_calls(), model, outputs)
             self._probe = None
         return self._feeds
 

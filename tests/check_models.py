@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 
 def build() -> nn.Sequential:
@@ -20,3 +20,23 @@ def build() -> nn.Sequential:
 def not_a_model() -> int:
     """For the error path: returns no module."""
     return 3
+
+
+class Residual(nn.Module):
+    """Linear-BN, plus the input, then ReLU: a zero-initialised residual branch (torchvision's zero_init_residual)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, 2)
+        nn.init.zeros_(self.bn.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.act(self.bn(self.fc(x)) + x))
+
+
+def residual() -> Residual:
+    """A `Residual` block."""
+    return Residual()

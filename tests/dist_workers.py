@@ -79,10 +79,15 @@ class StochasticDepth(nn.Module):
 
 
 def depth_worker(rank: int, world_size: int, out_dir: str) -> None:
-    """Rank 0 skips block ``a`` on step 0, rank 1 skips ``b``: the ranks discover the sites in different orders."""
+    """Rank 0 skips block ``a`` on step 0, rank 1 skips ``b``: the ranks discover the sites in different orders.
+
+    The ranks hold the same weights, as under DDP (a dead unit's cause names its feeding bias, a local fact), and each
+    its own seeded data."""
     import relumon
 
+    torch.manual_seed(0)
     model = StochasticDepth()
+    torch.manual_seed(100 + rank)
     result: dict[str, Any] = {}
     with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
         for step in range(3):

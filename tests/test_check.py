@@ -137,3 +137,29 @@ def test_console_entry_point_runs_check(files: dict[str, str]) -> None:
     )
     assert done.returncode == 1, done.stderr
     assert "dead-if-relu-follows" in done.stdout and "fails at --fail-on warning" in done.stdout
+
+
+def test_known_wiring_drops_the_relu_hint_where_something_adds_before_the_relu(tmp_path: Path) -> None:
+    # A zero-initialised residual branch: scale 0, shift 0, but the input is added before the ReLU, which fires.
+    from tests.check_models import residual
+
+    model = residual()
+    path = str(tmp_path / "res.pt")
+    torch.save(model.state_dict(), path)
+    with torch.no_grad():  # ground truth with a plain forward: the ReLU's channels fire
+        assert (model.act(model.bn(model.fc(torch.ones(4, 8))) + torch.ones(4, 8)) > 0).all()
+    alone = kinds(check_path(path))
+    assert alone["dead-if-relu-follows"] == [("bn", tuple(range(8)))]  # the weights alone: a hedged hint
+    known = kinds(check_path(path, model_spec="tests.check_models:residual"))
+    assert "dead-if-relu-follows" not in known and "proven-dead" not in known
+    assert known["all-zero"] == [("bn.weight", ())]
+
+
+def test_weights_of_another_shape_name_the_tensor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = dict(build().state_dict())
+    state["0.weight"] = torch.zeros(8, 3, 5, 5)  # a 5x5 filter where --model builds 3x3
+    path = str(tmp_path / "shape.pt")
+    torch.save(state, path)
+    assert main([path, "--model", "tests.check_models:build"]) == 2
+    err = capsys.readouterr().err
+    assert "size mismatch for 0.weight" in err and len(err.strip().splitlines()) == 1
