@@ -771,6 +771,31 @@ class CauseTracker:
                 values[alive] = math.nan
         memory.alive_window[alive] = window
 
+    def recycled(self, site: str, indices: list[int]) -> None:
+        """Units ``indices`` of ``site`` were just re-initialised (`relumon.recycle`): their references restart at the
+        recycled weights, so that a recycled unit that dies again is measured from its new bias and rows, as if it
+        lived at the start of the next window. Report time (one small host read)."""
+        memory = self._memory.get(site)
+        fed_by = next((s.fed_by for s in list(self._sites) if s.name == site), None)
+        producer = self._producers.get(fed_by) if fed_by is not None else None
+        if memory is None or producer is None or not indices:
+            return
+        idx = torch.tensor(indices, dtype=torch.long)
+        units = memory.bias.numel()
+        with torch.no_grad():
+            bias = producer.bias.detach().double().cpu() if producer.bias is not None else None
+            rows = producer.row_norms()
+            rows = rows.double().cpu() if rows is not None else None
+        for values, now, start in ((memory.bias, bias, "start_bias"), (memory.rows, rows, "start_rows")):
+            if now is None or now.numel() != units:
+                values[idx] = math.nan
+                continue
+            values[idx] = now[idx]
+            snapshot = getattr(producer, start)
+            if snapshot is not None and snapshot.numel() == units:
+                snapshot[idx.to(snapshot.device)] = now[idx].to(snapshot.device, snapshot.dtype)
+        memory.alive_window[idx] = self._window + 1
+
     def remove(self) -> None:
         """Remove the optimizer hooks. Idempotent."""
         for handle in self._handles:
