@@ -761,7 +761,9 @@ class _Graph:
                     "again, and its rows or columns would stay as recycling left them"
                 )
             if callable(getattr(p, "full_tensor", None)):
-                return f"its {role} `{path}` holds sharded (DTensor, FSDP2) parameters, which recycling does not rewrite"
+                return (
+                    f"its {role} `{path}` holds sharded (DTensor, FSDP2) parameters, which recycling does not rewrite"
+                )
         return None
 
 
