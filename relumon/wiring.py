@@ -462,7 +462,7 @@ class WiringProbe:
     """
 
     def __init__(self, model: nn.Module, on_done: Optional[Callable[[], None]] = None) -> None:
-        from relumon.hooks import OwnHook, OwnPreHook
+        from relumon.hooks import OwnHook, OwnPreHook, hookable_modules
 
         self.calls: list[ModuleCall] = []
         #: Autograd nodes of every tensor a module returned (held until the wiring is read).
@@ -475,7 +475,7 @@ class WiringProbe:
         self._on_done = on_done
         self.done = False
         self._handles: list[Any] = []
-        for path, module in model.named_modules():
+        for path, module in hookable_modules(model):  # TorchScript modules take no hooks
             self._handles.append(module.register_forward_pre_hook(OwnPreHook(self._make_pre(), module)))
             self._handles.append(module.register_forward_hook(OwnHook(self._make_post(path), module)))
 
