@@ -281,3 +281,21 @@ def test_the_first_recycle_without_recycle_option_acts() -> None:
     assert result.units == {"1": [2, 5]} and torch.equal(before[0], after[0])
     assert again.units == {} and "already recycled" in again.skipped["1"]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_wiring_record_costs_one_forward_its_hooks_come_off_when_the_next_step_begins() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [2, 5])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(6, 4)
+    with relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt) as monitor:
+        assert model[2]._forward_pre_hooks  # the probe records the first training forward
+        for _ in range(2):
+            opt.zero_grad()
+            _loss(model(x)).backward()
+            opt.step()
+        # The second step began: the record was read, and no hook is left on a module relumon does not watch.
+        assert not model[0]._forward_pre_hooks and not model[2]._forward_pre_hooks
+        assert not model[0]._forward_hooks and not model[2]._forward_hooks
+        monitor.report()
+        assert monitor.recycle().units == {"1": [2, 5]}
