@@ -95,7 +95,7 @@ class Monitor(OptionAttributes):
         self._window_alerts: list[str] = []
         self._warned_optimizers = False
         self.last_recycle: Optional[RecycleResult] = None
-        # Recycling reads the wiring of one training forward: recorded from the first one when `recycle=` is set.
+        # Recycling reads the recorder's wiring record (`relumon.wiring.WiringBook`) of the first training forward.
         self._recycler = Recycler(self._recorder.wiring_book) if self.options.recycle is not None else None
         self._warned_no_optimizer = False
 
