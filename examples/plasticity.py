@@ -42,6 +42,8 @@ class Run:
     dead_fraction: list[float] = field(default_factory=list)  #: over all hidden units, the task's last window
     recycled: list[int] = field(default_factory=list)  #: units recycled during the task
     dead_again: list[float] = field(default_factory=list)  #: share of recycled units dead again in the next window
+    #: Held-out logits compared right before and after each recycling: how many, how many moved, predictions flipped.
+    held_out: list[int] = field(default_factory=lambda: [0, 0, 0])
 
 
 def load_digits_tensors(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,7 +105,17 @@ def train_stream(
                 loss_fn(model(xt[idx]), yt[idx]).backward()
                 opt.step()
                 if step % args.window == 0:
+                    # The promise is "the same function on the window's samples": measure what moves elsewhere.
+                    model.eval()
+                    with torch.no_grad():
+                        before = model(x_test[:, pixels])
                     report = monitor.report()
+                    if report.recycled is not None and report.recycled.total:
+                        with torch.no_grad():
+                            after = model(x_test[:, pixels])
+                        run.held_out[0] += before.numel()
+                        run.held_out[1] += int((after != before).sum())
+                        run.held_out[2] += int((after.argmax(1) != before.argmax(1)).sum())
                     recycled += sum(layer.recycled_units or 0 for layer in report)
                     checked = sum(layer.recycled_checked for layer in report)
                     if checked:
@@ -164,7 +176,9 @@ def main(argv: Optional[list[str]] = None) -> list[Run]:
     if args.quick:
         args.tasks, args.steps, args.window, args.width = 4, 40, 20, 32
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)  # matrices this small run fastest on one thread, and a busy machine is not oversubscribed
+    torch.use_deterministic_algorithms(True)  # with one thread: the same figures for a seed on a machine kind
     try:
         data = load_digits_tensors(args.seed)
         start = time.perf_counter()
@@ -172,6 +186,7 @@ def main(argv: Optional[list[str]] = None) -> list[Run]:
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
     print(f"{args.stream} stream, {args.tasks} tasks x {args.steps} steps, {seconds:.0f} s")
     print("task  plain acc  recycle acc  plain dead  recycle dead  recycled")
@@ -189,12 +204,23 @@ def main(argv: Optional[list[str]] = None) -> list[Run]:
             f"{run.name:>8}: mean accuracy over the last {last} tasks {100 * acc:.1f}%, dead at the end "
             f"{100 * run.dead_fraction[-1]:.1f}%"
         )
+    compared, moved, flipped = runs[1].held_out
+    if compared:
+        print(
+            f"held-out logits right before and after each recycling: {moved:,} of {compared:,} moved, "
+            f"{flipped:,} predictions flipped"
+        )
     if args.plot is not None:
         plot(runs, args.plot, args)
     if args.json is not None:
         args.json.write_text(
             json.dumps(
-                {"args": {k: str(v) for k, v in vars(args).items()}, "runs": [asdict(r) for r in runs]}, indent=1
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "seconds": seconds,
+                    "runs": [asdict(r) for r in runs],
+                },
+                indent=1,
             )
         )
     return runs

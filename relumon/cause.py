@@ -92,6 +92,13 @@ class Cause:
             (``-0.5``: halved); None when unknown.
         grad_scale: the ``GradScaler``'s scale at the step of the largest update, or None.
         advice: a sentence built from the facts above.
+        peak_lr: the largest learning rate of the producer's param group in those windows, when it was more than
+            ten times ``lr`` (a spike the update figures do not name); else None.
+        peak_lr_step: the optimizer step at which ``peak_lr`` took effect.
+        own_update: ``||ΔW|| / ||W||`` of the dying units' own incoming rows over the window in which they died,
+            exact (for a producer whose update ratio is sampled: a sparse update can miss the sample); else None.
+        never_alive: True when none of the units was ever seen alive and neither their biases nor their weight rows
+            moved since watching began: they started dead.
     """
 
     step: int
@@ -106,6 +113,10 @@ class Cause:
     weight_shift: Optional[float]
     grad_scale: Optional[float]
     advice: str
+    peak_lr: Optional[float] = None
+    peak_lr_step: Optional[int] = None
+    own_update: Optional[float] = None
+    never_alive: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (strict JSON: NaN becomes None)."""
@@ -145,11 +156,19 @@ def advice(
     negative_regime: bool,
     has_optimizer: bool,
     newly_dead: Optional[int] = None,
+    never_alive: bool = False,
+    peak_lr: Optional[float] = None,
+    peak_lr_step: Optional[int] = None,
+    own_update: Optional[float] = None,
 ) -> str:
     """The cause's sentence: the facts that are known, then what to change, chosen by those facts.
 
     ``newly_dead``: when the figures are about the units that died in this window only (others died earlier), their
-    number, so the sentence says whose biases moved.
+    number, so the sentence says whose biases moved. ``never_alive``: the units were never seen alive and their
+    weights never moved (the advice then points at the init and the input's scale, not the learning rate).
+    ``peak_lr``: a learning rate more than ten times ``lr`` held in those windows (a spike), at ``peak_lr_step``.
+    ``own_update``: the dying units' own rows' exact ``||ΔW|| / ||W||`` over their last window, when the update
+    ratio is sampled.
     """
     facts = []
     feeder = f"`{fed_by}`" if fed_by else "the layer feeding it"
@@ -171,10 +190,34 @@ def advice(
         facts.append(f"the largest update of {feeder} was ||Δw||/||w|| = {update_ratio:.2g}{at}{lr_text}")
     elif lr is not None:
         facts.append(f"lr {lr:.3g}")
+    if own_update is not None and (update_ratio is None or own_update > update_ratio):
+        facts.append(
+            f"their own incoming rows moved by ||ΔW||/||W|| = {own_update:.2g} within the window they died in "
+            "(measured exactly; the layer's update ratio is sampled)"
+        )
+    spike = peak_lr is not None and lr is not None and peak_lr > 10 * lr
+    if spike and peak_lr is not None and lr is not None:
+        at = f" at optimizer step {peak_lr_step}" if peak_lr_step is not None else ""
+        facts.append(f"the learning rate reached {peak_lr:.3g}{at}, {peak_lr / lr:,.0f} times the lr {lr:.3g} above")
     if grad_scale is not None:
         facts.append(f"loss scale {grad_scale:g} (figures unscaled)")
     large = update_ratio is not None and update_ratio >= 10 * HEALTHY_UPDATE_RATIO
-    if large and update_ratio is not None:
+    if own_update is not None and own_update >= 10 * HEALTHY_UPDATE_RATIO and not large:
+        large, update_ratio = True, own_update
+    if never_alive:
+        remedy = (
+            "they were never alive since watching began and their weights and biases never moved, so no update "
+            f"killed them: they started dead. Check the init of {feeder} (its bias and weight scale) and the input's "
+            "scale (normalisation), not the learning rate"
+        )
+    elif spike and peak_lr is not None:
+        remedy = (
+            f"the learning rate spiked to {peak_lr:.3g} in these windows: check the schedule (a warm-up or a step "
+            "that multiplies the rate), or clip gradients"
+        )
+        if not negative_regime:
+            remedy += "; LeakyReLU(0.01) would keep gradients flowing"
+    elif large and update_ratio is not None:
         target = ""
         if lr is not None and update_ratio > 0 and math.isfinite(update_ratio):
             target = f" (about {lr * HEALTHY_UPDATE_RATIO / update_ratio:.2g} would make it 1e-3)"
@@ -265,6 +308,33 @@ class _Producer:
         self.snapshot()
         #: (window, largest ratio, its optimizer step, lr, grad scale) of each closed window, newest last.
         self.records: deque[_Record] = deque(maxlen=RECORD_WINDOWS)
+        #: (window, largest lr, the optimizer step it took effect) of each closed window, newest last.
+        self.peaks: deque[tuple[int, float, int]] = deque(maxlen=RECORD_WINDOWS)
+        #: A sampled weight's copy at the start of window `start_window` (device), so the dying units' own rows are
+        #: measured exactly at the report; None for a weight measured whole.
+        self.start_weight: Optional[Tensor] = None
+        self.keep_start_weight()
+
+    def keep_start_weight(self) -> None:
+        """Copy a sampled weight at a window's start (report time; on the device, no host read)."""
+        if self.weight is not None and self.stride and self.weight.ndim >= 1:
+            with torch.no_grad():
+                if self.start_weight is not None and self.start_weight.shape == self.weight.shape:
+                    self.start_weight.copy_(self.weight.detach())
+                else:
+                    self.start_weight = self.weight.detach().clone()
+
+    def own_update(self, rows: Tensor, start: Optional[Tensor]) -> Optional[float]:
+        """``||W[rows] - start[rows]|| / ||start[rows]||`` (report time), or None when unknown."""
+        weight = self.weight
+        if weight is None or start is None or start.shape != weight.shape or not bool(rows.any()):
+            return None
+        with torch.no_grad():
+            where = rows.nonzero().flatten().to(weight.device)
+            now, then = weight.detach().index_select(0, where).double(), start.index_select(0, where).double()
+            moved = torch.linalg.vector_norm(now - then) / torch.linalg.vector_norm(then).clamp_min(1e-30)
+        value = float(moved)
+        return value if math.isfinite(value) else None
 
     def snapshot(self) -> None:
         with torch.no_grad():
@@ -390,6 +460,16 @@ class _StepGroup:
             return float(rate)  # report time
         return float(rate) if isinstance(rate, (int, float)) else None
 
+    def peak_lr(self, group: int) -> Optional[tuple[float, int]]:
+        """The largest rate of param group ``group`` in the open window, and the optimizer step it took effect."""
+        best: Optional[tuple[float, int]] = None
+        for first, rates in self.lrs:
+            rate = rates[group] if group < len(rates) else None
+            value = float(rate) if isinstance(rate, (int, float, Tensor)) else None
+            if value is not None and math.isfinite(value) and (best is None or value > best[0]):
+                best = (value, first)
+        return best
+
     def forget_lrs(self) -> None:
         """After a window closed: only the rate in force is still needed."""
         del self.lrs[:-1]
@@ -402,6 +482,9 @@ class _SiteMemory:
         self.bias = torch.full((units,), math.nan, dtype=torch.float64)
         self.rows = torch.full((units,), math.nan, dtype=torch.float64)
         self.alive_window = torch.full((units,), -1, dtype=torch.int64)
+        #: For a sampled producer weight: each unit's incoming row at the start of the last window it lived in
+        #: (device, NaN where unknown), so the update that killed it is measured exactly at the report.
+        self.weight: Optional[Tensor] = None
 
 
 class _Hook:
@@ -453,6 +536,8 @@ class CauseTracker:
         self._memory: dict[str, _SiteMemory] = {}
         self._window = 0
         self._disabled: Optional[str] = None
+        #: The open window's largest lr per producer: (window, lr, optimizer step).
+        self._peaks: dict[str, tuple[int, float, int]] = {}
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles = [
@@ -592,6 +677,9 @@ class CauseTracker:
                 producer.start_window = window + 1
                 if producer.path in records:
                     producer.records.append(records[producer.path])
+                if producer.path in self._peaks:
+                    producer.peaks.append(self._peaks[producer.path])
+                producer.keep_start_weight()
             for group, bucket in buckets:
                 bucket.reset()
                 group.forget_lrs()
@@ -643,6 +731,7 @@ class CauseTracker:
     ) -> dict[str, _Record]:
         """This window's largest update per producer: (window, ratio, optimizer step, lr, grad scale)."""
         records: dict[str, _Record] = {}
+        self._peaks = {}
         for i, (group, bucket) in enumerate(buckets):
             ratio, steps, scales = (now[f"#{i}"][k] for k in ("ratio", "step", "scale"))
             assert ratio is not None and steps is not None and scales is not None
@@ -651,13 +740,22 @@ class CauseTracker:
                     continue  # no optimizer step measured it in this window
                 step = int(steps[j])
                 scale = float(scales[j])
-                records[producer.path] = (
+                record = (
                     window,
                     float(ratio[j]),
                     step,
                     group.lr_at(step, bucket.group_of[j]),
                     None if math.isnan(scale) else scale,
                 )
+                known = records.get(producer.path)
+                # A producer two optimizers step: the larger update is the one that can kill, not the last one read.
+                if known is None or math.isnan(known[1]) or record[1] > known[1]:
+                    records[producer.path] = record
+                peak = group.peak_lr(bucket.group_of[j])
+                if peak is not None:
+                    old = self._peaks.get(producer.path)
+                    if old is None or peak[0] > old[1]:
+                        self._peaks[producer.path] = (window, peak[0], peak[1])
         return records
 
     def _cause(
@@ -701,6 +799,20 @@ class CauseTracker:
         has_optimizer = any(True for _ in self.optimizers())
         if lr is None:
             lr = self._current_lr(producer)
+        peaks = list(producer.peaks) + ([self._peaks[producer.path]] if producer.path in self._peaks else [])
+        peak = max((r for r in peaks if r[0] >= first), key=lambda r: r[1], default=None)
+        peak_lr = peak_step = None
+        if peak is not None and lr is not None and peak[1] > 10 * lr:
+            peak_lr, peak_step = peak[1], peak[2]
+        # Their own rows against the start of the last window they lived in, exactly (a sampled ratio can miss them).
+        own = producer.own_update(chosen, memory.weight) if since is not None else None
+        # Never seen alive, and neither their biases nor their rows moved: they started dead.
+        never_alive = (
+            since is None
+            and bias_shift is not None
+            and abs(bias_shift) <= 1e-12
+            and (weight_shift is None or abs(weight_shift) <= 1e-12)
+        )
         return Cause(
             step=step,
             units=int(chosen.sum()),
@@ -725,7 +837,15 @@ class CauseTracker:
                 negative_regime=bool(layer.negative_regime),
                 has_optimizer=has_optimizer,
                 newly_dead=int(fresh.sum()) if bool(fresh.any()) and bool((dead & ~fresh).any()) else None,
+                never_alive=never_alive,
+                peak_lr=peak_lr,
+                peak_lr_step=peak_step,
+                own_update=own,
             ),
+            peak_lr=peak_lr,
+            peak_lr_step=peak_step,
+            own_update=own,
+            never_alive=never_alive,
         )
 
     def _current_lr(self, producer: _Producer) -> Optional[float]:
@@ -746,6 +866,8 @@ class CauseTracker:
                 start = now[producer.path].get(key)
                 if start is not None and start.numel() == units:
                     setattr(memory, attribute, start.clone())
+            if producer.start_weight is not None and producer.start_weight.shape[0] == units:
+                memory.weight = producer.start_weight.clone()
         return memory
 
     def _remember(
@@ -770,6 +892,45 @@ class CauseTracker:
             else:
                 values[alive] = math.nan
         memory.alive_window[alive] = window
+        rows = memory.weight
+        if rows is not None:
+            start_weight = producer.start_weight
+            mask = alive.to(rows.device).view(-1, *([1] * (rows.ndim - 1)))
+            if known and start_weight is not None and start_weight.shape == rows.shape:
+                rows.copy_(torch.where(mask, start_weight, rows))
+            else:
+                rows.masked_fill_(mask, math.nan)
+
+    def recycled(self, site: str, indices: list[int]) -> None:
+        """Units ``indices`` of ``site`` were just re-initialised (`relumon.recycle`): their references restart at the
+        recycled weights, so that a recycled unit that dies again is measured from its new bias and rows, as if it
+        lived at the start of the next window. Report time (one small host read)."""
+        memory = self._memory.get(site)
+        fed_by = next((s.fed_by for s in list(self._sites) if s.name == site), None)
+        producer = self._producers.get(fed_by) if fed_by is not None else None
+        if memory is None or producer is None or not indices:
+            return
+        idx = torch.tensor(indices, dtype=torch.long)
+        units = memory.bias.numel()
+        with torch.no_grad():
+            bias = producer.bias.detach().double().cpu() if producer.bias is not None else None
+            rows = producer.row_norms()
+            rows = rows.double().cpu() if rows is not None else None
+        for values, now, start in ((memory.bias, bias, "start_bias"), (memory.rows, rows, "start_rows")):
+            if now is None or now.numel() != units:
+                values[idx] = math.nan
+                continue
+            values[idx] = now[idx]
+            snapshot = getattr(producer, start)
+            if snapshot is not None and snapshot.numel() == units:
+                snapshot[idx.to(snapshot.device)] = now[idx].to(snapshot.device, snapshot.dtype)
+        memory.alive_window[idx] = self._window + 1
+        weight = producer.weight
+        for kept in (memory.weight, producer.start_weight):
+            if kept is not None and weight is not None and kept.shape == weight.shape:
+                with torch.no_grad():
+                    at = idx.to(kept.device)
+                    kept.index_copy_(0, at, weight.detach().index_select(0, at).to(kept.dtype))
 
     def remove(self) -> None:
         """Remove the optimizer hooks. Idempotent."""

@@ -93,8 +93,8 @@ class Monitor(OptionAttributes):
         self._window_alerts: list[str] = []
         self._warned_optimizers = False
         self.last_recycle: Optional[RecycleResult] = None
-        # Recycling reads the wiring of one training forward: recorded from the first one when `recycle=` is set.
-        self._recycler = Recycler(model, self.options.types) if self.options.recycle is not None else None
+        # Recycling reads the recorder's wiring record (`relumon.wiring.WiringBook`) of the first training forward.
+        self._recycler = Recycler(self._recorder.wiring_book) if self.options.recycle is not None else None
         self._warned_no_optimizer = False
         # Certificates (`certify=True`) read the wiring of one training forward too, at report time only.
         self._certifier = Certifier(model) if self.options.certify else None
@@ -347,13 +347,16 @@ class Monitor(OptionAttributes):
             # This window was acted on already (by `recycle=` or an earlier call): recycling it again would re-draw
             # units that have been training since, and count them twice.
             reason = f"window {report.window} was already recycled; recycle again after the next window closes"
-            return RecycleResult(report.window, criterion, {}, {name: reason for name in done.units}, {}, 0)
+            again = {name: reason for name in done.units}
+            again.update(done.skipped)  # every site with candidates gets units or a reason, the second time too
+            return RecycleResult(report.window, criterion, {}, again, {}, 0)
         if self._recycler is None:
-            self._recycler = Recycler(model, self.options.types)
+            self._recycler = Recycler(self._recorder.wiring_book)
         result = self._recycler.recycle(model, report, optimizers, criterion, self.options.dormant_tau)
         units_of = {x.name: x.units for x in report}
         for name, indices in result.units.items():
             self._diagnosis.recycled(name, units_of[name], indices)
+            self._cause.recycled(name, indices)  # their cause starts from the recycled weights
         self.last_recycle = result
         return result
 

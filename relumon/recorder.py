@@ -71,7 +71,7 @@ from relumon.hooks import (
 from relumon.options import Options
 from relumon.state import SiteLayout, SiteStats, batch_rows, layout_of
 from relumon.units import infer_unit_dim
-from relumon.wiring import UNBATCHED, Wiring, batch_first_of, call_signature, read_wiring
+from relumon.wiring import UNBATCHED, Wiring, WiringBook, batch_first_of, call_signature, read_wiring
 
 __all__ = ["Recorder", "Site", "NEGATIVE_REGIME_TYPES", "ZERO_FLOOR_TYPES", "counts_dead"]
 
@@ -370,6 +370,8 @@ class Recorder:
             self._handles.append(model.register_forward_pre_hook(OwnPreHook(self._on_root_forward, model)))
             self._handles.append(model.register_forward_hook(OwnHook(self._on_root_done, model)))
             self._tracer = ProducerTracer(model, transparent={m for m in self._watched if isinstance(m, nn.Module)})
+            #: Producer and reader facts of the first training forward's sites (recycling reads them).
+            self.wiring_book = WiringBook(model)
             if options.functional:
                 self._attach_functional(model)
         except BaseException:
@@ -819,6 +821,8 @@ class Recorder:
             recurrent = self._join_upstream(site, out, compiled)
             if not recurrent and watched.sites and watched.sites[-1] is site and self._graph_nodes is None:
                 recurrent = watched.recurrent[-1]  # no graph record any more: a longer sequence than before
+        if not compiled:
+            self.wiring_book.discovered(site.name, inp, out, site.stats.unit_dim)
         nodes = self._wiring_nodes
         if nodes is not None and out.grad_fn is not None:
             nodes[node_key(out.grad_fn)] = (site.name, site.stats.unit_dim)
@@ -1032,6 +1036,8 @@ class Recorder:
         self.weight_grads.remove()
         if self._tracer is not None:
             self._tracer.remove()
+        if getattr(self, "wiring_book", None) is not None:
+            self.wiring_book.remove()
         self._exit_capture()  # removed in the middle of a forward
         self._module_stack.clear()
         self._graph_nodes = None

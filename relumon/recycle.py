@@ -14,30 +14,34 @@ calls of **one** training forward (the first after it is armed) and then removes
   covers all its positions in the Linear), so a dead unit (output 0) leaves the network's function exactly as it was;
 - the **optimizer state** of every touched entry set to 0, found by parameter (never by index): every state tensor
   of the parameter's shape (Adam's ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``, SGD's ``momentum_buffer``,
-  Adagrad's ``sum``...). Adam's per-parameter ``step`` is kept, as ReDo keeps it (see `reset_optimizer_state`).
+  Adagrad's ``sum``, restarted at its ``initial_accumulator_value``...). Adam's per-parameter ``step`` is kept,
+  as ReDo keeps it (see `reset_optimizer_state`).
 
-**The wiring** (`discover_wiring`) comes from the autograd graph of the recorded forward: a site's producer is found
-by walking back from the activation's input through BatchNorm, Dropout and Identity to a Linear or Conv; its readers
-by following the activation's output forward through views, flattens, dropout and pooling to the Linear/Conv
-modules that take it as input. Anything else that reads or feeds the unit (a residual add, a LayerNorm, a functional
-op) makes the site unsafe to rewire: it is skipped with the reason, and nothing there changes.
+**The wiring** is the recorder's record of each site (`relumon.wiring.WiringBook`), read once from the autograd graph
+of the first training forward, when it is over: the producer (a Linear or Conv, through BatchNorm, Dropout and
+Identity), the readers (every Linear/Conv that takes the activation, through views, flattens, transposes, dropout,
+pooling and means over other dims), and whether anything else reads or feeds the unit (a residual add, a LayerNorm,
+a functional op, an output the model returns), whether a parameter involved is used twice in the graph or frozen.
+Such a site is skipped with the reason, and nothing there changes. So the first `recycle()` acts.
+
+**The promise** is "the same function on the window's samples": a dead unit output 0 on every sample of the window,
+and every reader's columns for it are 0 now. On other inputs a unit dead on the window can fire (a BatchNorm channel
+under running statistics, a held-out image): there its old output is gone (see ``docs/plasticity.md``).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import zlib
-from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from relumon.cause import check_optimizers
-from relumon.hooks import OwnHook, OwnPreHook, in_functorch_transform, is_compiling, is_counted_forward
 from relumon.options import RECYCLE_CHOICES
+from relumon.wiring import SiteWiring, WiringBook, WiringProbe
 
 __all__ = [
     "CRITERIA",
@@ -45,444 +49,12 @@ __all__ = [
     "SiteWiring",
     "WiringProbe",
     "optimizers_of_model",
-    "discover_wiring",
     "recycle_units",
     "reset_optimizer_state",
 ]
 
 #: What [`Monitor.recycle`][relumon.Monitor.recycle] can act on.
 CRITERIA = RECYCLE_CHOICES
-
-#: Autograd nodes between an activation and a reader that keep each unit's values apart: views and flattens, copies,
-#: dropout (a product with a mask that needs no gradient), pooling over positions.
-_KEEPS_UNITS = (
-    "ViewBackward",
-    "UnsafeViewBackward",
-    "ReshapeAliasBackward",
-    "CloneBackward",
-    "ToCopyBackward",
-    "AliasBackward",
-    "NativeDropoutBackward",
-    "MaxPool",
-    "AvgPool",
-    "AdaptiveAvgPool",
-    "AdaptiveMaxPool",
-    "SqueezeBackward",
-    "UnsqueezeBackward",
-)
-_VIEWS = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward")
-_POOLS = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool")
-_RESHAPES = (*_VIEWS, "SqueezeBackward", "UnsqueezeBackward")
-#: Modules between a producer and its activation that recycling steps over (BatchNorm is reset, these pass through).
-_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-
-
-def _node_name(node: Any) -> str:
-    return type(node).__name__
-
-
-def _is_weighted(module: nn.Module) -> bool:
-    """A Linear or a (non-transposed) Conv1d/2d/3d: the layers whose rows and columns recycling rewrites."""
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
-
-
-def _kind(module: nn.Module) -> str:
-    return type(module).__name__
-
-
-@dataclass
-class _Call:
-    """One recorded call of a module in the probed forward."""
-
-    path: str
-    module: nn.Module
-    index: int  # 0-based call of this module within the forward
-    in_node: Any
-    out_node: Any
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-
-
-class WiringProbe:
-    """Records the module calls of one training forward, for `discover_wiring`, then takes its hooks off.
-
-    A forward pre-hook and a forward hook on every module keep, per call, the ``grad_fn`` of its input and output
-    and their shapes. Recording starts at the first training forward (grad enabled, module in training mode) and
-    ends when the first module it saw is called again (the next step); then the hooks are removed. Under
-    ``torch.compile`` and ``torch.func`` transforms nothing is recorded. The probe holds the recorded autograd nodes
-    (after the backward pass they hold no activations) until `calls` is read, then lets them go.
-
-    Args:
-        model: the watched model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self._calls: list[_Call] = []
-        #: Autograd nodes of the tensors the root module returned (a tuple or dict of them too).
-        self.output_nodes: set[int] = set()
-        self._output_refs: list[Any] = []
-        self._pending: dict[int, list[tuple[Any, tuple[int, ...]]]] = {}  # id(module) -> inputs of open calls
-        self._counts: Counter[int] = Counter()
-        self._first: Optional[nn.Module] = None
-        self.done = False
-        self._handles = []
-        for path, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(OwnPreHook(self._make_pre(path), module)))
-            self._handles.append(module.register_forward_hook(OwnHook(self._make_post(path), module)))
-
-    def _make_pre(self, path: str) -> Any:
-        def pre(module: nn.Module, args: Any) -> None:
-            if self.done or is_compiling() or not is_counted_forward(module) or in_functorch_transform():
-                return
-            if self._first is None:
-                self._first = module
-            elif module is self._first and self._counts[id(module)] > 0:
-                self.finish()  # the first module runs again: the next step has begun
-                return
-            inp = args[0] if args and isinstance(args[0], Tensor) else None
-            entry = (inp.grad_fn if inp is not None else None, tuple(inp.shape) if inp is not None else ())
-            self._pending.setdefault(id(module), []).append(entry)
-
-        return pre
-
-    def _make_post(self, path: str) -> Any:
-        def post(module: nn.Module, args: Any, out: Any) -> None:
-            if self.done or is_compiling():
-                return
-            pending = self._pending.get(id(module))
-            if not pending:
-                return
-            in_node, in_shape = pending.pop()
-            index = self._counts[id(module)]
-            self._counts[id(module)] += 1
-            if isinstance(out, Tensor):
-                self._calls.append(_Call(path, module, index, in_node, out.grad_fn, in_shape, tuple(out.shape)))
-            if path == "":  # the model's outputs: a unit that reaches one cannot be rewired without changing it
-                nodes = [t.grad_fn for t in _tensors_in(out) if t.grad_fn is not None]
-                self._output_refs.extend(nodes)  # held, so that their ids stay theirs until the wiring is read
-                self.output_nodes.update(id(node) for node in nodes)
-
-        return post
-
-    @property
-    def recorded(self) -> bool:
-        """Whether a training forward was recorded."""
-        return bool(self._calls)
-
-    def finish(self) -> None:
-        """Stop recording and remove the hooks. Idempotent."""
-        self.done = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._pending.clear()
-
-    def take_calls(self) -> list[Any]:
-        """The recorded calls, once; the probe stops and forgets them (and the autograd nodes they hold)."""
-        self.finish()
-        calls, self._calls = self._calls, []
-        return calls
-
-
-@dataclass(frozen=True)
-class _Reader:
-    path: str
-    positions: int  # columns of a Linear reader per unit (H*W after a flatten), 1 otherwise
-
-
-@dataclass(frozen=True)
-class SiteWiring:
-    """What feeds one call site's units and what reads them, or why it cannot be rewired.
-
-    Attributes:
-        site: the call-site name.
-        units: units of the site.
-        producer: path of the Linear/Conv whose rows feed the units, if found.
-        norm: path of the BatchNorm between producer and activation, if any.
-        readers: paths of the Linear/Conv modules that read the units.
-        positions: per reader, its input columns per unit (a Linear after a flatten reads ``H*W`` per channel).
-        problem: why recycling must leave this site alone, or None when it can rewire it.
-    """
-
-    site: str
-    units: int
-    producer: Optional[str] = None
-    norm: Optional[str] = None
-    readers: tuple[str, ...] = ()
-    positions: tuple[int, ...] = ()
-    problem: Optional[str] = None
-
-
-def _site_name(path: str, index: int) -> str:
-    base = path or "root"
-    return base if index == 0 else f"{base}.call{index + 1}"
-
-
-def _tensors_in(value: Any) -> list[Tensor]:
-    """The tensors in a module's output: itself, or those in a tuple, list or dict (one level deep, and nested)."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors_in(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors_in(v)]
-    return []
-
-
-def discover_wiring(
-    calls: Sequence[Any],
-    model: nn.Module,
-    activation_types: tuple[type[nn.Module], ...],
-    unit_dims: dict[str, int],
-    output_nodes: Optional[set[int]] = None,
-) -> dict[str, SiteWiring]:
-    """Producer and readers of every activation call site, from the autograd graph of one recorded forward.
-
-    This is the one place recycling learns the wiring; it reads only what `WiringProbe` recorded.
-
-    Args:
-        calls: `WiringProbe.take_calls()`.
-        model: the model (for shared parameters).
-        activation_types: the watched activation classes.
-        unit_dims: ``{site name: unit dim}``, as the reports give them (``LayerReport.unit_dim``).
-        output_nodes: ids of the autograd nodes of the model's outputs (`WiringProbe.output_nodes`): a site whose
-            values reach one is left alone.
-
-    Returns:
-        ``{site name: SiteWiring}`` for each call of a watched activation module that ``unit_dims`` names.
-    """
-    out_owner: dict[int, _Call] = {}
-    for call in calls:  # children finish first: the innermost module that returned a node owns it
-        if call.out_node is not None:
-            out_owner.setdefault(id(call.out_node), call)
-    calls_per_module = Counter(id(c.module) for c in calls)
-    consumers = _consumers([c.out_node for c in calls] + [c.in_node for c in calls])
-    # Nodes computed inside each Linear/Conv call: from its output back to its input.
-    reader_of: dict[int, _Call] = {}
-    for call in calls:
-        if _is_weighted(call.module) and call.in_node is not None and call.out_node is not None:
-            for node in _inside(call.out_node, call.in_node):
-                reader_of.setdefault(id(node), call)
-    shared = _shared_parameters(model)
-    wiring: dict[str, SiteWiring] = {}
-    for call in calls:
-        if not isinstance(call.module, activation_types):
-            continue
-        name = _site_name(call.path, call.index)
-        if name in wiring or name not in unit_dims:
-            continue
-        wiring[name] = _wire_site(
-            name,
-            call,
-            unit_dims[name],
-            out_owner,
-            consumers,
-            reader_of,
-            calls_per_module,
-            shared,
-            output_nodes or set(),
-        )
-    return wiring
-
-
-def _consumers(roots: Iterable[Any]) -> dict[int, list[Any]]:
-    """For every node reachable back from ``roots``: the nodes that take it as an input (its consumers)."""
-    consumers: dict[int, list[Any]] = {}
-    seen: set[int] = set()
-    stack = [r for r in roots if r is not None]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        for parent, _ in getattr(node, "next_functions", ()):
-            if parent is None or _node_name(parent) == "AccumulateGrad":
-                continue
-            consumers.setdefault(id(parent), []).append(node)
-            stack.append(parent)
-    return consumers
-
-
-def _inside(out_node: Any, in_node: Any) -> list[Any]:
-    """The nodes of one module call: back from its output, stopping at its input and at parameters."""
-    inside, seen, stack = [], {id(in_node)}, [out_node]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen or _node_name(node) == "AccumulateGrad":
-            continue
-        seen.add(id(node))
-        inside.append(node)
-        stack.extend(parent for parent, _ in node.next_functions)
-    return inside
-
-
-def _shared_parameters(model: nn.Module) -> set[int]:
-    seen: Counter[int] = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    return {pid for pid, n in seen.items() if n > 1}
-
-
-def _is_sharded(t: Any) -> bool:
-    return callable(getattr(t, "full_tensor", None))
-
-
-def _module_problem(path: str, module: nn.Module, calls: int, shared: set[int], role: str) -> Optional[str]:
-    if calls > 1:
-        return f"its {role} `{path}` is called {calls} times per forward (shared weights)"
-    for pname, p in module.named_parameters(recurse=False):
-        if id(p) in shared:
-            return f"its {role} `{path}` has tied weights (`{pname}` is shared with another module)"
-        if _is_sharded(p):
-            return f"its {role} `{path}` holds sharded (DTensor, FSDP2) parameters, which recycling does not rewrite"
-    return None
-
-
-def _wire_site(
-    name: str,
-    call: _Call,
-    units_dim: int,
-    out_owner: dict[int, _Call],
-    consumers: dict[int, list[Any]],
-    reader_of: dict[int, _Call],
-    calls_per_module: Counter[int],
-    shared: set[int],
-    output_nodes: set[int],
-) -> SiteWiring:
-    shape = call.out_shape
-    ndim = len(shape)
-    if ndim < 2:
-        return SiteWiring(name, shape[0] if shape else 1, problem="its output is not batched (fewer than 2 dims)")
-    units = shape[units_dim]
-
-    def skip(reason: str, **known: Any) -> SiteWiring:
-        return SiteWiring(name, units, problem=reason, **known)
-
-    # ---- the producer: back through BatchNorm, Dropout and Identity to a Linear or Conv
-    node, norm = call.in_node, None
-    while True:
-        if node is None:
-            return skip("it is fed by the model's input or a tensor without gradient: there is no producer to reset")
-        owner = out_owner.get(id(node))
-        if owner is None:
-            op = _node_name(node)
-            if op.startswith("AddBackward") or op.startswith("SubBackward"):
-                return skip(f"it is fed by an add of two or more producers (`{op}`, a residual join)")
-            return skip(f"it is fed by an operation outside any module (`{op}`) that recycling cannot follow")
-        readers_of_node = consumers.get(id(node), [])
-        if len(readers_of_node) > 1:
-            return skip(f"the output of `{owner.path}` is also read by another operation than the activation")
-        module = owner.module
-        if isinstance(module, _PASS_THROUGH):
-            node = owner.in_node
-            continue
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and norm is None:
-            if module.num_features != units:
-                return skip(f"its BatchNorm `{owner.path}` has {module.num_features} features, the site {units} units")
-            problem = _module_problem(owner.path, module, calls_per_module[id(module)], shared, "BatchNorm")
-            if problem:
-                return skip(problem)
-            norm = owner
-            node = owner.in_node
-            continue
-        if not _is_weighted(module):
-            return skip(f"it is fed by `{owner.path}` ({_kind(module)}), not a Linear or Conv")
-        producer = owner
-        break
-    pmod = producer.module
-    rows = pmod.out_features if isinstance(pmod, nn.Linear) else pmod.out_channels
-    along = ndim - 1 if isinstance(pmod, nn.Linear) else 1
-    if rows != units or units_dim != along:
-        return skip(
-            f"its producer `{producer.path}` ({_kind(pmod)}) has {rows} outputs along another dim than the units"
-        )
-    problem = _module_problem(producer.path, pmod, calls_per_module[id(pmod)], shared, "producer")
-    if problem:
-        return skip(problem)
-
-    # ---- the readers: forward through unit-keeping ops to the Linear/Conv modules that take the output as input
-    readers: list[_Reader] = []
-    frontier: list[tuple[Any, list[Any]]] = [(call.out_node, [])]
-    seen: set[int] = set()
-    while frontier:
-        node, path = frontier.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if id(node) in output_nodes:
-            return skip("the model returns its values (or a view of them): re-drawn units would change that output")
-        for consumer in consumers.get(id(node), []):
-            reader = reader_of.get(id(consumer))
-            if reader is not None and reader.in_node is node:
-                found = _map_reader(reader, path, units, units_dim, shape)
-                if isinstance(found, str):
-                    return skip(found)
-                problem = _module_problem(
-                    reader.path, reader.module, calls_per_module[id(reader.module)], shared, "reader"
-                )
-                if problem:
-                    return skip(problem)
-                readers.append(found)
-                continue
-            op = _node_name(consumer)
-            if op.startswith(_POOLS) and not _pool_keeps_units(op, path, len(shape), units_dim):
-                return skip(
-                    f"its output is pooled by `{op}` in a way that may mix its units: recycling cannot map them"
-                )
-            if op.startswith(_KEEPS_UNITS) or (op.startswith("MulBackward") and _one_grad_input(consumer)):
-                frontier.append((consumer, path + [consumer]))
-                continue
-            owner = out_owner.get(id(consumer))
-            what = f"`{owner.path}` ({_kind(owner.module)})" if owner is not None else f"`{op}`"
-            if op.startswith("AddBackward"):
-                what += ", a residual add"
-            return skip(f"its output is read by {what}, not a Linear or Conv recycling can rewire")
-    if not readers:
-        return skip("nothing inside the model reads its output through a Linear or Conv (it may be the model's output)")
-    return SiteWiring(
-        name,
-        units,
-        producer=producer.path,
-        norm=norm.path if norm is not None else None,
-        readers=tuple(r.path for r in readers),
-        positions=tuple(r.positions for r in readers),
-    )
-
-
-def _pool_keeps_units(op: str, path: list[Any], ndim: int, units_dim: int) -> bool:
-    """Whether a pooling node pools positions only: a 2-D pool of a batched 4-D map (or 3-D of 5-D) with the units
-    in dim 1, reached without a reshape. Anything else (a 1-D pool over a Linear's features, a 3-D pool of a 4-D map,
-    which takes the batch for channels and pools across them) may mix units."""
-    if units_dim != 1 or any(_node_name(n).startswith(_RESHAPES) for n in path):
-        return False
-    return (ndim == 4 and "2D" in op.upper()) or (ndim == 5 and "3D" in op.upper())
-
-
-def _one_grad_input(node: Any) -> bool:
-    return sum(1 for parent, _ in node.next_functions if parent is not None) == 1
-
-
-def _map_reader(reader: _Call, path: list[Any], units: int, units_dim: int, shape: tuple[int, ...]) -> Any:
-    """The reader's columns per unit, or a reason why they cannot be mapped."""
-    module = reader.module
-    views = [n for n in path if _node_name(n).startswith(_VIEWS)]
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if units_dim != 1 or module.in_channels != units or views:
-            return f"it is read by `{reader.path}` ({_kind(module)}) through a reshape that does not keep its channels"
-        return _Reader(reader.path, 1)
-    assert isinstance(module, nn.Linear)
-    in_features = module.in_features
-    if units_dim == len(shape) - 1 and in_features == units:
-        if all(tuple(n._saved_self_sym_sizes)[-1:] == (units,) for n in views):
-            return _Reader(reader.path, 1)
-    elif units_dim == 1 and len(views) == 1 and in_features % units == 0:
-        sizes = tuple(views[0]._saved_self_sym_sizes)
-        after = path[path.index(views[0]) + 1 :]
-        if len(sizes) >= 3 and sizes[1] == units and math.prod(sizes[2:]) * units == in_features:
-            if all(not _node_name(n).startswith(("MaxPool", "AvgPool", "Adaptive")) for n in after):
-                return _Reader(reader.path, in_features // units)
-    return f"it is read by `{reader.path}` (Linear {in_features} inputs) through a reshape relumon cannot map to units"
-
 
 # ---------------------------------------------------------------------------------------------- acting on it
 
@@ -585,7 +157,10 @@ def reset_optimizer_state(
                     if isinstance(value, Tensor) and value.shape == p.shape:
                         # A per-element step size (Rprop's) restarts where a fresh parameter's does, at the lr: at 0
                         # the recycled entries could hardly move again. Every other such state restarts at 0.
+                        # Adagrad's sum restarts at the group's `initial_accumulator_value`, as a fresh parameter's.
                         fresh = float(group["lr"]) if key == "step_size" else 0.0
+                        if key == "sum" and "initial_accumulator_value" in group:
+                            fresh = float(group["initial_accumulator_value"])
                         for selection in entry[1]:
                             _fill(value, selection, fresh)
 
@@ -685,31 +260,17 @@ def recycle_units(
 
 
 class Recycler:
-    """The wiring probe and what it found, for one monitor; the decisions of each recycle call.
+    """The decisions of each recycle call, from the recorder's wiring record (`relumon.wiring.WiringBook`).
 
     Args:
-        model: the watched model.
-        activation_types: the watched activation classes.
+        book: the recorder's record of the sites' producers and readers.
     """
 
-    def __init__(self, model: nn.Module, activation_types: tuple[type[nn.Module], ...]) -> None:
-        self._types = activation_types
-        self._probe: Optional[WiringProbe] = WiringProbe(model)
-        self._wiring: Optional[dict[str, SiteWiring]] = None
+    def __init__(self, book: WiringBook) -> None:
+        self._book = book
 
     def remove(self) -> None:
-        """Take the probe's hooks off (if it is still recording). Idempotent."""
-        if self._probe is not None:
-            self._probe.finish()
-
-    def wiring(self, model: nn.Module, unit_dims: dict[str, int]) -> Optional[dict[str, SiteWiring]]:
-        """Every site's wiring, derived once from the recorded forward; None while no forward was recorded."""
-        if self._wiring is None and self._probe is not None and self._probe.recorded:
-            probe = self._probe
-            calls = probe.take_calls()
-            self._wiring = discover_wiring(calls, model, self._types, unit_dims, probe.output_nodes)
-            self._probe = None  # and with it the autograd nodes it held
-        return self._wiring
+        """Nothing to take off: the record belongs to the recorder. Kept for the monitor's teardown."""
 
     def recycle(
         self,
@@ -720,7 +281,6 @@ class Recycler:
         tau: Optional[float],
     ) -> RecycleResult:
         """Recycle what ``report`` (a closed window) found, where the wiring allows it. See `Monitor.recycle`."""
-        wiring = self.wiring(model, {layer.name: layer.unit_dim for layer in report})
         units: dict[str, list[int]] = {}
         skipped: dict[str, str] = {}
         parameters: dict[str, tuple[str, ...]] = {}
@@ -729,9 +289,15 @@ class Recycler:
             candidates = _candidates(layer, criterion, tau)
             if not candidates:
                 continue
-            site_wiring = wiring.get(layer.name) if wiring is not None else None
+            site_wiring = self._book.site(layer.name)
             if layer.disabled is not None:
                 skipped[layer.name] = f"relumon stopped measuring it after an error ({layer.disabled})"
+            elif layer.negative_regime:
+                skipped[layer.name] = (
+                    f"its {layer.kind} units are stuck in the negative regime, not dead: they still output slope x "
+                    "input (not 0) and pass gradient, so zeroing their readers' columns would change what the network "
+                    "computes"
+                )
             elif not layer.exact:
                 skipped[layer.name] = (
                     f"the window was sampled ({layer.unmeasured_calls} calls not measured): a unit that looks "
@@ -740,11 +306,7 @@ class Recycler:
                     "or watch with `measure_every=1`)"
                 )
             elif site_wiring is None:
-                skipped[layer.name] = (
-                    "its wiring is not known: relumon reads it from one training forward of a module call site, "
-                    "recorded from the first training forward after `watch(..., recycle=...)` or after the first "
-                    "`recycle()` call (functional calls and compiled models are not recorded)"
-                )
+                skipped[layer.name] = self._book.why_unknown(layer.name)
             elif site_wiring.problem is not None:
                 skipped[layer.name] = site_wiring.problem
             else:

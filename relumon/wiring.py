@@ -44,6 +44,8 @@ The walk runs at discovery only (the first call of each call index, or of each n
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
@@ -824,3 +826,564 @@ def batch_first_of(model: nn.Module) -> dict[str, bool]:
         for name, module in model.named_modules()
         if isinstance(getattr(module, "batch_first", None), bool)
     }
+
+
+# ================================================================================================================
+# Producers and readers: the facts recycling rewrites (`relumon.recycle`), read once, for the sites found in the
+# first training forward.
+#
+# A unit can be re-initialised without changing what the network computes only when the graph proves three things:
+# one Linear/Conv makes it (its rows), every consumer of the activation is a Linear/Conv that recycling rewires (its
+# columns) or an op that keeps each unit's values apart on the way to one, and no parameter involved is used anywhere
+# else (a weight tied through a functional call is reached twice: its ``AccumulateGrad`` node has two consumers).
+# `WiringBook` records one training forward (a pre-hook and a hook on every module, removed when the next step
+# begins) and the sites the recorder discovers in it, and reads these facts from that one graph, once, when the
+# forward is over; nothing of it runs after that.
+# ================================================================================================================
+
+#: Modules between a producer and its activation that recycling steps over (a BatchNorm is reset; these pass through).
+_RW_PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
+#: Nodes that keep every dim as it is (copies, casts, dropout).
+_RW_SAME = ("CloneBackward", "ToCopyBackward", "AliasBackward", "NativeDropoutBackward", "ContiguousBackward")
+#: Nodes that reshape: the unit dim is followed with `align_view`, or becomes a flatten's ``units x positions``.
+_RW_VIEWS = ("ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward", "SqueezeBackward", "UnsqueezeBackward")
+#: Pools over the trailing 1, 2 or 3 dims (``MaxPool1d`` is an unsqueeze, a 2-D pool and a squeeze in the graph).
+_RW_POOLS = ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool", "FractionalMaxPool")
+#: Reductions over given dims (``AdaptiveAvgPool2d(1)`` is ``MeanBackward1`` over the spatial dims).
+_RW_REDUCTIONS = ("MeanBackward1", "SumBackward1", "AmaxBackward0", "MaxBackward1", "NansumBackward")
+
+
+def _node_name(node: Any) -> str:
+    return type(node).__name__
+
+
+def _is_weighted(module: nn.Module) -> bool:
+    """A Linear or a (non-transposed) Conv1d/2d/3d: the layers whose rows and columns recycling rewrites."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+
+
+def _signed(value: Any) -> int:
+    """A saved dim as a Python int: torch 2.13 reads a saved negative dim back as an unsigned 64-bit number."""
+    number = int(value)
+    return number - 2**64 if number >= 2**63 else number
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
+    """The tensors in a module's output: itself, or those in a tuple, list or dict (nested too)."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
+@dataclass
+class ModuleCall:
+    """One recorded call of a module in the probed forward."""
+
+    path: str
+    module: nn.Module
+    in_node: Any
+    out_node: Any
+    in_shape: tuple[int, ...]
+
+
+class WiringProbe:
+    """Records the module calls of one training forward, then takes its hooks off.
+
+    A forward pre-hook and a forward hook on every module keep, per call, the ``grad_fn`` of its input and output,
+    and the autograd nodes of every tensor any module returned (a tuple's or a dict's too: the walk for consumers
+    starts there). Recording starts at the first training forward (grad enabled, module in training mode) and ends
+    when the first module it saw is called again (the next step); then the hooks are removed and ``on_done`` runs.
+    Under ``torch.compile`` and ``torch.func`` transforms nothing is recorded.
+
+    Args:
+        model: the watched model.
+        on_done: called once when the recorded forward is over (not when the probe is removed unrecorded).
+    """
+
+    def __init__(self, model: nn.Module, on_done: Optional[Callable[[], None]] = None) -> None:
+        from relumon.hooks import OwnHook, OwnPreHook, hookable_modules
+
+        self.calls: list[ModuleCall] = []
+        #: Autograd nodes of every tensor a module returned (held until the wiring is read).
+        self.roots: list[Any] = []
+        #: Ids of the autograd nodes of the tensors the root module returned.
+        self.output_nodes: set[int] = set()
+        self._pending: dict[int, list[tuple[Any, tuple[int, ...]]]] = {}  # id(module) -> inputs of open calls
+        self._seen: set[int] = set()
+        self._first: Optional[nn.Module] = None
+        self._on_done = on_done
+        self.done = False
+        self._handles: list[Any] = []
+        for path, module in hookable_modules(model):  # TorchScript modules take no hooks
+            self._handles.append(module.register_forward_pre_hook(OwnPreHook(self._make_pre(), module)))
+            self._handles.append(module.register_forward_hook(OwnHook(self._make_post(path), module)))
+
+    def _make_pre(self) -> Callable[..., None]:
+        from relumon.hooks import in_functorch_transform, is_compiling, is_counted_forward
+
+        def pre(module: nn.Module, args: Any) -> None:
+            if self.done or is_compiling() or not is_counted_forward(module) or in_functorch_transform():
+                return
+            if self._first is None:
+                self._first = module
+            elif module is self._first and id(module) in self._seen:
+                self.finish()  # the first module runs again: the next step has begun
+                return
+            inp = args[0] if args and isinstance(args[0], Tensor) else None
+            entry = (inp.grad_fn if inp is not None else None, tuple(inp.shape) if inp is not None else ())
+            self._pending.setdefault(id(module), []).append(entry)
+
+        return pre
+
+    def _make_post(self, path: str) -> Callable[..., None]:
+        from relumon.hooks import is_compiling
+
+        def post(module: nn.Module, args: Any, out: Any) -> None:
+            if self.done or is_compiling():
+                return
+            pending = self._pending.get(id(module))
+            if not pending:
+                return
+            in_node, in_shape = pending.pop()
+            self._seen.add(id(module))
+            nodes = [t.grad_fn for t in _tensors_in(out) if t.grad_fn is not None]
+            self.roots.extend(nodes)
+            if isinstance(out, Tensor):
+                self.calls.append(ModuleCall(path, module, in_node, out.grad_fn, in_shape))
+            if path == "":  # the model's outputs: a unit that reaches one cannot be rewired without changing it
+                self.output_nodes.update(id(node) for node in nodes)
+
+        return post
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a training forward was recorded."""
+        return bool(self.calls)
+
+    def finish(self, read: bool = True) -> None:
+        """Stop recording, remove the hooks, and (with ``read``, once) call ``on_done``. Idempotent."""
+        first = not self.done
+        self.done = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+        on_done, self._on_done = self._on_done, None
+        if first and read and on_done is not None and self.calls:
+            on_done()
+
+
+@dataclass(frozen=True)
+class SiteWiring:
+    """What feeds one call site's units and what reads them, or why it cannot be rewired.
+
+    Attributes:
+        site: the call-site name.
+        units: units of the site.
+        producer: path of the Linear/Conv whose rows feed the units, if found.
+        norm: path of the BatchNorm between producer and activation, if any.
+        readers: paths of the Linear/Conv modules that read the units.
+        positions: per reader, its input columns per unit (a Linear after a flatten reads ``H*W`` per channel).
+        problem: why recycling must leave this site alone, or None when it can rewire it.
+    """
+
+    site: str
+    units: int
+    producer: Optional[str] = None
+    norm: Optional[str] = None
+    readers: tuple[str, ...] = ()
+    positions: tuple[int, ...] = ()
+    problem: Optional[str] = None
+
+
+@dataclass
+class DiscoveredSite:
+    """A site the recorder discovered in the recorded forward: its activation's nodes, shape and unit dim."""
+
+    name: str
+    in_node: Any
+    out_node: Any
+    shape: tuple[int, ...]
+    unit_dim: int
+    calls: int = 1
+
+
+class WiringBook:
+    """The producer and reader facts of every site found in the first training forward: one record per site.
+
+    The recorder calls `discovered` once per new call index at discovery; the `WiringProbe` records the module calls
+    of the same forward. When the forward is over (the next step begins, or the facts are asked for first), the
+    graph is walked once by `read_site_wiring`, and the nodes are let go. Sites first called later have no record
+    (`why_unknown` says so).
+
+    Args:
+        model: the watched model.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        import weakref
+
+        self._model = weakref.ref(model)
+        self._found: dict[str, DiscoveredSite] = {}
+        self.facts: dict[str, SiteWiring] = {}
+        self._error: Optional[str] = None
+        self._probe: Optional[WiringProbe] = None
+        self._probe = WiringProbe(model, on_done=self._read)
+
+    def discovered(self, name: str, inp: Optional[Tensor], out: Tensor, unit_dim: int) -> None:
+        """Record a newly discovered call of site ``name`` (its activation's input and output) in the recorded
+        forward. Cheap: it keeps two node references."""
+        probe = self._probe
+        if probe is None or probe.done:
+            return
+        known = self._found.get(name)
+        if known is not None:
+            known.calls += 1
+            return
+        out_node = out.grad_fn
+        if inp is not None and inp is not out:
+            in_node = inp.grad_fn
+        else:  # an in-place activation: its input's node is the first edge of its own node
+            edges = getattr(out_node, "next_functions", ())
+            in_node = edges[0][0] if edges else None
+        self._found[name] = DiscoveredSite(name, in_node, out_node, tuple(out.shape), unit_dim)
+
+    def _read(self) -> None:
+        probe, self._probe = self._probe, None
+        model = self._model()
+        if probe is None or model is None:
+            return
+        try:
+            self.facts = read_site_wiring(probe.calls, probe.roots, probe.output_nodes, self._found.values(), model)
+        except Exception as err:  # relumon never breaks the training it watches
+            from relumon.errors import is_strict
+
+            if is_strict():
+                raise
+            self._error = f"reading it failed ({type(err).__name__}: {err})"
+        probe.calls, probe.roots = [], []
+        self._found = {}
+
+    def site(self, name: str) -> Optional[SiteWiring]:
+        """The record of site ``name``; reads the recorded forward now if it was not read yet."""
+        probe = self._probe
+        if probe is not None and probe.recorded:
+            probe.finish()  # reads it (`_read`)
+        return self.facts.get(name)
+
+    def why_unknown(self, name: str) -> str:
+        """Why site ``name`` has no record."""
+        if self._error is not None:
+            return f"its wiring is not known: {self._error}"
+        if self._probe is not None:
+            return (
+                "its wiring is not known yet: no training forward was recorded (compiled or transformed forwards are "
+                "not)"
+            )
+        return (
+            "its wiring is not known: relumon reads it from the first training forward, and this site was first "
+            "called later, or outside a module call it could record (compiled code)"
+        )
+
+    def remove(self) -> None:
+        """Take the probe's hooks off and let the recorded nodes go. Idempotent."""
+        if self._probe is not None:
+            self._probe.finish(read=False)
+            self._probe = None
+        self._found = {}
+
+
+def read_site_wiring(
+    calls: Sequence[ModuleCall],
+    roots: Sequence[Any],
+    output_nodes: set[int],
+    sites: Any,
+    model: nn.Module,
+) -> dict[str, SiteWiring]:
+    """Producer and readers of every discovered site, from the autograd graph of one recorded forward.
+
+    Args:
+        calls: the module calls `WiringProbe` recorded.
+        roots: the autograd nodes of every tensor a module returned.
+        output_nodes: ids of the nodes of the tensors the model returned: a site whose values reach one is left alone.
+        sites: the `DiscoveredSite` records.
+        model: the model (for parameters registered twice).
+
+    Returns:
+        ``{site name: SiteWiring}``.
+    """
+    sites = list(sites)
+    out_owner: dict[int, ModuleCall] = {}
+    for call in calls:  # children finish first: the innermost module that returned a node owns it
+        if call.out_node is not None:
+            out_owner.setdefault(id(call.out_node), call)
+    calls_per_module = Counter(id(c.module) for c in calls)
+    starts = list(roots) + [c.out_node for c in calls] + [c.in_node for c in calls]
+    starts += [s.out_node for s in sites] + [s.in_node for s in sites]
+    consumers, uses = _consumers_and_uses(starts)
+    reader_of: dict[int, ModuleCall] = {}  # nodes computed inside each Linear/Conv call, back to its input
+    for call in calls:
+        if _is_weighted(call.module) and call.in_node is not None and call.out_node is not None:
+            for node in _inside(call.out_node, call.in_node):
+                reader_of.setdefault(id(node), call)
+    registered = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    graph = _Graph(out_owner, consumers, uses, reader_of, calls_per_module, registered, output_nodes)
+    return {site.name: _wire_site(site, graph) for site in sites}
+
+
+def _consumers_and_uses(roots: Sequence[Any]) -> tuple[dict[int, list[Any]], Counter[int]]:
+    """For every node reachable back from ``roots``: the nodes that take it as an input; and per parameter, how many
+    nodes take it (its ``AccumulateGrad``'s consumers: 2 or more for a weight used twice)."""
+    consumers: dict[int, list[Any]] = {}
+    uses: Counter[int] = Counter()
+    seen: set[int] = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for parent, _ in getattr(node, "next_functions", ()):
+            if parent is None:
+                continue
+            if _node_name(parent) == "AccumulateGrad":
+                variable = getattr(parent, "variable", None)
+                if variable is not None:
+                    uses[id(variable)] += 1
+                continue
+            consumers.setdefault(id(parent), []).append(node)
+            stack.append(parent)
+    return consumers, uses
+
+
+def _inside(out_node: Any, in_node: Any) -> list[Any]:
+    """The nodes of one module call: back from its output, stopping at its input and at parameters."""
+    inside: list[Any] = []
+    seen, stack = {id(in_node)}, [out_node]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen or _node_name(node) == "AccumulateGrad":
+            continue
+        seen.add(id(node))
+        inside.append(node)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return inside
+
+
+@dataclass
+class _Graph:
+    out_owner: dict[int, ModuleCall]
+    consumers: dict[int, list[Any]]
+    uses: Counter[int]
+    reader_of: dict[int, ModuleCall]
+    calls_per_module: Counter[int]
+    registered: Counter[int]
+    output_nodes: set[int]
+
+    def problem(self, call: ModuleCall, role: str) -> Optional[str]:
+        """Why ``call``'s module cannot be rewritten: called twice, parameters shared, used twice, frozen, sharded."""
+        path, module = call.path, call.module
+        calls = self.calls_per_module[id(module)]
+        if calls > 1:
+            return f"its {role} `{path}` is called {calls} times per forward (shared weights)"
+        for pname, p in module.named_parameters(recurse=False):
+            if self.registered[id(p)] > 1:
+                return f"its {role} `{path}` has tied weights (`{pname}` is shared with another module)"
+            if self.uses[id(p)] > 1:
+                return (
+                    f"its {role} `{path}` has a weight used again elsewhere in the graph (`{pname}` is reached "
+                    f"{self.uses[id(p)]} times: tied through a functional call), so rewriting it would change that use"
+                )
+            if not p.requires_grad:
+                return (
+                    f"its {role} `{path}` is frozen (`{pname}` requires no gradient): a recycled unit could not learn "
+                    "again, and its rows or columns would stay as recycling left them"
+                )
+            if callable(getattr(p, "full_tensor", None)):
+                return (
+                    f"its {role} `{path}` holds sharded (DTensor, FSDP2) parameters, which recycling does not rewrite"
+                )
+        return None
+
+
+def _wire_site(site: DiscoveredSite, graph: _Graph) -> SiteWiring:
+    shape, name = site.shape, site.name
+    ndim = len(shape)
+    if ndim < 2:
+        return SiteWiring(name, shape[0] if shape else 1, problem="its output is not batched (fewer than 2 dims)")
+    units_dim = site.unit_dim
+    units = shape[units_dim]
+
+    def skip(reason: str) -> SiteWiring:
+        return SiteWiring(name, units, problem=reason)
+
+    if site.calls > 1:
+        return skip(f"it is one site over {site.calls} calls per forward (a shared or recurrent cell)")
+    # ---- the producer: back through BatchNorm, Dropout and Identity to a Linear or Conv
+    node: Any = site.in_node
+    norm: Optional[ModuleCall] = None
+    while True:
+        if node is None:
+            return skip("it is fed by the model's input or a tensor without gradient: there is no producer to reset")
+        owner = graph.out_owner.get(id(node))
+        if owner is None:
+            op = _node_name(node)
+            if op.startswith(("AddBackward", "SubBackward")):
+                return skip(f"it is fed by an add of two or more producers (`{op}`, a residual join)")
+            return skip(f"it is fed by an operation outside any module (`{op}`) that recycling cannot follow")
+        if len(graph.consumers.get(id(node), [])) > 1:
+            return skip(f"the output of `{owner.path}` is also read by another operation than the activation")
+        module = owner.module
+        if isinstance(module, _RW_PASS_THROUGH):
+            node = owner.in_node
+            continue
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and norm is None:
+            if module.num_features != units:
+                return skip(f"its BatchNorm `{owner.path}` has {module.num_features} features, the site {units} units")
+            problem = graph.problem(owner, "BatchNorm")
+            if problem:
+                return skip(problem)
+            norm = owner
+            node = owner.in_node
+            continue
+        if not _is_weighted(module):
+            return skip(f"it is fed by `{owner.path}` ({type(module).__name__}), not a Linear or Conv")
+        producer = owner
+        break
+    pmod = producer.module
+    rows = pmod.out_features if isinstance(pmod, nn.Linear) else pmod.out_channels
+    along = ndim - 1 if isinstance(pmod, nn.Linear) else 1
+    if rows != units or units_dim != along:
+        kind = type(pmod).__name__
+        return skip(f"its producer `{producer.path}` ({kind}) has {rows} outputs along another dim than the units")
+    problem = graph.problem(producer, "producer")
+    if problem:
+        return skip(problem)
+
+    # ---- the readers: forward through ops that keep each unit apart, to the Linear/Conv modules that read it
+    readers: list[tuple[str, int]] = []
+    frontier: list[tuple[Any, int, tuple[int, ...], int]] = [(site.out_node, units_dim, shape, 1)]
+    seen: set[int] = set()
+    while frontier:
+        node, dim, at_shape, positions = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if id(node) in graph.output_nodes:
+            return skip("the model returns its values (or a view of them): re-drawn units would change that output")
+        for consumer in graph.consumers.get(id(node), []):
+            reader = graph.reader_of.get(id(consumer))
+            if reader is not None and reader.in_node is node:
+                found = _map_reader(reader, dim, at_shape, positions, units)
+                if isinstance(found, str):
+                    return skip(found)
+                problem = graph.problem(reader, "reader")
+                if problem:
+                    return skip(problem)
+                readers.append((reader.path, found))
+                continue
+            step = _follow(consumer, dim, at_shape, positions)
+            if isinstance(step, str):
+                owner = graph.out_owner.get(id(consumer))
+                if owner is not None and step.endswith("recycling can rewire"):  # name the module, not the node
+                    step = f"its output is read by `{owner.path}` ({type(owner.module).__name__}), not a Linear or Conv"
+                return skip(step)
+            frontier.append((consumer, *step))
+    if not readers:
+        return skip("nothing inside the model reads its output through a Linear or Conv (it may be the model's output)")
+    return SiteWiring(
+        name,
+        units,
+        producer=producer.path,
+        norm=norm.path if norm is not None else None,
+        readers=tuple(path for path, _ in readers),
+        positions=tuple(p for _, p in readers),
+    )
+
+
+def _out_shape(node: Any) -> Optional[tuple[int, ...]]:
+    return _shape_of(node, 0)
+
+
+def _follow(node: Any, dim: int, shape: tuple[int, ...], positions: int) -> Any:
+    """Where the units are in ``node``'s output, given where they are in its input: ``(dim, shape, positions)``, or
+    a reason why the values of different units (or of a unit and anything else) may mix there."""
+    op = _node_name(node)
+    new = _out_shape(node)
+    if new is None:
+        return f"its output is read by `{op}`, whose shape relumon cannot read"
+    if op.startswith(_RW_SAME) or (op.startswith("MulBackward") and _one_grad_input(node)):
+        return dim, new, positions  # a copy, a cast, dropout (a product with a mask that needs no gradient)
+    if op.startswith(_RW_VIEWS):
+        mapped = {i: o for o, i in align_view(shape, new).items()}
+        if dim in mapped:
+            return mapped[dim], new, positions
+        # A flatten of (units, positions...) into the last dim: each unit is a run of positions there.
+        if (
+            len(new) >= 1
+            and math.prod(shape[dim:]) == new[-1]
+            and math.prod(shape[:dim]) == math.prod(new[:-1])
+            and positions == 1
+        ):
+            return len(new) - 1, new, math.prod(shape[dim + 1 :])
+        return f"its output is reshaped by `{op}` in a way that merges its units with another dim"
+    if op.startswith(("TransposeBackward", "PermuteBackward")) and positions == 1:
+        if op.startswith("Transpose"):
+            d0, d1 = _saved(node, "_saved_dim0"), _saved(node, "_saved_dim1")
+            if d0 is None or d1 is None:
+                return f"its output is read by `{op}`, whose dims relumon cannot read"
+            a, b = _signed(d0) % len(shape), _signed(d1) % len(shape)
+            return (b if dim == a else a if dim == b else dim), new, positions
+        order = _saved(node, "_saved_dims")
+        if order is None:
+            return f"its output is read by `{op}`, whose dims relumon cannot read"
+        order = [_signed(d) % len(shape) for d in order]
+        return order.index(dim), new, positions
+    if op.startswith(_RW_POOLS):
+        pooled = 3 if "3D" in op.upper() else 2 if "2D" in op.upper() else 1
+        if positions != 1 or dim >= len(shape) - pooled:
+            return f"its output is pooled by `{op}` in a way that may mix its units: recycling cannot map them"
+        return dim, new, positions
+    if op.startswith(_RW_REDUCTIONS):
+        saved = _saved(node, "_saved_dim")
+        keepdim = bool(_saved(node, "_saved_keepdim"))
+        if saved is None or positions != 1:
+            return f"its output is reduced by `{op}` over dims relumon cannot read"
+        dims = {_signed(d) % len(shape) for d in (saved if isinstance(saved, (tuple, list)) else (saved,))}
+        if dim in dims:
+            return f"its output is reduced by `{op}` over its units: recycling cannot map them"
+        return (dim if keepdim else dim - sum(1 for d in dims if d < dim)), new, positions
+    if op.startswith("AddBackward"):
+        return f"its output is read by `{op}`, a residual add, not a Linear or Conv recycling can rewire"
+    return f"its output is read by `{op}`, not a Linear or Conv recycling can rewire"
+
+
+def _one_grad_input(node: Any) -> bool:
+    return sum(1 for parent, _ in node.next_functions if parent is not None) == 1
+
+
+def _map_reader(reader: ModuleCall, dim: int, shape: tuple[int, ...], positions: int, units: int) -> Any:
+    """The reader's input columns per unit, or a reason why they cannot be mapped."""
+    module = reader.module
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvNd):
+        batched = len(shape) == len(module.kernel_size) + 2
+        if dim != (1 if batched else 0) or positions != 1 or module.in_channels != units:
+            return f"it is read by `{reader.path}` ({kind}) through a reshape that does not keep its channels"
+        return 1
+    assert isinstance(module, nn.Linear)
+    if dim == len(shape) - 1 and shape[-1] == module.in_features == units * positions:
+        return positions
+    return (
+        f"it is read by `{reader.path}` (Linear {module.in_features} inputs) through a reshape relumon cannot map to "
+        "units"
+    )
+
+
+__all__ += ["DiscoveredSite", "ModuleCall", "SiteWiring", "WiringBook", "WiringProbe", "read_site_wiring"]

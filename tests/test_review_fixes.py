@@ -155,10 +155,7 @@ def test_rprop_step_sizes_of_recycled_entries_restart_at_the_lr() -> None:
     with relumon.watch(model, measure_every=1, on_dead="ignore") as monitor:
         _train(model, torch.randn(6, 4), opt)
         monitor.report()
-        monitor.recycle(opt)  # arms the probe (no wiring recorded yet)
-        _train(model, torch.randn(6, 4), opt)
-        monitor.report()
-        result = monitor.recycle(opt)
+        result = monitor.recycle(opt)  # the first call acts: the wiring was read at discovery
     recycled = result.units["1"]
     assert recycled == [3, 7]
     assert torch.all(opt.state[model[0].weight]["step_size"][recycled] == 0.01)

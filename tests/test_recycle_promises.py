@@ -1,0 +1,301 @@
+"""Recycling keeps its promise (the same function on the window's samples) on every model, or skips with a reason.
+
+Ground truth by construction: a bias of -100 on chosen rows kills exactly those units (every other unit's bias is +5,
+so it fires on any small input). Each test compares the model's outputs before and after recycling, the state dict,
+and the optimizer state with what a fresh parameter would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import relumon
+
+
+def _kill(layer: nn.Module, rows: list[int]) -> None:
+    """Exactly ``rows`` dead: their bias -100, every other unit's +5 (alive for any small input)."""
+    with torch.no_grad():
+        bias: torch.Tensor = layer.bias  # type: ignore[assignment]
+        bias.fill_(5.0)
+        bias[rows] = -100.0
+
+
+def _loss(out: Any) -> torch.Tensor:
+    parts = out if isinstance(out, tuple) else (out,)
+    return sum((p.float().pow(2).mean() for p in parts), torch.zeros(()))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        out = model(x)
+    return tuple(o.clone() for o in (out if isinstance(out, tuple) else (out,)))
+
+
+def _window(model: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer, steps: int = 3) -> Any:
+    """Train ``steps`` steps on ``x`` with lr 0 (the weights stay as forced), close the window, recycle once; return
+    the result and the model's outputs on ``x`` (train mode: the window's samples) before and after, and the state
+    dict before."""
+    monitor = relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt)
+    with monitor:
+        model.train()
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model(x)).backward()
+            opt.step()
+        monitor.report()
+        before = _outputs(model, x)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result = monitor.recycle()  # the first call acts: the wiring was read when the sites were discovered
+        after = _outputs(model, x)
+        again = monitor.recycle()
+    return result, before, after, state, again
+
+
+def _unchanged(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- it changes the function: skip
+
+
+def test_a_tuple_output_with_an_aux_computed_from_the_activation_is_skipped_and_nothing_moves() -> None:
+    class WithAux(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.act(self.fc1(x))
+            return self.fc2(h), h.square().mean(1)  # logits, and an auxiliary figure of the activation
+
+    model = WithAux()
+    _kill(model.fc1, [1, 6])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    result, before, after, state, again = _window(model, torch.randn(6, 4), opt)
+    assert result.units == {} and "PowBackward0" in result.skipped["act"]
+    assert all(torch.equal(b, a) for b, a in zip(before, after)) and _unchanged(model, state)
+    # Every dead site gets units or a reason, a second call on the same window too.
+    assert again.units == {} and again.skipped == result.skipped
+
+
+def test_an_aux_output_that_is_a_pooled_view_of_the_activation_is_the_models_output() -> None:
+    class WithFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.act(self.fc1(x))
+            return self.fc2(h), h.mean(0)  # the mean over the batch keeps each unit apart, and reaches the output
+
+    model = WithFeatures()
+    _kill(model.fc1, [0, 3])
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {} and "returns" in result.skipped["act"]
+    assert all(torch.equal(b, a) for b, a in zip(before, after)) and _unchanged(model, state)
+
+
+def test_weights_tied_through_a_functional_call_are_found_from_the_graph() -> None:
+    class TiedDecoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.act, self.head = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.head(self.act(self.enc(x)))
+            return F.linear(z, self.enc.weight.t())  # the decoder reuses the encoder's weight, unregistered
+
+    model = TiedDecoder()
+    _kill(model.enc, [2, 5])
+    result, before, after, state, _ = _window(model, torch.randn(5, 6), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {}
+    assert "`enc`" in result.skipped["act"] and "reached 2 times" in result.skipped["act"]
+    assert torch.equal(before[0], after[0]) and _unchanged(model, state)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.LeakyReLU(0.2), nn.PReLU, nn.RReLU])
+def test_negative_regime_units_are_skipped_with_the_reason(make: Any) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), make(), nn.Linear(8, 2))
+    _kill(model[0], [1, 4])
+    result, _, _, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {} and "negative regime" in result.skipped["1"]
+    assert _unchanged(model, state)
+    model.eval()  # RReLU: a fixed slope in eval
+    x = torch.randn(6, 4)
+    assert torch.equal(_outputs(model, x)[0], _outputs(model, x)[0])
+
+
+@pytest.mark.parametrize("frozen", ["2", "4"])
+def test_a_frozen_producer_or_reader_is_skipped_with_the_reason(frozen: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [])
+    _kill(model[2], [0, 7])
+    model.get_submodule(frozen).requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), opt)
+    role = "producer" if frozen == "2" else "reader"
+    assert result.units == {} and f"its {role} `{frozen}` is frozen" in result.skipped["3"]
+    assert torch.equal(before[0], after[0]) and _unchanged(model, state)
+
+
+def test_batchnorm_promise_is_the_same_function_on_the_windows_samples() -> None:
+    """A channel dead under the window's batch statistics is recycled; the output on the window's samples (train
+    mode, batch statistics) is bit for bit the same. (Under running statistics, on other inputs, it may differ:
+    docs/plasticity.md says how much.)"""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16, 2)
+    )
+    with torch.no_grad():
+        model[1].bias.fill_(5.0)
+        model[1].bias[[1, 4]] = -100.0
+    x = torch.randn(4, 3, 4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt)
+    with monitor:
+        for _ in range(2):
+            _loss(model(x)).backward()
+        monitor.report()
+        before = _outputs(model, x)[0]  # train mode: batch statistics
+        result = monitor.recycle()
+        running = model[1].running_mean[[1, 4]].clone(), model[1].running_var[[1, 4]].clone()
+        after = _outputs(model, x)[0]
+    assert result.units == {"2": [1, 4]}
+    assert torch.equal(before, after)
+    assert torch.equal(running[0], torch.zeros(2)) and torch.equal(running[1], torch.ones(2))
+
+
+# ----------------------------------------------------------------------------- it could act: it must
+
+
+def test_a_torchvision_style_head_relu_avgpool_flatten_linear_is_recycled_exactly() -> None:
+    class Head(nn.Module):  # ResNet's and VGG's: ReLU -> AdaptiveAvgPool2d(1) -> flatten -> Linear
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+            self.avgpool, self.fc = nn.AdaptiveAvgPool2d((1, 1)), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.flatten(self.avgpool(self.relu(self.bn(self.conv(x)))), 1))
+
+    model = Head()
+    _kill(model.bn, [2, 5])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    result, before, after, state, _ = _window(model, torch.randn(4, 3, 6, 6), opt)
+    assert result.units == {"relu": [2, 5]}
+    assert set(result.parameters["relu"]) == {"conv.weight", "bn.weight", "bn.bias", "fc.weight"}
+    assert torch.equal(before[0], after[0])
+    assert torch.equal(model.fc.weight[:, [2, 5]], torch.zeros(3, 2))
+    assert torch.equal(model.fc.weight[:, [0, 1, 3, 4, 6, 7]], state["fc.weight"][:, [0, 1, 3, 4, 6, 7]])
+
+
+def test_a_spatial_mean_without_keepdim_is_read_as_the_units() -> None:
+    class MeanHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.act(self.conv(x)).mean((-2, -1)))
+
+    model = MeanHead()
+    _kill(model.conv, [0, 4])
+    result, before, after, _, _ = _window(model, torch.randn(3, 3, 5, 5), torch.optim.SGD(model.parameters(), 0.0))
+    assert result.units == {"act": [0, 4]} and torch.equal(before[0], after[0])
+
+
+def test_conv1d_relu_maxpool1d_over_time_is_recycled_exactly() -> None:
+    model = nn.Sequential(
+        nn.Conv1d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2), nn.Conv1d(6, 4, 3, padding=1), nn.ReLU(),
+        nn.MaxPool1d(2), nn.Flatten(), nn.Linear(4 * 4, 2),
+    )  # fmt: skip
+    _kill(model[0], [1, 3])
+    _kill(model[3], [2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    result, before, after, state, _ = _window(model, torch.randn(5, 2, 16), opt)
+    assert result.units == {"1": [1, 3], "4": [2]}
+    assert result.parameters["4"] == ("3.weight", "3.bias", "7.weight")
+    assert torch.equal(before[0], after[0])
+    # The Linear after the flatten reads channel 2 as its 4 time steps: columns 8..11.
+    assert torch.equal(model[7].weight[:, 8:12], torch.zeros(2, 4))
+    assert torch.equal(model[7].weight[:, :8], state["7.weight"][:, :8])
+
+
+def test_a_pool_across_the_units_is_still_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.MaxPool1d(2), nn.Linear(4, 2))  # pools neighbouring units
+    _kill(model[0], [1, 2])
+    result, before, after, _, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {} and "mix its units" in result.skipped["1"]
+    assert torch.equal(before[0], after[0])
+
+
+def test_adagrad_accumulators_of_recycled_entries_restart_at_the_initial_value() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [3, 6])
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.0, initial_accumulator_value=0.25)
+    x = torch.randn(6, 4)
+    monitor = relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt)
+    with monitor:
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model(x)).backward()
+            opt.step()
+        monitor.report()
+        sums = {name: opt.state[p]["sum"].clone() for name, p in model.named_parameters()}
+        result = monitor.recycle()
+    assert result.units == {"1": [3, 6]}
+    fresh = torch.optim.Adagrad([nn.Parameter(torch.zeros(2))], lr=0.0, initial_accumulator_value=0.25)
+    assert float(fresh.state[fresh.param_groups[0]["params"][0]]["sum"][0]) == 0.25  # what a fresh one has
+    state = {name: opt.state[p]["sum"] for name, p in model.named_parameters()}
+    assert torch.equal(state["0.weight"][[3, 6]], torch.full((2, 4), 0.25))
+    assert torch.equal(state["0.bias"][[3, 6]], torch.full((2,), 0.25))
+    assert torch.equal(state["2.weight"][:, [3, 6]], torch.full((2, 2), 0.25))
+    keep = [0, 1, 2, 4, 5, 7]
+    assert torch.equal(state["0.weight"][keep], sums["0.weight"][keep])
+    assert torch.equal(state["2.weight"][:, keep], sums["2.weight"][:, keep])
+
+
+def test_a_second_recycle_of_a_window_that_skipped_everything_repeats_every_reason() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    _kill(model[0], [1])
+    with torch.no_grad():
+        model[2].bias.fill_(5.0)
+        model[2].bias[[0, 2]] = -100.0
+    model[4].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    result, _, _, state, again = _window(model, torch.randn(6, 4), opt)
+    assert result.units == {} and set(result.skipped) == {"1", "3"}
+    assert again.units == {} and again.skipped == result.skipped
+    assert _unchanged(model, state)
+
+
+def test_the_first_recycle_without_recycle_option_acts() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [2, 5])
+    result, before, after, _, again = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {"1": [2, 5]} and torch.equal(before[0], after[0])
+    assert again.units == {} and "already recycled" in again.skipped["1"]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_wiring_record_costs_one_forward_its_hooks_come_off_when_the_next_step_begins() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [2, 5])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(6, 4)
+    with relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt) as monitor:
+        assert model[2]._forward_pre_hooks  # the probe records the first training forward
+        for _ in range(2):
+            opt.zero_grad()
+            _loss(model(x)).backward()
+            opt.step()
+        # The second step began: the record was read, and no hook is left on a module relumon does not watch.
+        assert not model[0]._forward_pre_hooks and not model[2]._forward_pre_hooks
+        assert not model[0]._forward_hooks and not model[2]._forward_hooks
+        monitor.report()
+        assert monitor.recycle().units == {"1": [2, 5]}
