@@ -294,7 +294,7 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
     """What feeds every ReLU/ReLU6 call site, from the module calls of one training forward.
 
     Args:
-        calls: the calls `relumon.recycle.WiringProbe.take_calls` recorded (path, module, index, in_node, out_node,
+        calls: the calls `relumon.wiring.WiringProbe.take_calls` recorded (path, module, index, in_node, out_node,
             in_shape, out_shape).
         model: the model (for tied weights).
         output_nodes: autograd nodes of the model's outputs: roots of the graph too (a tensor returned beside the logits
@@ -697,7 +697,7 @@ def certify_feed(feed: Feed, optimizers: Optional[Sequence[torch.optim.Optimizer
 class Certifier:
     """The wiring of one training forward and the certificates each report asks for (``certify=True``).
 
-    A `relumon.recycle.WiringProbe` records the module calls of the first training forward after it is created, then
+    A `relumon.wiring.WiringProbe` records the module calls of the first training forward after it is created, then
     takes its hooks off: nothing runs in later steps.
 
     Args:
@@ -705,7 +705,7 @@ class Certifier:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        from relumon.recycle import WiringProbe
+        from relumon.wiring import WiringProbe
 
         self._probe: Optional[Any] = WiringProbe(model)
         self._feeds: Optional[dict[str, Feed]] = None
@@ -721,7 +721,7 @@ class Certifier:
             probe = self._probe
             # The model's outputs are roots of the graph too: a tensor returned beside the logits (a tuple) can be
             # a second consumer of a BatchNorm's or producer's output, or read a parameter again.
-            outputs = list(getattr(probe, "_output_refs", ()))
+            outputs = list(probe.output_refs)
             self._feeds = read_feeds(probe.take_calls(), model, outputs)
             self._probe = None
         return self._feeds

@@ -890,6 +890,8 @@ class ModuleCall:
     in_node: Any
     out_node: Any
     in_shape: tuple[int, ...]
+    index: int = 0  # 0-based call of this module within the forward
+    out_shape: tuple[int, ...] = ()
 
 
 class WiringProbe:
@@ -914,6 +916,9 @@ class WiringProbe:
         self.roots: list[Any] = []
         #: Ids of the autograd nodes of the tensors the root module returned.
         self.output_nodes: set[int] = set()
+        #: Those nodes themselves (held, so that their ids stay theirs until the wiring is read).
+        self.output_refs: list[Any] = []
+        self._counts: Counter[int] = Counter()
         self._pending: dict[int, list[tuple[Any, tuple[int, ...]]]] = {}  # id(module) -> inputs of open calls
         self._seen: set[int] = set()
         self._first: Optional[nn.Module] = None
@@ -952,12 +957,15 @@ class WiringProbe:
                 return
             in_node, in_shape = pending.pop()
             self._seen.add(id(module))
+            index = self._counts[id(module)]
+            self._counts[id(module)] += 1
             nodes = [t.grad_fn for t in _tensors_in(out) if t.grad_fn is not None]
             self.roots.extend(nodes)
             if isinstance(out, Tensor):
-                self.calls.append(ModuleCall(path, module, in_node, out.grad_fn, in_shape))
+                self.calls.append(ModuleCall(path, module, in_node, out.grad_fn, in_shape, index, tuple(out.shape)))
             if path == "":  # the model's outputs: a unit that reaches one cannot be rewired without changing it
                 self.output_nodes.update(id(node) for node in nodes)
+                self.output_refs.extend(nodes)
 
         return post
 
@@ -977,6 +985,12 @@ class WiringProbe:
         on_done, self._on_done = self._on_done, None
         if first and read and on_done is not None and self.calls:
             on_done()
+
+    def take_calls(self) -> list[ModuleCall]:
+        """The recorded calls, once; the probe stops and forgets them and the autograd nodes it held."""
+        self.finish(read=False)
+        calls, self.calls, self.roots, self.output_refs = self.calls, [], [], []
+        return calls
 
 
 @dataclass(frozen=True)
