@@ -198,7 +198,9 @@ def advice(
     spike = peak_lr is not None and lr is not None and peak_lr > 10 * lr
     if spike and peak_lr is not None and lr is not None:
         at = f" at optimizer step {peak_lr_step}" if peak_lr_step is not None else ""
-        facts.append(f"the learning rate reached {peak_lr:.3g}{at}, {peak_lr / lr:,.0f} times the lr {lr:.3g} above")
+        # lr 0 at the named step (a warm-up's first step, a schedule's last) makes no ratio: name both rates.
+        times = f"{peak_lr / lr:,.0f} times the lr {lr:.3g} above" if lr > 0 else f"while the lr above was {lr:.3g}"
+        facts.append(f"the learning rate reached {peak_lr:.3g}{at}, {times}")
     if grad_scale is not None:
         facts.append(f"loss scale {grad_scale:g} (figures unscaled)")
     large = update_ratio is not None and update_ratio >= 10 * HEALTHY_UPDATE_RATIO

@@ -198,3 +198,26 @@ def test_a_learning_rate_spike_in_the_window_is_named() -> None:
     assert cause.peak_lr == 8.0 and cause.peak_lr_step == 5
     assert cause.lr is not None and cause.peak_lr > 10 * cause.lr
     assert "reached 8 at optimizer step 5" in cause.advice and "spiked" in cause.advice
+
+
+def test_a_zero_learning_rate_at_the_named_step_still_gives_advice() -> None:
+    # A schedule at lr 0 on the step with the largest update (a warm-up's first step, a linear decay's last), and a
+    # larger lr elsewhere in the window: the advice names both, with no ratio to a zero lr (it raised
+    # ZeroDivisionError inside report() under the Hugging Face Trainer's default linear schedule).
+    from relumon.cause import advice
+
+    text = advice(
+        lr=0.0,
+        update_ratio=0.5,
+        update_step=3,
+        bias_shift=-1.0,
+        bias=-0.5,
+        windows=1,
+        grad_scale=None,
+        fed_by="`fc`",
+        negative_regime=False,
+        has_optimizer=True,
+        peak_lr=0.01,
+        peak_lr_step=1,
+    )
+    assert "the learning rate reached 0.01 at optimizer step 1, while the lr above was 0" in text
