@@ -488,6 +488,7 @@ def read_wiring(
     answers: set[int] = set()
     batches: set[Optional[int]] = set()  # what the producers say of the sample dim
     blurred = False
+    muted = False  # a single-feature producer broadcast over the units (an SE or FiLM gate of one unit)
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
     start: Dims = tuple(range(ndim))
@@ -530,7 +531,9 @@ def read_wiring(
         if feature is not None:
             wiring.producer_kinds.append(kind)
             weights.update(_first_weights(node))
-            if 0 <= feature < len(dims) and dims[feature] is not None:
+            if _broadcast_single(feature, shape, dims, tuple(tensor.shape)):
+                muted = True  # one feature broadcast over many units (a gate): it says nothing of the unit dim
+            elif 0 <= feature < len(dims) and dims[feature] is not None:
                 answers.add(int(dims[feature]))  # type: ignore[arg-type]
             else:
                 blurred = True
@@ -580,6 +583,7 @@ def read_wiring(
         elif not followed and any(getattr(child, "variable", None) is None for child, _ in edges):
             wiring.unknown.append(kind)  # a path the walk cannot follow: it never guesses past it
     wiring.weights = frozenset(weights)
+    blurred = blurred or (muted and not answers)  # a gate alone: as before, the graph does not tell
     if len(batches) == 1:
         wiring.batch_dim = batches.pop()
     if len(answers) == 1 and not blurred:
@@ -675,6 +679,16 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
     if answers:
         return answers.pop() if len(answers) == 1 else None
     return lookups.pop() if len(lookups) == 1 else None
+
+
+def _broadcast_single(feature: int, shape: tuple[int, ...], dims: Dims, act_shape: tuple[int, ...]) -> bool:
+    """Whether a producer makes a single feature that reaches the activation broadcast over a bigger dim, or squeezed
+    away: a one-unit gate (``sigmoid(fc(x)).unsqueeze(1)``, a ``(B, 1, L)`` attention map) multiplying the real
+    features. Such a producer says nothing of where the units are."""
+    if not 0 <= feature < len(shape) or shape[feature] != 1:
+        return False
+    target = dims[feature] if feature < len(dims) else None
+    return target is None or act_shape[target] != 1
 
 
 def _rnn_batch_dim(kind: str, dims: Dims) -> Optional[int]:

@@ -632,3 +632,81 @@ def test_a_confirmed_expert_misses_none_of_its_calls_when_others_are_skipped() -
     samples, dead = _expert_truth(moe.seen[2])
     assert second[name].exact and (second[name].samples, second[name].dead_units) == (samples, 8) == (40, 8)
     assert name in monitor.alerted
+
+
+# --------------------------------------------------------------------------- review of issue 24: shapes no test named
+
+
+class _Truth:
+    """A plain forward hook on ``module``: its peak per unit along ``unit_dim`` and the rows along ``batch_dim``."""
+
+    def __init__(self, module: nn.Module, unit_dim: int, batch_dim: int) -> None:
+        self.unit_dim, self.batch_dim = unit_dim, batch_dim
+        self.peak: Tensor | None = None
+        self.samples = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: object, out: Tensor) -> None:
+        peak = out.detach().amax([d for d in range(out.ndim) if d != self.unit_dim])
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
+        self.samples += out.shape[self.batch_dim]
+
+    def figures(self) -> tuple[int, int, list[int]]:
+        assert self.peak is not None
+        return len(self.peak), self.samples, [int(i) for i in torch.nonzero(self.peak <= 0).flatten()]
+
+
+def _kill(layer: nn.Module, units: tuple[int, ...] = (0, 3)) -> nn.Module:
+    with torch.no_grad():
+        for u in units:
+            layer.weight[u].zero_()  # type: ignore[index, operator]
+            layer.bias[u] = -1e3  # type: ignore[index, operator]
+    return layer
+
+
+def _train_saying(model: nn.Module, batches: list[Tensor]) -> tuple[relumon.Report, list[str]]:
+    """`_train`, keeping what relumon says of the wiring (units it cannot tell, calls skipped for their shape)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relumon.watch(model, measure_every=1) as monitor:
+            for x in batches:
+                opt.zero_grad()
+                model(x).float().pow(2).mean().backward()
+                opt.step()
+            report = monitor.report()
+    wiring = ("does not tell", "skipped", "cannot tell")
+    return report, [str(w.message) for w in caught if any(word in str(w.message) for word in wiring)]
+
+
+class OneUnitGate(nn.Module):
+    """A conv's channels times a gate of one unit from a Linear, broadcast over them: ``(B, 1)`` unsqueezed to
+    ``(B, 1, 1)``, or a per-position gate ``(B, L, 1)`` squeezed and unsqueezed to ``(B, 1, L)``."""
+
+    def __init__(self, per_position: bool) -> None:
+        super().__init__()
+        self.conv = _kill(nn.Conv1d(2, 8, 1))
+        self.gate = nn.Linear(2, 1)
+        self.per_position = per_position
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.per_position:
+            g = torch.sigmoid(self.gate(x.transpose(1, 2))).squeeze(-1).unsqueeze(1)
+        else:
+            g = torch.sigmoid(self.gate(x.mean(2))).unsqueeze(1)
+        return self.act(self.conv(x) * g)
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["per-sample", "per-position"])
+def test_a_one_unit_gate_broadcast_over_the_channels_says_nothing_of_the_units(per_position: bool) -> None:
+    """The gate's Linear makes one feature, broadcast over the 8 channels (or squeezed away): it was taken as a
+    producer that disagrees with the conv (or merges its feature dim), so the units fell back to the time axis with a
+    warning and every batch of another length was skipped."""
+    torch.manual_seed(0)
+    model = OneUnitGate(per_position)
+    truth = _Truth(model.act, 1, 0)
+    report, said = _train_saying(model, [torch.randn(3, 2, n) for n in (5, 6, 5)])
+    layer = report["act"]
+    assert not said
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures() == (8, 9, [0, 3])
