@@ -749,7 +749,26 @@ def _path_step(node: Any) -> Optional[tuple[Any, ...]]:
         return ("S", _saved(node, "_saved_dim"), _saved(node, "_saved_index"))
     if kind == "Slice":
         return ("L", _saved(node, "_saved_dim"), _saved(node, "_saved_start"), _saved(node, "_saved_end"))
+    if kind == "IndexSelect":  # ``W.index_select(0, ids)``: which experts, by value (read at discovery only)
+        return ("I", _saved(node, "_saved_dim"), _index_values(_saved(node, "_saved_index")))
+    if kind == "Index":  # ``W[ids]`` with an index tensor
+        indices = _saved(node, "_saved_indices") or ()
+        return ("X", tuple(_index_values(i) for i in indices))
     return None
+
+
+#: Index tensors on a weight path with at most this many entries are read at discovery.
+_MAX_INDEX_KEY = 64
+
+
+def _index_values(index: Any) -> Hashable:
+    """An index tensor saved on a weight path, as a hashable key: the one entry it picks (``W.index_select(0,
+    tensor([e]))``, ``W[tensor([e])]``: an expert), read at discovery only; None when it picks several (a gather of
+    each token's expert mixes experts in one call, which stays one site whatever the routing), is long, or is none."""
+    if not isinstance(index, Tensor) or index.numel() == 0 or index.numel() > _MAX_INDEX_KEY:
+        return None
+    first = index.flatten()[0]
+    return int(first) if bool((index == first).all()) else None
 
 
 def _first_weights(node: Any, limit: int = 64) -> set[Hashable]:

@@ -710,3 +710,47 @@ def test_a_one_unit_gate_broadcast_over_the_channels_says_nothing_of_the_units(p
     layer = report["act"]
     assert not said
     assert (layer.units, layer.samples, layer.dead_indices) == truth.figures() == (8, 9, [0, 3])
+
+
+class IndexedExperts(nn.Module):
+    """Experts in one ``(E, D, H)`` parameter, picked by an index tensor (``index_select`` or ``W[tensor([e])]``);
+    the data skips expert 1 on some steps."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, 8) / 2)
+        self.b = nn.Parameter(torch.zeros(3, 8))
+        with torch.no_grad():
+            self.w[1].zero_()
+            self.b[1] = -1e3  # expert 1: all 8 units dead
+        self.how = how
+        self.act = nn.ReLU()
+        self.step = 0
+        self.seen: dict[int, list[Tensor]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        experts = [0, 2] if self.step == 1 else [0, 1, 2]
+        self.step += 1
+        y = x.new_zeros(x.shape[0], 8)
+        for e in experts:
+            ids = torch.tensor([e])
+            w = self.w.index_select(0, ids)[0] if self.how == "index_select" else self.w[ids][0]
+            h = self.act(x @ w + self.b[e])
+            self.seen.setdefault(e, []).append(h.detach())
+            y = y + h
+        return y
+
+
+@pytest.mark.parametrize("how", ["index_select", "index"])
+def test_experts_picked_by_an_index_tensor_are_a_site_each(how: str) -> None:
+    """The expert's weight is reached through ``IndexSelect``/``Index``, which keyed nothing: the three experts were
+    one site of 36 samples with no dead unit, the all-dead expert averaged away."""
+    torch.manual_seed(0)
+    model = IndexedExperts(how)
+    report, _ = _train_saying(model, [torch.randn(4, 4) for _ in range(3)])
+    assert len(report) == 3
+    for e, outs in model.seen.items():
+        samples, dead = _expert_truth(outs)
+        matching = [layer for layer in report if (layer.samples, layer.dead_indices) == (samples, dead)]
+        assert matching, (e, samples, dead, [(x.name, x.samples, x.dead_indices) for x in report])
+    assert any(layer.dead_indices == list(range(8)) for layer in report)
