@@ -337,6 +337,7 @@ class Recorder:
         #: Output nodes of those modules in the first training forward: ``node_key -> the dim holding the samples``
         #: (None once that forward is over), for `relumon.wiring.batch_walk`.
         self._layout_nodes: Optional[dict[Any, int]] = {}
+        self._warned_rows = False  # samples counted by the input convention alone: said once
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -814,6 +815,8 @@ class Recorder:
             earlier = recurrent = False
             if why_guessed is not None:
                 self._warn_units(watched, site, out, why_guessed)
+            if wiring is not None and wiring.batch_by_input and site.stats.batch_dim == wiring.batch_dim:
+                self._warn_rows(site, out)
         elif not append:
             earlier = recurrent = False
         else:
@@ -934,6 +937,20 @@ class Recorder:
             f"its units ({why}), so relumon counts dim {site.stats.unit_dim} (its fallback: dim 1 of a 4-D or 5-D "
             f"output, the last dim of a 2-D or 3-D one). If that is wrong, pass "
             f"`unit_dim={{{watched.name!r}: <dim>}}`.",
+            RelumonWarning,
+        )
+
+    def _warn_rows(self, site: Site, out: Tensor) -> None:
+        """Samples counted on a dim that only the convention "dim 0 of the model's input is the batch" names."""
+        if self._warned_rows:
+            return
+        self._warned_rows = True
+        warn(
+            f"relumon: the autograd graph does not tell which dim of `{site.name}`'s output {tuple(out.shape)} holds "
+            f"the samples: its rows come from a Linear fed by the model's input and then move to dim "
+            f"{site.stats.batch_dim}, so relumon counts that dim, taking dim 0 of the input as the batch (as a "
+            "DataLoader stacks it). If the input is sequence-first, pass `batch_dim=` (e.g. "
+            f"`batch_dim={{{site.module_name!r}: 0}}`).",
             RelumonWarning,
         )
 

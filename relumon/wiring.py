@@ -200,6 +200,9 @@ class Wiring:
     producer_kinds: list[str] = field(default_factory=list)
     batch_dim: Optional[int] = None
     unknown: list[str] = field(default_factory=list)
+    #: Whether ``batch_dim`` rests on the convention that dim 0 of the model's input holds the samples (rows reached
+    #: nothing but a Linear fed by the input itself, and then moved off dim 0): the caller says so.
+    batch_by_input: bool = False
 
 
 def _kind(node: Any) -> str:
@@ -597,11 +600,18 @@ def read_wiring(
     elif wiring.unknown:
         wiring.why_not = f"the walk cannot follow `{'`, `'.join(sorted(set(wiring.unknown)))}` back to a producer layer"
     if wiring.batch_dim is None and wiring.unit_dim is not None and tensor.ndim >= 3:
-        wiring.batch_dim = batch_walk(tensor, layouts or {}, key)
+        by_input: list[bool] = []
+        wiring.batch_dim = batch_walk(tensor, layouts or {}, key, by_input)
+        wiring.batch_by_input = bool(by_input)
     return wiring
 
 
-def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callable[[Any], Any]] = None) -> Optional[int]:
+def batch_walk(
+    tensor: Tensor,
+    layouts: Mapping[Any, int],
+    key: Optional[Callable[[Any], Any]] = None,
+    by_input: Optional[list[bool]] = None,
+) -> Optional[int]:
     """The activation dim that holds the samples, read by following the rows back to the output of a module that
     declares its layout (an ``nn.LSTM`` with ``batch_first=False``: dim 1), or None when no path reaches one, or the
     paths disagree.
@@ -610,10 +620,14 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
     the rows of its data operand (a Linear over ``(T, B, D)`` is a view to ``(T*B, D)``, a product, and the view back:
     the dims merged on the way in come back on the way out), a convolution's dim 0 is its input's dim 0. Where no
     such output is reached, a token embedding of 2-D indices says: dim 0 of ``input_ids`` is the batch, by the
-    convention of Hugging Face models (a fairseq-style model transposes to ``(T, B, C)`` after it).
+    convention of Hugging Face models (a fairseq-style model transposes to ``(T, B, C)`` after it); where none is
+    either, a matrix product fed by the model's input itself (a tensor without gradient) says: dim 0 of that input is
+    the batch, as a ``DataLoader`` stacks it. When that last convention moves the samples off the activation's dim 0
+    (a transpose after the Linear), ``True`` is appended to ``by_input``, so that the caller can say so.
     """
     answers: set[Optional[int]] = set()
     lookups: set[Optional[int]] = set()  # dim 0 of token embeddings (``input_ids`` are batch-first by convention)
+    inputs: set[Optional[int]] = set()  # dim 0 of the model's input fed straight into a Linear (the same convention)
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
     stack: list[tuple[Any, Dims, tuple[int, ...], Optional[tuple[tuple[int, ...], Dims]]]] = [
@@ -633,7 +647,9 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
         nexts = node.next_functions
         if kind in _OPERANDS and len(shape) == 2:  # rows of a product: its data operand's rows (weight on the right)
             left, right = _OPERANDS[kind]
-            if max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is not None:
+            if max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is None:
+                inputs.add(restore[1][0] if restore is not None else dims[0])  # the input's rows, no graph behind
+            elif max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is not None:
                 child, nr = nexts[left]
                 in_shape = _shape_of(child, nr)
                 if in_shape is not None and len(in_shape) == 2:
@@ -678,7 +694,14 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
                 break
     if answers:
         return answers.pop() if len(answers) == 1 else None
-    return lookups.pop() if len(lookups) == 1 else None
+    if lookups:
+        return lookups.pop() if len(lookups) == 1 else None
+    if len(inputs) != 1:
+        return None
+    rows = inputs.pop()
+    if rows is not None and rows != 0 and by_input is not None:
+        by_input.append(True)
+    return rows
 
 
 def _broadcast_single(feature: int, shape: tuple[int, ...], dims: Dims, act_shape: tuple[int, ...]) -> bool:

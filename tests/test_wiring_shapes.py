@@ -754,3 +754,44 @@ def test_experts_picked_by_an_index_tensor_are_a_site_each(how: str) -> None:
         matching = [layer for layer in report if (layer.samples, layer.dead_indices) == (samples, dead)]
         assert matching, (e, samples, dead, [(x.name, x.samples, x.dead_indices) for x in report])
     assert any(layer.dead_indices == list(range(8)) for layer in report)
+
+
+class LinearThenSeqFirst(nn.Module):
+    """A Linear on the model's batch-first input, then its rows moved off dim 0 (``transpose(0, 1)`` or
+    ``movedim(0, -2)``: a sequence-first block after a batch-first input), with no module that declares a layout."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin = _kill(nn.Linear(4, 8))
+        self.how = how
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)
+        return self.act(h.transpose(0, 1) if self.how == "transpose" else h.movedim(0, -2))
+
+
+@pytest.mark.parametrize("how", ["transpose", "movedim"])
+def test_rows_moved_off_dim_0_after_a_linear_on_the_input_are_counted_and_said(how: str) -> None:
+    """Nothing in the graph said where the samples were, so dim 0 (the time steps) was counted: 11 samples for 6,
+    silently. Now the rows are followed to the model's input, whose dim 0 is taken as the batch, and relumon says
+    that it rests on that convention."""
+    torch.manual_seed(0)
+    model = LinearThenSeqFirst(how)
+    truth = _Truth(model.act, 2, 1)
+    report, said = _train_saying(model, [torch.randn(3, n, 4) for n in (6, 5)])
+    layer = report["act"]
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures()
+    assert layer.samples == 6
+    assert any("holds the samples" in message and "batch_dim=" in message for message in said), said
+
+
+def test_a_linear_on_the_input_with_rows_on_dim_0_says_nothing() -> None:
+    """The convention agrees with the default: no warning for the common ``relu(linear(x))``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_kill(nn.Linear(4, 8)), nn.ReLU())
+    truth = _Truth(model[1], 2, 0)
+    report, said = _train_saying(model, [torch.randn(3, n, 4) for n in (6, 5)])
+    layer = report["1"]
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures()
+    assert not said
