@@ -801,6 +801,9 @@ class Recorder:
         units = out.shape[unit_dim] if ndim else 1
         key = _wiring_key(wiring, producer, {s.name for s in watched.distinct})
         site = watched.by_key.get(key) if key is not None else None
+        looped = False
+        if site is None and wiring is not None and self._wiring_nodes is None and append and watched.sites:
+            site, looped = self._later_call_site(watched, inp if inp is not None else out, out)
         if site is not None and (site.stats.ndim, site.stats.unit_dim, site.stats.units) != (ndim, unit_dim, units):
             site = None  # the same weights in another shape: a site of its own
         if site is None:
@@ -821,7 +824,7 @@ class Recorder:
             earlier = recurrent = False
         else:
             earlier = any(known is site for known in watched.sites)  # the indices so far are this step's calls
-            recurrent = self._join_upstream(site, out, compiled)
+            recurrent = looped or self._join_upstream(site, out, compiled)
             if not recurrent and watched.sites and watched.sites[-1] is site and self._graph_nodes is None:
                 recurrent = watched.recurrent[-1]  # no graph record any more: a longer sequence than before
         if not compiled:
@@ -838,6 +841,29 @@ class Recorder:
         watched.restart.append(earlier and not recurrent)
         watched.recurrent.append(recurrent)
         return site
+
+    def _later_call_site(self, watched: _Watched, tensor: Tensor, out: Tensor) -> tuple[Optional[Site], bool]:
+        """The site of a call index first seen after the first training forward, whose full walk matched no site.
+
+        Without the first forward's record of earlier outputs, the walk runs past the module's own earlier calls (a
+        loop run more times than in the first step) to every weight behind them, and the key matches nothing. A
+        second walk stops at nodes of the activation's own op: when its weights are those of exactly one site of the
+        module, the call is that site's; when that site is also the previous call's and the walk met such a node, the
+        call continues it (a loop over the same weights: its rows are not new samples). Discovery only."""
+        own = out.grad_fn
+        if own is None:
+            return None, False
+        kind = type(own).__name__
+        for suffix in ("Backward0", "Backward1"):
+            kind = kind[: -len(suffix)] if kind.endswith(suffix) else kind
+        stopped = read_wiring(tensor, None, None, None, stop_kind=kind)
+        if not stopped.weights:
+            return None, False
+        found = {id(s): s for k, s in watched.by_key.items() if isinstance(k, tuple) and k[0] == stopped.weights}
+        if len(found) != 1:
+            return None, False
+        site = next(iter(found.values()))
+        return site, "?" in stopped.met and watched.sites[-1] is site
 
     def _new_site(
         self,

@@ -460,6 +460,7 @@ def read_wiring(
     sites: Optional[Mapping[Any, tuple[str, int]]] = None,
     key: Optional[Callable[[Any], Any]] = None,
     layouts: Optional[Mapping[Any, int]] = None,
+    stop_kind: Optional[str] = None,
 ) -> Wiring:
     """Read the wiring of an activation from the autograd graph behind its input ``tensor``.
 
@@ -474,6 +475,10 @@ def read_wiring(
             ``nn.MultiheadAttention``, ``nn.Transformer*``), keyed by ``key(node)``, the dim of that output holding the
             samples. When the producers do not say where the samples are, a second walk follows the rows back through
             the producers to such an output (`batch_walk`).
+        stop_kind: where ``sites`` is not known (a call first seen after the first training forward), the node kind
+            of the activation's own op (``"Relu"``): a path stops at such a node, below the start, as at an earlier
+            call's output, and ``"?"`` is added to ``Wiring.met`` (a loop whose count varies per step: its later
+            iterations are fed by the same weights and their own earlier output, not by everything behind it).
 
     Returns:
         A `Wiring`. Its ``unit_dim`` is None when the graph cannot tell (no graph, branches that disagree, a view that
@@ -520,6 +525,10 @@ def read_wiring(
                 answers.add(target)
             continue
         kind = _kind(node)
+        if stop_kind is not None and kind == stop_kind and node is not root:
+            wiring.met.add("?")  # an earlier call of this kind of activation: its units are not known here
+            batches.add(None)
+            continue
         edges = [(child, nr) for child, nr in node.next_functions if child is not None]
         params = [child.variable for child, _ in edges if isinstance(getattr(child, "variable", None), nn.Parameter)]
         feature: Optional[int] = None

@@ -795,3 +795,41 @@ def test_a_linear_on_the_input_with_rows_on_dim_0_says_nothing() -> None:
     layer = report["1"]
     assert (layer.units, layer.samples, layer.dead_indices) == truth.figures()
     assert not said
+
+
+class VaryingLoop(nn.Module):
+    """One ReLU object: after an input layer, then in a residual loop over one cell, run ``counts[step]`` times."""
+
+    def __init__(self, counts: list[int]) -> None:
+        super().__init__()
+        self.inp = _kill(nn.Linear(4, 8))
+        self.cell = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.cell.weight.mul_(0.1)
+        self.counts = counts
+        self.act = nn.ReLU()
+        self.step = 0
+        self.seen: list[Tensor] = []  # the loop's outputs (the plain-hook ground truth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.inp(x))
+        for _ in range(self.counts[self.step]):
+            h = self.act(h + self.cell(h))
+            self.seen.append(h.detach())
+        self.step += 1
+        return h
+
+
+@pytest.mark.parametrize("counts", [[3, 3, 3, 3], [1, 3, 2, 4], [3, 1, 2, 4]], ids=["fixed", "growing", "shrinking"])
+def test_a_loop_whose_count_varies_per_step_stays_one_site(counts: list[int]) -> None:
+    """A call index first seen after the first step was walked past the loop's own earlier calls to the input layer's
+    weights: it became a new site (``act.call3``) that counted later iterations as new samples (18 for 12), or held
+    only the longest steps' last iterations (3 samples, units reported dead that fired)."""
+    torch.manual_seed(0)
+    model = VaryingLoop(counts)
+    report, said = _train_saying(model, [torch.randn(3, 4) for _ in counts])
+    assert [layer.name for layer in report] == ["act", "act.call2"], said
+    loop = report["act.call2"]
+    peak = torch.stack([h.amax(0) for h in model.seen]).amax(0)
+    assert loop.samples == 3 * len(counts)  # a loop's iterations are the same rows
+    assert loop.dead_indices == [int(i) for i in torch.nonzero(peak <= 0).flatten()]
