@@ -657,7 +657,7 @@ def batch_walk(
         if kind in _OPERANDS and len(shape) == 2:  # rows of a product: its data operand's rows (weight on the right)
             left, right = _OPERANDS[kind]
             if max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is None:
-                inputs.add(restore[1][0] if restore is not None else dims[0])  # the input's rows, no graph behind
+                inputs.add(_input_rows(dims, shape, restore))  # the input's rows, with no graph behind them
             elif max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is not None:
                 child, nr = nexts[left]
                 in_shape = _shape_of(child, nr)
@@ -711,6 +711,21 @@ def batch_walk(
     if rows is not None and rows != 0 and by_input is not None:
         by_input.append(True)
     return rows
+
+
+def _input_rows(
+    dims: Dims, shape: tuple[int, ...], restore: Optional[tuple[tuple[int, ...], Dims]]
+) -> Optional[int]:
+    """The activation dim of dim 0 of a matrix product's data operand: the product's rows, or, when a view merged
+    dims into them (a Linear over ``(B, L, D)``), the first of those dims; None when the view is not that."""
+    if restore is None:
+        return dims[0]
+    before, before_dims = restore
+    if len(before) < 2 or len(before_dims) != len(before) or before[-1] != shape[-1]:
+        return None
+    if math.prod(before[:-1]) != shape[0]:
+        return None
+    return before_dims[0]
 
 
 def _broadcast_single(feature: int, shape: tuple[int, ...], dims: Dims, act_shape: tuple[int, ...]) -> bool:

@@ -833,3 +833,33 @@ def test_a_loop_whose_count_varies_per_step_stays_one_site(counts: list[int]) ->
     peak = torch.stack([h.amax(0) for h in model.seen]).amax(0)
     assert loop.samples == 3 * len(counts)  # a loop's iterations are the same rows
     assert loop.dead_indices == [int(i) for i in torch.nonzero(peak <= 0).flatten()]
+
+
+class PackedLSTMHead(nn.Module):
+    """``pack_padded_sequence``, a batch-first LSTM, ``pad_packed_sequence``, then a Linear and a ReLU head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True)
+        self.head = _kill(nn.Linear(8, 8))
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lengths = torch.tensor([x.shape[1], x.shape[1] - 1, 2])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        out, _ = self.rnn(packed)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.act(self.head(padded))
+
+
+def test_a_relu_head_on_a_packed_lstm_counts_batch_rows() -> None:
+    """The rows of the head's Linear reach a view whose merged dims are not the product's rows: following them to the
+    input must not index a dim that is not there (an IndexError disabled the site, in the review's own first fix)."""
+    torch.manual_seed(0)
+    model = PackedLSTMHead()
+    truth = _Truth(model.act, 2, 0)
+    report, said = _train_saying(model, [torch.randn(3, n, 4) for n in (6, 5)])
+    layer = report["act"]
+    assert not layer.disabled
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures()
+    assert not said
