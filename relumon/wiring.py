@@ -20,9 +20,11 @@ site, when the site is discovered:
   tell: the caller falls back and warns.
 - **Samples.** Convolutions say where the samples are (dim 0 of their batched output); otherwise `batch_walk` follows
   the rows back through the producers to the output of a module that declares its layout, a time-major recurrent
-  layer, or a token embedding (`Wiring.batch_dim`).
+  layer, a token embedding, or the model's input fed straight into a Linear (dim 0 of the input is the batch; said
+  when that moves the samples off dim 0: `Wiring.batch_by_input`) (`Wiring.batch_dim`).
 - **Weights.** The parameters of the first producers on every path (and of the norms walked through), each keyed with
-  the select, slice or transpose it is read through (an expert ``W1[e]``, ``W`` against ``W.T``): calls of one
+  the select, slice, transpose or one-expert index it is read through (an expert ``W1[e]``,
+  ``W1.index_select(0, tensor([e]))``, ``W`` against ``W.T``): calls of one
   activation module fed by the same weights are one site (a recurrent cell unrolled T times is one site).
 - **Recurrence.** Which sites' outputs the walk met on the way: the same site's marks a recurrent cell's state.
 - **Call signatures.** `call_signature` looks at one node behind a call (its parameter inputs), cheaply enough for
@@ -713,9 +715,7 @@ def batch_walk(
     return rows
 
 
-def _input_rows(
-    dims: Dims, shape: tuple[int, ...], restore: Optional[tuple[tuple[int, ...], Dims]]
-) -> Optional[int]:
+def _input_rows(dims: Dims, shape: tuple[int, ...], restore: Optional[tuple[tuple[int, ...], Dims]]) -> Optional[int]:
     """The activation dim of dim 0 of a matrix product's data operand: the product's rows, or, when a view merged
     dims into them (a Linear over ``(B, L, D)``), the first of those dims; None when the view is not that."""
     if restore is None:
