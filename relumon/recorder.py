@@ -337,6 +337,7 @@ class Recorder:
         #: Output nodes of those modules in the first training forward: ``node_key -> the dim holding the samples``
         #: (None once that forward is over), for `relumon.wiring.batch_walk`.
         self._layout_nodes: Optional[dict[Any, int]] = {}
+        self._warned_rows = False  # samples counted by the input convention alone: said once
         self._capture: Optional[ActivationCapture] = None
         self._tracer: Optional[ProducerTracer] = None
         #: Output autograd nodes of the sites discovered in the first training forward (None once it is over).
@@ -800,6 +801,9 @@ class Recorder:
         units = out.shape[unit_dim] if ndim else 1
         key = _wiring_key(wiring, producer, {s.name for s in watched.distinct})
         site = watched.by_key.get(key) if key is not None else None
+        looped = False
+        if site is None and wiring is not None and self._wiring_nodes is None and append and watched.sites:
+            site, looped = self._later_call_site(watched, inp if inp is not None else out, out)
         if site is not None and (site.stats.ndim, site.stats.unit_dim, site.stats.units) != (ndim, unit_dim, units):
             site = None  # the same weights in another shape: a site of its own
         if site is None:
@@ -814,11 +818,13 @@ class Recorder:
             earlier = recurrent = False
             if why_guessed is not None:
                 self._warn_units(watched, site, out, why_guessed)
+            if wiring is not None and wiring.batch_by_input and site.stats.batch_dim == wiring.batch_dim:
+                self._warn_rows(site, out)
         elif not append:
             earlier = recurrent = False
         else:
             earlier = any(known is site for known in watched.sites)  # the indices so far are this step's calls
-            recurrent = self._join_upstream(site, out, compiled)
+            recurrent = looped or self._join_upstream(site, out, compiled)
             if not recurrent and watched.sites and watched.sites[-1] is site and self._graph_nodes is None:
                 recurrent = watched.recurrent[-1]  # no graph record any more: a longer sequence than before
         if not compiled:
@@ -835,6 +841,29 @@ class Recorder:
         watched.restart.append(earlier and not recurrent)
         watched.recurrent.append(recurrent)
         return site
+
+    def _later_call_site(self, watched: _Watched, tensor: Tensor, out: Tensor) -> tuple[Optional[Site], bool]:
+        """The site of a call index first seen after the first training forward, whose full walk matched no site.
+
+        Without the first forward's record of earlier outputs, the walk runs past the module's own earlier calls (a
+        loop run more times than in the first step) to every weight behind them, and the key matches nothing. A
+        second walk stops at nodes of the activation's own op: when its weights are those of exactly one site of the
+        module, the call is that site's; when that site is also the previous call's and the walk met such a node, the
+        call continues it (a loop over the same weights: its rows are not new samples). Discovery only."""
+        own = out.grad_fn
+        if own is None:
+            return None, False
+        kind = type(own).__name__
+        for suffix in ("Backward0", "Backward1"):
+            kind = kind[: -len(suffix)] if kind.endswith(suffix) else kind
+        stopped = read_wiring(tensor, None, None, None, stop_kind=kind)
+        if not stopped.weights:
+            return None, False
+        found = {id(s): s for k, s in watched.by_key.items() if isinstance(k, tuple) and k[0] == stopped.weights}
+        if len(found) != 1:
+            return None, False
+        site = next(iter(found.values()))
+        return site, "?" in stopped.met and watched.sites[-1] is site
 
     def _new_site(
         self,
@@ -934,6 +963,20 @@ class Recorder:
             f"its units ({why}), so relumon counts dim {site.stats.unit_dim} (its fallback: dim 1 of a 4-D or 5-D "
             f"output, the last dim of a 2-D or 3-D one). If that is wrong, pass "
             f"`unit_dim={{{watched.name!r}: <dim>}}`.",
+            RelumonWarning,
+        )
+
+    def _warn_rows(self, site: Site, out: Tensor) -> None:
+        """Samples counted on a dim that only the convention "dim 0 of the model's input is the batch" names."""
+        if self._warned_rows:
+            return
+        self._warned_rows = True
+        warn(
+            f"relumon: the autograd graph does not tell which dim of `{site.name}`'s output {tuple(out.shape)} holds "
+            f"the samples: its rows come from a Linear fed by the model's input and then move to dim "
+            f"{site.stats.batch_dim}, so relumon counts that dim, taking dim 0 of the input as the batch (as a "
+            "DataLoader stacks it). If the input is sequence-first, pass `batch_dim=` (e.g. "
+            f"`batch_dim={{{site.module_name!r}: 0}}`).",
             RelumonWarning,
         )
 

@@ -20,9 +20,11 @@ site, when the site is discovered:
   tell: the caller falls back and warns.
 - **Samples.** Convolutions say where the samples are (dim 0 of their batched output); otherwise `batch_walk` follows
   the rows back through the producers to the output of a module that declares its layout, a time-major recurrent
-  layer, or a token embedding (`Wiring.batch_dim`).
+  layer, a token embedding, or the model's input fed straight into a Linear (dim 0 of the input is the batch; said
+  when that moves the samples off dim 0: `Wiring.batch_by_input`) (`Wiring.batch_dim`).
 - **Weights.** The parameters of the first producers on every path (and of the norms walked through), each keyed with
-  the select, slice or transpose it is read through (an expert ``W1[e]``, ``W`` against ``W.T``): calls of one
+  the select, slice, transpose or one-expert index it is read through (an expert ``W1[e]``,
+  ``W1.index_select(0, tensor([e]))``, ``W`` against ``W.T``): calls of one
   activation module fed by the same weights are one site (a recurrent cell unrolled T times is one site).
 - **Recurrence.** Which sites' outputs the walk met on the way: the same site's marks a recurrent cell's state.
 - **Call signatures.** `call_signature` looks at one node behind a call (its parameter inputs), cheaply enough for
@@ -200,6 +202,9 @@ class Wiring:
     producer_kinds: list[str] = field(default_factory=list)
     batch_dim: Optional[int] = None
     unknown: list[str] = field(default_factory=list)
+    #: Whether ``batch_dim`` rests on the convention that dim 0 of the model's input holds the samples (rows reached
+    #: nothing but a Linear fed by the input itself, and then moved off dim 0): the caller says so.
+    batch_by_input: bool = False
 
 
 def _kind(node: Any) -> str:
@@ -457,6 +462,7 @@ def read_wiring(
     sites: Optional[Mapping[Any, tuple[str, int]]] = None,
     key: Optional[Callable[[Any], Any]] = None,
     layouts: Optional[Mapping[Any, int]] = None,
+    stop_kind: Optional[str] = None,
 ) -> Wiring:
     """Read the wiring of an activation from the autograd graph behind its input ``tensor``.
 
@@ -471,6 +477,10 @@ def read_wiring(
             ``nn.MultiheadAttention``, ``nn.Transformer*``), keyed by ``key(node)``, the dim of that output holding the
             samples. When the producers do not say where the samples are, a second walk follows the rows back through
             the producers to such an output (`batch_walk`).
+        stop_kind: where ``sites`` is not known (a call first seen after the first training forward), the node kind
+            of the activation's own op (``"Relu"``): a path stops at such a node, below the start, as at an earlier
+            call's output, and ``"?"`` is added to ``Wiring.met`` (a loop whose count varies per step: its later
+            iterations are fed by the same weights and their own earlier output, not by everything behind it).
 
     Returns:
         A `Wiring`. Its ``unit_dim`` is None when the graph cannot tell (no graph, branches that disagree, a view that
@@ -488,6 +498,7 @@ def read_wiring(
     answers: set[int] = set()
     batches: set[Optional[int]] = set()  # what the producers say of the sample dim
     blurred = False
+    muted = False  # a single-feature producer broadcast over the units (an SE or FiLM gate of one unit)
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
     start: Dims = tuple(range(ndim))
@@ -516,6 +527,10 @@ def read_wiring(
                 answers.add(target)
             continue
         kind = _kind(node)
+        if stop_kind is not None and kind == stop_kind and node is not root:
+            wiring.met.add("?")  # an earlier call of this kind of activation: its units are not known here
+            batches.add(None)
+            continue
         edges = [(child, nr) for child, nr in node.next_functions if child is not None]
         params = [child.variable for child, _ in edges if isinstance(getattr(child, "variable", None), nn.Parameter)]
         feature: Optional[int] = None
@@ -530,7 +545,9 @@ def read_wiring(
         if feature is not None:
             wiring.producer_kinds.append(kind)
             weights.update(_first_weights(node))
-            if 0 <= feature < len(dims) and dims[feature] is not None:
+            if _broadcast_single(feature, shape, dims, tuple(tensor.shape)):
+                muted = True  # one feature broadcast over many units (a gate): it says nothing of the unit dim
+            elif 0 <= feature < len(dims) and dims[feature] is not None:
                 answers.add(int(dims[feature]))  # type: ignore[arg-type]
             else:
                 blurred = True
@@ -580,6 +597,7 @@ def read_wiring(
         elif not followed and any(getattr(child, "variable", None) is None for child, _ in edges):
             wiring.unknown.append(kind)  # a path the walk cannot follow: it never guesses past it
     wiring.weights = frozenset(weights)
+    blurred = blurred or (muted and not answers)  # a gate alone: as before, the graph does not tell
     if len(batches) == 1:
         wiring.batch_dim = batches.pop()
     if len(answers) == 1 and not blurred:
@@ -593,11 +611,18 @@ def read_wiring(
     elif wiring.unknown:
         wiring.why_not = f"the walk cannot follow `{'`, `'.join(sorted(set(wiring.unknown)))}` back to a producer layer"
     if wiring.batch_dim is None and wiring.unit_dim is not None and tensor.ndim >= 3:
-        wiring.batch_dim = batch_walk(tensor, layouts or {}, key)
+        by_input: list[bool] = []
+        wiring.batch_dim = batch_walk(tensor, layouts or {}, key, by_input)
+        wiring.batch_by_input = bool(by_input)
     return wiring
 
 
-def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callable[[Any], Any]] = None) -> Optional[int]:
+def batch_walk(
+    tensor: Tensor,
+    layouts: Mapping[Any, int],
+    key: Optional[Callable[[Any], Any]] = None,
+    by_input: Optional[list[bool]] = None,
+) -> Optional[int]:
     """The activation dim that holds the samples, read by following the rows back to the output of a module that
     declares its layout (an ``nn.LSTM`` with ``batch_first=False``: dim 1), or None when no path reaches one, or the
     paths disagree.
@@ -606,10 +631,14 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
     the rows of its data operand (a Linear over ``(T, B, D)`` is a view to ``(T*B, D)``, a product, and the view back:
     the dims merged on the way in come back on the way out), a convolution's dim 0 is its input's dim 0. Where no
     such output is reached, a token embedding of 2-D indices says: dim 0 of ``input_ids`` is the batch, by the
-    convention of Hugging Face models (a fairseq-style model transposes to ``(T, B, C)`` after it).
+    convention of Hugging Face models (a fairseq-style model transposes to ``(T, B, C)`` after it); where none is
+    either, a matrix product fed by the model's input itself (a tensor without gradient) says: dim 0 of that input is
+    the batch, as a ``DataLoader`` stacks it. When that last convention moves the samples off the activation's dim 0
+    (a transpose after the Linear), ``True`` is appended to ``by_input``, so that the caller can say so.
     """
     answers: set[Optional[int]] = set()
     lookups: set[Optional[int]] = set()  # dim 0 of token embeddings (``input_ids`` are batch-first by convention)
+    inputs: set[Optional[int]] = set()  # dim 0 of the model's input fed straight into a Linear (the same convention)
     visited: set[tuple[int, Dims]] = set()
     budget = MAX_NODES
     stack: list[tuple[Any, Dims, tuple[int, ...], Optional[tuple[tuple[int, ...], Dims]]]] = [
@@ -629,7 +658,9 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
         nexts = node.next_functions
         if kind in _OPERANDS and len(shape) == 2:  # rows of a product: its data operand's rows (weight on the right)
             left, right = _OPERANDS[kind]
-            if max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is not None:
+            if max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is None:
+                inputs.add(_input_rows(dims, shape, restore))  # the input's rows, with no graph behind them
+            elif max(left, right) < len(nexts) and _weight_behind(nexts[right][0]) and nexts[left][0] is not None:
                 child, nr = nexts[left]
                 in_shape = _shape_of(child, nr)
                 if in_shape is not None and len(in_shape) == 2:
@@ -674,7 +705,37 @@ def batch_walk(tensor: Tensor, layouts: Mapping[Any, int], key: Optional[Callabl
                 break
     if answers:
         return answers.pop() if len(answers) == 1 else None
-    return lookups.pop() if len(lookups) == 1 else None
+    if lookups:
+        return lookups.pop() if len(lookups) == 1 else None
+    if len(inputs) != 1:
+        return None
+    rows = inputs.pop()
+    if rows is not None and rows != 0 and by_input is not None:
+        by_input.append(True)
+    return rows
+
+
+def _input_rows(dims: Dims, shape: tuple[int, ...], restore: Optional[tuple[tuple[int, ...], Dims]]) -> Optional[int]:
+    """The activation dim of dim 0 of a matrix product's data operand: the product's rows, or, when a view merged
+    dims into them (a Linear over ``(B, L, D)``), the first of those dims; None when the view is not that."""
+    if restore is None:
+        return dims[0]
+    before, before_dims = restore
+    if len(before) < 2 or len(before_dims) != len(before) or before[-1] != shape[-1]:
+        return None
+    if math.prod(before[:-1]) != shape[0]:
+        return None
+    return before_dims[0]
+
+
+def _broadcast_single(feature: int, shape: tuple[int, ...], dims: Dims, act_shape: tuple[int, ...]) -> bool:
+    """Whether a producer makes a single feature that reaches the activation broadcast over a bigger dim, or squeezed
+    away: a one-unit gate (``sigmoid(fc(x)).unsqueeze(1)``, a ``(B, 1, L)`` attention map) multiplying the real
+    features. Such a producer says nothing of where the units are."""
+    if not 0 <= feature < len(shape) or shape[feature] != 1:
+        return False
+    target = dims[feature] if feature < len(dims) else None
+    return target is None or act_shape[target] != 1
 
 
 def _rnn_batch_dim(kind: str, dims: Dims) -> Optional[int]:
@@ -735,7 +796,26 @@ def _path_step(node: Any) -> Optional[tuple[Any, ...]]:
         return ("S", _saved(node, "_saved_dim"), _saved(node, "_saved_index"))
     if kind == "Slice":
         return ("L", _saved(node, "_saved_dim"), _saved(node, "_saved_start"), _saved(node, "_saved_end"))
+    if kind == "IndexSelect":  # ``W.index_select(0, ids)``: which experts, by value (read at discovery only)
+        return ("I", _saved(node, "_saved_dim"), _index_values(_saved(node, "_saved_index")))
+    if kind == "Index":  # ``W[ids]`` with an index tensor
+        indices = _saved(node, "_saved_indices") or ()
+        return ("X", tuple(_index_values(i) for i in indices))
     return None
+
+
+#: Index tensors on a weight path with at most this many entries are read at discovery.
+_MAX_INDEX_KEY = 64
+
+
+def _index_values(index: Any) -> Hashable:
+    """An index tensor saved on a weight path, as a hashable key: the one entry it picks (``W.index_select(0,
+    tensor([e]))``, ``W[tensor([e])]``: an expert), read at discovery only; None when it picks several (a gather of
+    each token's expert mixes experts in one call, which stays one site whatever the routing), is long, or is none."""
+    if not isinstance(index, Tensor) or index.numel() == 0 or index.numel() > _MAX_INDEX_KEY:
+        return None
+    first = index.flatten()[0]
+    return int(first) if bool((index == first).all()) else None
 
 
 def _first_weights(node: Any, limit: int = 64) -> set[Hashable]:

@@ -632,3 +632,234 @@ def test_a_confirmed_expert_misses_none_of_its_calls_when_others_are_skipped() -
     samples, dead = _expert_truth(moe.seen[2])
     assert second[name].exact and (second[name].samples, second[name].dead_units) == (samples, 8) == (40, 8)
     assert name in monitor.alerted
+
+
+# --------------------------------------------------------------------------- review of issue 24: shapes no test named
+
+
+class _Truth:
+    """A plain forward hook on ``module``: its peak per unit along ``unit_dim`` and the rows along ``batch_dim``."""
+
+    def __init__(self, module: nn.Module, unit_dim: int, batch_dim: int) -> None:
+        self.unit_dim, self.batch_dim = unit_dim, batch_dim
+        self.peak: Tensor | None = None
+        self.samples = 0
+        module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: object, out: Tensor) -> None:
+        peak = out.detach().amax([d for d in range(out.ndim) if d != self.unit_dim])
+        self.peak = peak if self.peak is None else torch.maximum(self.peak, peak)
+        self.samples += out.shape[self.batch_dim]
+
+    def figures(self) -> tuple[int, int, list[int]]:
+        assert self.peak is not None
+        return len(self.peak), self.samples, [int(i) for i in torch.nonzero(self.peak <= 0).flatten()]
+
+
+def _kill(layer: nn.Module, units: tuple[int, ...] = (0, 3)) -> nn.Module:
+    with torch.no_grad():
+        for u in units:
+            layer.weight[u].zero_()  # type: ignore[index, operator]
+            layer.bias[u] = -1e3  # type: ignore[index, operator]
+    return layer
+
+
+def _train_saying(model: nn.Module, batches: list[Tensor]) -> tuple[relumon.Report, list[str]]:
+    """`_train`, keeping what relumon says of the wiring (units it cannot tell, calls skipped for their shape)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with relumon.watch(model, measure_every=1) as monitor:
+            for x in batches:
+                opt.zero_grad()
+                model(x).float().pow(2).mean().backward()
+                opt.step()
+            report = monitor.report()
+    wiring = ("does not tell", "skipped", "cannot tell")
+    return report, [str(w.message) for w in caught if any(word in str(w.message) for word in wiring)]
+
+
+class OneUnitGate(nn.Module):
+    """A conv's channels times a gate of one unit from a Linear, broadcast over them: ``(B, 1)`` unsqueezed to
+    ``(B, 1, 1)``, or a per-position gate ``(B, L, 1)`` squeezed and unsqueezed to ``(B, 1, L)``."""
+
+    def __init__(self, per_position: bool) -> None:
+        super().__init__()
+        self.conv = _kill(nn.Conv1d(2, 8, 1))
+        self.gate = nn.Linear(2, 1)
+        self.per_position = per_position
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.per_position:
+            g = torch.sigmoid(self.gate(x.transpose(1, 2))).squeeze(-1).unsqueeze(1)
+        else:
+            g = torch.sigmoid(self.gate(x.mean(2))).unsqueeze(1)
+        return self.act(self.conv(x) * g)
+
+
+@pytest.mark.parametrize("per_position", [False, True], ids=["per-sample", "per-position"])
+def test_a_one_unit_gate_broadcast_over_the_channels_says_nothing_of_the_units(per_position: bool) -> None:
+    """The gate's Linear makes one feature, broadcast over the 8 channels (or squeezed away): it was taken as a
+    producer that disagrees with the conv (or merges its feature dim), so the units fell back to the time axis with a
+    warning and every batch of another length was skipped."""
+    torch.manual_seed(0)
+    model = OneUnitGate(per_position)
+    truth = _Truth(model.act, 1, 0)
+    report, said = _train_saying(model, [torch.randn(3, 2, n) for n in (5, 6, 5)])
+    layer = report["act"]
+    assert not said
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures() == (8, 9, [0, 3])
+
+
+class IndexedExperts(nn.Module):
+    """Experts in one ``(E, D, H)`` parameter, picked by an index tensor (``index_select`` or ``W[tensor([e])]``);
+    the data skips expert 1 on some steps."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4, 8) / 2)
+        self.b = nn.Parameter(torch.zeros(3, 8))
+        with torch.no_grad():
+            self.w[1].zero_()
+            self.b[1] = -1e3  # expert 1: all 8 units dead
+        self.how = how
+        self.act = nn.ReLU()
+        self.step = 0
+        self.seen: dict[int, list[Tensor]] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        experts = [0, 2] if self.step == 1 else [0, 1, 2]
+        self.step += 1
+        y = x.new_zeros(x.shape[0], 8)
+        for e in experts:
+            ids = torch.tensor([e])
+            w = self.w.index_select(0, ids)[0] if self.how == "index_select" else self.w[ids][0]
+            h = self.act(x @ w + self.b[e])
+            self.seen.setdefault(e, []).append(h.detach())
+            y = y + h
+        return y
+
+
+@pytest.mark.parametrize("how", ["index_select", "index"])
+def test_experts_picked_by_an_index_tensor_are_a_site_each(how: str) -> None:
+    """The expert's weight is reached through ``IndexSelect``/``Index``, which keyed nothing: the three experts were
+    one site of 36 samples with no dead unit, the all-dead expert averaged away."""
+    torch.manual_seed(0)
+    model = IndexedExperts(how)
+    report, _ = _train_saying(model, [torch.randn(4, 4) for _ in range(3)])
+    assert len(report) == 3
+    for e, outs in model.seen.items():
+        samples, dead = _expert_truth(outs)
+        matching = [layer for layer in report if (layer.samples, layer.dead_indices) == (samples, dead)]
+        assert matching, (e, samples, dead, [(x.name, x.samples, x.dead_indices) for x in report])
+    assert any(layer.dead_indices == list(range(8)) for layer in report)
+
+
+class LinearThenSeqFirst(nn.Module):
+    """A Linear on the model's batch-first input, then its rows moved off dim 0 (``transpose(0, 1)`` or
+    ``movedim(0, -2)``: a sequence-first block after a batch-first input), with no module that declares a layout."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.lin = _kill(nn.Linear(4, 8))
+        self.how = how
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.lin(x)
+        return self.act(h.transpose(0, 1) if self.how == "transpose" else h.movedim(0, -2))
+
+
+@pytest.mark.parametrize("how", ["transpose", "movedim"])
+def test_rows_moved_off_dim_0_after_a_linear_on_the_input_are_counted_and_said(how: str) -> None:
+    """Nothing in the graph said where the samples were, so dim 0 (the time steps) was counted: 11 samples for 6,
+    silently. Now the rows are followed to the model's input, whose dim 0 is taken as the batch, and relumon says
+    that it rests on that convention."""
+    torch.manual_seed(0)
+    model = LinearThenSeqFirst(how)
+    truth = _Truth(model.act, 2, 1)
+    report, said = _train_saying(model, [torch.randn(3, n, 4) for n in (6, 5)])
+    layer = report["act"]
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures()
+    assert layer.samples == 6
+    assert any("holds the samples" in message and "batch_dim=" in message for message in said), said
+
+
+def test_a_linear_on_the_input_with_rows_on_dim_0_says_nothing() -> None:
+    """The convention agrees with the default: no warning for the common ``relu(linear(x))``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_kill(nn.Linear(4, 8)), nn.ReLU())
+    truth = _Truth(model[1], 2, 0)
+    report, said = _train_saying(model, [torch.randn(3, n, 4) for n in (6, 5)])
+    layer = report["1"]
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures()
+    assert not said
+
+
+class VaryingLoop(nn.Module):
+    """One ReLU object: after an input layer, then in a residual loop over one cell, run ``counts[step]`` times."""
+
+    def __init__(self, counts: list[int]) -> None:
+        super().__init__()
+        self.inp = _kill(nn.Linear(4, 8))
+        self.cell = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.cell.weight.mul_(0.1)
+        self.counts = counts
+        self.act = nn.ReLU()
+        self.step = 0
+        self.seen: list[Tensor] = []  # the loop's outputs (the plain-hook ground truth)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.inp(x))
+        for _ in range(self.counts[self.step]):
+            h = self.act(h + self.cell(h))
+            self.seen.append(h.detach())
+        self.step += 1
+        return h
+
+
+@pytest.mark.parametrize("counts", [[3, 3, 3, 3], [1, 3, 2, 4], [3, 1, 2, 4]], ids=["fixed", "growing", "shrinking"])
+def test_a_loop_whose_count_varies_per_step_stays_one_site(counts: list[int]) -> None:
+    """A call index first seen after the first step was walked past the loop's own earlier calls to the input layer's
+    weights: it became a new site (``act.call3``) that counted later iterations as new samples (18 for 12), or held
+    only the longest steps' last iterations (3 samples, units reported dead that fired)."""
+    torch.manual_seed(0)
+    model = VaryingLoop(counts)
+    report, said = _train_saying(model, [torch.randn(3, 4) for _ in counts])
+    assert [layer.name for layer in report] == ["act", "act.call2"], said
+    loop = report["act.call2"]
+    peak = torch.stack([h.amax(0) for h in model.seen]).amax(0)
+    assert loop.samples == 3 * len(counts)  # a loop's iterations are the same rows
+    assert loop.dead_indices == [int(i) for i in torch.nonzero(peak <= 0).flatten()]
+
+
+class PackedLSTMHead(nn.Module):
+    """``pack_padded_sequence``, a batch-first LSTM, ``pad_packed_sequence``, then a Linear and a ReLU head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 8, batch_first=True)
+        self.head = _kill(nn.Linear(8, 8))
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lengths = torch.tensor([x.shape[1], x.shape[1] - 1, 2])
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True)
+        out, _ = self.rnn(packed)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.act(self.head(padded))
+
+
+def test_a_relu_head_on_a_packed_lstm_counts_batch_rows() -> None:
+    """The rows of the head's Linear reach a view whose merged dims are not the product's rows: following them to the
+    input must not index a dim that is not there (an IndexError disabled the site, in the review's own first fix)."""
+    torch.manual_seed(0)
+    model = PackedLSTMHead()
+    truth = _Truth(model.act, 2, 0)
+    report, said = _train_saying(model, [torch.randn(3, n, 4) for n in (6, 5)])
+    layer = report["act"]
+    assert not layer.disabled
+    assert (layer.units, layer.samples, layer.dead_indices) == truth.figures()
+    assert not said
