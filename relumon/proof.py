@@ -62,6 +62,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from relumon.wiring import consumers_and_uses
+
 __all__ = [
     "PROOFS",
     "ALLOWED_OPTIMIZERS",
@@ -236,29 +238,6 @@ def _site_name(path: str, index: int) -> str:
     return base if index == 0 else f"{base}.call{index + 1}"
 
 
-def _graph(roots: Iterable[Any]) -> tuple[dict[int, list[Any]], dict[int, int]]:
-    """For every node reachable back from ``roots``: its consumers; and per parameter id, how many nodes read it."""
-    consumers: dict[int, list[Any]] = {}
-    param_reads: dict[int, int] = {}
-    seen: set[int] = set()
-    stack = [r for r in roots if r is not None]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        for parent, _ in getattr(node, "next_functions", ()):
-            if parent is None:
-                continue
-            variable = getattr(parent, "variable", None)
-            if variable is not None:
-                param_reads[id(variable)] = param_reads.get(id(variable), 0) + 1
-                continue
-            consumers.setdefault(id(parent), []).append(node)
-            stack.append(parent)
-    return consumers, param_reads
-
-
 def _nonnegative(node: Any, depth: int = 0) -> Optional[str]:
     """Why the tensor of ``node`` is known to be ``>= 0`` everywhere, or None."""
     if node is None or depth > 64 or getattr(node, "variable", None) is not None:
@@ -310,7 +289,7 @@ def read_feeds(calls: Sequence[Any], model: nn.Module, output_nodes: Iterable[An
     outputs = [node for node in output_nodes if node is not None]
     roots = [c.out_node for c in calls] + [c.in_node for c in calls] + outputs
     returned = {id(node) for node in outputs}
-    consumers, param_reads = _graph(roots)
+    consumers, param_reads = consumers_and_uses(roots)
     calls_per_module: dict[int, int] = {}
     for call in calls:
         calls_per_module[id(call.module)] = calls_per_module.get(id(call.module), 0) + 1

@@ -1220,7 +1220,7 @@ def read_site_wiring(
     calls_per_module = Counter(id(c.module) for c in calls)
     starts = list(roots) + [c.out_node for c in calls] + [c.in_node for c in calls]
     starts += [s.out_node for s in sites] + [s.in_node for s in sites]
-    consumers, uses = _consumers_and_uses(starts)
+    consumers, uses = consumers_and_uses(starts)
     reader_of: dict[int, ModuleCall] = {}  # nodes computed inside each Linear/Conv call, back to its input
     for call in calls:
         if _is_weighted(call.module) and call.in_node is not None and call.out_node is not None:
@@ -1231,7 +1231,7 @@ def read_site_wiring(
     return {site.name: _wire_site(site, graph) for site in sites}
 
 
-def _consumers_and_uses(roots: Sequence[Any]) -> tuple[dict[int, list[Any]], Counter[int]]:
+def consumers_and_uses(roots: Sequence[Any]) -> tuple[dict[int, list[Any]], Counter[int]]:
     """For every node reachable back from ``roots``: the nodes that take it as an input; and per parameter, how many
     nodes take it (its ``AccumulateGrad``'s consumers: 2 or more for a weight used twice)."""
     consumers: dict[int, list[Any]] = {}
