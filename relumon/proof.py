@@ -62,7 +62,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from relumon.wiring import consumers_and_uses
+from relumon.wiring import _kind, consumers_and_uses
 
 __all__ = [
     "PROOFS",
@@ -223,14 +223,6 @@ class Feed:
     nonnegative_input: Optional[str] = None
     problem: Optional[str] = None
     param_problems: dict[int, str] = field(default_factory=dict)
-
-
-def _kind(node: Any) -> str:
-    name = type(node).__name__
-    for suffix in ("Backward0", "Backward1", "Backward2", "Backward"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _site_name(path: str, index: int) -> str:
