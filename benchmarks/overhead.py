@@ -13,13 +13,17 @@ Variants:
 - ``relumon-exact``: ``measure_every=1``, every step measured. ``relumon-every2/4/8``: other schedules.
 - ``relumon-opt`` and ``relumon-opt-exact``: the same two with ``optimizer=`` given, so that the cause of death
   measures every optimizer step (``||Δw|| / ||w||`` of each producer, on the device).
+- ``floor`` and ``floor-2step``: the bare fold of the exact mode and nothing else (a forward hook folding the per-unit
+  peak with ``amax``, in one reduction or two, and a gradient hook folding the squared norm with ``dot``): the floor of
+  relumon's own algorithm, to show how far ``relumon-exact`` is from it.
 - ``naive-item``: the home-made monitor: a forward hook that reads the dead count and a gradient hook that reads the
   gradient norm with ``.item()`` on every step, as many hand-written monitors do.
 
 On a GPU the script also runs relumon's steps between two reports under
 ``torch.cuda.set_sync_debug_mode("error")``, which turns any host sync into an error, and compares peak memory.
 
-    python benchmarks/overhead.py                                   # the CPU workloads
+    python benchmarks/overhead.py                                   # the CPU workloads: MLP and small CNN
+    python benchmarks/overhead.py --workloads cpu-resnet18,cpu-densenet121,cpu-tiny2000 --threads 1
     python benchmarks/overhead.py --workloads gpu-resnet50,gpu-mlp  # on a CUDA machine, with torchvision
     python benchmarks/overhead.py --json results.json
 """
@@ -39,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from nets import densenet121, resnet18, tiny_layers  # benchmarks/nets.py: this script's folder is first on sys.path
 from torch import nn
 
 import relumon
@@ -95,6 +100,11 @@ def classification_batch(shape: tuple[int, ...]) -> Callable[[torch.device], tup
 WORKLOADS = {
     "cpu-mlp": Workload("cpu-mlp", "cpu", lambda: mlp(1024, 6), classification_batch((256, 1024))),
     "cpu-cnn": Workload("cpu-cnn", "cpu", small_cnn, classification_batch((64, 3, 32, 32))),
+    "cpu-resnet18": Workload("cpu-resnet18", "cpu", lambda: resnet18(10), classification_batch((32, 3, 64, 64))),
+    "cpu-densenet121": Workload(
+        "cpu-densenet121", "cpu", lambda: densenet121(10), classification_batch((32, 3, 64, 64))
+    ),
+    "cpu-tiny2000": Workload("cpu-tiny2000", "cpu", lambda: tiny_layers(2000, 4), classification_batch((2, 4))),
     "gpu-resnet50": Workload(
         "gpu-resnet50", "cuda", resnet50, classification_batch((128, 3, 224, 224)), torch.bfloat16, True
     ),
@@ -157,6 +167,60 @@ def naive_item(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callabl
             h.remove()
 
 
+def floor(two_step: bool) -> Callable[[nn.Module, torch.optim.Optimizer], Any]:
+    """The bare fold relumon's exact mode does, with nothing else: its algorithm's floor.
+
+    A forward hook on every ReLU-family module folds the per-unit peak of the training-mode output into a running
+    maximum (``amax`` over every dim but the unit dim, 1 for 3-D and wider outputs, the last one otherwise), and a
+    gradient hook on the output folds the squared gradient norm with ``dot``; no host reads. ``two_step`` reduces
+    the spatial dims first, then the batch (``amax(2, 3).amax(0)``), which reads the activation once and a small
+    tensor a second time.
+    """
+
+    family = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU)
+
+    @contextmanager
+    def variant(model: nn.Module, opt: torch.optim.Optimizer) -> Iterator[Callable[[], Any]]:
+        peaks: dict[int, torch.Tensor] = {}
+        norms: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            if not (module.training and torch.is_grad_enabled()):
+                return
+            t = out.detach()
+            unit = 1 if t.ndim > 2 else t.ndim - 1
+            if two_step and t.ndim > 2:
+                peak = t.amax(tuple(range(2, t.ndim))).amax(0)
+            else:
+                peak = t.amax(tuple(d for d in range(t.ndim) if d != unit))
+            acc = peaks.get(id(module))
+            if acc is None or acc.shape != peak.shape:
+                peaks[id(module)] = peak.float()
+                norms[id(module)] = torch.zeros((), device=t.device)
+            else:
+                torch.maximum(acc, peak, out=acc)
+            if out.requires_grad:
+                total = norms[id(module)]
+
+                def fold(grad: torch.Tensor) -> None:
+                    flat = grad.reshape(-1).float()
+                    total.add_(torch.dot(flat, flat))
+
+                out.register_hook(fold)
+
+        for module in model.modules():
+            if isinstance(module, family):
+                handles.append(module.register_forward_hook(hook))
+        try:
+            yield lambda: (peaks, norms)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return variant
+
+
 VARIANTS = {
     "none": no_monitor,
     "none-aa": no_monitor,
@@ -168,6 +232,8 @@ VARIANTS = {
     "relumon-opt": relumon_every(4, with_optimizer=True),
     "relumon-opt-exact": relumon_every(1, with_optimizer=True),
     "naive-item": naive_item,
+    "floor": floor(two_step=False),
+    "floor-2step": floor(two_step=True),
 }
 
 # --------------------------------------------------------------------------- timing

@@ -3,8 +3,8 @@
 Recycling runs at report time, not in the training step, so its cost is per call: the first call after the wiring
 was recorded also derives the wiring from the recorded autograd graph; later calls reuse it. Each round forces 10 %
 of the channels of every BasicBlock's first BatchNorm dead (bias -1e3), takes one training step, closes the window
-and times the recycle call alone. torchvision is not needed: the network is built here (BasicBlock [2, 2, 2, 2],
-widths 64 to 512, a 1000-way head).
+and times the recycle call alone. torchvision is not needed: the network is built in benchmarks/nets.py
+(BasicBlock [2, 2, 2, 2], widths 64 to 512, a 1000-way head).
 
     python benchmarks/recycle_cost.py --rounds 5 --size 64 --batch 8
 """
@@ -16,46 +16,10 @@ import statistics
 import time
 
 import torch
+from nets import BasicBlock, resnet18  # benchmarks/nets.py: this script's folder is first on sys.path
 from torch import nn
 
 import relumon
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inp: int, out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-            if stride != 1 or inp != out
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-def resnet18() -> nn.Sequential:
-    layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, 1),
-    ]
-    inp = 64
-    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [BasicBlock(inp, width, stride), BasicBlock(width, width, 1)]
-        inp = width
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
-    return nn.Sequential(*layers)
 
 
 def main() -> None:
