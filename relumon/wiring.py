@@ -1206,6 +1206,16 @@ class _Graph:
         calls = self.calls_per_module[id(module)]
         if calls > 1:
             return f"its {role} `{path}` is called {calls} times per forward (shared weights)"
+        for pname in ("weight", "bias"):
+            # A weight computed from other tensors (`torch.nn.utils.parametrizations.weight_norm`/`spectral_norm`,
+            # the older hook-based `weight_norm`): writing into it would change a temporary, or be overwritten at the
+            # next forward, so the rows and columns recycling zeroes would not stay zero.
+            value = getattr(module, pname, None)
+            if isinstance(value, Tensor) and module._parameters.get(pname) is not value:
+                return (
+                    f"its {role} `{path}` computes its `{pname}` from other tensors (a parametrization such as "
+                    "weight_norm or spectral_norm), which recycling cannot rewrite row by row"
+                )
         for pname, p in module.named_parameters(recurse=False):
             if self.registered[id(p)] > 1:
                 return f"its {role} `{path}` has tied weights (`{pname}` is shared with another module)"

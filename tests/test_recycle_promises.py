@@ -299,3 +299,38 @@ def test_the_wiring_record_costs_one_forward_its_hooks_come_off_when_the_next_st
         assert not model[0]._forward_hooks and not model[2]._forward_hooks
         monitor.report()
         assert monitor.recycle().units == {"1": [2, 5]}
+
+
+# ----------------------------------------------------------------------------- review 25: hostile cases
+
+
+def _weight_norm_parametrization(module: nn.Module) -> None:
+    torch.nn.utils.parametrizations.weight_norm(module)
+
+
+def _spectral_norm_parametrization(module: nn.Module) -> None:
+    torch.nn.utils.parametrizations.spectral_norm(module)
+
+
+def _old_weight_norm(module: nn.Module) -> None:
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(module)  # the hook-based one: `weight` is recomputed before every forward
+
+
+@pytest.mark.parametrize("apply", [_weight_norm_parametrization, _spectral_norm_parametrization, _old_weight_norm])
+@pytest.mark.parametrize("role", ["producer", "reader"])
+def test_a_computed_weight_is_skipped_with_the_reason_and_nothing_moves(apply: Any, role: str) -> None:
+    """A parametrized producer made `copy.copy` raise from inside torch; a parametrized reader had its columns zeroed
+    in a temporary (the real weight kept them) while the recycled units revived: the outputs changed by 0.3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [1, 6])
+    apply(model[0] if role == "producer" else model[2])
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    path = "0" if role == "producer" else "2"
+    assert result.units == {} and f"its {role} `{path}` computes its `weight`" in result.skipped["1"]
+    # spectral_norm's power-iteration vectors `_u`, `_v` move at every training forward (the ones measuring the
+    # outputs too), not by recycling
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    moved = [k for k in moved if not k.endswith(("._u", "._v"))]
+    assert torch.equal(before[0], after[0]) and moved == []
