@@ -141,28 +141,51 @@ def reset_optimizer_state(
     """Zero every per-element state tensor of the touched entries, found by parameter.
 
     ``touched`` maps ``id(param)`` to ``(param, selections)``. Every state tensor of the parameter's shape (Adam's
-    moments, SGD's momentum buffer, Adagrad's sum...) is zeroed at the selected entries. Scalar state, such as Adam's
+    moments, SGD's momentum buffer, Adagrad's sum...) is zeroed at the selected entries. A factored state tensor (the
+    parameter's shape with some dims 1, as Adafactor's ``row_var`` and ``col_var``) is zeroed where every entry it
+    stands for was touched (a recycled row's ``row_var``, a zeroed column's ``col_var``). Scalar state, such as Adam's
     per-parameter ``step``, is kept, as ReDo keeps it: resetting it would restart bias correction for the whole
     tensor, shrinking the updates of every live entry of the parameter by 3 to 6 times for about a thousand steps
     (with Adam's default betas), to help the few recycled ones.
+
+    An `torch.optim.LBFGS` keeps one flat history for all its parameters (directions, steps, the previous gradient):
+    after re-initialised weights its next curvature pair would mix the jump recycling made with a gradient step, so
+    its whole state is cleared, and its next step starts afresh (a steepest-descent step, as its first).
     """
     for opt in optimizers:
+        if isinstance(opt, torch.optim.LBFGS):
+            held = [p for group in opt.param_groups for p in group["params"]]
+            if any(id(p) in touched for p in held) and held:
+                opt.state[held[0]].clear()
+            continue
         for group in opt.param_groups:
             for p in group["params"]:
                 entry = touched.get(id(p))
                 state = opt.state.get(p) if entry is not None else None
                 if not state or entry is None:
                     continue
+                mask: Optional[Tensor] = None
                 for key, value in state.items():
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        # A per-element step size (Rprop's) restarts where a fresh parameter's does, at the lr: at 0
-                        # the recycled entries could hardly move again. Every other such state restarts at 0.
-                        # Adagrad's sum restarts at the group's `initial_accumulator_value`, as a fresh parameter's.
-                        fresh = float(group["lr"]) if key == "step_size" else 0.0
-                        if key == "sum" and "initial_accumulator_value" in group:
-                            fresh = float(group["initial_accumulator_value"])
+                    if not isinstance(value, Tensor) or value.ndim != p.ndim or value.ndim == 0:
+                        continue
+                    # A per-element step size (Rprop's) restarts where a fresh parameter's does, at the lr: at 0
+                    # the recycled entries could hardly move again. Every other such state restarts at 0.
+                    # Adagrad's sum restarts at the group's `initial_accumulator_value`, as a fresh parameter's.
+                    fresh = float(group["lr"]) if key == "step_size" else 0.0
+                    if key == "sum" and "initial_accumulator_value" in group:
+                        fresh = float(group["initial_accumulator_value"])
+                    if value.shape == p.shape:
                         for selection in entry[1]:
                             _fill(value, selection, fresh)
+                        continue
+                    collapsed = [d for d in range(p.ndim) if value.shape[d] == 1 and p.shape[d] != 1]
+                    if any(value.shape[d] not in (1, p.shape[d]) for d in range(p.ndim)) or not collapsed:
+                        continue  # not a factored statistic of this parameter
+                    if mask is None:
+                        mask = torch.zeros(p.shape, dtype=torch.bool)
+                        for selection in entry[1]:
+                            _fill(mask, selection, True)
+                    _fill(value, (-1, mask.all(dim=tuple(collapsed), keepdim=True)), fresh)
 
 
 #: Classes whose ``reset_parameters`` draws from a bound that depends on the fan-in only: a clone with just the

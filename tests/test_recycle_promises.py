@@ -7,6 +7,7 @@ and the optimizer state with what a fresh parameter would have.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -334,3 +335,69 @@ def test_a_computed_weight_is_skipped_with_the_reason_and_nothing_moves(apply: A
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
     moved = [k for k in moved if not k.endswith(("._u", "._v"))]
     assert torch.equal(before[0], after[0]) and moved == []
+
+
+def test_adafactor_factored_statistics_of_recycled_rows_and_columns_restart_at_zero() -> None:
+    """Adafactor keeps ``row_var`` (out, 1) and ``col_var`` (1, in) per weight: not the parameter's shape, so they were
+    left as they were. A recycled row's ``row_var`` and a zeroed column's ``col_var`` restart at 0 now; statistics
+    shared with live entries (the producer's ``col_var``, the reader's ``row_var``) are kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    _kill(model[0], [1, 6])
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.0)
+    monitor = relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt)
+    x = torch.randn(6, 4)
+    with monitor:
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model(x)).backward()
+            opt.step()
+        monitor.report()
+        for state in opt.state.values():  # every statistic non-zero, so that a reset shows
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                    value.copy_(torch.rand_like(value) + 1)
+        old = {p: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in opt.state}
+        assert monitor.recycle().units == {"1": [1, 6]}
+    producer, reader = opt.state[model[0].weight], opt.state[model[2].weight]
+    rows = torch.zeros(8, 1, dtype=torch.bool)
+    rows[[1, 6]] = True
+    assert torch.equal(producer["row_var"], torch.where(rows, 0.0, old[model[0].weight]["row_var"]))
+    assert torch.equal(producer["col_var"], old[model[0].weight]["col_var"])
+    assert torch.equal(reader["col_var"], torch.where(rows.T, 0.0, old[model[2].weight]["col_var"]))
+    assert torch.equal(reader["row_var"], old[model[2].weight]["row_var"])
+    bias = opt.state[model[0].bias]["variance"]
+    assert torch.equal(bias, torch.where(rows.flatten(), 0.0, old[model[0].bias]["variance"]))
+
+
+def test_lbfgs_history_is_cleared_its_next_step_is_a_fresh_optimizers() -> None:
+    """L-BFGS keeps one flat history (directions, steps, the last gradient) for all parameters: after recycling, its
+    next curvature pair mixed the jump recycling made with a gradient step. The history is cleared: the next step is
+    the one a fresh L-BFGS would take from the recycled weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    _kill(model[0], [1, 6])
+    x, target = torch.randn(16, 4), torch.randn(16, 3)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=5)
+
+    def step(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = (net(x) - target).pow(2).mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    monitor = relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt)
+    with monitor:
+        for _ in range(3):
+            step(model, opt)
+        monitor.report()
+        assert opt.state[model[0].weight]["old_dirs"]  # a history to clear
+        assert monitor.recycle().units == {"1": [1, 6]}
+    twin = copy.deepcopy(model)
+    step(model, opt)
+    step(twin, torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=3, history_size=5))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
