@@ -932,6 +932,54 @@ class CauseTracker:
                     at = idx.to(kept.device)
                     kept.index_copy_(0, at, weight.detach().index_select(0, at).to(kept.dtype))
 
+    def columns_zeroed(self, path: str, weight: Tensor, selection: tuple[int, Tensor]) -> None:
+        """Recycling is about to zero entries of ``weight`` (a reader's columns of recycled units) of module ``path``.
+
+        When that module also feeds a site, what the cause measures of it is re-based, so that recycling's own change
+        is not read as an update that killed its units: the kept copies of its weight (for a sampled weight's exact
+        ``own_update``) get the same zeros, and the reference row norms (for ``weight_shift``) lose the part of each
+        row that is zeroed. Report time; called before the entries are zeroed.
+        """
+        try:
+            self._rebase(path, weight, selection)
+        except Exception as err:  # recycling goes on: the cause steps aside
+            if is_strict():
+                raise
+            self.disable(err)
+
+    def _rebase(self, path: str, weight: Tensor, selection: tuple[int, Tensor]) -> None:
+        producer = self._producers.get(path)
+        if producer is None or producer.weight is not weight or weight.ndim < 2:
+            return
+        dim, where = selection
+        with torch.no_grad():
+            mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+            if dim < 0:
+                mask |= where.to(weight.device)
+            else:
+                mask.index_fill_(dim, where.to(weight.device), True)
+            zeroed = weight.detach().double().masked_fill(~mask, 0.0).reshape(weight.shape[0], -1)
+            removed = zeroed.pow(2).sum(1)
+
+            def shrink(rows: Optional[Tensor]) -> Optional[Tensor]:
+                if rows is None or rows.numel() != removed.numel():
+                    return rows
+                gone = removed.to(rows.device)
+                return (rows.double().pow(2) - gone).clamp_min(0.0).sqrt().to(rows.dtype)
+
+            producer.start_rows = shrink(producer.start_rows)
+            kept = [producer.start_weight]
+            for site in list(self._sites):
+                memory = self._memory.get(site.name)
+                if site.fed_by == path and memory is not None:
+                    shrunk = shrink(memory.rows)
+                    if shrunk is not None:
+                        memory.rows = shrunk
+                    kept.append(memory.weight)
+            for copy in kept:
+                if copy is not None and copy.shape == weight.shape:
+                    copy.masked_fill_(mask.to(copy.device), 0.0)
+
     def remove(self) -> None:
         """Remove the optimizer hooks. Idempotent."""
         for handle in self._handles:

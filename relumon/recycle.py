@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -225,8 +225,12 @@ def recycle_units(
     indices: list[int],
     window: int,
     touched: dict[int, tuple[Tensor, list[Selection]]],
+    before_zeroing: Optional[Callable[[str, Tensor, Selection], None]] = None,
 ) -> tuple[str, ...]:
     """Re-initialise ``indices`` of one site in place (no grad); add the entries touched to ``touched``.
+
+    ``before_zeroing(path, weight, selection)`` is called before a reader's columns are zeroed (the cause of death
+    re-bases what it measures of that module, when it also feeds a site).
 
     Returns:
         The names of the parameters touched, ``"<module path>.<param>"``.
@@ -277,6 +281,8 @@ def recycle_units(
                     group = u // per_group_in
                     mask[group * per_group_out : (group + 1) * per_group_out, u % per_group_in] = True
                 selection = (-1, mask)
+            if before_zeroing is not None:
+                before_zeroing(path, w, selection)
             _fill(w, selection, 0.0)
             mark(w, selection, f"{path}.weight")
     return tuple(names)
@@ -287,10 +293,15 @@ class Recycler:
 
     Args:
         book: the recorder's record of the sites' producers and readers.
+        before_zeroing: called with ``(path, weight, selection)`` before a reader's columns are zeroed
+            (`relumon.cause.CauseTracker.columns_zeroed`).
     """
 
-    def __init__(self, book: WiringBook) -> None:
+    def __init__(
+        self, book: WiringBook, before_zeroing: Optional[Callable[[str, Tensor, Selection], None]] = None
+    ) -> None:
         self._book = book
+        self._before_zeroing = before_zeroing
 
     def remove(self) -> None:
         """Nothing to take off: the record belongs to the recorder. Kept for the monitor's teardown."""
@@ -333,7 +344,9 @@ class Recycler:
             elif site_wiring.problem is not None:
                 skipped[layer.name] = site_wiring.problem
             else:
-                parameters[layer.name] = recycle_units(model, site_wiring, candidates, report.window, touched)
+                parameters[layer.name] = recycle_units(
+                    model, site_wiring, candidates, report.window, touched, self._before_zeroing
+                )
                 units[layer.name] = candidates
         if optimizers and touched:
             reset_optimizer_state(optimizers, touched)
