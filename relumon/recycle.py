@@ -343,6 +343,11 @@ class Recycler:
                 skipped[layer.name] = self._book.why_unknown(layer.name)
             elif site_wiring.problem is not None:
                 skipped[layer.name] = site_wiring.problem
+            elif (path := site_wiring.replaced(model)) is not None:
+                skipped[layer.name] = (
+                    f"the model's module `{path}` is not the one relumon recorded in the first training forward (it "
+                    "was replaced since), so the wiring it read no longer holds"
+                )
             else:
                 parameters[layer.name] = recycle_units(
                     model, site_wiring, candidates, report.window, touched, self._before_zeroing

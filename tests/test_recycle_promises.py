@@ -401,3 +401,44 @@ def test_lbfgs_history_is_cleared_its_next_step_is_a_fresh_optimizers() -> None:
     step(twin, torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=3, history_size=5))
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
+
+
+def test_an_activation_the_model_returns_detached_is_the_models_output() -> None:
+    """``return logits, h.detach()`` has no autograd node to find: recycling re-drew the units and the second output
+    changed by 0.66. The site is skipped now: the returned tensor shares the activation's storage."""
+
+    class WithFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.act(self.fc1(x))
+            return self.fc2(h), h[:, :6].detach()  # a detached view: features for a metric
+
+    torch.manual_seed(0)
+    model = WithFeatures()
+    _kill(model.fc1, [1, 4])
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {} and "returns its values without gradient" in result.skipped["act"]
+    assert all(torch.equal(b, a) for b, a in zip(before, after)) and _unchanged(model, state)
+
+
+def test_a_module_replaced_after_the_wiring_was_read_is_skipped_not_a_traceback() -> None:
+    """The head swapped for a Sequential after the first forward: recycling raised ``AttributeError: 'Sequential'
+    object has no attribute 'weight'`` from inside its rewrite. Now the site is skipped with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [1, 6])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(6, 4)
+    with relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt) as monitor:
+        opt.zero_grad()
+        _loss(model(x)).backward()
+        opt.step()
+        monitor.report()
+        model[2] = nn.Sequential(nn.Linear(8, 3), nn.Linear(3, 2))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result = monitor.recycle()
+    assert result.units == {} and "module `2` is not the one relumon recorded" in result.skipped["1"]
+    assert _unchanged(model, state)
