@@ -196,8 +196,9 @@ _FAN_IN_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _fresh(module: nn.Module, seed: int, rows: int) -> dict[str, Tensor]:
     """``rows`` rows of parameters drawn by ``module``'s own ``reset_parameters`` on a clone without its weights.
 
-    The clone has all the module's rows, unless its class is one whose initialisation depends on the fan-in alone
-    (`_FAN_IN_ONLY`); then only ``rows`` rows are drawn. Drawn on the CPU from a generator seeded by ``seed``.
+    The clone has all the module's rows, and its own copies of the module's buffers and submodules, unless its class
+    is one whose initialisation depends on the fan-in alone (`_FAN_IN_ONLY`); then only ``rows`` rows are drawn.
+    Drawn on the CPU from a generator seeded by ``seed``.
     """
     clone = copy.copy(module)
     whole = type(module) not in _FAN_IN_ONLY
@@ -208,6 +209,12 @@ def _fresh(module: nn.Module, seed: int, rows: int) -> dict[str, Tensor]:
     }
     absent = {name: None for name, p in module._parameters.items() if p is None}  # a conv without bias
     object.__setattr__(clone, "_parameters", {**fresh_params, **absent})
+    if whole:
+        # A subclass's own `reset_parameters` may also reset its buffers or submodules in place: the clone gets its
+        # own copies, so that only the recycled rows of the real module change.
+        buffers = {name: b.detach().clone() if b is not None else None for name, b in module._buffers.items()}
+        object.__setattr__(clone, "_buffers", buffers)
+        object.__setattr__(clone, "_modules", {name: copy.deepcopy(m) for name, m in module._modules.items()})
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the CPU generator only: no CUDA seeding queued
         clone.reset_parameters()  # type: ignore[operator]

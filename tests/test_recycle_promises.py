@@ -442,3 +442,37 @@ def test_a_module_replaced_after_the_wiring_was_read_is_skipped_not_a_traceback(
         result = monitor.recycle()
     assert result.units == {} and "module `2` is not the one relumon recorded" in result.skipped["1"]
     assert _unchanged(model, state)
+
+
+class _GainLinear(nn.Linear):
+    """A Linear subclass whose own init also resets a buffer and a submodule (in place)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        self.register_buffer("gain", torch.ones(n_out))
+        self.extra = nn.Linear(n_out, n_out)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "gain"):
+            self.gain.fill_(1.0)
+            nn.init.eye_(self.extra.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
+def test_a_producer_subclass_whose_init_resets_buffers_and_submodules_keeps_them() -> None:
+    """The clone that draws the fresh rows shared the module's buffers and submodules: its `reset_parameters` reset
+    the real `gain` (2 -> 1 for every unit) and `extra.weight`, and the outputs changed by 3.3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_GainLinear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [1, 6])
+    with torch.no_grad():
+        model[0].gain.fill_(2.0)
+        model[0].extra.weight.fill_(0.3)
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {"1": [1, 6]}
+    assert torch.equal(before[0], after[0])
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert moved == {"0.weight", "0.bias", "2.weight"}
