@@ -293,6 +293,12 @@ class _Producer:
         self.module_ref = weakref.ref(module)
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
+        if module._parameters.get("weight") is not weight:
+            # Computed from other tensors (a weight_norm or spectral_norm parametrization): each read is a new tensor,
+            # so one kept here would never move. Its update ratio and row norms are left unknown, not read as 0.
+            weight = None
+        if module._parameters.get("bias") is not bias:
+            bias = None
         self.weight: Optional[Tensor] = weight if _measurable(weight) else None
         self.bias: Optional[Tensor] = (
             bias if isinstance(bias, Tensor) and _measurable(bias) and bias.ndim == 1 else None
@@ -854,6 +860,15 @@ class CauseTracker:
                 for j, p in enumerate(bucket.producers):
                     if p is producer:
                         return group.lr_at(group.steps, bucket.group_of[j])
+        # A producer whose weight is not measured (a parametrized weight): the rate of the group holding any of its
+        # parameters (a parametrization's `original` is a parameter of a submodule).
+        module = producer.module_ref()
+        held = {id(p) for p in module.parameters()} if module is not None else set()
+        for optimizer in self.optimizers():
+            for param_group in getattr(optimizer, "param_groups", ()):
+                if any(id(p) in held for p in param_group["params"]):
+                    rate = param_group.get("lr")
+                    return float(rate) if isinstance(rate, (int, float, Tensor)) else None
         return None
 
     def _first_memory(

@@ -240,3 +240,29 @@ def test_a_readers_columns_zeroed_by_recycling_are_not_read_as_an_update_of_its_
     assert cause.own_update == 0.0
     assert cause.weight_shift is not None and abs(cause.weight_shift) < 1e-6
     assert "lower the learning rate" not in cause.advice and "fell by 1e+04" in cause.advice
+
+
+def test_a_parametrized_producers_weight_is_left_unknown_not_read_as_unmoved() -> None:
+    """A `weight_norm` producer's `weight` is a new tensor at each read: the one the cause kept never moved, so it
+    said `weight_shift` 0.0 for rows that moved by a ratio of about 400, and had no learning rate at all. Now the
+    weight's figures are unknown (None) and the lr is the one of the group holding the module's parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.rand(16, 4)
+    ratios: list[float] = []
+    reports = []
+    with relumon.watch(model, optimizer=opt, measure_every=1, on_dead="ignore") as monitor:
+        for step in range(1, 9):
+            opt.zero_grad()
+            (model(x).sum() * (1e4 if step == 3 else 1.0)).backward()  # step 3: a huge update kills units
+            before = model[0].weight.detach().clone()
+            opt.step()
+            ratios.append(float((model[0].weight.detach() - before).norm() / before.norm()))
+            if step % 4 == 0:
+                reports.append(monitor.report(step=step))
+    assert max(ratios) > 100  # the weight did move, a lot
+    causes = _causes(reports, "1")
+    assert causes and all(c.weight_shift is None and c.update_ratio is None for c in causes)
+    assert all(c.lr == 0.01 for c in causes)
