@@ -1249,8 +1249,9 @@ class _Graph:
             value = getattr(module, pname, None)
             if isinstance(value, Tensor) and module._parameters.get(pname) is not value:
                 return (
-                    f"its {role} `{path}` computes its `{pname}` from other tensors (a parametrization such as "
-                    "weight_norm or spectral_norm), which recycling cannot rewrite row by row"
+                    f"its {role} `{path}` computes its `{pname}` from other tensors, or holds it outside its "
+                    "parameters (a parametrization such as weight_norm or spectral_norm, an FSDP flat parameter), "
+                    "which recycling cannot rewrite row by row"
                 )
         for pname, p in module.named_parameters(recurse=False):
             if self.registered[id(p)] > 1:
