@@ -226,6 +226,36 @@ def _seed(window: int, site: str) -> int:
     return zlib.crc32(f"relumon-recycle/{window}/{site}".encode())
 
 
+def _redraw(
+    producer: nn.Module,
+    norm: Any,
+    wiring: SiteWiring,
+    idx: Tensor,
+    window: int,
+    mark: Callable[[Tensor, Selection, str], None],
+) -> None:
+    """The incoming side of recycled units ``idx``: fresh producer rows, bias 0, BatchNorm channel reset (no grad)."""
+    fresh = _fresh(producer, _seed(window, wiring.site), len(idx))
+    weight: Tensor = producer.weight  # type: ignore[assignment]
+    drawn = fresh["weight"] if fresh["weight"].shape[0] == len(idx) else fresh["weight"][idx]
+    weight.index_copy_(0, idx.to(weight.device), drawn.to(weight.device, weight.dtype))
+    mark(weight, (0, idx), f"{wiring.producer}.weight")
+    bias = getattr(producer, "bias", None)
+    if isinstance(bias, Tensor):
+        _fill(bias, (0, idx), 0.0)
+        mark(bias, (0, idx), f"{wiring.producer}.bias")
+    if norm is not None:
+        for name, value in (("weight", 1.0), ("bias", 0.0)):
+            param = getattr(norm, name)
+            if isinstance(param, Tensor):
+                _fill(param, (0, idx), value)
+                mark(param, (0, idx), f"{wiring.norm}.{name}")
+        for name, value in (("running_mean", 0.0), ("running_var", 1.0)):
+            buffer = getattr(norm, name)
+            if isinstance(buffer, Tensor):
+                _fill(buffer, (0, idx), value)
+
+
 def recycle_units(
     model: nn.Module,
     wiring: SiteWiring,
@@ -233,11 +263,15 @@ def recycle_units(
     window: int,
     touched: dict[int, tuple[Tensor, list[Selection]]],
     before_zeroing: Optional[Callable[[str, Tensor, Selection], None]] = None,
+    incoming: bool = True,
+    outgoing: bool = True,
 ) -> tuple[str, ...]:
     """Re-initialise ``indices`` of one site in place (no grad); add the entries touched to ``touched``.
 
     ``before_zeroing(path, weight, selection)`` is called before a reader's columns are zeroed (the cause of death
-    re-bases what it measures of that module, when it also feeds a site).
+    re-bases what it measures of that module, when it also feeds a site). ``incoming``: re-draw the producer's rows
+    and reset its bias and BatchNorm channel; ``outgoing``: zero the readers' columns (`Recycler` does every site's
+    incoming side first, so that a reader's rows re-drawn for another site keep the zeros).
 
     Returns:
         The names of the parameters touched, ``"<module path>.<param>"``.
@@ -253,26 +287,9 @@ def recycle_units(
         names.append(name)
 
     with torch.no_grad():
-        fresh = _fresh(producer, _seed(window, wiring.site), len(indices))
-        weight: Tensor = producer.weight  # type: ignore[assignment]
-        drawn = fresh["weight"] if fresh["weight"].shape[0] == len(indices) else fresh["weight"][idx]
-        weight.index_copy_(0, idx.to(weight.device), drawn.to(weight.device, weight.dtype))
-        mark(weight, (0, idx), f"{wiring.producer}.weight")
-        bias = getattr(producer, "bias", None)
-        if isinstance(bias, Tensor):
-            _fill(bias, (0, idx), 0.0)
-            mark(bias, (0, idx), f"{wiring.producer}.bias")
-        if norm is not None:
-            for name, value in (("weight", 1.0), ("bias", 0.0)):
-                param = getattr(norm, name)
-                if isinstance(param, Tensor):
-                    _fill(param, (0, idx), value)
-                    mark(param, (0, idx), f"{wiring.norm}.{name}")
-            for name, value in (("running_mean", 0.0), ("running_var", 1.0)):
-                buffer = getattr(norm, name)
-                if isinstance(buffer, Tensor):
-                    _fill(buffer, (0, idx), value)
-        for path, positions in zip(wiring.readers, wiring.positions):
+        if incoming:
+            _redraw(producer, norm, wiring, idx, window, mark)
+        for path, positions in zip(wiring.readers, wiring.positions) if outgoing else ():
             module = model.get_submodule(path)
             w: Tensor = module.weight  # type: ignore[assignment]
             selection: Selection
@@ -326,6 +343,7 @@ class Recycler:
         skipped: dict[str, str] = {}
         parameters: dict[str, tuple[str, ...]] = {}
         touched: dict[int, tuple[Tensor, list[Selection]]] = {}
+        plan: list[tuple[str, SiteWiring, list[int]]] = []
         for layer in report:
             candidates = _candidates(layer, criterion, tau)
             if not candidates:
@@ -356,10 +374,17 @@ class Recycler:
                     "was replaced since), so the wiring it read no longer holds"
                 )
             else:
-                parameters[layer.name] = recycle_units(
-                    model, site_wiring, candidates, report.window, touched, self._before_zeroing
-                )
-                units[layer.name] = candidates
+                plan.append((layer.name, site_wiring, candidates))
+        # Every site's incoming side first, then every reader's columns: a reader whose rows are re-drawn for another
+        # site (a BasicBlock's conv2 reads the first call of `relu` and feeds the second) keeps the zeros for the
+        # units it reads, whatever the order of the sites.
+        for name, site_wiring, candidates in plan:
+            parameters[name] = recycle_units(model, site_wiring, candidates, report.window, touched, outgoing=False)
+            units[name] = candidates
+        for name, site_wiring, candidates in plan:
+            parameters[name] += recycle_units(
+                model, site_wiring, candidates, report.window, touched, self._before_zeroing, incoming=False
+            )
         if optimizers and touched:
             reset_optimizer_state(optimizers, touched)
         return RecycleResult(report.window, criterion, units, skipped, parameters, len(optimizers))

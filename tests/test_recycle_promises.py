@@ -476,3 +476,30 @@ def test_a_producer_subclass_whose_init_resets_buffers_and_submodules_keeps_them
     assert torch.equal(before[0], after[0])
     moved = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
     assert moved == {"0.weight", "0.bias", "2.weight"}
+
+
+def test_a_reader_whose_rows_are_redrawn_for_another_site_keeps_zero_columns() -> None:
+    """BasicBlock style: `c2` reads the first call of `relu` and feeds its second. Recycling both re-drew `c2`'s rows
+    for the second call after zeroing its columns for the first: the recycled units of the first call were read
+    again by rows 0 and 6 (the order of the sites decided it). Every reader's columns for a recycled unit are 0 now."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.relu, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.relu(self.c2(self.relu(self.c1(x)))))
+
+    torch.manual_seed(0)
+    model = Block()
+    _kill(model.c1, [1, 6])
+    _kill(model.c2, [0, 6])
+    result, before, after, state, _ = _window(model, torch.randn(6, 8), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {"relu": [1, 6], "relu.call2": [0, 6]}
+    assert torch.equal(before[0], after[0])
+    assert torch.equal(model.c2.weight[:, [1, 6]], torch.zeros(8, 2))  # read by nothing yet
+    assert torch.equal(model.out.weight[:, [0, 6]], torch.zeros(2, 2))
+    assert not torch.equal(
+        model.c2.weight[[0, 6]][:, [0, 2, 3, 4, 5, 7]], state["c2.weight"][[0, 6]][:, [0, 2, 3, 4, 5, 7]]
+    )
