@@ -967,14 +967,15 @@ class CauseTracker:
         if producer is None or producer.weight is not weight or weight.ndim < 2:
             return
         dim, where = selection
+        where = where.to(weight.device)
         with torch.no_grad():
-            mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
-            if dim < 0:
-                mask |= where.to(weight.device)
-            else:
-                mask.index_fill_(dim, where.to(weight.device), True)
-            zeroed = weight.detach().double().masked_fill(~mask, 0.0).reshape(weight.shape[0], -1)
-            removed = zeroed.pow(2).sum(1)
+            if dim > 0:  # whole columns: only those are read (no full-size temporaries for a large weight)
+                zeroed = weight.detach().index_select(dim, where)
+            elif dim == 0:
+                zeroed = weight.detach().index_fill(0, where, 0.0) - weight.detach()  # whole rows gone
+            else:  # a grouped conv's scattered entries (a small weight)
+                zeroed = weight.detach().masked_fill(~where, 0.0)
+            removed: Tensor = torch.linalg.vector_norm(zeroed.reshape(zeroed.shape[0], -1).double(), dim=1).pow(2)
 
             def shrink(rows: Optional[Tensor]) -> Optional[Tensor]:
                 if rows is None or rows.numel() != removed.numel():
@@ -993,7 +994,10 @@ class CauseTracker:
                     kept.append(memory.weight)
             for copy in kept:
                 if copy is not None and copy.shape == weight.shape:
-                    copy.masked_fill_(mask.to(copy.device), 0.0)
+                    if dim >= 0:
+                        copy.index_fill_(dim, where.to(copy.device), 0.0)
+                    else:
+                        copy.masked_fill_(where.to(copy.device), 0.0)
 
     def remove(self) -> None:
         """Remove the optimizer hooks. Idempotent."""
