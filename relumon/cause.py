@@ -295,6 +295,12 @@ class _Producer:
         self.module_ref = weakref.ref(module)
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
+        if module._parameters.get("weight") is not weight:
+            # Computed from other tensors (a weight_norm or spectral_norm parametrization): each read is a new tensor,
+            # so one kept here would never move. Its update ratio and row norms are left unknown, not read as 0.
+            weight = None
+        if module._parameters.get("bias") is not bias:
+            bias = None
         self.weight: Optional[Tensor] = weight if _measurable(weight) else None
         self.bias: Optional[Tensor] = (
             bias if isinstance(bias, Tensor) and _measurable(bias) and bias.ndim == 1 else None
@@ -856,6 +862,15 @@ class CauseTracker:
                 for j, p in enumerate(bucket.producers):
                     if p is producer:
                         return group.lr_at(group.steps, bucket.group_of[j])
+        # A producer whose weight is not measured (a parametrized weight): the rate of the group holding any of its
+        # parameters (a parametrization's `original` is a parameter of a submodule).
+        module = producer.module_ref()
+        held = {id(p) for p in module.parameters()} if module is not None else set()
+        for optimizer in self.optimizers():
+            for param_group in getattr(optimizer, "param_groups", ()):
+                if any(id(p) in held for p in param_group["params"]):
+                    rate = param_group.get("lr")
+                    return float(rate) if isinstance(rate, (int, float, Tensor)) else None
         return None
 
     def _first_memory(
@@ -933,6 +948,58 @@ class CauseTracker:
                 with torch.no_grad():
                     at = idx.to(kept.device)
                     kept.index_copy_(0, at, weight.detach().index_select(0, at).to(kept.dtype))
+
+    def columns_zeroed(self, path: str, weight: Tensor, selection: tuple[int, Tensor]) -> None:
+        """Recycling is about to zero entries of ``weight`` (a reader's columns of recycled units) of module ``path``.
+
+        When that module also feeds a site, what the cause measures of it is re-based, so that recycling's own change
+        is not read as an update that killed its units: the kept copies of its weight (for a sampled weight's exact
+        ``own_update``) get the same zeros, and the reference row norms (for ``weight_shift``) lose the part of each
+        row that is zeroed. Report time; called before the entries are zeroed.
+        """
+        try:
+            self._rebase(path, weight, selection)
+        except Exception as err:  # recycling goes on: the cause steps aside
+            if is_strict():
+                raise
+            self.disable(err)
+
+    def _rebase(self, path: str, weight: Tensor, selection: tuple[int, Tensor]) -> None:
+        producer = self._producers.get(path)
+        if producer is None or producer.weight is not weight or weight.ndim < 2:
+            return
+        dim, where = selection
+        where = where.to(weight.device)
+        with torch.no_grad():
+            if dim > 0:  # whole columns: only those are read (no full-size temporaries for a large weight)
+                zeroed = weight.detach().index_select(dim, where)
+            elif dim == 0:
+                zeroed = weight.detach().index_fill(0, where, 0.0) - weight.detach()  # whole rows gone
+            else:  # a grouped conv's scattered entries (a small weight)
+                zeroed = weight.detach().masked_fill(~where, 0.0)
+            removed: Tensor = torch.linalg.vector_norm(zeroed.reshape(zeroed.shape[0], -1).double(), dim=1).pow(2)
+
+            def shrink(rows: Optional[Tensor]) -> Optional[Tensor]:
+                if rows is None or rows.numel() != removed.numel():
+                    return rows
+                gone = removed.to(rows.device)
+                return (rows.double().pow(2) - gone).clamp_min(0.0).sqrt().to(rows.dtype)
+
+            producer.start_rows = shrink(producer.start_rows)
+            kept = [producer.start_weight]
+            for site in list(self._sites):
+                memory = self._memory.get(site.name)
+                if site.fed_by == path and memory is not None:
+                    shrunk = shrink(memory.rows)
+                    if shrunk is not None:
+                        memory.rows = shrunk
+                    kept.append(memory.weight)
+            for copy in kept:
+                if copy is not None and copy.shape == weight.shape:
+                    if dim >= 0:
+                        copy.index_fill_(dim, where.to(copy.device), 0.0)
+                    else:
+                        copy.masked_fill_(where.to(copy.device), 0.0)
 
     def remove(self) -> None:
         """Remove the optimizer hooks. Idempotent."""

@@ -94,7 +94,9 @@ class Monitor(OptionAttributes):
         self._warned_optimizers = False
         self.last_recycle: Optional[RecycleResult] = None
         # Recycling reads the recorder's wiring record (`relumon.wiring.WiringBook`) of the first training forward.
-        self._recycler = Recycler(self._recorder.wiring_book) if self.options.recycle is not None else None
+        self._recycler: Optional[Recycler] = None
+        if self.options.recycle is not None:
+            self._recycler = Recycler(self._recorder.wiring_book, self._cause.columns_zeroed)
         self._warned_no_optimizer = False
         # Certificates (`certify=True`) read the wiring of one training forward too, at report time only.
         self._certifier = Certifier(model) if self.options.certify else None
@@ -351,7 +353,7 @@ class Monitor(OptionAttributes):
             again.update(done.skipped)  # every site with candidates gets units or a reason, the second time too
             return RecycleResult(report.window, criterion, {}, again, {}, 0)
         if self._recycler is None:
-            self._recycler = Recycler(self._recorder.wiring_book)
+            self._recycler = Recycler(self._recorder.wiring_book, self._cause.columns_zeroed)
         result = self._recycler.recycle(model, report, optimizers, criterion, self.options.dormant_tau)
         units_of = {x.name: x.units for x in report}
         for name, indices in result.units.items():

@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import zlib
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -141,28 +141,51 @@ def reset_optimizer_state(
     """Zero every per-element state tensor of the touched entries, found by parameter.
 
     ``touched`` maps ``id(param)`` to ``(param, selections)``. Every state tensor of the parameter's shape (Adam's
-    moments, SGD's momentum buffer, Adagrad's sum...) is zeroed at the selected entries. Scalar state, such as Adam's
+    moments, SGD's momentum buffer, Adagrad's sum...) is zeroed at the selected entries. A factored state tensor (the
+    parameter's shape with some dims 1, as Adafactor's ``row_var`` and ``col_var``) is zeroed where every entry it
+    stands for was touched (a recycled row's ``row_var``, a zeroed column's ``col_var``). Scalar state, such as Adam's
     per-parameter ``step``, is kept, as ReDo keeps it: resetting it would restart bias correction for the whole
     tensor, shrinking the updates of every live entry of the parameter by 3 to 6 times for about a thousand steps
     (with Adam's default betas), to help the few recycled ones.
+
+    An `torch.optim.LBFGS` keeps one flat history for all its parameters (directions, steps, the previous gradient):
+    after re-initialised weights its next curvature pair would mix the jump recycling made with a gradient step, so
+    its whole state is cleared, and its next step starts afresh (a steepest-descent step, as its first).
     """
     for opt in optimizers:
+        if isinstance(opt, torch.optim.LBFGS):
+            held = [p for group in opt.param_groups for p in group["params"]]
+            if any(id(p) in touched for p in held) and held:
+                opt.state[held[0]].clear()
+            continue
         for group in opt.param_groups:
             for p in group["params"]:
                 entry = touched.get(id(p))
                 state = opt.state.get(p) if entry is not None else None
                 if not state or entry is None:
                     continue
+                mask: Optional[Tensor] = None
                 for key, value in state.items():
-                    if isinstance(value, Tensor) and value.shape == p.shape:
-                        # A per-element step size (Rprop's) restarts where a fresh parameter's does, at the lr: at 0
-                        # the recycled entries could hardly move again. Every other such state restarts at 0.
-                        # Adagrad's sum restarts at the group's `initial_accumulator_value`, as a fresh parameter's.
-                        fresh = float(group["lr"]) if key == "step_size" else 0.0
-                        if key == "sum" and "initial_accumulator_value" in group:
-                            fresh = float(group["initial_accumulator_value"])
+                    if not isinstance(value, Tensor) or value.ndim != p.ndim or value.ndim == 0:
+                        continue
+                    # A per-element step size (Rprop's) restarts where a fresh parameter's does, at the lr: at 0
+                    # the recycled entries could hardly move again. Every other such state restarts at 0.
+                    # Adagrad's sum restarts at the group's `initial_accumulator_value`, as a fresh parameter's.
+                    fresh = float(group["lr"]) if key == "step_size" else 0.0
+                    if key == "sum" and "initial_accumulator_value" in group:
+                        fresh = float(group["initial_accumulator_value"])
+                    if value.shape == p.shape:
                         for selection in entry[1]:
                             _fill(value, selection, fresh)
+                        continue
+                    collapsed = [d for d in range(p.ndim) if value.shape[d] == 1 and p.shape[d] != 1]
+                    if any(value.shape[d] not in (1, p.shape[d]) for d in range(p.ndim)) or not collapsed:
+                        continue  # not a factored statistic of this parameter
+                    if mask is None:
+                        mask = torch.zeros(p.shape, dtype=torch.bool)
+                        for selection in entry[1]:
+                            _fill(mask, selection, True)
+                    _fill(value, (-1, mask.all(dim=tuple(collapsed), keepdim=True)), fresh)
 
 
 #: Classes whose ``reset_parameters`` draws from a bound that depends on the fan-in only: a clone with just the
@@ -173,8 +196,9 @@ _FAN_IN_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _fresh(module: nn.Module, seed: int, rows: int) -> dict[str, Tensor]:
     """``rows`` rows of parameters drawn by ``module``'s own ``reset_parameters`` on a clone without its weights.
 
-    The clone has all the module's rows, unless its class is one whose initialisation depends on the fan-in alone
-    (`_FAN_IN_ONLY`); then only ``rows`` rows are drawn. Drawn on the CPU from a generator seeded by ``seed``.
+    The clone has all the module's rows, and its own copies of the module's buffers and submodules, unless its class
+    is one whose initialisation depends on the fan-in alone (`_FAN_IN_ONLY`); then only ``rows`` rows are drawn.
+    Drawn on the CPU from a generator seeded by ``seed``.
     """
     clone = copy.copy(module)
     whole = type(module) not in _FAN_IN_ONLY
@@ -185,6 +209,12 @@ def _fresh(module: nn.Module, seed: int, rows: int) -> dict[str, Tensor]:
     }
     absent = {name: None for name, p in module._parameters.items() if p is None}  # a conv without bias
     object.__setattr__(clone, "_parameters", {**fresh_params, **absent})
+    if whole:
+        # A subclass's own `reset_parameters` may also reset its buffers or submodules in place: the clone gets its
+        # own copies, so that only the recycled rows of the real module change.
+        buffers = {name: b.detach().clone() if b is not None else None for name, b in module._buffers.items()}
+        object.__setattr__(clone, "_buffers", buffers)
+        object.__setattr__(clone, "_modules", {name: copy.deepcopy(m) for name, m in module._modules.items()})
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the CPU generator only: no CUDA seeding queued
         clone.reset_parameters()  # type: ignore[operator]
@@ -196,14 +226,52 @@ def _seed(window: int, site: str) -> int:
     return zlib.crc32(f"relumon-recycle/{window}/{site}".encode())
 
 
+def _redraw(
+    producer: nn.Module,
+    norm: Any,
+    wiring: SiteWiring,
+    idx: Tensor,
+    window: int,
+    mark: Callable[[Tensor, Selection, str], None],
+) -> None:
+    """The incoming side of recycled units ``idx``: fresh producer rows, bias 0, BatchNorm channel reset (no grad)."""
+    fresh = _fresh(producer, _seed(window, wiring.site), len(idx))
+    weight: Tensor = producer.weight  # type: ignore[assignment]
+    drawn = fresh["weight"] if fresh["weight"].shape[0] == len(idx) else fresh["weight"][idx]
+    weight.index_copy_(0, idx.to(weight.device), drawn.to(weight.device, weight.dtype))
+    mark(weight, (0, idx), f"{wiring.producer}.weight")
+    bias = getattr(producer, "bias", None)
+    if isinstance(bias, Tensor):
+        _fill(bias, (0, idx), 0.0)
+        mark(bias, (0, idx), f"{wiring.producer}.bias")
+    if norm is not None:
+        for name, value in (("weight", 1.0), ("bias", 0.0)):
+            param = getattr(norm, name)
+            if isinstance(param, Tensor):
+                _fill(param, (0, idx), value)
+                mark(param, (0, idx), f"{wiring.norm}.{name}")
+        for name, value in (("running_mean", 0.0), ("running_var", 1.0)):
+            buffer = getattr(norm, name)
+            if isinstance(buffer, Tensor):
+                _fill(buffer, (0, idx), value)
+
+
 def recycle_units(
     model: nn.Module,
     wiring: SiteWiring,
     indices: list[int],
     window: int,
     touched: dict[int, tuple[Tensor, list[Selection]]],
+    before_zeroing: Optional[Callable[[str, Tensor, Selection], None]] = None,
+    incoming: bool = True,
+    outgoing: bool = True,
 ) -> tuple[str, ...]:
     """Re-initialise ``indices`` of one site in place (no grad); add the entries touched to ``touched``.
+
+    ``before_zeroing(path, weight, selection)`` is called before a reader's columns are zeroed (the cause of death
+    re-bases what it measures of that module, when it also feeds a site). ``incoming``: re-draw the producer's rows
+    and reset its bias and BatchNorm channel; ``outgoing``: zero the readers' columns (`Recycler` does every site's
+    incoming side first, so that a reader's rows re-drawn for another site keep the zeros).
 
     Returns:
         The names of the parameters touched, ``"<module path>.<param>"``.
@@ -219,26 +287,9 @@ def recycle_units(
         names.append(name)
 
     with torch.no_grad():
-        fresh = _fresh(producer, _seed(window, wiring.site), len(indices))
-        weight: Tensor = producer.weight  # type: ignore[assignment]
-        drawn = fresh["weight"] if fresh["weight"].shape[0] == len(indices) else fresh["weight"][idx]
-        weight.index_copy_(0, idx.to(weight.device), drawn.to(weight.device, weight.dtype))
-        mark(weight, (0, idx), f"{wiring.producer}.weight")
-        bias = getattr(producer, "bias", None)
-        if isinstance(bias, Tensor):
-            _fill(bias, (0, idx), 0.0)
-            mark(bias, (0, idx), f"{wiring.producer}.bias")
-        if norm is not None:
-            for name, value in (("weight", 1.0), ("bias", 0.0)):
-                param = getattr(norm, name)
-                if isinstance(param, Tensor):
-                    _fill(param, (0, idx), value)
-                    mark(param, (0, idx), f"{wiring.norm}.{name}")
-            for name, value in (("running_mean", 0.0), ("running_var", 1.0)):
-                buffer = getattr(norm, name)
-                if isinstance(buffer, Tensor):
-                    _fill(buffer, (0, idx), value)
-        for path, positions in zip(wiring.readers, wiring.positions):
+        if incoming:
+            _redraw(producer, norm, wiring, idx, window, mark)
+        for path, positions in zip(wiring.readers, wiring.positions) if outgoing else ():
             module = model.get_submodule(path)
             w: Tensor = module.weight  # type: ignore[assignment]
             selection: Selection
@@ -254,6 +305,8 @@ def recycle_units(
                     group = u // per_group_in
                     mask[group * per_group_out : (group + 1) * per_group_out, u % per_group_in] = True
                 selection = (-1, mask)
+            if before_zeroing is not None:
+                before_zeroing(path, w, selection)
             _fill(w, selection, 0.0)
             mark(w, selection, f"{path}.weight")
     return tuple(names)
@@ -264,10 +317,15 @@ class Recycler:
 
     Args:
         book: the recorder's record of the sites' producers and readers.
+        before_zeroing: called with ``(path, weight, selection)`` before a reader's columns are zeroed
+            (`relumon.cause.CauseTracker.columns_zeroed`).
     """
 
-    def __init__(self, book: WiringBook) -> None:
+    def __init__(
+        self, book: WiringBook, before_zeroing: Optional[Callable[[str, Tensor, Selection], None]] = None
+    ) -> None:
         self._book = book
+        self._before_zeroing = before_zeroing
 
     def remove(self) -> None:
         """Nothing to take off: the record belongs to the recorder. Kept for the monitor's teardown."""
@@ -285,6 +343,7 @@ class Recycler:
         skipped: dict[str, str] = {}
         parameters: dict[str, tuple[str, ...]] = {}
         touched: dict[int, tuple[Tensor, list[Selection]]] = {}
+        plan: list[tuple[str, SiteWiring, list[int]]] = []
         for layer in report:
             candidates = _candidates(layer, criterion, tau)
             if not candidates:
@@ -309,9 +368,23 @@ class Recycler:
                 skipped[layer.name] = self._book.why_unknown(layer.name)
             elif site_wiring.problem is not None:
                 skipped[layer.name] = site_wiring.problem
+            elif (path := site_wiring.replaced(model)) is not None:
+                skipped[layer.name] = (
+                    f"the model's module `{path}` is not the one relumon recorded in the first training forward (it "
+                    "was replaced since), so the wiring it read no longer holds"
+                )
             else:
-                parameters[layer.name] = recycle_units(model, site_wiring, candidates, report.window, touched)
-                units[layer.name] = candidates
+                plan.append((layer.name, site_wiring, candidates))
+        # Every site's incoming side first, then every reader's columns: a reader whose rows are re-drawn for another
+        # site (a BasicBlock's conv2 reads the first call of `relu` and feeds the second) keeps the zeros for the
+        # units it reads, whatever the order of the sites.
+        for name, site_wiring, candidates in plan:
+            parameters[name] = recycle_units(model, site_wiring, candidates, report.window, touched, outgoing=False)
+            units[name] = candidates
+        for name, site_wiring, candidates in plan:
+            parameters[name] += recycle_units(
+                model, site_wiring, candidates, report.window, touched, self._before_zeroing, incoming=False
+            )
         if optimizers and touched:
             reset_optimizer_state(optimizers, touched)
         return RecycleResult(report.window, criterion, units, skipped, parameters, len(optimizers))

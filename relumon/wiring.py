@@ -47,6 +47,7 @@ The walk runs at discovery only (the first call of each call index, or of each n
 from __future__ import annotations
 
 import math
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
@@ -961,6 +962,14 @@ def _tensors_in(value: Any) -> list[Tensor]:
     return []
 
 
+def _storage(t: Tensor) -> int:
+    """The address of ``t``'s storage (shared by its views and its ``detach()``), or 0 when it has none."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except Exception:  # a tensor subclass or a fake tensor without storage
+        return 0
+
+
 @dataclass
 class ModuleCall:
     """One recorded call of a module in the probed forward."""
@@ -998,6 +1007,8 @@ class WiringProbe:
         self.output_nodes: set[int] = set()
         #: Those nodes themselves (held, so that their ids stay theirs until the wiring is read).
         self.output_refs: list[Any] = []
+        #: Storage addresses of the tensors the root module returned without a gradient (a detached activation).
+        self.output_storages: set[int] = set()
         self._counts: Counter[int] = Counter()
         self._pending: dict[int, list[tuple[Any, tuple[int, ...]]]] = {}  # id(module) -> inputs of open calls
         self._seen: set[int] = set()
@@ -1046,6 +1057,7 @@ class WiringProbe:
             if path == "":  # the model's outputs: a unit that reaches one cannot be rewired without changing it
                 self.output_nodes.update(id(node) for node in nodes)
                 self.output_refs.extend(nodes)
+                self.output_storages.update(_storage(t) for t in _tensors_in(out) if t.grad_fn is None)
 
         return post
 
@@ -1085,6 +1097,8 @@ class SiteWiring:
         readers: paths of the Linear/Conv modules that read the units.
         positions: per reader, its input columns per unit (a Linear after a flatten reads ``H*W`` per channel).
         problem: why recycling must leave this site alone, or None when it can rewire it.
+        modules: weak references to the producer, the BatchNorm (if any) and the readers recorded, in that order, so
+            that recycling can tell when the model's modules were replaced since.
     """
 
     site: str
@@ -1094,6 +1108,19 @@ class SiteWiring:
     readers: tuple[str, ...] = ()
     positions: tuple[int, ...] = ()
     problem: Optional[str] = None
+    modules: tuple[Any, ...] = field(default=(), compare=False, repr=False)
+
+    def replaced(self, model: nn.Module) -> Optional[str]:
+        """The first module path that no longer names the module recorded, or None when all still do."""
+        paths = [self.producer] + ([self.norm] if self.norm is not None else []) + list(self.readers)
+        for path, ref in zip(paths, self.modules):
+            try:
+                module = model.get_submodule(path) if path is not None else None
+            except AttributeError:
+                return path
+            if module is None or module is not ref():
+                return path
+        return None
 
 
 @dataclass
@@ -1106,6 +1133,7 @@ class DiscoveredSite:
     shape: tuple[int, ...]
     unit_dim: int
     calls: int = 1
+    storage: int = 0  # the address of its output's storage (see `WiringProbe.output_storages`)
 
 
 class WiringBook:
@@ -1146,7 +1174,7 @@ class WiringBook:
         else:  # an in-place activation: its input's node is the first edge of its own node
             edges = getattr(out_node, "next_functions", ())
             in_node = edges[0][0] if edges else None
-        self._found[name] = DiscoveredSite(name, in_node, out_node, tuple(out.shape), unit_dim)
+        self._found[name] = DiscoveredSite(name, in_node, out_node, tuple(out.shape), unit_dim, storage=_storage(out))
 
     def _read(self) -> None:
         probe, self._probe = self._probe, None
@@ -1154,7 +1182,9 @@ class WiringBook:
         if probe is None or model is None:
             return
         try:
-            self.facts = read_site_wiring(probe.calls, probe.roots, probe.output_nodes, self._found.values(), model)
+            self.facts = read_site_wiring(
+                probe.calls, probe.roots, probe.output_nodes, self._found.values(), model, probe.output_storages
+            )
         except Exception as err:  # relumon never breaks the training it watches
             from relumon.errors import is_strict
 
@@ -1199,6 +1229,7 @@ def read_site_wiring(
     output_nodes: set[int],
     sites: Any,
     model: nn.Module,
+    output_storages: Optional[set[int]] = None,
 ) -> dict[str, SiteWiring]:
     """Producer and readers of every discovered site, from the autograd graph of one recorded forward.
 
@@ -1208,6 +1239,8 @@ def read_site_wiring(
         output_nodes: ids of the nodes of the tensors the model returned: a site whose values reach one is left alone.
         sites: the `DiscoveredSite` records.
         model: the model (for parameters registered twice).
+        output_storages: storage addresses of the tensors the model returned without gradient: a site whose output
+            shares one (the model returns it detached) is left alone.
 
     Returns:
         ``{site name: SiteWiring}``.
@@ -1227,7 +1260,9 @@ def read_site_wiring(
             for node in _inside(call.out_node, call.in_node):
                 reader_of.setdefault(id(node), call)
     registered = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    graph = _Graph(out_owner, consumers, uses, reader_of, calls_per_module, registered, output_nodes)
+    graph = _Graph(
+        out_owner, consumers, uses, reader_of, calls_per_module, registered, output_nodes, set(output_storages or ())
+    )
     return {site.name: _wire_site(site, graph) for site in sites}
 
 
@@ -1279,6 +1314,7 @@ class _Graph:
     calls_per_module: Counter[int]
     registered: Counter[int]
     output_nodes: set[int]
+    output_storages: set[int]
 
     def problem(self, call: ModuleCall, role: str) -> Optional[str]:
         """Why ``call``'s module cannot be rewritten: called twice, parameters shared, used twice, frozen, sharded."""
@@ -1286,6 +1322,17 @@ class _Graph:
         calls = self.calls_per_module[id(module)]
         if calls > 1:
             return f"its {role} `{path}` is called {calls} times per forward (shared weights)"
+        for pname in ("weight", "bias"):
+            # A weight computed from other tensors (`torch.nn.utils.parametrizations.weight_norm`/`spectral_norm`,
+            # the older hook-based `weight_norm`): writing into it would change a temporary, or be overwritten at the
+            # next forward, so the rows and columns recycling zeroes would not stay zero.
+            value = getattr(module, pname, None)
+            if isinstance(value, Tensor) and module._parameters.get(pname) is not value:
+                return (
+                    f"its {role} `{path}` computes its `{pname}` from other tensors, or holds it outside its "
+                    "parameters (a parametrization such as weight_norm or spectral_norm, an FSDP flat parameter), "
+                    "which recycling cannot rewrite row by row"
+                )
         for pname, p in module.named_parameters(recurse=False):
             if self.registered[id(p)] > 1:
                 return f"its {role} `{path}` has tied weights (`{pname}` is shared with another module)"
@@ -1319,6 +1366,11 @@ def _wire_site(site: DiscoveredSite, graph: _Graph) -> SiteWiring:
 
     if site.calls > 1:
         return skip(f"it is one site over {site.calls} calls per forward (a shared or recurrent cell)")
+    if site.storage and site.storage in graph.output_storages:
+        return skip(
+            "the model returns its values without gradient (detached, or a view of them): re-drawn units would "
+            "change that output"
+        )
     # ---- the producer: back through BatchNorm, Dropout and Identity to a Linear or Conv
     node: Any = site.in_node
     norm: Optional[ModuleCall] = None
@@ -1362,6 +1414,7 @@ def _wire_site(site: DiscoveredSite, graph: _Graph) -> SiteWiring:
 
     # ---- the readers: forward through ops that keep each unit apart, to the Linear/Conv modules that read it
     readers: list[tuple[str, int]] = []
+    reader_calls: list[ModuleCall] = []
     frontier: list[tuple[Any, int, tuple[int, ...], int]] = [(site.out_node, units_dim, shape, 1)]
     seen: set[int] = set()
     while frontier:
@@ -1381,6 +1434,7 @@ def _wire_site(site: DiscoveredSite, graph: _Graph) -> SiteWiring:
                 if problem:
                     return skip(problem)
                 readers.append((reader.path, found))
+                reader_calls.append(reader)
                 continue
             step = _follow(consumer, dim, at_shape, positions)
             if isinstance(step, str):
@@ -1398,6 +1452,7 @@ def _wire_site(site: DiscoveredSite, graph: _Graph) -> SiteWiring:
         norm=norm.path if norm is not None else None,
         readers=tuple(path for path, _ in readers),
         positions=tuple(p for _, p in readers),
+        modules=tuple(weakref.ref(c.module) for c in [producer, *([norm] if norm else []), *reader_calls]),
     )
 
 

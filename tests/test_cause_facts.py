@@ -221,3 +221,71 @@ def test_a_zero_learning_rate_at_the_named_step_still_gives_advice() -> None:
         peak_lr_step=1,
     )
     assert "the learning rate reached 0.01 at optimizer step 1, while the lr above was 0" in text
+
+
+def test_a_readers_columns_zeroed_by_recycling_are_not_read_as_an_update_of_its_own_units() -> None:
+    """`2` reads the recycled units of site `1` (its 32 columns zeroed) and feeds site `3`. With lr 0 nothing moved
+    its rows but recycling; then half of site `3` is killed through its bias alone. The cause named an exact own-rows
+    update of 0.71 (the zeroed half of each row) and advised lowering the learning rate (of 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 200), nn.ReLU(), nn.Linear(200, 1))
+    assert model[2].weight.numel() > SAMPLED_WEIGHTS  # its update ratio is sampled: the own-rows figure is used
+    with torch.no_grad():
+        model[0].bias.fill_(3.0)
+        model[0].bias[:32] = -100.0  # half of site `1` dead: recycled, and `2`'s 32 columns for them zeroed
+        model[2].bias.fill_(5.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.rand(16, 8)
+    reports: list[relumon.Report] = []
+
+    def window(after: Callable[[], Any] = lambda: None) -> None:
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        after()
+        reports.append(monitor.report())
+
+    def kill() -> None:
+        with torch.no_grad():
+            model[2].bias[:100] = -1e4
+
+    with relumon.watch(model, optimizer=opt, measure_every=1, on_dead="ignore", recycle="dead") as monitor:
+        window()
+        recycled = reports[-1].recycled
+        assert recycled is not None and recycled.units == {"1": list(range(32))}
+        rows = model[2].weight.detach().clone()
+        assert torch.equal(rows[:, :32], torch.zeros(200, 32))
+        window(kill)  # killed after the window's steps: the next window finds them dead
+        assert torch.equal(model[2].weight, rows)  # after recycling, nothing moved `2`'s rows
+        window()  # (its report recycles site `3`'s units after naming their cause)
+    cause = _causes(reports, "3")[-1]
+    assert cause.own_update == 0.0
+    assert cause.weight_shift is not None and abs(cause.weight_shift) < 1e-6
+    assert "lower the learning rate" not in cause.advice and "fell by 1e+04" in cause.advice
+
+
+def test_a_parametrized_producers_weight_is_left_unknown_not_read_as_unmoved() -> None:
+    """A `weight_norm` producer's `weight` is a new tensor at each read: the one the cause kept never moved, so it
+    said `weight_shift` 0.0 for rows that moved by a ratio of about 400, and had no learning rate at all. Now the
+    weight's figures are unknown (None) and the lr is the one of the group holding the module's parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    torch.nn.utils.parametrizations.weight_norm(model[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.rand(16, 4)
+    ratios: list[float] = []
+    reports = []
+    with relumon.watch(model, optimizer=opt, measure_every=1, on_dead="ignore") as monitor:
+        for step in range(1, 9):
+            opt.zero_grad()
+            (model(x).sum() * (1e4 if step == 3 else 1.0)).backward()  # step 3: a huge update kills units
+            before = model[0].weight.detach().clone()
+            opt.step()
+            ratios.append(float((model[0].weight.detach() - before).norm() / before.norm()))
+            if step % 4 == 0:
+                reports.append(monitor.report(step=step))
+    assert max(ratios) > 100  # the weight did move, a lot
+    causes = _causes(reports, "1")
+    assert causes and all(c.weight_shift is None and c.update_ratio is None for c in causes)
+    assert all(c.lr == 0.01 for c in causes)

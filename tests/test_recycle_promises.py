@@ -7,6 +7,7 @@ and the optimizer state with what a fresh parameter would have.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -299,3 +300,206 @@ def test_the_wiring_record_costs_one_forward_its_hooks_come_off_when_the_next_st
         assert not model[0]._forward_hooks and not model[2]._forward_hooks
         monitor.report()
         assert monitor.recycle().units == {"1": [2, 5]}
+
+
+# ----------------------------------------------------------------------------- review 25: hostile cases
+
+
+def _weight_norm_parametrization(module: nn.Module) -> None:
+    torch.nn.utils.parametrizations.weight_norm(module)
+
+
+def _spectral_norm_parametrization(module: nn.Module) -> None:
+    torch.nn.utils.parametrizations.spectral_norm(module)
+
+
+def _old_weight_norm(module: nn.Module) -> None:
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(module)  # the hook-based one: `weight` is recomputed before every forward
+
+
+@pytest.mark.parametrize("apply", [_weight_norm_parametrization, _spectral_norm_parametrization, _old_weight_norm])
+@pytest.mark.parametrize("role", ["producer", "reader"])
+def test_a_computed_weight_is_skipped_with_the_reason_and_nothing_moves(apply: Any, role: str) -> None:
+    """A parametrized producer made `copy.copy` raise from inside torch; a parametrized reader had its columns zeroed
+    in a temporary (the real weight kept them) while the recycled units revived: the outputs changed by 0.3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [1, 6])
+    apply(model[0] if role == "producer" else model[2])
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    path = "0" if role == "producer" else "2"
+    assert result.units == {} and f"its {role} `{path}` computes its `weight`" in result.skipped["1"]
+    # spectral_norm's power-iteration vectors `_u`, `_v` move at every training forward (the ones measuring the
+    # outputs too), not by recycling
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, state[k])]
+    moved = [k for k in moved if not k.endswith(("._u", "._v"))]
+    assert torch.equal(before[0], after[0]) and moved == []
+
+
+def test_adafactor_factored_statistics_of_recycled_rows_and_columns_restart_at_zero() -> None:
+    """Adafactor keeps ``row_var`` (out, 1) and ``col_var`` (1, in) per weight: not the parameter's shape, so they were
+    left as they were. A recycled row's ``row_var`` and a zeroed column's ``col_var`` restart at 0 now; statistics
+    shared with live entries (the producer's ``col_var``, the reader's ``row_var``) are kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    _kill(model[0], [1, 6])
+    opt = torch.optim.Adafactor(model.parameters(), lr=0.0)
+    monitor = relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt)
+    x = torch.randn(6, 4)
+    with monitor:
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model(x)).backward()
+            opt.step()
+        monitor.report()
+        for state in opt.state.values():  # every statistic non-zero, so that a reset shows
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                    value.copy_(torch.rand_like(value) + 1)
+        old = {p: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in opt.state}
+        assert monitor.recycle().units == {"1": [1, 6]}
+    producer, reader = opt.state[model[0].weight], opt.state[model[2].weight]
+    rows = torch.zeros(8, 1, dtype=torch.bool)
+    rows[[1, 6]] = True
+    assert torch.equal(producer["row_var"], torch.where(rows, 0.0, old[model[0].weight]["row_var"]))
+    assert torch.equal(producer["col_var"], old[model[0].weight]["col_var"])
+    assert torch.equal(reader["col_var"], torch.where(rows.T, 0.0, old[model[2].weight]["col_var"]))
+    assert torch.equal(reader["row_var"], old[model[2].weight]["row_var"])
+    bias = opt.state[model[0].bias]["variance"]
+    assert torch.equal(bias, torch.where(rows.flatten(), 0.0, old[model[0].bias]["variance"]))
+
+
+def test_lbfgs_history_is_cleared_its_next_step_is_a_fresh_optimizers() -> None:
+    """L-BFGS keeps one flat history (directions, steps, the last gradient) for all parameters: after recycling, its
+    next curvature pair mixed the jump recycling made with a gradient step. The history is cleared: the next step is
+    the one a fresh L-BFGS would take from the recycled weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    _kill(model[0], [1, 6])
+    x, target = torch.randn(16, 4), torch.randn(16, 3)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=3, history_size=5)
+
+    def step(net: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = (net(x) - target).pow(2).mean()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    monitor = relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt)
+    with monitor:
+        for _ in range(3):
+            step(model, opt)
+        monitor.report()
+        assert opt.state[model[0].weight]["old_dirs"]  # a history to clear
+        assert monitor.recycle().units == {"1": [1, 6]}
+    twin = copy.deepcopy(model)
+    step(model, opt)
+    step(twin, torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=3, history_size=5))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_an_activation_the_model_returns_detached_is_the_models_output() -> None:
+    """``return logits, h.detach()`` has no autograd node to find: recycling re-drew the units and the second output
+    changed by 0.66. The site is skipped now: the returned tensor shares the activation's storage."""
+
+    class WithFeatures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.act(self.fc1(x))
+            return self.fc2(h), h[:, :6].detach()  # a detached view: features for a metric
+
+    torch.manual_seed(0)
+    model = WithFeatures()
+    _kill(model.fc1, [1, 4])
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {} and "returns its values without gradient" in result.skipped["act"]
+    assert all(torch.equal(b, a) for b, a in zip(before, after)) and _unchanged(model, state)
+
+
+def test_a_module_replaced_after_the_wiring_was_read_is_skipped_not_a_traceback() -> None:
+    """The head swapped for a Sequential after the first forward: recycling raised ``AttributeError: 'Sequential'
+    object has no attribute 'weight'`` from inside its rewrite. Now the site is skipped with the reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [1, 6])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(6, 4)
+    with relumon.watch(model, measure_every=1, on_dead="ignore", optimizer=opt) as monitor:
+        opt.zero_grad()
+        _loss(model(x)).backward()
+        opt.step()
+        monitor.report()
+        model[2] = nn.Sequential(nn.Linear(8, 3), nn.Linear(3, 2))
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result = monitor.recycle()
+    assert result.units == {} and "module `2` is not the one relumon recorded" in result.skipped["1"]
+    assert _unchanged(model, state)
+
+
+class _GainLinear(nn.Linear):
+    """A Linear subclass whose own init also resets a buffer and a submodule (in place)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        self.register_buffer("gain", torch.ones(n_out))
+        self.extra = nn.Linear(n_out, n_out)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "gain"):
+            self.gain.fill_(1.0)
+            nn.init.eye_(self.extra.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
+def test_a_producer_subclass_whose_init_resets_buffers_and_submodules_keeps_them() -> None:
+    """The clone that draws the fresh rows shared the module's buffers and submodules: its `reset_parameters` reset
+    the real `gain` (2 -> 1 for every unit) and `extra.weight`, and the outputs changed by 3.3."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_GainLinear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    _kill(model[0], [1, 6])
+    with torch.no_grad():
+        model[0].gain.fill_(2.0)
+        model[0].extra.weight.fill_(0.3)
+    result, before, after, state, _ = _window(model, torch.randn(6, 4), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {"1": [1, 6]}
+    assert torch.equal(before[0], after[0])
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert moved == {"0.weight", "0.bias", "2.weight"}
+
+
+def test_a_reader_whose_rows_are_redrawn_for_another_site_keeps_zero_columns() -> None:
+    """BasicBlock style: `c2` reads the first call of `relu` and feeds its second. Recycling both re-drew `c2`'s rows
+    for the second call after zeroing its columns for the first: the recycled units of the first call were read
+    again by rows 0 and 6 (the order of the sites decided it). Every reader's columns for a recycled unit are 0 now."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.relu, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.relu(self.c2(self.relu(self.c1(x)))))
+
+    torch.manual_seed(0)
+    model = Block()
+    _kill(model.c1, [1, 6])
+    _kill(model.c2, [0, 6])
+    result, before, after, state, _ = _window(model, torch.randn(6, 8), torch.optim.SGD(model.parameters(), lr=0.0))
+    assert result.units == {"relu": [1, 6], "relu.call2": [0, 6]}
+    assert torch.equal(before[0], after[0])
+    assert torch.equal(model.c2.weight[:, [1, 6]], torch.zeros(8, 2))  # read by nothing yet
+    assert torch.equal(model.out.weight[:, [0, 6]], torch.zeros(2, 2))
+    assert not torch.equal(
+        model.c2.weight[[0, 6]][:, [0, 2, 3, 4, 5, 7]], state["c2.weight"][[0, 6]][:, [0, 2, 3, 4, 5, 7]]
+    )
