@@ -295,11 +295,12 @@ class _Producer:
         self.module_ref = weakref.ref(module)
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
-        if module._parameters.get("weight") is not weight:
+        own = dict(module.named_parameters(recurse=False))  # `_parameters` of a TorchScript module has no `.get`
+        if own.get("weight") is not weight:
             # Computed from other tensors (a weight_norm or spectral_norm parametrization): each read is a new tensor,
             # so one kept here would never move. Its update ratio and row norms are left unknown, not read as 0.
             weight = None
-        if module._parameters.get("bias") is not bias:
+        if own.get("bias") is not bias:
             bias = None
         self.weight: Optional[Tensor] = weight if _measurable(weight) else None
         self.bias: Optional[Tensor] = (

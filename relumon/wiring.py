@@ -1322,12 +1322,13 @@ class _Graph:
         calls = self.calls_per_module[id(module)]
         if calls > 1:
             return f"its {role} `{path}` is called {calls} times per forward (shared weights)"
+        own = dict(module.named_parameters(recurse=False))  # `_parameters` of a TorchScript module has no `.get`
         for pname in ("weight", "bias"):
             # A weight computed from other tensors (`torch.nn.utils.parametrizations.weight_norm`/`spectral_norm`,
             # the older hook-based `weight_norm`): writing into it would change a temporary, or be overwritten at the
             # next forward, so the rows and columns recycling zeroes would not stay zero.
             value = getattr(module, pname, None)
-            if isinstance(value, Tensor) and module._parameters.get(pname) is not value:
+            if isinstance(value, Tensor) and own.get(pname) is not value:
                 return (
                     f"its {role} `{path}` computes its `{pname}` from other tensors, or holds it outside its "
                     "parameters (a parametrization such as weight_norm or spectral_norm, an FSDP flat parameter), "
