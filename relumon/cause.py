@@ -9,16 +9,17 @@ Two halves, like the rest of relumon:
   that feeds a watched site, ``fed_by``) whose weight the stepping optimizer holds, they measure
   ``||Δw|| / ||w||`` of that one step, on the device, with no host read:
 
-  - The pre-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of the weight (a view of it, into a
-    buffer allocated once: one ``_foreach_copy_`` for all producers); the post-hook takes the norm of the difference
-    with the same view over the norm before. A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its
-    ratio is exact; a larger one is sampled as 512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each),
-    spread evenly in memory order and starting in different columns: an estimate of the ratio whose cost does not
-    grow with the model. No whole weight tensor is copied.
+  - The pre-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of each weight (views of it, made once)
+    into one flat buffer allocated once: a ``cat`` and a ``stack`` for all producers. The post-hook copies them again
+    and takes, per producer, the norm of the difference over the norm before (one ``index_add_`` and one row sum for
+    all producers). A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its ratio is exact; a larger
+    one is sampled as 512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each), spread evenly in memory
+    order and starting in different columns: an estimate of the ratio whose cost does not grow with the model. No
+    whole weight tensor is copied.
   - Per producer, the window keeps the largest ratio, the optimizer step that made it and the ``GradScaler``'s scale
-    at that step (``max``, ``masked_fill_``, ``where``: about ``producers + 10`` small kernels per optimizer step in
-    all, most of them fused ``_foreach`` ones). The learning rate of each step is read on the host from
-    ``param_groups`` (plain floats), and kept only when it changes.
+    at that step (``max``, ``masked_fill_``, ``where``: about 15 kernels per optimizer step in all, however many
+    producers there are). The learning rate of each step is read on the host from ``param_groups`` (plain floats),
+    and kept only when it changes.
   - The hooks fire per optimizer step, so gradient accumulation counts optimizer steps, not micro-batches; a step a
     ``GradScaler`` skips (inf/NaN gradients) never calls the optimizer, so it is not counted; weights are never
     scaled, so the ratio needs no unscaling.
@@ -272,6 +273,13 @@ def _sample_stride(weight: Tensor) -> int:
     return stride
 
 
+def _mean_of_finite(values: Tensor, nan_only: bool = False) -> Optional[float]:
+    """The mean of ``values`` without NaN (and, unless ``nan_only``, without infinities), or None when none is left."""
+    kept = values.isnan().logical_not_() if nan_only else values.isfinite()
+    count = int(kept.count_nonzero())
+    return float(values.masked_fill(~kept, 0.0).sum()) / count if count else None
+
+
 def _flat(weight: Tensor) -> Optional[Tensor]:
     """A 1-D view of ``weight`` in memory order (contiguous or channels-last), or None: no copy, ever."""
     w = weight.detach()
@@ -375,17 +383,45 @@ def _measurable(t: Any) -> bool:
 
 
 class _Bucket:
-    """The producers one optimizer steps on one device, measured together with foreach kernels."""
+    """The producers one optimizer steps on one device, measured together: a fixed number of kernels per optimizer
+    step, however many producers there are.
+
+    Before the step, the measured elements of every producer (its whole weight, or its sampled chunks) are copied
+    into one flat buffer (one ``cat`` for the whole weights, one ``stack`` for the sampled ones); after it, again into
+    a second one. The per-producer norms of the difference and of the weights before come from one ``index_add_``
+    (whole weights, of various lengths) and one row sum (sampled weights, all `SAMPLED_WEIGHTS` long); none reads the
+    device on the host. Producers are kept in that order: whole weights first.
+
+    The views of the weights are made once, and made again when a weight's storage moved (``param.data = ...``,
+    ``model.to(...)``, a swap by a sharding wrapper), which one ``data_ptr()`` per weight tells at each pre-hook.
+    """
 
     def __init__(self, producers: list[_Producer], group_of: list[int]) -> None:
-        self.producers = producers
-        self.group_of = group_of  # the param group index of each producer's weight
-        weights = [p.weight for p in producers]
+        order = sorted(range(len(producers)), key=lambda i: producers[i].stride != 0)  # whole weights first
+        self.producers = [producers[i] for i in order]
+        self.group_of = [group_of[i] for i in order]  # the param group index of each producer's weight
+        weights = [p.weight for p in self.producers]
         assert all(w is not None for w in weights)
         self.weights: list[Tensor] = [w for w in weights if w is not None]
-        self.strides = [p.stride for p in producers]
-        self.buffers = [s.clone() for s in self._samples()]
+        self.strides = [p.stride for p in self.producers]
+        self._whole = sum(1 for stride in self.strides if not stride)
         device = self.weights[0].device
+        self._ptrs: list[int] = []
+        self._views: list[Tensor] = []
+        views = self._samples()
+        self._lengths = [view.numel() for view in views]
+        self._whole_elements = sum(self._lengths[: self._whole])
+        # Which producer each element of the whole weights' part belongs to, for the per-producer sums (made on the
+        # device by fills: no copy from the host, which a GPU would count as a sync).
+        self._owners = torch.cat(
+            [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(self._lengths[: self._whole])]
+            or [torch.zeros(0, dtype=torch.int64, device=device)]
+        )
+        wide = self.weights[0].dtype == torch.float64
+        # Copies in float32 (float64 for float64 weights): a bf16 or fp16 weight converts exactly.
+        dtype = torch.float64 if wide else torch.float32
+        self.before_copy = torch.empty(sum(self._lengths), dtype=dtype, device=device)
+        self.after_copy = torch.empty_like(self.before_copy)
         n = len(producers)
         self.max_ratio = torch.full((n,), -1.0, dtype=torch.float32, device=device)
         self.max_step = torch.full((n,), -1, dtype=torch.int64, device=device)
@@ -403,20 +439,54 @@ class _Bucket:
                 self.max_scale[j : j + 1].copy_(old.max_scale[i : i + 1])
 
     def _samples(self) -> list[Tensor]:
-        """Strided views of the measured elements (made per step: a parameter's data may be swapped)."""
+        """Views of the measured elements: 1-D for a whole weight, ``(chunks, SAMPLE_CHUNK)`` strided for a sampled
+        one. Made again only when a weight's storage moved."""
+        ptrs = [w.data_ptr() for w in self.weights]
+        if ptrs == self._ptrs:
+            return self._views
         views = []
         for weight, stride in zip(self.weights, self.strides):
             flat = _flat(weight)
-            assert flat is not None  # checked when the producer was made; a layout change is caught as an error
+            if flat is None:
+                raise RuntimeError(f"a producer's weight {tuple(weight.shape)} changed to a layout with no flat view")
             if stride:
                 chunks = SAMPLED_WEIGHTS // SAMPLE_CHUNK
                 flat = flat.as_strided((chunks, SAMPLE_CHUNK), (stride, 1), flat.storage_offset())
             views.append(flat)
+        if self._views and [v.numel() for v in views] != self._lengths:
+            raise RuntimeError("a producer's weight changed size since relumon found it")
+        self._views, self._ptrs = views, ptrs
         return views
+
+    def _copy(self, into: Tensor, views: list[Tensor]) -> None:
+        """The measured elements of every producer, now, into the flat buffer ``into`` (two kernels)."""
+        whole = self._whole
+        if whole:
+            torch.cat(views[:whole], out=into[: self._whole_elements])
+        if len(views) > whole:
+            sampled = into[self._whole_elements :].view(len(views) - whole, *views[-1].shape)
+            torch.stack(views[whole:], out=sampled)
+
+    def _norms(self, flat: Tensor) -> Tensor:
+        """Per producer, the norm of its part of ``flat`` (laid out like the copies), as float64.
+
+        Whole weights are summed element by element (``index_add_``), so in float64; the sampled rows by a row sum,
+        which accumulates in blocks, so float32 is as exact as ``vector_norm``'s was."""
+        parts = []
+        whole = flat[: self._whole_elements]
+        if self._whole:
+            wide = whole.double()
+            squares = wide.square_() if wide is not whole else wide.square()  # never square a float64 copy in place
+            sums = torch.zeros(self._whole, dtype=torch.float64, device=flat.device)
+            parts.append(sums.index_add_(0, self._owners, squares))
+        if len(self.weights) > self._whole:
+            rows = flat[self._whole_elements :].view(len(self.weights) - self._whole, -1)
+            parts.append(rows.square().sum(1).double())
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]).sqrt_()
 
     def before(self) -> None:
         with torch.no_grad():
-            torch._foreach_copy_(self.buffers, self._samples())
+            self._copy(self.before_copy, self._samples())
         self.armed = True
 
     def after(self, step: int, scale: Optional[Tensor]) -> None:
@@ -424,12 +494,9 @@ class _Bucket:
             return
         self.armed = False
         with torch.no_grad():
-            now = self._samples()
-            # Norms accumulate in fp32 at least (a bf16 weight's norm would round); an fp64 weight keeps fp64.
-            dtype = None if self.weights[0].dtype == torch.float64 else torch.float32
-            moved = torch._foreach_norm(torch._foreach_sub(now, self.buffers), dtype=dtype)
-            before = torch._foreach_norm(self.buffers, dtype=dtype)
-            ratio = torch.stack(moved).div_(torch.stack(before).clamp_min_(1e-30)).float()
+            self._copy(self.after_copy, self._views)  # the views the pre-hook checked, an instant ago
+            moved = self._norms(self.after_copy.sub_(self.before_copy))
+            ratio = moved.div_(self._norms(self.before_copy).clamp_min_(1e-30)).float()
             larger = ratio > self.max_ratio
             torch.maximum(self.max_ratio, ratio, out=self.max_ratio)
             self.max_step.masked_fill_(larger, step)
@@ -675,7 +742,7 @@ class CauseTracker:
         for layer in layers:
             if layer.name in wanted and layer.name in sites:
                 producer = self._producers[layer.fed_by]
-                layer = dataclasses.replace(layer, cause=self._cause(layer, producer, now, records, step, window))
+                layer = layer.replace(cause=self._cause(layer, producer, now, records, step, window))
             out.append(layer)
         if close:
             for name, layer in sites.items():
@@ -724,7 +791,7 @@ class CauseTracker:
         at = 0
         for owner, name, t in slots:
             if t.device.type == "cpu":
-                value = t.double().clone()
+                value = t.to(torch.float64, copy=True)  # a copy: a CPU model's bias is the live parameter
             else:
                 value = host[at : at + t.numel()]
                 at += t.numel()
@@ -779,24 +846,24 @@ class CauseTracker:
         units = layer.units
         dead = layer.dead_mask.bool() if layer.dead_mask.numel() == units else torch.zeros(units, dtype=torch.bool)
         fresh = dead & (layer.dead_streak == 1) if layer.dead_streak is not None else dead
-        chosen = fresh if bool(fresh.any()) else dead if bool(dead.any()) else torch.ones(units, dtype=torch.bool)
+        n_dead, n_fresh = int(dead.count_nonzero()), int(fresh.count_nonzero())
+        chosen = fresh if n_fresh else dead if n_dead else torch.ones(units, dtype=torch.bool)
+        picked = chosen.nonzero().flatten()  # one index for every gather below (report time: few, small kernels)
         memory = self._memory[layer.name]
-        alive_windows = memory.alive_window[chosen]
-        lived = alive_windows[alive_windows >= 0]
-        since = int(lived.min()) if lived.numel() else None
+        alive_windows = memory.alive_window.index_select(0, picked)
+        lived = int(alive_windows.max()) if picked.numel() else -1
+        # The earliest window in which a chosen unit lived: the smallest non-negative entry (-1: never seen alive).
+        since = int(alive_windows.masked_fill(alive_windows < 0, lived).min()) if lived >= 0 else None
         windows = window - since + 1 if since is not None else None
         figures = now[producer.path]
         bias_now, rows_now = figures["bias"], figures["rows"]
         bias_shift = bias = weight_shift = None
         if bias_now is not None and bias_now.numel() == units:
-            bias = float(bias_now[chosen].mean())
-            shift = (bias_now - memory.bias)[chosen]
-            shift = shift[~shift.isnan()]
-            bias_shift = float(shift.mean()) if shift.numel() else None
+            chosen_bias = bias_now.index_select(0, picked)
+            bias = float(chosen_bias.mean())
+            bias_shift = _mean_of_finite(chosen_bias - memory.bias.index_select(0, picked), nan_only=True)
         if rows_now is not None and rows_now.numel() == units:
-            change = (rows_now / memory.rows - 1)[chosen]
-            change = change[change.isfinite()]
-            weight_shift = float(change.mean()) if change.numel() else None
+            weight_shift = _mean_of_finite(rows_now.index_select(0, picked) / memory.rows.index_select(0, picked) - 1)
         history = list(producer.records) + ([records[producer.path]] if producer.path in records else [])
         first = since if since is not None else -1
         span = [r for r in history if r[0] >= first]
@@ -824,7 +891,7 @@ class CauseTracker:
         )
         return Cause(
             step=step,
-            units=int(chosen.sum()),
+            units=picked.numel(),
             windows=windows,
             fed_by=layer.fed_by,
             lr=lr,
@@ -845,7 +912,7 @@ class CauseTracker:
                 fed_by=layer.fed_by,
                 negative_regime=bool(layer.negative_regime),
                 has_optimizer=has_optimizer,
-                newly_dead=int(fresh.sum()) if bool(fresh.any()) and bool((dead & ~fresh).any()) else None,
+                newly_dead=n_fresh if n_fresh and n_dead > n_fresh else None,
                 never_alive=never_alive,
                 peak_lr=peak_lr,
                 peak_lr_step=peak_step,
@@ -865,9 +932,12 @@ class CauseTracker:
                         return group.lr_at(group.steps, bucket.group_of[j])
         # A producer whose weight is not measured (a parametrized weight): the rate of the group holding any of its
         # parameters (a parametrization's `original` is a parameter of a submodule).
+        optimizers = list(self.optimizers())
         module = producer.module_ref()
-        held = {id(p) for p in module.parameters()} if module is not None else set()
-        for optimizer in self.optimizers():
+        if not optimizers or module is None:
+            return None
+        held = {id(p) for p in module.parameters()}
+        for optimizer in optimizers:
             for param_group in getattr(optimizer, "param_groups", ()):
                 if any(id(p) in held for p in param_group["params"]):
                     rate = param_group.get("lr")
@@ -906,10 +976,10 @@ class CauseTracker:
             values = getattr(memory, attribute)
             start = now[producer.path].get(key)
             if known and start is not None and start.numel() == units:
-                values[alive] = start[alive]
+                values.copy_(torch.where(alive, start, values))
             else:
-                values[alive] = math.nan
-        memory.alive_window[alive] = window
+                values.masked_fill_(alive, math.nan)
+        memory.alive_window.masked_fill_(alive, window)
         rows = memory.weight
         if rows is not None:
             start_weight = producer.start_weight

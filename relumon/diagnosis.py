@@ -66,6 +66,7 @@ class SiteHistory:
         #: Units recycled and not yet seen by a closed window since: the next one tells whether they died again.
         self.recycled_pending = torch.zeros(units, dtype=torch.bool)
         self.recycled_total = 0
+        self._pending = False  # whether some unit is in recycled_pending
         self._checked = self._dead_again = 0
 
     def recycle(self, indices: list[int]) -> None:
@@ -75,16 +76,25 @@ class SiteHistory:
         self.dead_streak[idx] = 0
         self.recycled_pending[idx] = True
         self.recycled_total += len(indices)
+        self._pending = True
 
     def update(self, dead_mask: Tensor, step: int, permanent_after: int) -> WindowHistory:
-        """Fold one closed window's dead mask (CPU bool, one per unit) into the history."""
-        self._checked = int(self.recycled_pending.sum())
-        self._dead_again = int((self.recycled_pending & dead_mask).sum())
-        self.recycled_pending = torch.zeros_like(self.recycled_pending)
-        revived = int(((self.dead_streak > 0) & ~dead_mask).sum())
+        """Fold one closed window's dead mask (CPU bool, one per unit) into the history.
+
+        Report time, once per site: a handful of small kernels, and no boolean indexing (which counts the mask first).
+        """
+        self._checked = self._dead_again = 0
+        if self._pending:  # only recycling sets units pending
+            self._pending = False
+            self._checked = int(self.recycled_pending.count_nonzero())
+            self._dead_again = int((self.recycled_pending & dead_mask).count_nonzero())
+            self.recycled_pending = torch.zeros_like(self.recycled_pending)
+        streak = self.dead_streak
+        revived = int(streak.masked_fill(dead_mask, 0).count_nonzero())  # dead before (streak > 0), alive now
         self.revived_total += revived
-        self.dead_streak = torch.where(dead_mask, self.dead_streak + 1, torch.zeros_like(self.dead_streak))
-        self.first_dead_step[dead_mask & (self.first_dead_step < 0)] = step
+        # A new tensor, not an in-place update: reports handed out earlier hold the old one.
+        self.dead_streak = (streak + 1).mul_(dead_mask)
+        self.first_dead_step = self.first_dead_step.masked_fill(dead_mask & (self.first_dead_step < 0), step)
         return self.view(revived, permanent_after)
 
     def view(self, revived: int, permanent_after: int) -> WindowHistory:
@@ -92,7 +102,7 @@ class SiteHistory:
         return WindowHistory(
             revived_units=revived,
             revived_total=self.revived_total,
-            permanently_dead_units=int((self.dead_streak >= permanent_after).sum()),
+            permanently_dead_units=int((self.dead_streak >= permanent_after).count_nonzero()),
             first_dead_step=self.first_dead_step.clone(),
             dead_streak=self.dead_streak.clone(),
             recycled_total=self.recycled_total,
@@ -121,6 +131,7 @@ class SiteHistory:
         pending = [int(i) for i in state.get("recycled_pending", []) if 0 <= int(i) < self.recycled_pending.numel()]
         self.recycled_pending = torch.zeros_like(self.recycled_pending)
         self.recycled_pending[pending] = True
+        self._pending = bool(pending)
 
 
 def describe_module(module: nn.Module) -> str:
@@ -150,11 +161,13 @@ def _whole(t: Tensor) -> Tensor:
 
 def _bias_facts(bias: Tensor, dead_mask: Tensor) -> list[str]:
     b = _whole(bias.detach()).float().cpu()
-    facts = [f"{100 * float((b < 0).float().mean()):.0f}% of its biases are negative, mean {float(b.mean()):+.3g}"]
-    if 0 < int(dead_mask.sum()) < b.numel():
+    negative = 100 * int((b < 0).count_nonzero()) / b.numel()
+    facts = [f"{negative:.0f}% of its biases are negative, mean {float(b.mean()):+.3g}"]
+    dead = int(dead_mask.count_nonzero())
+    if 0 < dead < b.numel():
         dead_b = b[dead_mask]
         facts.append(
-            f"the dead units' biases: {100 * float((dead_b < 0).float().mean()):.0f}% negative, "
+            f"the dead units' biases: {100 * int((dead_b < 0).count_nonzero()) / dead:.0f}% negative, "
             f"mean {float(dead_b.mean()):+.3g}"
         )
     return facts

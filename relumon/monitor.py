@@ -10,10 +10,12 @@ window. The monitor also keeps what a checkpoint needs (`state_dict`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
 import math
 import weakref
 from collections import deque
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,32 @@ __all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead
 
 #: Closed windows kept in [`Monitor.timeline`][relumon.Monitor.timeline] (and checkpoints) for the dead-unit heatmap.
 TIMELINE_WINDOWS = 500
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _collector_paused(method: _Method) -> _Method:
+    """Run ``method`` with Python's cyclic garbage collector paused (and restored after it, even on an error).
+
+    A report makes a few dozen short-lived objects per call site; at a thousand sites they would set off several
+    collections of the youngest generation per report, and now and then a full collection of the whole process heap
+    (torch and the model alone hold some 300,000 objects: about 0.2 s). Paused, the report's objects cost one young
+    collection when it returns, and the full collections come about 40 times less often. A report makes no reference
+    cycles that need the collector: its garbage is freed by reference counting as it goes.
+    """
+
+    @functools.wraps(method)
+    def paused(*args: Any, **kwargs: Any) -> Any:
+        if not gc.isenabled():
+            return method(*args, **kwargs)
+        gc.disable()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            gc.enable()
+
+    return paused  # type: ignore[return-value]
 
 
 class Monitor(OptionAttributes):
@@ -139,6 +167,7 @@ class Monitor(OptionAttributes):
             raise RelumonError("`sync_dist=True` needs an initialised torch.distributed process group")
         return sync_dist
 
+    @_collector_paused
     def report(self, *, reset: bool = True, step: Optional[int] = None) -> Report:
         """Read the current window's statistics to the host and, by default, close the window.
 
@@ -235,7 +264,7 @@ class Monitor(OptionAttributes):
         for x in layers:  # certificates index channels (dim 1): only where the report's units are the same
             if x.unit_dim != 1 and x.name in certs:
                 certs[x.name] = Certification(x.name, why_not=f"its units are along dim {x.unit_dim}, not dim 1")
-        return [dataclasses.replace(x, certified=certs.get(x.name)) for x in layers]
+        return [x.replace(certified=certs.get(x.name)) for x in layers]
 
     def _count_compiled_steps(self) -> None:
         """Add the open window's compiled steps not counted yet to the recorder's ``steps_seen``.
@@ -472,12 +501,16 @@ class Monitor(OptionAttributes):
                     gather_sharded=gather_sharded,
                     weight_grad_norm=self._recorder.weight_grads.norm(layer.fed_by),
                 )
+            follows = consequences.get(layer.name, ())
+            blocker = blocked_by.get(layer.name)
+            if caused_by is None and not follows and blocker is None and blamed is None and layer.blame is None:
+                explained.append(layer)  # nothing to add: no copy (at thousands of sites, copies add up)
+                continue
             explained.append(
-                dataclasses.replace(
-                    layer,
+                layer.replace(
                     caused_by=caused_by,
-                    consequences=consequences.get(layer.name, ()),
-                    blocked_by=blocked_by.get(layer.name),
+                    consequences=follows,
+                    blocked_by=blocker,
                     blame=blamed,
                     # A consequence never alerts (its root does), so it is not worth measuring every call for.
                     confirming=layer.confirming and caused_by is None,

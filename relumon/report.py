@@ -153,6 +153,17 @@ class LayerReport:
         """Share of the units recycled after the previous window that are dead again in this one; NaN if none."""
         return self.recycled_dead_again / self.recycled_checked if self.recycled_checked else math.nan
 
+    def replace(self, **changes: Any) -> LayerReport:
+        """A copy with ``changes``, as ``dataclasses.replace`` makes, without running ``__init__`` again: a report adds
+        its cascades, blame and cause to each site's figures as it builds them, at thousands of sites, and a frozen
+        dataclass's ``__init__`` sets its forty fields one ``object.__setattr__`` at a time."""
+        unknown = changes.keys() - self.__dataclass_fields__.keys()
+        if unknown:
+            raise TypeError(f"LayerReport has no field {', '.join(sorted(unknown))}")
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
+
     @property
     def exact(self) -> bool:
         """True when every training call of the window was measured: the figures are exact, not sampled."""
