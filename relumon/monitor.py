@@ -110,9 +110,9 @@ class Monitor(OptionAttributes):
         calls submodules of the watched model directly (the Lightning callback does so before every batch).
         """
         self._recorder.leave_stale_capture()
-        self._recorder.start_step()
+        self._recorder.clock.start_step()
         if torch.is_grad_enabled():
-            self._recorder.training_seen = True
+            self._recorder.clock.training_seen = True
 
     @property
     def names(self) -> list[str]:
@@ -166,7 +166,7 @@ class Monitor(OptionAttributes):
         recorder = self._recorder
         recorder.leave_stale_capture()
         self._count_compiled_steps()
-        step = recorder.steps_seen if step is None else step
+        step = recorder.clock.steps_seen if step is None else step
         sites = {site.name: site for site in recorder.sites}
         synced = self._sync()
         gathered = gather([(site.layout(), site.stats) for site in sites.values()], synced)
@@ -183,14 +183,14 @@ class Monitor(OptionAttributes):
             layers = self._certify(layers)
         # Under torch.distributed, steps add up over ranks, like samples and forwards. Compiled steps are counted by
         # `_count_compiled_steps`; the forwards bound a window whose steps began elsewhere (another rank's only site).
-        steps = recorder.steps_seen - self._window_start
+        steps = recorder.clock.steps_seen - self._window_start
         if synced:
             steps = sum_over_ranks(steps)
         steps = max(steps, max((x.forwards for x in layers), default=0))
         report = Report(layers, window=self._window, steps=steps)
         # No step of a watched site: before any training, or a model whose watched modules never run (training
         # happened: the idle warning below says so). Under sync the summed steps decide alike on every rank.
-        before_training = steps == 0 and (synced or not (recorder.training_seen or self._model_has_gradients()))
+        before_training = steps == 0 and (synced or not (recorder.clock.training_seen or self._model_has_gradients()))
         if reset and before_training:
             # As torchmetrics' compute() before update(): say so, and keep the window open for the steps to come.
             if global_rank() == 0:
@@ -206,7 +206,7 @@ class Monitor(OptionAttributes):
                 site.stats.reset()
             recorder.weight_grads.reset()
             self._window += 1
-            self._window_start = recorder.steps_seen
+            self._window_start = recorder.clock.steps_seen
             self._compiled_counted = 0
             self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0 and x.counts_dead}))
             self.last_report = report
@@ -218,7 +218,7 @@ class Monitor(OptionAttributes):
             )
             for site in sites.values():
                 site.exact = site.name in recorder.confirming
-            if not self._idle_checked and (steps > 0 or recorder.training_seen or self._model_has_gradients()):
+            if not self._idle_checked and (steps > 0 or recorder.clock.training_seen or self._model_has_gradients()):
                 self._idle_checked = True
                 self._warn_idle()
             self._alert(report, step)
@@ -246,14 +246,14 @@ class Monitor(OptionAttributes):
         report time, and only once compiled code has run; a peek (``reset=False``) counts each step once.
         """
         recorder = self._recorder
-        if not recorder.compiled_seen or not recorder.sites:
+        if not recorder.clock.compiled_seen or not recorder.sites:
             return
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for site in recorder.sites:
             by_device.setdefault(site.stats.forwards.device, []).append(site.stats.forwards)
         compiled = max(int(torch.cat(counters).max()) for counters in by_device.values())
         if compiled > self._compiled_counted:
-            recorder.steps_seen += compiled - self._compiled_counted
+            recorder.clock.steps_seen += compiled - self._compiled_counted
             self._compiled_counted = compiled
 
     def _recycle_suspects(self, layers: list[LayerReport]) -> set[str]:
@@ -640,7 +640,7 @@ class Monitor(OptionAttributes):
         return {
             "alerted": sorted(self._alerted),
             "window": self._window,
-            "steps": recorder.steps_seen,
+            "steps": recorder.clock.steps_seen,
             "confirming": sorted(recorder.confirming),
             "history": self._diagnosis.state_dict(),
             "timeline": timeline,
@@ -654,8 +654,8 @@ class Monitor(OptionAttributes):
         self._alerted = set(state.get("alerted", ()))
         self._window = int(state.get("window", 0))
         recorder = self._recorder
-        recorder.steps_seen = int(state.get("steps", recorder.steps_seen))
-        self._window_start = recorder.steps_seen  # the open window's statistics are not saved: it starts here
+        recorder.clock.steps_seen = int(state.get("steps", recorder.clock.steps_seen))
+        self._window_start = recorder.clock.steps_seen  # the open window's statistics are not saved: it starts here
         recorder.confirming = set(state.get("confirming", ()))
         for site in recorder.sites:
             site.exact = site.name in recorder.confirming
