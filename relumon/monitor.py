@@ -22,6 +22,7 @@ from torch import nn
 from relumon.alerts import Alerts, global_rank, unconfirmed
 from relumon.cause import CauseTracker
 from relumon.errors import RelumonError, RelumonWarning, warn
+from relumon.loggers import draw, pictures, write_figures
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
 from relumon.proof import Certifier
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
@@ -289,8 +290,6 @@ class Monitor(OptionAttributes):
             RelumonError: when no window has been closed yet (call [`report()`][relumon.Monitor.report] or
                 [`log()`][relumon.Monitor.log] first).
         """
-        from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
-
         if not hasattr(writer, "add_figure"):
             raise TypeError(
                 f"expected `writer` to be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
@@ -299,8 +298,7 @@ class Monitor(OptionAttributes):
             raise RelumonError("no window closed yet: call monitor.report() or monitor.log() before log_figures()")
         if global_rank() != 0:
             return
-        writer.add_figure(FIGURE_TAGS["grad_flow"], grad_flow_figure(self.last_report), global_step=step)
-        writer.add_figure(FIGURE_TAGS["dead_heatmap"], dead_heatmap_figure(self.timeline), global_step=step)
+        write_figures(writer, draw(pictures(self.last_report, self.timeline)), step)
 
     # ------------------------------------------------------------------ alerts
 
