@@ -122,6 +122,7 @@ class Monitor(OptionAttributes):
 
     @property
     def last_recycle(self) -> Optional[RecycleResult]:
+        """The [`RecycleResult`][relumon.recycle.RecycleResult] of the last recycling, or None."""
         return self._recycling.last
 
     # ------------------------------------------------------------------ reports
