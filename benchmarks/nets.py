@@ -9,9 +9,12 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: one ``nn.ReLU(inplace=True)`` called twice, the second after ``out += x``."""
+    """torchvision's ResNet BasicBlock: one ``nn.ReLU(inplace=True)`` called twice, the second after ``out += x``.
 
-    def __init__(self, inp: int, out: int, stride: int) -> None:
+    The one definition: the tests build their small ResNet from it too (``tests/nets.py``).
+    """
+
+    def __init__(self, inp: int, out: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out)

@@ -58,7 +58,15 @@ from torch.optim import Optimizer
 
 from relumon.errors import RelumonWarning, is_strict, warn
 
-__all__ = ["Cause", "CauseTracker", "SAMPLED_WEIGHTS", "HEALTHY_UPDATE_RATIO", "advice", "check_optimizers"]
+__all__ = [
+    "Cause",
+    "CauseTracker",
+    "SAMPLED_WEIGHTS",
+    "HEALTHY_UPDATE_RATIO",
+    "advice",
+    "advice_for",
+    "check_optimizers",
+]
 
 #: Weight elements per producer whose change is measured at each optimizer step; a smaller weight is taken whole.
 SAMPLED_WEIGHTS = 8192
@@ -162,7 +170,8 @@ def advice(
     peak_lr_step: Optional[int] = None,
     own_update: Optional[float] = None,
 ) -> str:
-    """The cause's sentence: the facts that are known, then what to change, chosen by those facts.
+    """The cause's sentence from facts given one by one, named as `Cause`'s fields: `advice_for` on a `Cause` that
+    holds them (the other fields play no part).
 
     ``newly_dead``: when the figures are about the units that died in this window only (others died earlier), their
     number, so the sentence says whose biases moved. ``never_alive``: the units were never seen alive and their
@@ -171,6 +180,47 @@ def advice(
     ``own_update``: the dying units' own rows' exact ``||ΔW|| / ||W||`` over their last window, when the update
     ratio is sampled.
     """
+    facts = Cause(
+        step=0,
+        units=0,
+        windows=windows,
+        fed_by=fed_by,
+        lr=lr,
+        update_ratio=update_ratio,
+        update_step=update_step,
+        bias_shift=bias_shift,
+        bias=bias,
+        weight_shift=None,
+        grad_scale=grad_scale,
+        advice="",
+        peak_lr=peak_lr,
+        peak_lr_step=peak_lr_step,
+        own_update=own_update,
+        never_alive=never_alive,
+    )
+    return advice_for(facts, negative_regime=negative_regime, has_optimizer=has_optimizer, newly_dead=newly_dead)
+
+
+def advice_for(cause: Cause, *, negative_regime: bool, has_optimizer: bool, newly_dead: Optional[int] = None) -> str:
+    """The sentence of ``cause`` (its ``advice``): the facts that are known, then what to change, chosen by those facts.
+
+    Reads ``cause``'s ``lr``, ``update_ratio``, ``update_step``, ``bias_shift``, ``bias``, ``windows``,
+    ``grad_scale``, ``fed_by``, ``never_alive`` (the units were never seen alive and their weights never moved: the
+    advice then points at the init and the input's scale, not the learning rate), ``peak_lr`` (a learning rate more
+    than ten times ``lr`` held in those windows: a spike, at ``peak_lr_step``) and ``own_update`` (the dying units'
+    own rows' exact ``||ΔW|| / ||W||`` over their last window, when the update ratio is sampled).
+
+    Args:
+        cause: the facts.
+        negative_regime: whether the layer's activation passes negative values (no LeakyReLU advice then).
+        has_optimizer: whether relumon knows an optimizer (else the advice asks for ``optimizer=``).
+        newly_dead: when the figures are about the units that died in this window only (others died earlier),
+            their number, so the sentence says whose biases moved.
+    """
+    lr, update_ratio, update_step = cause.lr, cause.update_ratio, cause.update_step
+    bias_shift, bias, windows = cause.bias_shift, cause.bias, cause.windows
+    grad_scale, fed_by, own_update = cause.grad_scale, cause.fed_by, cause.own_update
+    peak_lr, peak_lr_step, never_alive = cause.peak_lr, cause.peak_lr_step, cause.never_alive
     facts = []
     feeder = f"`{fed_by}`" if fed_by else "the layer feeding it"
     if bias_shift is not None and bias is not None:
@@ -889,7 +939,7 @@ class CauseTracker:
             and abs(bias_shift) <= 1e-12
             and (weight_shift is None or abs(weight_shift) <= 1e-12)
         )
-        return Cause(
+        cause = Cause(
             step=step,
             units=picked.numel(),
             windows=windows,
@@ -901,28 +951,17 @@ class CauseTracker:
             bias=bias,
             weight_shift=weight_shift,
             grad_scale=grad_scale,
-            advice=advice(
-                lr=lr,
-                update_ratio=update_ratio,
-                update_step=update_step,
-                bias_shift=bias_shift,
-                bias=bias,
-                windows=windows,
-                grad_scale=grad_scale,
-                fed_by=layer.fed_by,
-                negative_regime=bool(layer.negative_regime),
-                has_optimizer=has_optimizer,
-                newly_dead=n_fresh if n_fresh and n_dead > n_fresh else None,
-                never_alive=never_alive,
-                peak_lr=peak_lr,
-                peak_lr_step=peak_step,
-                own_update=own,
-            ),
+            advice="",
             peak_lr=peak_lr,
             peak_lr_step=peak_step,
             own_update=own,
             never_alive=never_alive,
         )
+        newly_dead = n_fresh if n_fresh and n_dead > n_fresh else None
+        sentence = advice_for(
+            cause, negative_regime=bool(layer.negative_regime), has_optimizer=has_optimizer, newly_dead=newly_dead
+        )
+        return dataclasses.replace(cause, advice=sentence)
 
     def _current_lr(self, producer: _Producer) -> Optional[float]:
         for group in self._groups.values():

@@ -12,10 +12,11 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from relumon.errors import RelumonError
-from relumon.report import Report
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from relumon.report import Report
 
 __all__ = ["grad_flow_figure", "dead_heatmap_figure", "FIGURE_TAGS"]
 

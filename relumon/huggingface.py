@@ -50,6 +50,7 @@ from torch import nn
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
 from relumon.hooks import OwnPreHook
+from relumon.loggers import draw, pictures, write_figures
 from relumon.monitor import Monitor
 from relumon.options import (
     FROM_TRAINER,
@@ -530,16 +531,12 @@ class ReluMonitorCallback(OptionAttributes, TrainerCallback, ExportableState):
             return
         self._pictured_step = step
         try:
-            from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
-
-            grad_flow, heatmap = grad_flow_figure(report), dead_heatmap_figure(monitor.timeline)
+            figures = draw(pictures(report, monitor.timeline, self.prefix))
         except ImportError as error:
             self.figures = False
             warn(f"relumon: no pictures ({error}); `pip install matplotlib`, or pass figures=False. Training goes on.")
             return
-        tag = {key: FIGURE_TAGS[key].replace("relumon", self.prefix, 1) for key in ("grad_flow", "dead_heatmap")}
-        writer.add_figure(tag["grad_flow"], grad_flow, global_step=step)
-        writer.add_figure(tag["dead_heatmap"], heatmap, global_step=step)
+        write_figures(writer, figures, step)
 
     # ------------------------------------------------------------------ alerts
 

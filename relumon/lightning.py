@@ -16,10 +16,10 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from relumon.errors import DeadUnitsWarning, RelumonError, warn
-from relumon.loggers import PictureWriter, TextWriter, is_tensorboard
+from relumon.loggers import PictureWriter, TextWriter, is_tensorboard, pictures
 from relumon.monitor import Monitor
 from relumon.options import (
     FROM_TRAINER,
@@ -263,14 +263,8 @@ class ReluMonitor(OptionAttributes, Callback):
         self._pictures_due = False
         if self.monitor is None or self.last_report is None or not trainer.is_global_zero or not self.figures:
             return
-        from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
-
-        report, timeline = self.last_report, self.monitor.timeline
-        pictures: dict[str, Callable[[], Any]] = {
-            FIGURE_TAGS["grad_flow"].replace("relumon", self.prefix, 1): lambda: grad_flow_figure(report),
-            FIGURE_TAGS["dead_heatmap"].replace("relumon", self.prefix, 1): lambda: dead_heatmap_figure(timeline),
-        }
-        self._pictures.write(trainer.loggers, pictures, trainer.global_step)
+        shown = pictures(self.last_report, self.monitor.timeline, self.prefix)  # each drawn once, for every logger
+        self._pictures.write(trainer.loggers, shown, trainer.global_step)
 
     def _show_in_progress_bar(self, pl_module: Any) -> None:
         """The last closed window's overall dead share, in percent, in the progress bar (not sent to loggers)."""

@@ -1,4 +1,10 @@
-"""relumon's pictures to every Lightning logger that can show an image: TensorBoard, Weights & Biases, MLflow.
+"""relumon's pictures to the writers that show them: a ``SummaryWriter``, and every Lightning logger that can show one.
+
+Every adapter reaches its writers from here: `pictures` names relumon's two pictures by tag (the gradient-flow chart
+and the dead-unit heatmap, drawn by `relumon.figures`); `write_figures` sends drawn ones to a ``SummaryWriter`` with
+``add_figure`` (``Monitor.log_figures``, the Hugging Face callback through the Trainer's ``TensorBoardCallback``);
+`PictureWriter` draws them once for all the Lightning loggers that can show an image: TensorBoard, Weights & Biases,
+MLflow.
 
 - ``TensorBoardLogger``: an image under the tag (``relumon/grad_flow``, ``relumon/dead_heatmap``) at the step.
 - ``WandbLogger``: a W&B image under the same key, through ``WandbLogger.log_image`` (with ``trainer/global_step``).
@@ -17,11 +23,47 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from relumon.errors import RelumonError, warn
+from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
 
-__all__ = ["PictureWriter", "TextWriter", "is_tensorboard", "picture_logger_kind", "render_rgb"]
+if TYPE_CHECKING:
+    from relumon.report import Report
+
+__all__ = [
+    "PictureWriter",
+    "TextWriter",
+    "draw",
+    "is_tensorboard",
+    "picture_logger_kind",
+    "pictures",
+    "render_rgb",
+    "write_figures",
+]
+
+
+def pictures(
+    report: Report, timeline: Sequence[tuple[int, Mapping[str, float]]], prefix: str = "relumon"
+) -> dict[str, Callable[[], Any]]:
+    """relumon's two pictures of a closed window, by tag, each drawn when called: the gradient-flow chart of
+    ``report`` (``<prefix>/grad_flow``) and the dead-unit heatmap of ``timeline`` (``<prefix>/dead_heatmap``)."""
+    return {
+        FIGURE_TAGS["grad_flow"].replace("relumon", prefix, 1): lambda: grad_flow_figure(report),
+        FIGURE_TAGS["dead_heatmap"].replace("relumon", prefix, 1): lambda: dead_heatmap_figure(timeline),
+    }
+
+
+def draw(pictures: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Draw each picture: ``tag -> matplotlib Figure``."""
+    return {tag: make() for tag, make in pictures.items()}
+
+
+def write_figures(writer: Any, figures: Mapping[str, Any], step: int) -> None:
+    """Write drawn figures to a ``SummaryWriter`` (``add_figure``, which renders each one) at ``step``."""
+    for tag, figure in figures.items():
+        writer.add_figure(tag, figure, global_step=step)
+
 
 #: The Lightning logger classes that get pictures, by class name, with how each is told apart in messages.
 PICTURE_LOGGERS: Mapping[str, str] = {

@@ -1,42 +1,41 @@
-"""The monitor: a thin handle over the per-step [`Recorder`][relumon.recorder.Recorder] that turns recorded state
-into reports.
+"""The monitor: the thin handle users hold over the per-step [`Recorder`][relumon.recorder.Recorder], turning recorded
+state into reports.
 
 Report-time only: nothing here runs in the training step except what the recorder does (see `relumon.recorder`).
-Closing a window reads the recorded state to the host once (`relumon.state.gather`), builds a
-[`Report`][relumon.Report] with the help of `relumon.diagnosis`, runs the ``on_dead`` alerts and starts the next
-window. The monitor also keeps what a checkpoint needs (`state_dict`).
+`Monitor.report` closes a window in a fixed order, each step in a module of its own: `relumon.windows` reads the
+recorded state to the host once and builds the [`Report`][relumon.Report]; `relumon.cause` attaches the optimizer's
+side of each death; `relumon.alerts` runs the ``on_dead`` alerts and warnings; `relumon.recycle_policy` recycles
+(``recycle=``). The monitor also keeps what a checkpoint needs (`state_dict`) and writes to a ``SummaryWriter``
+(`log`, `log_figures`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import math
 import weakref
-from collections import deque
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from relumon.cascade import consequences_of, find_blockers, find_roots
+from relumon.alerts import Alerts, global_rank, unconfirmed
 from relumon.cause import CauseTracker
-from relumon.diagnosis import Diagnosis, blame
-from relumon.errors import DeadUnitsWarning, RelumonError, RelumonWarning, warn
+from relumon.errors import RelumonError, RelumonWarning, warn
+from relumon.loggers import draw, pictures, write_figures
 from relumon.options import DEFAULT_TYPES, OnDead, OptionAttributes, Options, signature_with_options
-from relumon.proof import Certification, Certifier
+from relumon.proof import Certifier
 from relumon.recorder import NEGATIVE_REGIME_TYPES, Recorder
-from relumon.recycle import CRITERIA, Recycler, RecycleResult, optimizers_of_model
-from relumon.report import LayerReport, Report, dead_layer_message
-from relumon.state import GatheredSite, SiteLayout, distributed_world_size, gather, sum_over_ranks
+from relumon.recycle import RecycleResult
+from relumon.recycle_policy import RecyclePolicy
+from relumon.report import LayerReport, Report
+from relumon.state import distributed_world_size, gather
 from relumon.tensorboard import write_alerts, write_layout_once, write_scalars
+from relumon.windows import TIMELINE_WINDOWS, WindowCloser
 
-__all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead", "global_rank"]
-
-#: Closed windows kept in [`Monitor.timeline`][relumon.Monitor.timeline] (and checkpoints) for the dead-unit heatmap.
-TIMELINE_WINDOWS = 500
+__all__ = ["Monitor", "watch", "DEFAULT_TYPES", "NEGATIVE_REGIME_TYPES", "OnDead", "global_rank", "TIMELINE_WINDOWS"]
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -104,28 +103,20 @@ class Monitor(OptionAttributes):
         self._model_name = type(model).__name__
         self._model_ref = weakref.ref(model)
         self._recorder = Recorder(model, self.options)
-        self._diagnosis = Diagnosis(self.options.permanent_after)
-        self._timeline: deque[tuple[int, dict[str, float]]] = deque(maxlen=TIMELINE_WINDOWS)
+        #: Reads the open window and builds its report; keeps the death histories and the timeline.
+        self._windows = WindowCloser(self._model_ref, self._recorder, self.options)
+        #: The alerts and warnings, and what has been alerted on.
+        self._alerts = Alerts(self.options, self._recorder)
         self.last_report: Optional[Report] = None
         self._window = 0
-        self._window_start = 0  # the recorder's steps_seen when the open window started
-        self._compiled_counted = 0  # compiled steps of the open window already added to the recorder's steps_seen
-        self._alerted: set[str] = set()
-        self._idle_checked = False
-        self._unconfirmed_said: Optional[int] = None  # the window whose unconfirmed deaths were last reported
         self.optimizers: list[Any] = list(self.options.optimizer or ())
         self._cause = CauseTracker(
             model, self._recorder.sites, _optimizers_of(weakref.ref(self)), self.options.grad_scaler
         )
-        #: The alert texts of the window closed last (written to TensorBoard by `log`).
-        self._window_alerts: list[str] = []
-        self._warned_optimizers = False
-        self.last_recycle: Optional[RecycleResult] = None
-        # Recycling reads the recorder's wiring record (`relumon.wiring.WiringBook`) of the first training forward.
-        self._recycler: Optional[Recycler] = None
-        if self.options.recycle is not None:
-            self._recycler = Recycler(self._recorder.wiring_book, self._cause.columns_zeroed)
-        self._warned_no_optimizer = False
+        #: When recycling acts and what it books (`recycle=` and `recycle()`).
+        self._recycling = RecyclePolicy(
+            self.options, self._model_ref, self._recorder, self._windows.diagnosis, self._cause
+        )
         # Certificates (`certify=True`) read the wiring of one training forward too, at report time only.
         self._certifier = Certifier(model) if self.options.certify else None
 
@@ -138,9 +129,9 @@ class Monitor(OptionAttributes):
         calls submodules of the watched model directly (the Lightning callback does so before every batch).
         """
         self._recorder.leave_stale_capture()
-        self._recorder.start_step()
+        self._recorder.clock.start_step()
         if torch.is_grad_enabled():
-            self._recorder.training_seen = True
+            self._recorder.clock.training_seen = True
 
     @property
     def names(self) -> list[str]:
@@ -156,6 +147,11 @@ class Monitor(OptionAttributes):
     def active(self) -> bool:
         """True while the hooks are attached."""
         return self._recorder.active
+
+    @property
+    def last_recycle(self) -> Optional[RecycleResult]:
+        """The [`RecycleResult`][relumon.recycle.RecycleResult] of the last recycling, or None."""
+        return self._recycling.last
 
     # ------------------------------------------------------------------ reports
 
@@ -194,33 +190,27 @@ class Monitor(OptionAttributes):
         """
         recorder = self._recorder
         recorder.leave_stale_capture()
-        self._count_compiled_steps()
-        step = recorder.steps_seen if step is None else step
+        windows = self._windows
+        windows.count_compiled_steps()
+        step = recorder.clock.steps_seen if step is None else step
         sites = {site.name: site for site in recorder.sites}
         synced = self._sync()
         gathered = gather([(site.layout(), site.stats) for site in sites.values()], synced)
+        layouts = [layout for layout, _ in gathered]
         # Under torch.distributed, blame may gather sharded parameters: only safe when every rank holds the same
         # global report, hence decides to blame the same sites in the same order.
         gather_sharded = synced or distributed_world_size() == 1
-        measured = [self._layer_report(layout, g, step, reset) for layout, g in gathered]
-        layers = self._explain(measured, [layout for layout, _ in gathered], gather_sharded)
+        measured = windows.layer_reports(gathered, step, reset, self._alerts.alerted)
+        layers = windows.explain(measured, layouts, gather_sharded)
         # The cause goes where blame goes: to roots that alert and to jumps (decided from the global report).
-        self._check_optimizers()
+        self._alerts.check_optimizers(self.optimizers)
         wanted = {x.name for x, y in zip(measured, layers) if x.blame is not None and y.caused_by is None}
         layers = self._cause.attach(layers, wanted, window=self._window, step=step, close=reset)
         if self._certifier is not None:
-            layers = self._certify(layers)
-        # Under torch.distributed, steps add up over ranks, like samples and forwards. Compiled steps are counted by
-        # `_count_compiled_steps`; the forwards bound a window whose steps began elsewhere (another rank's only site).
-        steps = recorder.steps_seen - self._window_start
-        if synced:
-            steps = sum_over_ranks(steps)
-        steps = max(steps, max((x.forwards for x in layers), default=0))
+            layers = windows.certify(layers, self._certifier, self.optimizers)
+        steps = windows.steps(layers, synced)
         report = Report(layers, window=self._window, steps=steps)
-        # No step of a watched site: before any training, or a model whose watched modules never run (training
-        # happened: the idle warning below says so). Under sync the summed steps decide alike on every rank.
-        before_training = steps == 0 and (synced or not (recorder.training_seen or self._model_has_gradients()))
-        if reset and before_training:
+        if reset and windows.before_training(steps, synced):
             # As torchmetrics' compute() before update(): say so, and keep the window open for the steps to come.
             if global_rank() == 0:
                 warn(
@@ -231,94 +221,14 @@ class Monitor(OptionAttributes):
                 )
             return report
         if reset:
-            for site in sites.values():
-                site.stats.reset()
-            recorder.weight_grads.reset()
+            windows.close(sites.values(), layers, layouts, step, also_confirm=self._recycling.suspects(layers))
             self._window += 1
-            self._window_start = recorder.steps_seen
-            self._compiled_counted = 0
-            self._timeline.append((step, {x.name: x.dead_fraction for x in layers if x.samples > 0 and x.counts_dead}))
             self.last_report = report
-            # A sampled window never alerts on its own: its suspects are measured on every call of the next window.
-            recorder.confirming = (
-                {x.name for x in layers if x.confirming}
-                | self._recycle_suspects(layers)
-                | _cascade_sites(layers, [layout for layout, _ in gathered])
-            )
-            for site in sites.values():
-                site.exact = site.name in recorder.confirming
-            if not self._idle_checked and (steps > 0 or recorder.training_seen or self._model_has_gradients()):
-                self._idle_checked = True
-                self._warn_idle()
-            self._alert(report, step)
+            if not self._alerts.idle_checked and windows.trained(steps):
+                self._alerts.warn_idle()
+            self._alerts.alert(report, step)
             if self.options.recycle is not None:
-                report = self._recycle_after(report)
-        return report
-
-    def _certify(self, layers: list[LayerReport]) -> list[LayerReport]:
-        """``certify=True``: attach each site's certificates (`relumon.proof`), from the weights and optimizers now."""
-        model = self._model_ref()
-        if model is None or self._certifier is None:
-            return layers
-        certs = self._certifier.certify(model, [x.name for x in layers], self.optimizers or None)
-        for x in layers:  # certificates index channels (dim 1): only where the report's units are the same
-            if x.unit_dim != 1 and x.name in certs:
-                certs[x.name] = Certification(x.name, why_not=f"its units are along dim {x.unit_dim}, not dim 1")
-        return [x.replace(certified=certs.get(x.name)) for x in layers]
-
-    def _count_compiled_steps(self) -> None:
-        """Add the open window's compiled steps not counted yet to the recorder's ``steps_seen``.
-
-        Compiled code cannot count steps as they run (a Python counter read in a graph would recompile it every step),
-        but it measures every call: each site's compiled forward counter (``SiteStats.forwards``, on the device) is
-        the number of compiled steps it ran in, and the largest is the window's compiled steps. One small read, at
-        report time, and only once compiled code has run; a peek (``reset=False``) counts each step once.
-        """
-        recorder = self._recorder
-        if not recorder.compiled_seen or not recorder.sites:
-            return
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for site in recorder.sites:
-            by_device.setdefault(site.stats.forwards.device, []).append(site.stats.forwards)
-        compiled = max(int(torch.cat(counters).max()) for counters in by_device.values())
-        if compiled > self._compiled_counted:
-            recorder.steps_seen += compiled - self._compiled_counted
-            self._compiled_counted = compiled
-
-    def _recycle_suspects(self, layers: list[LayerReport]) -> set[str]:
-        """With ``recycle=``: sites where a sampled window found candidates, to measure on every call next window."""
-        if self.options.recycle is None:
-            return set()
-        dormant = self.options.recycle == "dormant"
-        return {
-            x.name
-            for x in layers
-            if not x.exact and x.counts_dead and (x.dead_units > 0 or (dormant and bool(x.dormant_units)))
-        }
-
-    def _recycle_after(self, report: Report) -> Report:
-        """``recycle=``: recycle right after closing the window; the report shows what was recycled."""
-        if not self.optimizers and not self._warned_no_optimizer:
-            self._warned_no_optimizer = True
-            if global_rank() == 0:
-                warn(
-                    "relumon: recycling without an optimizer: the weights are re-initialised but no optimizer state "
-                    "is reset, so momentum and Adam moments keep pushing the old direction into the new weights. Set "
-                    "`monitor.optimizers = [optimizer]` (the Lightning callback does it from the Trainer).",
-                    RelumonWarning,
-                )
-        assert self.options.recycle is not None
-        result = self.recycle(criterion=self.options.recycle)
-        layers = [
-            dataclasses.replace(
-                x,
-                recycled_units=len(result.units.get(x.name, ())),
-                recycled_total=x.recycled_total + len(result.units.get(x.name, ())),
-            )
-            for x in report
-        ]
-        report = Report(layers, window=report.window, steps=report.steps, recycled=result)
-        self.last_report = report
+                report = self.last_report = self._recycling.after_window(report, self.optimizers)
         return report
 
     def recycle(self, optimizer: Any = None, *, criterion: str = "dead") -> RecycleResult:
@@ -356,172 +266,12 @@ class Monitor(OptionAttributes):
             TypeError: for an ``optimizer`` that is not a ``torch.optim.Optimizer``.
             RelumonError: before any closed window, or when the model is gone.
         """
-        if criterion not in CRITERIA:
-            raise ValueError(f"expected `criterion` to be one of {CRITERIA}, got {criterion!r}")
-        if criterion == "dormant" and self.options.dormant_tau is None:
-            raise ValueError(
-                "`criterion='dormant'` needs `dormant_tau` (e.g. relumon.watch(model, dormant_tau=0.1)): the "
-                "tau-dormant score is measured only when it is set"
-            )
-        report = self.last_report
-        if report is None:
-            raise RelumonError(
-                "no window closed yet: recycling acts on what a closed window confirmed. Call monitor.report() (or "
-                "monitor.log()) first, after some training steps"
-            )
-        model = self._model_ref()
-        if model is None:
-            raise RelumonError("the watched model no longer exists")
-        optimizers = optimizers_of_model(self.optimizers if optimizer is None else optimizer, model)
-        done = self.last_recycle
-        if done is not None and done.window == report.window:
-            # This window was acted on already (by `recycle=` or an earlier call): recycling it again would re-draw
-            # units that have been training since, and count them twice.
-            reason = f"window {report.window} was already recycled; recycle again after the next window closes"
-            again = {name: reason for name in done.units}
-            again.update(done.skipped)  # every site with candidates gets units or a reason, the second time too
-            return RecycleResult(report.window, criterion, {}, again, {}, 0)
-        if self._recycler is None:
-            self._recycler = Recycler(self._recorder.wiring_book, self._cause.columns_zeroed)
-        result = self._recycler.recycle(model, report, optimizers, criterion, self.options.dormant_tau)
-        units_of = {x.name: x.units for x in report}
-        for name, indices in result.units.items():
-            self._diagnosis.recycled(name, units_of[name], indices)
-            self._cause.recycled(name, indices)  # their cause starts from the recycled weights
-        self.last_recycle = result
-        return result
-
-    def _layer_report(self, layout: SiteLayout, g: GatheredSite, step: int, close: bool) -> LayerReport:
-        """One site's figures, from its description (``layout.info``: this rank's or, for a site only another rank
-        ran, that rank's) and its gathered statistics. Cascades and blame come after, in `_explain`."""
-        info: dict[str, Any] = layout.info
-        name, units = layout.name, layout.units
-        seen = g.samples > 0
-        counted = seen and bool(info["counts_dead"])
-        dead_mask = g.peak <= 0 if counted else torch.zeros(units, dtype=torch.bool)
-        dead_units = int(dead_mask.sum())
-        cap: Optional[float] = info["cap"]
-        saturated = int((g.floor >= cap).sum()) if counted and g.floor is not None and cap is not None else 0
-        dead_fraction = dead_units / units if counted else math.nan
-        history = self._diagnosis.update(name, units, dead_mask if counted else None, step, close)
-        dormant_units = dormant_scores = None
-        tau = self.options.dormant_tau
-        if tau is not None and g.abs_sum is not None and g.positions > 0:
-            mean_abs = g.abs_sum / g.positions
-            finite = mean_abs.isfinite()  # a NaN unit must not make every unit dormant: leave it out of the mean
-            layer_mean = float(mean_abs[finite].mean()) if bool(finite.any()) else math.nan
-            dormant_scores = (mean_abs / layer_mean if layer_mean > 0 else torch.zeros_like(mean_abs)).float()
-            dormant_units = int((dormant_scores <= tau).sum())
-        # Blame is decided once the cascades are known (`_explain`): only roots and jumps get it.
-        all_dead = counted and dead_units + saturated == units
-        jumped = counted and self._diagnosis.jumped(name, dead_fraction)
-        if counted and close:
-            self._diagnosis.remember(name, dead_fraction)
-        finite_passes = g.backwards - g.nonfinite_passes
-        fed_by: Optional[str] = info["fed_by"]
-        return LayerReport(
-            name=name,
-            module=info["module_name"],
-            call=info["call"],
-            kind=info["kind"],
-            units=units,
-            unit_dim=info["unit_dim"],
-            fed_by=fed_by,
-            samples=g.samples,
-            forwards=g.forwards,
-            backward_passes=g.backwards,
-            dead_units=dead_units,
-            nonfinite_units=int(g.peak.isnan().sum()) if seen else 0,
-            grad_norm=g.grad_norm_sum / finite_passes if finite_passes > 0 else math.nan,
-            skipped_passes=g.nonfinite_passes,
-            unmeasured_calls=g.unmeasured,
-            # An alert is decided once per layer: a layer already alerted on needs no second confirmation.
-            confirming=g.unmeasured > 0 and (all_dead or jumped) and name not in self._alerted,
-            grad_through_norm=g.through_sum / g.through_passes if g.through_passes else math.nan,
-            negative_regime=info["negative_regime"],
-            dead_mask=dead_mask,
-            revived_units=history.revived_units,
-            revived_total=history.revived_total,
-            permanently_dead_units=history.permanently_dead_units,
-            first_dead_step=history.first_dead_step,
-            dead_streak=history.dead_streak,
-            dormant_units=dormant_units,
-            dormant_scores=dormant_scores,
-            recycled_total=history.recycled_total,
-            recycled_checked=history.recycled_checked,
-            recycled_dead_again=history.recycled_dead_again,
-            blame="" if all_dead or jumped else None,  # a placeholder that `_explain` fills in or clears
-            saturated_units=saturated,
-            cap=cap,
-            counts_dead=bool(info["counts_dead"]),
-            disabled=info.get("disabled"),
-        )
-
-    def _module_at(self, path: str) -> Optional[nn.Module]:
-        """The model's submodule at ``path`` (found by path, so every rank finds it, whichever rank traced it)."""
-        model = self._model_ref()
-        if model is None:
-            return None
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            return None
-
-    def _explain(
-        self, layers: list[LayerReport], layouts: list[SiteLayout], gather_sharded: bool = True
-    ) -> list[LayerReport]:
-        """Dead cascades (``caused_by``, ``consequences``), blocked gradients (``blocked_by``) and blame for roots.
-
-        Uses the upstream sites recorded once at discovery (see `relumon.cascade`); host-side, O(sites).
-        """
-        order = [x.name for x in layers]
-        upstream = {x.name: x.info["upstream"] for x in layouts}
-        from_input = {x.name: x.info["from_input"] for x in layouts}
-        dead = {x.name for x in layers if x.all_dead_or_saturated}
-        silent = {x.name for x in layers if x.carries_no_signal}
-        zero_grad = {x.name for x in layers if x.backward_passes > 0 and x.grad_norm == 0}
-        # Silence is known only where every call was measured: an upstream left unmeasured on some call may have fired
-        # then. Dead sites below a silent one, and that one, are measured on every call while they last
-        # (`_cascade_sites`), so a cascade's consequences do not become roots (and alert) in sampled windows.
-        known_silent = {x.name for x in layers if x.exact}
-        root_of = find_roots(order, upstream, from_input, dead, silent, known_silent)
-        blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
-        consequences = consequences_of(order, root_of)
-        explained = []
-        for layer in layers:
-            caused_by = root_of.get(layer.name)
-            blamed = None
-            producer = self._module_at(layer.fed_by) if layer.fed_by else None
-            if layer.blame is not None and caused_by is None and producer is not None and layer.fed_by:
-                blamed = blame(
-                    layer.name,
-                    layer.fed_by,
-                    producer,
-                    layer.dead_mask,
-                    gather_sharded=gather_sharded,
-                    weight_grad_norm=self._recorder.weight_grads.norm(layer.fed_by),
-                )
-            follows = consequences.get(layer.name, ())
-            blocker = blocked_by.get(layer.name)
-            if caused_by is None and not follows and blocker is None and blamed is None and layer.blame is None:
-                explained.append(layer)  # nothing to add: no copy (at thousands of sites, copies add up)
-                continue
-            explained.append(
-                layer.replace(
-                    caused_by=caused_by,
-                    consequences=follows,
-                    blocked_by=blocker,
-                    blame=blamed,
-                    # A consequence never alerts (its root does), so it is not worth measuring every call for.
-                    confirming=layer.confirming and caused_by is None,
-                )
-            )
-        return explained
+        return self._recycling.recycle(self.last_report, self.optimizers if optimizer is None else optimizer, criterion)
 
     @property
     def timeline(self) -> list[tuple[int, dict[str, float]]]:
         """``(step, {call site: dead fraction})`` for each closed window, oldest first (the last 500 windows)."""
-        return list(self._timeline)
+        return list(self._windows.timeline)
 
     def log(self, writer: Any, step: int) -> Report:
         """Close the window with [`report()`][relumon.Monitor.report]; write its scalars to a ``SummaryWriter``.
@@ -557,7 +307,7 @@ class Monitor(OptionAttributes):
             scalars = report.scalars()
             write_layout_once(writer, tags=scalars)
             write_scalars(writer, scalars, step)
-            write_alerts(writer, self._window_alerts, step)
+            write_alerts(writer, self._alerts.window_alerts, step)
         return report
 
     def log_figures(self, writer: Any, step: int) -> None:
@@ -570,8 +320,6 @@ class Monitor(OptionAttributes):
             RelumonError: when no window has been closed yet (call [`report()`][relumon.Monitor.report] or
                 [`log()`][relumon.Monitor.log] first).
         """
-        from relumon.figures import FIGURE_TAGS, dead_heatmap_figure, grad_flow_figure
-
         if not hasattr(writer, "add_figure"):
             raise TypeError(
                 f"expected `writer` to be a torch.utils.tensorboard.SummaryWriter, got {type(writer).__name__}"
@@ -580,142 +328,19 @@ class Monitor(OptionAttributes):
             raise RelumonError("no window closed yet: call monitor.report() or monitor.log() before log_figures()")
         if global_rank() != 0:
             return
-        writer.add_figure(FIGURE_TAGS["grad_flow"], grad_flow_figure(self.last_report), global_step=step)
-        writer.add_figure(FIGURE_TAGS["dead_heatmap"], dead_heatmap_figure(self.timeline), global_step=step)
+        write_figures(writer, draw(pictures(self.last_report, self.timeline)), step)
 
     # ------------------------------------------------------------------ alerts
-
-    def _alert(self, report: Report, step: int) -> None:
-        """One alert per dead cascade, for its root; the message names the sites that died with it."""
-        on_dead = self.options.on_dead
-        self._window_alerts = []
-        for layer in report.roots:
-            if layer.name in self._alerted or layer.samples < self.options.min_samples or not layer.exact:
-                continue
-            self._alerted.add(layer.name)
-            message = dead_layer_message(layer, report.steps, window=report.window, step=step)
-            self._window_alerts.append(message)
-            if callable(on_dead):
-                on_dead(layer)
-            elif on_dead == "raise":
-                raise RelumonError(message)
-            elif on_dead == "warn" and global_rank() == 0:
-                warn(message, DeadUnitsWarning)
-
-    def _check_optimizers(self) -> None:
-        """Say once if ``optimizers`` holds something that is not an optimizer (it is left out, training goes on)."""
-        if self._warned_optimizers:
-            return
-        bad = [type(x).__name__ for x in self.optimizers if not isinstance(x, torch.optim.Optimizer)]
-        if bad or not isinstance(self.optimizers, list):
-            self._warned_optimizers = True
-            warn(
-                f"relumon: `Monitor.optimizers` should be a list of torch.optim.Optimizer, got "
-                f"{type(self.optimizers).__name__} holding {bad}; those are not measured. Set it to a list of "
-                "optimizers (e.g. `monitor.optimizers = [opt]`).",
-                RelumonWarning,
-            )
-
-    def _model_has_gradients(self) -> bool:
-        """Whether any parameter of the model has a gradient: training happened, even through methods that neither
-        call the model nor any watched module (a host-side check of ``.grad``, no device read)."""
-        model = self._model_ref()
-        return model is not None and any(p.grad is not None for p in model.parameters())
-
-    def _warn_idle(self) -> None:
-        """After the first window with training steps: name the watched modules that never ran in one."""
-        if global_rank() != 0:
-            return
-        recorder = self._recorder
-        idle = recorder.idle_modules()
-        shown = ", ".join(f"`{name or 'root'}`" for name in idle[:5])
-        shown += f" and {len(idle) - 5} more" if len(idle) > 5 else ""
-        if not recorder.sites:
-            what = f"none of the {len(idle)} watched module(s) ran in a training forward ({shown})" if idle else ""
-            if self.options.functional:
-                what += ("; " if what else "") + "functional=True found no F.relu, F.relu6 or F.leaky_relu call"
-                hint = (
-                    "Functional calls are caught while a module's `forward` runs: a call in another method "
-                    "(`vae.encode`) is not. Pass `types=` to watch other activation classes."
-                )
-            else:
-                hint = "If the model calls F.relu (or torch.relu, x.relu()) in `forward`, pass `functional=True`."
-            warn(f"relumon: {what}, so nothing is being measured. {hint}", RelumonWarning)
-        elif idle:
-            warn(
-                f"relumon: {len(idle)} watched module(s) never ran in a training forward: {shown}. A module that is "
-                "declared but not called (an `nn.ReLU` attribute next to `F.relu` in `forward`) is not measured; "
-                "`functional=True` watches functional calls.",
-                RelumonWarning,
-            )
 
     @property
     def alerted(self) -> frozenset[str]:
         """Names of the call sites already alerted on (each alerts at most once)."""
-        return frozenset(self._alerted)
-
-    # ------------------------------------------------------------------ state and lifetime
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain-data state to checkpoint: everything a later report depends on.
-
-        The alert history, the window count, the training steps seen (so steps, logging steps and the sampling
-        schedule go on from there), each site's death history and last dead fraction, the sites being confirmed,
-        and the heatmap's timeline. The open window's statistics live on the device and are not included: a resumed
-        run's first window counts from the resume.
-        """
-        for site in self._recorder.sites:  # every discovered site has a history, reported or not
-            self._diagnosis.history(site.name, site.stats.units)
-        timeline = [
-            [step, {k: v for k, v in fractions.items() if not math.isnan(v)}] for step, fractions in self._timeline
-        ]
-        recorder = self._recorder
-        return {
-            "alerted": sorted(self._alerted),
-            "window": self._window,
-            "steps": recorder.steps_seen,
-            "confirming": sorted(recorder.confirming),
-            "history": self._diagnosis.state_dict(),
-            "timeline": timeline,
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore [`state_dict()`][relumon.Monitor.state_dict] output; missing keys keep their defaults.
-
-        Death histories of sites not discovered yet are applied when those sites first report.
-        """
-        self._alerted = set(state.get("alerted", ()))
-        self._window = int(state.get("window", 0))
-        recorder = self._recorder
-        recorder.steps_seen = int(state.get("steps", recorder.steps_seen))
-        self._window_start = recorder.steps_seen  # the open window's statistics are not saved: it starts here
-        recorder.confirming = set(state.get("confirming", ()))
-        for site in recorder.sites:
-            site.exact = site.name in recorder.confirming
-        self._diagnosis.load_state_dict(state.get("history", {}))
-        self._timeline.clear()
-        self._timeline.extend((int(step), dict(fractions)) for step, fractions in state.get("timeline", []))
-
-    def remove(self) -> None:
-        """Remove every hook relumon put on the model and its optimizers. Idempotent; the statistics stay readable.
-
-        When the last closed window left layers that look dead but could not be confirmed (a `?` in its table),
-        says so once (see [`warn_unconfirmed()`][relumon.Monitor.warn_unconfirmed]).
-        """
-        if self._recorder.active:
-            self.warn_unconfirmed()
-        self._recorder.remove()
-        if self._recycler is not None:
-            self._recycler.remove()
-        if self._certifier is not None:
-            self._certifier.remove()
-        self._cause.remove()
+        return frozenset(self._alerts.alerted)
 
     def unconfirmed(self) -> list[LayerReport]:
         """Layers of the last closed window that look dead but were not confirmed: its sampled window found every
         measured unit dead, and no window measured on every call has closed since (``confirming`` is True)."""
-        report = self.last_report
-        return [] if report is None else [x for x in report.layers if x.confirming]
+        return unconfirmed(self.last_report)
 
     def warn_unconfirmed(self, advice: str = "close windows more often") -> None:
         """Say once which layers look dead but could not be confirmed, and why (training ended first).
@@ -728,23 +353,64 @@ class Monitor(OptionAttributes):
             advice: the second remedy named after ``measure_every=1``, in the caller's terms (the Hugging Face
                 callback names ``logging_steps``).
         """
-        suspects = self.unconfirmed()
-        if not suspects or self._unconfirmed_said == self._window or global_rank() != 0:
-            return
-        self._unconfirmed_said = self._window
-        report = self.last_report
-        assert report is not None
-        names = ", ".join(f"`{x.name}`" for x in suspects[:5]) + (
-            f" and {len(suspects) - 5} more" if len(suspects) > 5 else ""
-        )
-        measured = max(x.forwards for x in suspects)
-        warn(
-            f"relumon: {names} looked dead in window {report.window} (0-based) but could not be confirmed: that "
-            f"window was sampled ({measured} of its {_steps(report.steps)} measured), and training ended before a "
-            "window measured on every call could confirm it, so no alert was given. Measure every step "
-            f"(`measure_every=1`) or {advice} to have short runs confirmed.",
-            RelumonWarning,
-        )
+        self._alerts.warn_unconfirmed(self.last_report, self._window, advice)
+
+    # ------------------------------------------------------------------ state and lifetime
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state to checkpoint: everything a later report depends on.
+
+        The alert history, the window count, the training steps seen (so steps, logging steps and the sampling
+        schedule go on from there), each site's death history and last dead fraction, the sites being confirmed,
+        and the heatmap's timeline. The open window's statistics live on the device and are not included: a resumed
+        run's first window counts from the resume.
+        """
+        windows = self._windows
+        for site in self._recorder.sites:  # every discovered site has a history, reported or not
+            windows.diagnosis.history(site.name, site.stats.units)
+        timeline = [
+            [step, {k: v for k, v in fractions.items() if not math.isnan(v)}] for step, fractions in windows.timeline
+        ]
+        recorder = self._recorder
+        return {
+            "alerted": sorted(self._alerts.alerted),
+            "window": self._window,
+            "steps": recorder.clock.steps_seen,
+            "confirming": sorted(recorder.confirming),
+            "history": windows.diagnosis.state_dict(),
+            "timeline": timeline,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore [`state_dict()`][relumon.Monitor.state_dict] output; missing keys keep their defaults.
+
+        Death histories of sites not discovered yet are applied when those sites first report.
+        """
+        self._alerts.alerted = set(state.get("alerted", ()))
+        self._window = int(state.get("window", 0))
+        recorder, windows = self._recorder, self._windows
+        recorder.clock.steps_seen = int(state.get("steps", recorder.clock.steps_seen))
+        windows.start = recorder.clock.steps_seen  # the open window's statistics are not saved: it starts here
+        recorder.confirming = set(state.get("confirming", ()))
+        for site in recorder.sites:
+            site.exact = site.name in recorder.confirming
+        windows.diagnosis.load_state_dict(state.get("history", {}))
+        windows.timeline.clear()
+        windows.timeline.extend((int(step), dict(fractions)) for step, fractions in state.get("timeline", []))
+
+    def remove(self) -> None:
+        """Remove every hook relumon put on the model and its optimizers. Idempotent; the statistics stay readable.
+
+        When the last closed window left layers that look dead but could not be confirmed (a `?` in its table),
+        says so once (see [`warn_unconfirmed()`][relumon.Monitor.warn_unconfirmed]).
+        """
+        if self._recorder.active:
+            self.warn_unconfirmed()
+        self._recorder.remove()
+        self._recycling.remove()
+        if self._certifier is not None:
+            self._certifier.remove()
+        self._cause.remove()
 
     def __enter__(self) -> Monitor:
         return self
@@ -766,10 +432,6 @@ class Monitor(OptionAttributes):
             f"Monitor({self._model_name}, watched={self._recorder.watched_count}, sites={len(self._recorder.sites)}, "
             f"window={self._window}, {state})"
         )
-
-
-def _steps(n: int) -> str:
-    return f"{n} step{'s' if n != 1 else ''}"
 
 
 def watch(model: nn.Module, *, options: Optional[Options] = None, **kwargs: Any) -> Monitor:
@@ -820,27 +482,3 @@ def _optimizers_of(monitor: weakref.ref[Monitor]) -> Any:
         return found if isinstance(found, list) else []
 
     return optimizers
-
-
-def global_rank() -> int:
-    """The global rank under ``torch.distributed``, else 0."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
-
-
-def _cascade_sites(layers: list[LayerReport], layouts: list[SiteLayout]) -> set[str]:
-    """Dead sites whose nearest upstream site carried no signal, and those upstream sites: measured on every call of
-    the next window, so that the cascade rule knows whether the upstream really stayed silent (a sampled upstream may
-    fire on a call that is not measured, and then explains nothing). Costs kernels on dead cascades only."""
-    upstream = {layout.name: layout.info.get("upstream") or () for layout in layouts}
-    silent = {x.name for x in layers if x.carries_no_signal}
-    sites: set[str] = set()
-    for layer in layers:
-        if not layer.all_dead_or_saturated:
-            continue
-        quiet = [u for u in upstream.get(layer.name, ()) if u in silent]
-        if quiet:
-            sites.add(layer.name)
-            sites.update(quiet)
-    return sites

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, over
 import torch
 
 from relumon.cause import Cause
+from relumon.figures import grad_flow_figure
 from relumon.proof import Certification
 
 if TYPE_CHECKING:
@@ -407,8 +408,6 @@ class Report:
         A notebook cell ending in ``report.plot()`` shows it inline, with or without pyplot. Needs matplotlib (the
         ``notebook`` or ``tensorboard`` extra).
         """
-        from relumon.figures import grad_flow_figure
-
         return grad_flow_figure(self)
 
     def _repr_html_(self) -> str:

@@ -62,22 +62,6 @@ __all__ = [
     "l2_norm",
 ]
 
-#: The attributes of `SiteStats` that live on the activation's device.
-_DEVICE_STATE = (
-    "peak",
-    "floor",
-    "samples",
-    "forwards",
-    "backwards",
-    "grad_norm_sum",
-    "nonfinite_passes",
-    "unmeasured",
-    "abs_sum",
-    "positions",
-    "through_sum",
-    "through_passes",
-)
-
 # Order of the counters when gathered.
 SAMPLES, FORWARDS, BACKWARDS, GRAD_NORM_SUM, NONFINITE_PASSES, UNMEASURED = range(6)
 _COUNTERS = 6
@@ -210,10 +194,13 @@ class SiteStats:
         self.batch_dim = 0
 
     def move_to(self, device: torch.device) -> None:
-        """Move the window's state to ``device`` (the model was moved after the site was found). Eager only."""
-        for name in _DEVICE_STATE:
-            value = getattr(self, name)
-            if value is not None:
+        """Move the window's state to ``device`` (the model was moved after the site was found). Eager only.
+
+        The state on the device is every slot that holds a tensor (the optional ones hold None when unused).
+        """
+        for name in SiteStats.__slots__:
+            value = getattr(self, name, None)
+            if isinstance(value, Tensor):
                 setattr(self, name, value.to(device))
         self.grad_hook = self._make_grad_hook()
 

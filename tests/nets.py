@@ -3,7 +3,8 @@
 Both follow their model-zoo originals where it matters to relumon: BasicBlock calls one ``nn.ReLU(inplace=True)``
 twice, the second time after an in-place residual add, with a conv + BatchNorm downsample shortcut when the shape
 changes; MobileNetV2 uses Conv-BN-``nn.ReLU6(inplace=True)`` and inverted residual blocks whose residual add is not a
-module. Ground truth is forced with BatchNorm biases (``-1e3``: dead; ``+1e3``: saturated ReLU6).
+module. Ground truth is forced with BatchNorm biases (``-1e3``: dead; ``+1e3``: saturated ReLU6). `BasicBlock` is
+benchmarks/nets.py's (its ResNet-18 is built from it), re-exported here.
 """
 
 from __future__ import annotations
@@ -13,25 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, inp: int, out: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out)
-        self.downsample: Optional[nn.Module] = None
-        if stride != 1 or inp != out:
-            self.downsample = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
+from benchmarks.nets import BasicBlock  # the one definition, shared with the benchmarks
 
 
 class SmallResNet(nn.Module):
