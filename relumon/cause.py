@@ -443,7 +443,8 @@ class _Bucket:
     device on the host. Producers are kept in that order: whole weights first.
 
     The views of the weights are made once, and made again when a weight's storage moved (``param.data = ...``,
-    ``model.to(...)``, a swap by a sharding wrapper), which one ``data_ptr()`` per weight tells at each pre-hook.
+    ``model.to(...)``, a swap by a sharding wrapper, an optimizer that assigns new tensors in its step), which one
+    ``data_ptr()`` per weight tells at each pre- and post-hook.
     """
 
     def __init__(self, producers: list[_Producer], group_of: list[int]) -> None:
@@ -544,7 +545,9 @@ class _Bucket:
             return
         self.armed = False
         with torch.no_grad():
-            self._copy(self.after_copy, self._views)  # the views the pre-hook checked, an instant ago
+            # Checked again, not the pre-hook's views: an optimizer may assign new tensors in its step
+            # (``p.data = p.data - lr * grad``), and the old views would read the old storage, a ratio of 0.
+            self._copy(self.after_copy, self._samples())
             moved = self._norms(self.after_copy.sub_(self.before_copy))
             ratio = moved.div_(self._norms(self.before_copy).clamp_min_(1e-30)).float()
             larger = ratio > self.max_ratio

@@ -114,3 +114,23 @@ def _kernels_per_step(producers: int) -> int:
 def test_the_kernels_per_optimizer_step_do_not_grow_with_the_producers() -> None:
     """The rule that made `optimizer=` cheap on a model of thousands of tiny layers: the same ops for 3 or 300."""
     assert _kernels_per_step(3) == _kernels_per_step(300)
+
+
+def test_a_weight_the_optimizer_step_replaces_is_read_after_the_step_from_its_new_storage() -> None:
+    """An optimizer whose step assigns new tensors (``p.data = p.data - lr * grad``, a hand-written SGD) moves the
+    weights to new storage between the pre- and the post-hook: the post-hook must read the new one (the pre-hook's
+    views still read the old storage, which would give a ratio of 0)."""
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(300, 300))
+    bucket = _Bucket(_producers(model), [0, 0])
+    weights = [p.weight for p in bucket.producers]
+    for step in (1, 2):
+        bucket.before()
+        before = [w.detach().clone() for w in weights]  # type: ignore[union-attr]
+        for w in weights:
+            assert w is not None
+            w.data = w.data + torch.randn(w.shape, generator=gen) * 1e-2  # a new storage, in the step
+        bucket.after(step, None)
+        expected = [_oracle(p, b, w) for p, b, w in zip(bucket.producers, before, weights)]  # type: ignore[arg-type]
+        torch.testing.assert_close(bucket.max_ratio.double(), torch.tensor(expected).double(), rtol=1e-5, atol=0)
+        bucket.reset()
