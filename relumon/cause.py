@@ -442,9 +442,9 @@ class _Bucket:
     (whole weights, of various lengths) and one row sum (sampled weights, all `SAMPLED_WEIGHTS` long); none reads the
     device on the host. Producers are kept in that order: whole weights first.
 
-    The views of the weights are made once, and made again when a weight's storage moved (``param.data = ...``,
-    ``model.to(...)``, a swap by a sharding wrapper, an optimizer that assigns new tensors in its step), which one
-    ``data_ptr()`` per weight tells at each pre- and post-hook.
+    The views of the weights are made once per window, and made again when a weight's storage moved
+    (``param.data = ...``, ``model.to(...)``, a swap by a sharding wrapper, an optimizer that assigns new tensors in
+    its step), which one ``data_ptr()`` per weight tells at each pre- and post-hook.
     """
 
     def __init__(self, producers: list[_Producer], group_of: list[int]) -> None:
@@ -459,6 +459,7 @@ class _Bucket:
         device = self.weights[0].device
         self._ptrs: list[int] = []
         self._views: list[Tensor] = []
+        self._lengths: list[int] = []
         views = self._samples()
         self._lengths = [view.numel() for view in views]
         self._whole_elements = sum(self._lengths[: self._whole])
@@ -504,7 +505,7 @@ class _Bucket:
                 chunks = SAMPLED_WEIGHTS // SAMPLE_CHUNK
                 flat = flat.as_strided((chunks, SAMPLE_CHUNK), (stride, 1), flat.storage_offset())
             views.append(flat)
-        if self._views and [v.numel() for v in views] != self._lengths:
+        if self._lengths and [v.numel() for v in views] != self._lengths:
             raise RuntimeError("a producer's weight changed size since relumon found it")
         self._views, self._ptrs = views, ptrs
         return views
@@ -557,6 +558,10 @@ class _Bucket:
                 torch.where(larger, scale.float(), self.max_scale, out=self.max_scale)
 
     def reset(self) -> None:
+        """Start a new window. The views of the weights are let go too (made again at the next pre-hook, once per
+        window): a view holds its weight's storage, so one kept after ``model.half()`` or ``model.cpu()`` would keep
+        the old weights in memory; let go here, they live at most until the window closes or the monitor goes."""
+        self._views, self._ptrs = [], []
         self.max_ratio.fill_(-1.0)
         self.max_step.fill_(-1)
         self.max_scale.fill_(math.nan)

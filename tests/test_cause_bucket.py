@@ -134,3 +134,26 @@ def test_a_weight_the_optimizer_step_replaces_is_read_after_the_step_from_its_ne
         expected = [_oracle(p, b, w) for p, b, w in zip(bucket.producers, before, weights)]  # type: ignore[arg-type]
         torch.testing.assert_close(bucket.max_ratio.double(), torch.tensor(expected).double(), rtol=1e-5, atol=0)
         bucket.reset()
+
+
+def test_a_closed_window_lets_go_of_the_weights_the_views_held() -> None:
+    """The cached views hold their weights' storage: after ``model.half()`` the old float32 weights must not stay in
+    memory past the window's close (they would, until the next optimizer step, with views kept for good)."""
+    import relumon
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 300)
+    with relumon.watch(model, optimizer=opt, measure_every=1, on_dead="ignore") as monitor:
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        old = model[0].weight.untyped_storage()._weak_ref()
+        try:
+            model.half()  # every weight gets new storage; training is over
+            monitor.report()  # the window closes
+            assert torch.UntypedStorage._expired(old)
+        finally:
+            torch.UntypedStorage._free_weak_ref(old)
