@@ -12,7 +12,6 @@ Report-time only. `relumon.recycle` rewrites the weights; this module decides wh
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from typing import Any, Optional
 
@@ -87,8 +86,7 @@ class RecyclePolicy:
         assert self._options.recycle is not None
         result = self.recycle(report, optimizers, self._options.recycle)
         layers = [
-            dataclasses.replace(
-                x,
+            x.replace(
                 recycled_units=len(result.units.get(x.name, ())),
                 recycled_total=x.recycled_total + len(result.units.get(x.name, ())),
             )

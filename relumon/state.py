@@ -217,9 +217,6 @@ class SiteStats:
         if x.ndim == 0:
             x = x.reshape(1)
         compiling = is_compiling()
-        # Eager: per-unit extremes in the pass order that suits the layout (`extreme_per_unit`); compiled code keeps
-        # one reduction, which inductor fuses.
-        staged = reduce_dims and not compiling
         if self.abs_sum is not None and self.positions is not None:
             if reduce_dims:
                 self.abs_sum.add_(abs_sum(x, reduce_dims))
@@ -230,18 +227,12 @@ class SiteStats:
             else:
                 self.n_positions += x.numel() // self.units
         if self.floor is not None:
-            if staged:
-                low = extreme_per_unit(x, unit_dim, reduce_dims, torch.amin)
-            else:
-                low = x.amin(dim=reduce_dims) if reduce_dims else x
+            low = extreme_per_unit(x, unit_dim, reduce_dims, torch.amin, one_pass=compiling)
             torch.minimum(self.floor, low, out=self.floor)
         if regime is not None:
             x = regime.detach().reshape(x.shape)
-        if staged:
-            x = extreme_per_unit(x, unit_dim, reduce_dims, torch.amax)
-        elif reduce_dims:
-            x = x.amax(dim=reduce_dims)
-        torch.maximum(self.peak, x, out=self.peak)
+        peak = extreme_per_unit(x, unit_dim, reduce_dims, torch.amax, one_pass=compiling)
+        torch.maximum(self.peak, peak, out=self.peak)
         if compiling:
             self.samples.add_(samples)
             self.forwards.add_(int(forward))
@@ -338,7 +329,13 @@ class SiteStats:
 
         return grad_and_through_hook
 
-    def _sums(self) -> list[Tensor]:
+    def sums(self) -> list[Tensor]:
+        """The device part of everything that combines across ranks by SUM, in order (the tensors themselves).
+
+        ``[samples, forwards, backwards, grad_norm_sum, nonfinite_passes, unmeasured]``, then
+        ``[through_passes, through_sum]`` with a ``through_slope``, then ``[positions, abs_sum]`` with ``track_abs``;
+        flattened, as float64, and added to ``host_sum_state()``, they are the site's SUM-reduced state.
+        """
         sums = [self.samples, self.forwards, self.backwards, self.grad_norm_sum, self.nonfinite_passes, self.unmeasured]
         if self.through_sum is not None and self.through_passes is not None:
             sums += [self.through_passes, self.through_sum]
@@ -346,17 +343,8 @@ class SiteStats:
             sums += [self.positions, self.abs_sum]
         return sums
 
-    def sum_state(self) -> Tensor:
-        """The device part of everything that combines across ranks by SUM, as one float64 tensor (a copy).
-
-        ``[samples, forwards, backwards, grad_norm_sum, nonfinite_passes, unmeasured]``, then
-        ``[through_passes, through_sum]`` with a ``through_slope``, then ``[positions, *abs_sum]`` with
-        ``track_abs``. Add ``host_sum_state()``.
-        """
-        return torch.cat([t.double() for t in self._sums()])
-
     def host_sum_state(self) -> list[float]:
-        """The eager-mode counts, laid out like ``sum_state()`` (zeros where a sum lives on the device only)."""
+        """The eager-mode counts, laid out like ``sums()`` flattened (zeros where a sum lives on the device only)."""
         host = [float(self.n_samples), float(self.n_forwards), float(self.n_backwards), 0.0, 0.0]
         host.append(float(self.n_unmeasured))
         if self.through_sum is not None:
@@ -377,7 +365,7 @@ class SiteStats:
         self.peak.fill_(-math.inf)
         if self.floor is not None:
             self.floor.fill_(math.inf)
-        for tensor in self._sums():
+        for tensor in self.sums():
             tensor.zero_()
         self.n_samples = self.n_forwards = self.n_backwards = self.n_through_passes = self.n_positions = 0
         self.n_unmeasured = 0
@@ -441,11 +429,14 @@ def abs_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
 POSITIONS_FIRST_FROM = 256
 
 
-def extreme_per_unit(x: Tensor, unit_dim: int, reduce_dims: tuple[int, ...], extreme: Callable[..., Tensor]) -> Tensor:
-    """``extreme(x, dim=reduce_dims)`` (``torch.amax`` or ``torch.amin``: every dim but ``unit_dim``), computed in the
-    order that reads a contiguous activation fastest. The result is the same whatever the order (a max or min is
-    exact, and NaN propagates through both steps).
+def extreme_per_unit(
+    x: Tensor, unit_dim: int, reduce_dims: tuple[int, ...], extreme: Callable[..., Tensor], one_pass: bool = False
+) -> Tensor:
+    """``extreme(x, dim=reduce_dims)`` (``torch.amax`` or ``torch.amin``: every dim but ``unit_dim``; ``x`` itself when
+    there is none), computed in the order that reads a contiguous activation fastest. The result is the same whatever
+    the order (a max or min is exact, and NaN propagates through both steps).
 
+    - ``one_pass`` (compiled code, which inductor fuses into one kernel): one reduction.
     - Units last (``Linear``'s ``(N, C)``, a transformer's ``(N, L, C)``), units first, or a layout that is not
       contiguous (channels-last): one reduction, which reads ``x`` once in memory order.
     - Units in the middle (``(N, C, H, W)``, ``(N, C, L)``): two reductions. With at least `POSITIONS_FIRST_FROM`
@@ -453,8 +444,10 @@ def extreme_per_unit(x: Tensor, unit_dim: int, reduce_dims: tuple[int, ...], ext
       ``(N, C)`` result; with fewer, the batch first (keeping ``C * H * W`` contiguous values), then the positions of
       the small ``(C, H, W)`` result.
     """
+    if not reduce_dims:
+        return x
     last = x.ndim - 1
-    if unit_dim == 0 or unit_dim == last or not x.is_contiguous():
+    if one_pass or unit_dim == 0 or unit_dim == last or not x.is_contiguous():
         return extreme(x, dim=reduce_dims)
     if x.stride(unit_dim) >= POSITIONS_FIRST_FROM:
         return extreme(extreme(x, dim=tuple(range(unit_dim + 1, x.ndim))), dim=tuple(range(unit_dim)))
@@ -534,7 +527,7 @@ class SiteLayout:
 
     @property
     def sum_size(self) -> int:
-        """Length of the site's SUM-reduced state (see `SiteStats.sum_state`)."""
+        """Length of the site's SUM-reduced state (see `SiteStats.sums`)."""
         return _COUNTERS + (2 if self.through else 0) + (1 + self.units if self.abs_sum else 0)
 
     def key(self) -> tuple[str, int, bool, bool, bool]:
@@ -626,13 +619,10 @@ def gather(sites: Sequence[tuple[SiteLayout, SiteStats]], sync_dist: bool) -> li
             peaks.append(torch.full((layout.peak_size,), -math.inf, dtype=torch.float32, device=device))
             sums.append(torch.zeros(layout.sum_size, dtype=torch.float64, device=device))
             host_counts += [0.0] * layout.sum_size
-        elif stats.peak.device == device:  # its sums go in one by one: one `cat` for all sites, not one per site
-            peaks.append(stats.peak_state())
-            sums += [t if t.dtype is torch.float64 else t.double() for t in stats._sums()]
-            host_counts += stats.host_sum_state()
-        else:
-            peaks.append(stats.peak_state().to(device))
-            sums += [t.to(device, torch.float64) for t in stats._sums()]
+        else:  # its sums go in one by one, one `cat` for all sites; a `.to` only where one is needed (it costs)
+            same = stats.peak.device == device
+            peaks.append(stats.peak_state() if same else stats.peak_state().to(device))
+            sums += [t if same and t.dtype is torch.float64 else t.to(device, torch.float64) for t in stats.sums()]
             host_counts += stats.host_sum_state()
     all_peaks, all_sums = torch.cat(peaks), torch.cat(sums)
     all_sums += torch.tensor(host_counts, dtype=torch.float64).to(device)
