@@ -10,14 +10,14 @@ Two halves, like the rest of relumon:
   ``||Δw|| / ||w||`` of that one step, on the device, with no host read:
 
   - The pre-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of each weight (views of it, made once)
-    into one flat buffer allocated once: a ``cat`` and a ``stack`` for all producers. The post-hook copies them again
-    and takes, per producer, the norm of the difference over the norm before (one ``index_add_`` and one row sum for
-    all producers). A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its ratio is exact; a larger
-    one is sampled as 512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each), spread evenly in memory
-    order and starting in different columns: an estimate of the ratio whose cost does not grow with the model. No
-    whole weight tensor is copied.
+    into one buffer allocated once: a ``cat`` and a ``stack`` for all producers. The post-hook copies them again
+    and takes, per producer, the norm of the difference over the norm before (one ``index_add_`` and one
+    ``vector_norm`` for all producers, over both copies at once). A weight with at most `SAMPLED_WEIGHTS` elements
+    is taken whole, so its ratio is exact; a larger one is sampled as 512 chunks of `SAMPLE_CHUNK` contiguous
+    elements (a cache line each), spread evenly in memory order and starting in different columns: an estimate of
+    the ratio whose cost does not grow with the model. No whole weight tensor is copied.
   - Per producer, the window keeps the largest ratio, the optimizer step that made it and the ``GradScaler``'s scale
-    at that step (``max``, ``masked_fill_``, ``where``: about 15 kernels per optimizer step in all, however many
+    at that step (``max``, ``masked_fill_``, ``where``: about 10 kernels per optimizer step in all, however many
     producers there are). The learning rate of each step is read on the host from ``param_groups`` (plain floats),
     and kept only when it changes.
   - The hooks fire per optimizer step, so gradient accumulation counts optimizer steps, not micro-batches; a step a
@@ -437,10 +437,11 @@ class _Bucket:
     step, however many producers there are.
 
     Before the step, the measured elements of every producer (its whole weight, or its sampled chunks) are copied
-    into one flat buffer (one ``cat`` for the whole weights, one ``stack`` for the sampled ones); after it, again into
-    a second one. The per-producer norms of the difference and of the weights before come from one ``index_add_``
-    (whole weights, of various lengths) and one row sum (sampled weights, all `SAMPLED_WEIGHTS` long); none reads the
-    device on the host. Producers are kept in that order: whole weights first.
+    into row 0 of one ``(2, elements)`` buffer (one ``cat`` for the whole weights, one ``stack`` for the sampled
+    ones); after it, again into row 1, which then takes the difference. The per-producer norms of both rows (the
+    weights before, the update) come from one ``index_add_`` (whole weights, of various lengths) and one
+    ``vector_norm`` (sampled weights, all `SAMPLED_WEIGHTS` long); none reads the device on the host. About ten
+    kernels after the step, however many producers. Producers are kept in that order: whole weights first.
 
     The views of the weights are made once per window, and made again when a weight's storage moved
     (``param.data = ...``, ``model.to(...)``, a swap by a sharding wrapper, an optimizer that assigns new tensors in
@@ -472,10 +473,12 @@ class _Bucket:
         wide = self.weights[0].dtype == torch.float64
         # Copies in float32 (float64 for float64 weights): a bf16 or fp16 weight converts exactly.
         dtype = torch.float64 if wide else torch.float32
-        self.before_copy = torch.empty(sum(self._lengths), dtype=dtype, device=device)
-        self.after_copy = torch.empty_like(self.before_copy)
+        #: Row 0: the measured elements before the step; row 1: after it, then the update (after - before).
+        self.copies = torch.empty(2, sum(self._lengths), dtype=dtype, device=device)
+        self.before_copy, self.after_copy = self.copies[0], self.copies[1]
         n = len(producers)
-        self.max_ratio = torch.full((n,), -1.0, dtype=torch.float32, device=device)
+        #: Per producer, the window's largest ``||Δw|| / ||w||`` (float64, like the norms it comes from).
+        self.max_ratio = torch.full((n,), -1.0, dtype=torch.float64, device=device)
         self.max_step = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.max_scale = torch.full((n,), math.nan, dtype=torch.float32, device=device)
         self.armed = False
@@ -519,22 +522,23 @@ class _Bucket:
             sampled = into[self._whole_elements :].view(len(views) - whole, *views[-1].shape)
             torch.stack(views[whole:], out=sampled)
 
-    def _norms(self, flat: Tensor) -> Tensor:
-        """Per producer, the norm of its part of ``flat`` (laid out like the copies), as float64.
+    def _norms(self) -> Tensor:
+        """Per producer, the norms of its part of both rows of `copies`, as a ``(2, producers)`` tensor: row 0 the
+        weights before the step, row 1 the update (float64 with whole weights; else the copies' dtype).
 
-        Whole weights are summed element by element (``index_add_``), so in float64; the sampled rows by a row sum,
-        which accumulates in blocks, so float32 is as exact as ``vector_norm``'s was."""
+        Whole weights are summed element by element in float64 (``index_add_``), so their ratio is exact; the sampled
+        rows by ``vector_norm``, which accumulates float32 in blocks (float64 for float64 weights)."""
+        copies = self.copies
         parts = []
-        whole = flat[: self._whole_elements]
         if self._whole:
-            wide = whole.double()
-            squares = wide.square_() if wide is not whole else wide.square()  # never square a float64 copy in place
-            sums = torch.zeros(self._whole, dtype=torch.float64, device=flat.device)
-            parts.append(sums.index_add_(0, self._owners, squares))
+            whole = copies[:, : self._whole_elements]
+            squares = whole.double().square_() if whole.dtype != torch.float64 else whole.square()
+            sums = torch.zeros(2, self._whole, dtype=torch.float64, device=copies.device)
+            parts.append(sums.index_add_(1, self._owners, squares).sqrt_())
         if len(self.weights) > self._whole:
-            rows = flat[self._whole_elements :].view(len(self.weights) - self._whole, -1)
-            parts.append(rows.square().sum(1).double())
-        return (torch.cat(parts) if len(parts) > 1 else parts[0]).sqrt_()
+            rows = copies[:, self._whole_elements :].view(2, len(self.weights) - self._whole, -1)
+            parts.append(torch.linalg.vector_norm(rows, dim=2))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # cat promotes the sampled norms to float64
 
     def before(self) -> None:
         with torch.no_grad():
@@ -549,8 +553,9 @@ class _Bucket:
             # Checked again, not the pre-hook's views: an optimizer may assign new tensors in its step
             # (``p.data = p.data - lr * grad``), and the old views would read the old storage, a ratio of 0.
             self._copy(self.after_copy, self._samples())
-            moved = self._norms(self.after_copy.sub_(self.before_copy))
-            ratio = moved.div_(self._norms(self.before_copy).clamp_min_(1e-30)).float()
+            self.after_copy.sub_(self.before_copy)
+            norms = self._norms()
+            ratio = norms[1].div_(norms[0].clamp_min_(1e-30))
             larger = ratio > self.max_ratio
             torch.maximum(self.max_ratio, ratio, out=self.max_ratio)
             self.max_step.masked_fill_(larger, step)

@@ -19,7 +19,11 @@ Each `SiteStats` holds O(units) state for one call site of a watched activation 
   it was taken in.
 - ``grad_norm_sum``: float64, shape ``(1,)``, the summed gradient norms of the backward passes whose norm was finite,
   and ``nonfinite_passes``, the passes whose norm was inf or NaN (a ``GradScaler`` overflow step, which it skips):
-  they are left out of the mean and counted instead.
+  they are left out of the mean and counted instead. In eager mode a contiguous float32 gradient (without a
+  ``GradScaler``) writes its squared norm into one of `PENDING_PASSES` small slots instead, with one ``dot``; the
+  slots are folded into the sum (square roots, one sum) when they are full and before anything reads the state
+  (`SiteStats.flush`). Inside a training step even a tiny kernel costs 10-20 µs on the CPU (the step's large
+  kernels leave the caches cold), so kernels per call, not bytes, are what the small ones cost.
 - **One gradient per forward.** In eager mode each measured output gets its own small hook that counts the first
   gradient reaching it, once: later passes through the same forward's graph (the second pass of a Hessian-vector
   product, a ``retain_graph`` re-run) neither add to the norm nor count as passes. Under torch.compile every pass
@@ -114,6 +118,9 @@ class SiteStats:
         "_grad_scale",
         "_on_backward",
         "grad_hook",
+        "_squares",
+        "_square_slots",
+        "_pending",
     )
 
     def __init__(
@@ -165,6 +172,11 @@ class SiteStats:
         self._on_backward = on_backward
         #: Tensor hook for outputs of compiled code: accumulates the gradient norm of every backward pass.
         self.grad_hook = self._make_grad_hook()
+        # Eager passes' squared gradient norms, `PENDING_PASSES` at most, folded into `grad_norm_sum` by
+        # `flush` (see `_add_squared_norm`); `_square_slots` are 0-d views of `_squares`, one per slot, made once.
+        self._squares: Optional[Tensor] = None
+        self._square_slots: list[Tensor] = []
+        self._pending = 0
 
     def observe(self, out: Tensor, rows: bool = True, regime: Optional[Tensor] = None) -> None:
         """Fold one training forward's activation into the window. Launches kernels only; never syncs.
@@ -198,6 +210,8 @@ class SiteStats:
 
         The state on the device is every slot that holds a tensor (the optional ones hold None when unused).
         """
+        self.flush()
+        self._squares, self._square_slots = None, []  # made again on the new device
         for name in SiteStats.__slots__:
             value = getattr(self, name, None)
             if isinstance(value, Tensor):
@@ -213,10 +227,31 @@ class SiteStats:
         forward: bool,
         regime: Optional[Tensor] = None,
     ) -> None:
-        x = out.detach()
+        compiling = is_compiling()
+        if compiling:
+            self._fold_values(out.detach(), unit_dim, reduce_dims, samples, forward, regime, compiling)
+            return
+        # Eager: the reductions run with grad mode off rather than on a detached alias, which would cost one more
+        # dispatch per call (inside a training step a call of even a tiny op costs 10-20 µs: caches are cold).
+        enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._fold_values(out, unit_dim, reduce_dims, samples, forward, regime, compiling)
+        finally:
+            torch._C._set_grad_enabled(enabled)
+
+    def _fold_values(
+        self,
+        x: Tensor,
+        unit_dim: int,
+        reduce_dims: tuple[int, ...],
+        samples: int,
+        forward: bool,
+        regime: Optional[Tensor],
+        compiling: bool,
+    ) -> None:
         if x.ndim == 0:
             x = x.reshape(1)
-        compiling = is_compiling()
         if self.abs_sum is not None and self.positions is not None:
             if reduce_dims:
                 self.abs_sum.add_(abs_sum(x, reduce_dims))
@@ -230,7 +265,7 @@ class SiteStats:
             low = extreme_per_unit(x, unit_dim, reduce_dims, torch.amin, one_pass=compiling)
             torch.minimum(self.floor, low, out=self.floor)
         if regime is not None:
-            x = regime.detach().reshape(x.shape)
+            x = (regime.detach() if compiling else regime).reshape(x.shape)
         peak = extreme_per_unit(x, unit_dim, reduce_dims, torch.amax, one_pass=compiling)
         torch.maximum(self.peak, peak, out=self.peak)
         if compiling:
@@ -269,7 +304,7 @@ class SiteStats:
             return self._compiled_hook_for(out)
         if self.through_slope is not None:
             return self._first_grad_and_through_hook(out)
-        stats, grad_scale = self, self._grad_scale
+        stats = self
         seen = [False]  # a list: the hook flips it without `nonlocal` bookkeeping. No reference to `out`: a hook on
         # a tensor that refers to that tensor would keep it alive for good.
 
@@ -277,7 +312,7 @@ class SiteStats:
             if seen[0]:  # a later pass through the same forward's graph (second order, retain_graph)
                 return None
             seen[0] = True
-            add_grad_norm(stats.grad_norm_sum, stats.nonfinite_passes, grad.detach(), grad_scale)
+            stats._add_norm(grad if not grad.requires_grad else grad.detach())
             stats.n_backwards += 1
             stats._on_backward()
             return None
@@ -329,13 +364,45 @@ class SiteStats:
 
         return grad_and_through_hook
 
+    def _add_norm(self, grad: Tensor) -> None:
+        """Add one eager backward pass's ``||grad||`` to the window, in two kernels where it can.
+
+        A contiguous float32 gradient without a ``GradScaler`` (the common case) writes its squared norm into a
+        pending slot with one ``dot``; `flush` folds the slots into ``grad_norm_sum`` (one square root and one sum for
+        `PENDING_PASSES` passes), before anything reads it and when the slots are full. Other gradients are added at
+        once (`add_grad_norm`). The sum is the same, up to float32 rounding of each norm, either way.
+        """
+        if grad.dtype is not torch.float32 or not grad.is_contiguous() or self._grad_scale() is not None:
+            add_grad_norm(self.grad_norm_sum, self.nonfinite_passes, grad, self._grad_scale)
+            return
+        slots = self._square_slots
+        if not slots:
+            self._squares = torch.empty(PENDING_PASSES, dtype=torch.float32, device=grad.device)
+            slots = self._square_slots = list(self._squares.unbind())
+        flat = grad.view(-1)
+        at = self._pending
+        torch.dot(flat, flat, out=slots[at])
+        self._pending = at + 1
+        if at + 1 == PENDING_PASSES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the pending squared gradient norms into ``grad_norm_sum`` (kernels only, no sync). Idempotent."""
+        pending = self._pending
+        if not pending or self._squares is None:
+            return
+        self._pending = 0
+        self.grad_norm_sum.add_(self._squares[:pending].sqrt_().sum())
+
     def sums(self) -> list[Tensor]:
         """The device part of everything that combines across ranks by SUM, in order (the tensors themselves).
 
         ``[samples, forwards, backwards, grad_norm_sum, nonfinite_passes, unmeasured]``, then
         ``[through_passes, through_sum]`` with a ``through_slope``, then ``[positions, abs_sum]`` with ``track_abs``;
-        flattened, as float64, and added to ``host_sum_state()``, they are the site's SUM-reduced state.
+        flattened, as float64, and added to ``host_sum_state()``, they are the site's SUM-reduced state. Pending
+        gradient norms are folded in first (`flush`).
         """
+        self.flush()
         sums = [self.samples, self.forwards, self.backwards, self.grad_norm_sum, self.nonfinite_passes, self.unmeasured]
         if self.through_sum is not None and self.through_passes is not None:
             sums += [self.through_passes, self.through_sum]
@@ -420,6 +487,10 @@ def abs_sum(x: Tensor, dims: tuple[int, ...]) -> Tensor:
     )
     return norm
 
+
+#: Eager backward passes whose squared gradient norms a site keeps pending before one `SiteStats.flush` folds them
+#: into its sum: two kernels per pass (``view``, ``dot``) instead of six, and four per flush.
+PENDING_PASSES = 8
 
 #: Positions per unit and sample (the size of the dims after the unit dim, e.g. H * W) from which a per-unit extreme
 #: reduces those positions first and the batch second; below it, the batch first. Measured on the CPU (2 threads,

@@ -88,7 +88,7 @@ def test_a_weight_whose_storage_is_swapped_is_read_from_its_new_storage() -> Non
         for layer in model:
             layer.weight.add_(1.0)  # 2 -> 3 everywhere: the ratio is exactly 0.5
     bucket.after(2, None)
-    torch.testing.assert_close(bucket.max_ratio, torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(bucket.max_ratio, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 
 def test_a_channels_last_weight_is_measured_in_memory_order() -> None:
