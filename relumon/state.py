@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.distributed as dist
 from torch import Tensor
 
@@ -228,7 +229,9 @@ class SiteStats:
         regime: Optional[Tensor] = None,
     ) -> None:
         compiling = is_compiling()
-        if compiling:
+        if compiling or forward_ad._current_level >= 0:
+            # A detached alias: compiled code, and forward-mode AD (a dual tensor keeps its tangent with grad mode
+            # off, and out= reductions refuse it).
             self._fold_values(out.detach(), unit_dim, reduce_dims, samples, forward, regime, compiling)
             return
         # Eager: the reductions run with grad mode off rather than on a detached alias, which would cost one more

@@ -111,3 +111,23 @@ def test_the_fold_leaves_grad_mode_and_the_output_alone(grad_enabled: bool) -> N
     if grad_enabled:
         out.sum().backward()  # the output's graph is intact
         assert x.grad is not None
+
+
+def test_a_forward_with_dual_tensors_is_measured_and_later_steps_too() -> None:
+    """Forward-mode AD (a JVP through the model) keeps a tangent with grad mode off: the fold must not see it (found in
+    review: out= reductions refused it, and the site was disabled for the rest of the run)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    import relumon
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    with relumon.watch(model, measure_every=1) as monitor:
+        with forward_ad.dual_level():
+            out = model(forward_ad.make_dual(torch.randn(4, 8), torch.ones(4, 8)))
+            assert forward_ad.unpack_dual(out).tangent is not None
+        for _ in range(3):
+            model(torch.randn(4, 8)).sum().backward()
+        (layer,) = monitor.report().layers
+    assert layer.disabled is None
+    assert (layer.forwards, layer.backward_passes) == (4, 3)
