@@ -161,16 +161,13 @@ def test_state_is_o_units() -> None:
     model = ConvNet()
     with relumon.watch(model, measure_every=1) as monitor:
         train_steps(model, steps=2, batch=4, in_shape=(3, 8, 8))
+    from relumon.state import PENDING_PASSES, SiteStats
+
     for site in monitor._recorder.sites:
-        tensors = [
-            site.stats.peak,
-            site.stats.samples,
-            site.stats.forwards,
-            site.stats.backwards,
-            site.stats.grad_norm_sum,
-        ]
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        assert nbytes == site.stats.units * 4 + 4 * 8  # one float32 per unit, four float64 counters
+        tensors = [getattr(site.stats, name) for name in SiteStats.__slots__]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        # One float32 per unit, six float64 counters, and the float32 slots of pending gradient norms.
+        assert nbytes == site.stats.units * 4 + 6 * 8 + PENDING_PASSES * 4
 
 
 #: relumon's own source files: a test that matched "relumon" anywhere in a path also counted torch's allocations
