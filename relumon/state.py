@@ -174,7 +174,7 @@ class SiteStats:
         #: Tensor hook for outputs of compiled code: accumulates the gradient norm of every backward pass.
         self.grad_hook = self._make_grad_hook()
         # Eager passes' squared gradient norms, `PENDING_PASSES` at most, folded into `grad_norm_sum` by
-        # `flush` (see `_add_squared_norm`); `_square_slots` are 0-d views of `_squares`, one per slot, made once.
+        # `flush` (see `_add_norm`); `_square_slots` are 0-d views of `_squares`, one per slot, made once.
         self._squares: Optional[Tensor] = None
         self._square_slots: list[Tensor] = []
         self._pending = 0
@@ -375,12 +375,18 @@ class SiteStats:
         `PENDING_PASSES` passes), before anything reads it and when the slots are full. Other gradients are added at
         once (`add_grad_norm`). The sum is the same, up to float32 rounding of each norm, either way.
         """
-        if grad.dtype is not torch.float32 or not grad.is_contiguous() or self._grad_scale() is not None:
-            add_grad_norm(self.grad_norm_sum, self.nonfinite_passes, grad, self._grad_scale)
+        norm_sum = self.grad_norm_sum
+        if (
+            grad.dtype is not torch.float32
+            or not grad.is_contiguous()
+            or grad.device != norm_sum.device
+            or self._grad_scale() is not None
+        ):
+            add_grad_norm(norm_sum, self.nonfinite_passes, grad, self._grad_scale)
             return
         slots = self._square_slots
         if not slots:
-            self._squares = torch.empty(PENDING_PASSES, dtype=torch.float32, device=grad.device)
+            self._squares = torch.empty(PENDING_PASSES, dtype=torch.float32, device=norm_sum.device)
             slots = self._square_slots = list(self._squares.unbind())
         flat = grad.view(-1)
         at = self._pending
