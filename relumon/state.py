@@ -341,7 +341,7 @@ class SiteStats:
                 return None
             seen[0] = True
             g = grad.detach()
-            add_grad_norm(stats.grad_norm_sum, stats.nonfinite_passes, g, grad_scale)
+            stats._add_norm(g)
             stats.n_backwards += 1
             if slope is not None and through_sum is not None and out._version == version:
                 through_sum.add_(through_norm(g, out, slope, cap, grad_scale))

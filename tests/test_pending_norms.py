@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from relumon.state import GRAD_NORM_SUM, PENDING_PASSES, SiteStats
 
 
-def _stats(units: int = 5) -> SiteStats:
-    return SiteStats(units, 1, 2, torch.device("cpu"))
+def _stats(units: int = 5, through: bool = False) -> SiteStats:
+    """A site's statistics; with ``through``, its gradient hook also measures the gradient through a ReLU."""
+    return SiteStats(units, 1, 2, torch.device("cpu"), through_slope=0.0 if through else None)
 
 
 def _grad_norm_sum(stats: SiteStats) -> float:
@@ -34,10 +35,14 @@ _kinds = st.sampled_from(["float32", "transposed", "bfloat16", "float64"])
 
 
 @settings(max_examples=60, deadline=None)
-@given(kinds=st.lists(_kinds, min_size=1, max_size=3 * PENDING_PASSES + 3), seed=st.integers(0, 2**16))
-def test_the_sum_is_one_norm_per_pass_whatever_the_mix_of_gradients(kinds: list[str], seed: int) -> None:
+@given(
+    kinds=st.lists(_kinds, min_size=1, max_size=3 * PENDING_PASSES + 3),
+    seed=st.integers(0, 2**16),
+    through=st.booleans(),
+)
+def test_the_sum_is_one_norm_per_pass_whatever_the_mix_of_gradients(kinds: list[str], seed: int, through: bool) -> None:
     gen = torch.Generator().manual_seed(seed)
-    stats = _stats()
+    stats = _stats(through=through)
     expected = 0.0
     for kind in kinds:
         grad = torch.randn(7, 5, generator=gen) * 10 ** float(torch.randint(-3, 3, (), generator=gen))
