@@ -366,6 +366,8 @@ class _Producer:
         )
         if self.weight is not None and _flat(self.weight) is None:
             self.weight = None  # an unusual memory layout: sampling it would copy it, so it is left out
+        #: Whether the weight has one row per unit along dim 0 (a transposed conv's dim 0 is its input channels).
+        self.has_rows = self.weight is not None and not isinstance(module, nn.modules.conv._ConvTransposeNd)
         self.stride = _sample_stride(self.weight) if self.weight is not None else 0
         #: Biases and row norms at the start of window `start_window` (device tensors until a report reads them).
         self.start_bias: Optional[Tensor] = None
@@ -411,15 +413,16 @@ class _Producer:
     def row_norms(self) -> Optional[Tensor]:
         """Per-unit norms of the incoming weights (rows along dim 0), float32, on the device."""
         weight = self.weight
-        if weight is None or weight.ndim == 0 or isinstance(self.module_ref(), nn.modules.conv._ConvTransposeNd):
+        if weight is None or weight.ndim == 0 or not self.has_rows:
             return None
-        with torch.no_grad():
-            flat = weight.detach().reshape(weight.shape[0], -1)
-            # vector_norm accumulates in float32 for low precision, but refuses to narrow float64: reduce those as
-            # they are, then convert.
-            wide = flat.dtype == torch.float64
-            rows: Tensor = torch.linalg.vector_norm(flat, dim=1, dtype=None if wide else torch.float32).float()
-        return rows
+        # One row per unit, reshaped (a copy for a channels-last weight), so that the sum runs in the same order
+        # whatever the layout: the norms of a weight that did not move must not change when its layout does.
+        rows = weight.detach().reshape(weight.shape[0], -1)
+        # vector_norm accumulates in float32 for low precision, but refuses to narrow float64: reduce those as they
+        # are, then convert.
+        wide = rows.dtype == torch.float64
+        norms: Tensor = torch.linalg.vector_norm(rows, dim=1, dtype=None if wide else torch.float32)
+        return norms.float() if wide else norms
 
 
 def _measurable(t: Any) -> bool:
@@ -827,38 +830,46 @@ class CauseTracker:
     def _read(
         self, producers: list[_Producer], buckets: list[tuple[_StepGroup, _Bucket]]
     ) -> dict[str, dict[str, Optional[Tensor]]]:
-        """Everything report time needs from the device, read to the host in one transfer (float64)."""
-        slots: list[tuple[str, str, Tensor]] = []
+        """Everything report time needs from the device, read to the host in one transfer (float64).
 
-        def add(owner: str, name: str, t: Optional[Tensor]) -> None:
+        Each value is relumon's own host tensor, never a live parameter of a CPU model. The window's start figures
+        (``start_bias``, ``start_rows``) are relumon's own copies already (host float64 after the first report), and
+        nothing in a report writes them: those are used as they are.
+        """
+        slots: list[tuple[str, str, Tensor, bool]] = []  # (owner, name, flat tensor, relumon's own copy)
+
+        def add(owner: str, name: str, t: Optional[Tensor], own: bool = False) -> None:
             if t is not None:
-                slots.append((owner, name, t.detach().reshape(-1)))
+                slots.append((owner, name, t.detach().reshape(-1) if t.ndim != 1 else t, own))
 
-        for producer in producers:
-            add(producer.path, "bias", producer.bias)
-            add(producer.path, "rows", producer.row_norms())
-            add(producer.path, "start_bias", producer.start_bias)  # on the host after the first report
-            add(producer.path, "start_rows", producer.start_rows)
-        for i, (_, bucket) in enumerate(buckets):
-            add(f"#{i}", "ratio", bucket.max_ratio)
-            add(f"#{i}", "step", bucket.max_step)
-            add(f"#{i}", "scale", bucket.max_scale)
-        on_device = [t for _, _, t in slots if t.device.type != "cpu"]
-        host = torch.zeros(0, dtype=torch.float64)
-        if on_device:  # a model split over devices meets on the first one
-            first = on_device[0].device
-            host = torch.cat([t.double().to(first) for t in on_device]).cpu()  # the one transfer
-        now: dict[str, dict[str, Optional[Tensor]]] = {
-            p.path: {"bias": None, "rows": None, "start_bias": None, "start_rows": None} for p in producers
-        }
-        at = 0
-        for owner, name, t in slots:
-            if t.device.type == "cpu":
-                value = t.to(torch.float64, copy=True)  # a copy: a CPU model's bias is the live parameter
-            else:
-                value = host[at : at + t.numel()]
-                at += t.numel()
-            now.setdefault(owner, {})[name] = value
+        with torch.no_grad():  # the live biases are read without a graph: no `detach()` per tensor
+            for producer in producers:
+                add(producer.path, "bias", producer.bias)
+                add(producer.path, "rows", producer.row_norms())
+                add(producer.path, "start_bias", producer.start_bias, own=True)
+                add(producer.path, "start_rows", producer.start_rows, own=True)
+            for i, (_, bucket) in enumerate(buckets):
+                add(f"#{i}", "ratio", bucket.max_ratio)
+                add(f"#{i}", "step", bucket.max_step)
+                add(f"#{i}", "scale", bucket.max_scale)
+            on_device = [t for _, _, t, _ in slots if t.device.type != "cpu"]
+            host = torch.zeros(0, dtype=torch.float64)
+            if on_device:  # a model split over devices meets on the first one
+                first = on_device[0].device
+                host = torch.cat([t.double().to(first) for t in on_device]).cpu()  # the one transfer
+            now: dict[str, dict[str, Optional[Tensor]]] = {
+                p.path: {"bias": None, "rows": None, "start_bias": None, "start_rows": None} for p in producers
+            }
+            at = 0
+            for owner, name, t, own in slots:
+                if t.device.type != "cpu":
+                    value = host[at : at + t.numel()]
+                    at += t.numel()
+                elif own and t.dtype is torch.float64:
+                    value = t
+                else:
+                    value = t.to(torch.float64, copy=True)  # a copy: a CPU model's bias is the live parameter
+                now.setdefault(owner, {})[name] = value
         return now
 
     def _window_records(

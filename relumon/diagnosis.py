@@ -24,8 +24,9 @@ read to the host, once per closed window:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,36 +80,21 @@ class SiteHistory:
         self._pending = True
 
     def update(self, dead_mask: Tensor, step: int, permanent_after: int) -> WindowHistory:
-        """Fold one closed window's dead mask (CPU bool, one per unit) into the history.
+        """Fold one closed window's dead mask (CPU bool, one per unit) into the history (`fold_histories` of one)."""
+        return fold_histories([self], [dead_mask], step, permanent_after)[0]
 
-        Report time, once per site: a handful of small kernels, and no boolean indexing (which counts the mask first).
-        """
+    def view(self, permanent_after: int) -> WindowHistory:
+        """The history as it stands, without changing it (`fold_histories` of one, with no mask)."""
+        return fold_histories([self], [None], 0, permanent_after)[0]
+
+    def _check_recycled(self, dead_mask: Tensor) -> None:
+        """At a closed window: how many of the units recycled before it are dead again (only after recycling)."""
         self._checked = self._dead_again = 0
-        if self._pending:  # only recycling sets units pending
+        if self._pending:
             self._pending = False
             self._checked = int(self.recycled_pending.count_nonzero())
             self._dead_again = int((self.recycled_pending & dead_mask).count_nonzero())
             self.recycled_pending = torch.zeros_like(self.recycled_pending)
-        streak = self.dead_streak
-        revived = int(streak.masked_fill(dead_mask, 0).count_nonzero())  # dead before (streak > 0), alive now
-        self.revived_total += revived
-        # A new tensor, not an in-place update: reports handed out earlier hold the old one.
-        self.dead_streak = (streak + 1).mul_(dead_mask)
-        self.first_dead_step = self.first_dead_step.masked_fill(dead_mask & (self.first_dead_step < 0), step)
-        return self.view(revived, permanent_after)
-
-    def view(self, revived: int, permanent_after: int) -> WindowHistory:
-        """The history as it stands, without changing it."""
-        return WindowHistory(
-            revived_units=revived,
-            revived_total=self.revived_total,
-            permanently_dead_units=int((self.dead_streak >= permanent_after).count_nonzero()),
-            first_dead_step=self.first_dead_step.clone(),
-            dead_streak=self.dead_streak.clone(),
-            recycled_total=self.recycled_total,
-            recycled_checked=self._checked,
-            recycled_dead_again=self._dead_again,
-        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +118,70 @@ class SiteHistory:
         self.recycled_pending = torch.zeros_like(self.recycled_pending)
         self.recycled_pending[pending] = True
         self._pending = bool(pending)
+
+
+def segment_counts(flags: Tensor, lengths: Sequence[int]) -> list[list[int]]:
+    """How many entries are True in each segment of each row of ``flags`` (a ``(rows, sum(lengths))`` bool tensor cut
+    along its last dim into consecutive segments of ``lengths``): one list of counts per row. A cumulative sum and one
+    gather at the segment bounds, however many segments."""
+    bounds = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int64)
+    running = torch.cat([torch.zeros(flags.shape[0], 1, dtype=torch.int64), flags.cumsum(dim=1)], dim=1)
+    counts: list[list[int]] = running.index_select(1, bounds).diff(dim=1).tolist()
+    return counts
+
+
+def fold_histories(
+    histories: Sequence[SiteHistory], dead_masks: Sequence[Optional[Tensor]], step: int, permanent_after: int
+) -> list[WindowHistory]:
+    """Fold a closed window into many sites' death histories at once, and say what it changed for each.
+
+    ``dead_masks[i]`` is site ``i``'s dead mask (CPU bool, one per unit), or None to leave its history as it is (a
+    peek, or a site that saw no sample) and only read it. Report time: every site's streaks and first dead steps are
+    worked on as one tensor, so the number of kernels does not grow with the number of sites (at a thousand sites,
+    a handful of kernels per site cost more than everything else in a report); what is left per site is one view for
+    the history and one copy for the report. A report handed out never changes when the history does.
+    """
+    if not histories:
+        return []
+    lengths = [history.dead_streak.numel() for history in histories]
+    folding = [mask is not None for mask in dead_masks]
+    masks = []
+    for history, mask, units in zip(histories, dead_masks, lengths):
+        if mask is not None:
+            if mask.shape != (units,):
+                raise ValueError(f"a dead mask of shape {tuple(mask.shape)} for a history of {units} units")
+            history._check_recycled(mask)
+        masks.append(mask if mask is not None else torch.zeros(units, dtype=torch.bool))
+    streak = torch.cat([history.dead_streak for history in histories])
+    first = torch.cat([history.first_dead_step for history in histories])
+    dead = torch.cat(masks)
+    folded = torch.tensor(folding).repeat_interleave(torch.tensor(lengths), output_size=len(streak))
+    revived = (streak > 0) & folded & ~dead  # dead before (streak > 0), alive now
+    # New tensors, not in-place updates: the histories' old tensors may be views of one buffer with other sites'.
+    streak = torch.where(folded, (streak + 1).mul_(dead), streak)
+    first = first.masked_fill(dead & (first < 0), step)
+    revived_counts, permanent_counts = segment_counts(torch.stack([revived, streak >= permanent_after]), lengths)
+    kept_streaks, kept_firsts = torch.split(streak, lengths), torch.split(first, lengths)
+    # Each report gets tensors of its own, not views of a buffer of every site's: pickling one, or keeping one
+    # layer's report of every window, would carry every site's units with it.
+    report_streaks, report_firsts = [t.clone() for t in kept_streaks], [t.clone() for t in kept_firsts]
+    out = []
+    for i, history in enumerate(histories):
+        history.dead_streak, history.first_dead_step = kept_streaks[i], kept_firsts[i]
+        history.revived_total += revived_counts[i]
+        out.append(
+            WindowHistory(
+                revived_units=revived_counts[i],
+                revived_total=history.revived_total,
+                permanently_dead_units=permanent_counts[i],
+                first_dead_step=report_firsts[i],
+                dead_streak=report_streaks[i],
+                recycled_total=history.recycled_total,
+                recycled_checked=history._checked,
+                recycled_dead_again=history._dead_again,
+            )
+        )
+    return out
 
 
 def describe_module(module: nn.Module) -> str:
@@ -304,10 +354,15 @@ class Diagnosis:
 
     def update(self, name: str, units: int, dead_mask: Optional[Tensor], step: int, close: bool) -> WindowHistory:
         """Fold a window's dead mask (None when the site saw no sample) into the history if ``close``; else peek."""
-        history = self.history(name, units)
-        if dead_mask is not None and close:
-            return history.update(dead_mask, step, self.permanent_after)
-        return history.view(0, self.permanent_after)
+        return self.update_many([(name, units, dead_mask)], step, close)[0]
+
+    def update_many(
+        self, sites: Sequence[tuple[str, int, Optional[Tensor]]], step: int, close: bool
+    ) -> list[WindowHistory]:
+        """`update` of many sites, ``(name, units, dead_mask)`` each, at once (see `fold_histories`)."""
+        histories = [self.history(name, units) for name, units, _ in sites]
+        masks = [mask if close else None for _, _, mask in sites]
+        return fold_histories(histories, masks, step, self.permanent_after)
 
     def recycled(self, name: str, units: int, indices: list[int]) -> None:
         """Record that ``indices`` of site ``name`` were recycled: they start a fresh death history."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Union, overload
 
 import torch
@@ -154,6 +154,18 @@ class LayerReport:
         """Share of the units recycled after the previous window that are dead again in this one; NaN if none."""
         return self.recycled_dead_again / self.recycled_checked if self.recycled_checked else math.nan
 
+    @classmethod
+    def _from_fields(cls, **values: Any) -> LayerReport:
+        """``LayerReport(**values)``, the same object, without the frozen dataclass's ``__init__`` (one
+        ``object.__setattr__`` per field): report time builds one per call site. Unknown and missing fields raise the
+        ``TypeError`` that ``__init__`` raises."""
+        unknown, missing = values.keys() - _REPORT_FIELDS, _REQUIRED_REPORT_FIELDS - values.keys()
+        if unknown or missing:
+            return cls(**values)  # raises the dataclass's own TypeError
+        report = object.__new__(cls)
+        report.__dict__.update(_REPORT_DEFAULTS, **values)
+        return report
+
     def replace(self, **changes: Any) -> LayerReport:
         """A copy with ``changes``, as ``dataclasses.replace`` makes, without running ``__init__`` again: a report adds
         its cascades, blame and cause to each site's figures as it builds them, at thousands of sites, and a frozen
@@ -273,6 +285,12 @@ class LayerReport:
         style = _row_style(self)
         title = f"{html.escape(self.name)} ({html.escape(self.kind)})"
         return f"<table><caption style='{style}'>relumon: call site {title}</caption>{rows}</table>"
+
+
+#: Every field of `LayerReport`, the defaults of those that have one, and those that must be given.
+_REPORT_FIELDS = frozenset(f.name for f in fields(LayerReport))
+_REPORT_DEFAULTS = {f.name: f.default for f in fields(LayerReport) if f.default is not MISSING}
+_REQUIRED_REPORT_FIELDS = _REPORT_FIELDS - _REPORT_DEFAULTS.keys()
 
 
 class Report:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from relumon.cascade import consequences_of, find_blockers, find_roots
-from relumon.diagnosis import Diagnosis, blame
+from relumon.diagnosis import Diagnosis, WindowHistory, blame, segment_counts
 from relumon.options import Options
 from relumon.proof import Certification, Certifier
 from relumon.recorder import Recorder, Site
@@ -80,23 +80,50 @@ class WindowCloser:
         self, gathered: list[tuple[SiteLayout, GatheredSite]], step: int, close: bool, alerted: set[str]
     ) -> list[LayerReport]:
         """One `LayerReport` per gathered site, in forward order; ``alerted``: the sites already alerted on."""
-        return [self._layer_report(layout, g, step, close, alerted) for layout, g in gathered]
+        # Every site's dead units and NaN peaks at once: one comparison over all peaks, and the counts per site from
+        # one cumulative sum (a few kernels per site add up at thousands of sites).
+        lengths = [layout.units for layout, _ in gathered]
+        peaks = torch.cat([g.peak for _, g in gathered]) if gathered else torch.zeros(0, dtype=torch.float64)
+        flags = torch.stack([peaks <= 0, peaks.isnan()])
+        dead_counts, nan_counts = segment_counts(flags, lengths)
+        # A site that saw no sample, or whose activation is not ReLU-like, has no dead mask. Each mask is a copy of
+        # its own, not a view of every site's (see `fold_histories`).
+        dead_masks = [
+            mask.clone() if g.samples > 0 and layout.info["counts_dead"] else None
+            for (layout, g), mask in zip(gathered, torch.split(flags[0], lengths))
+        ]
+        sites = [(layout.name, layout.units, mask) for (layout, _), mask in zip(gathered, dead_masks)]
+        histories = self.diagnosis.update_many(sites, step, close)
+        return [
+            self._layer_report(layout, g, step, close, alerted, mask, dead, nans, history)
+            for (layout, g), mask, dead, nans, history in zip(gathered, dead_masks, dead_counts, nan_counts, histories)
+        ]
 
     def _layer_report(
-        self, layout: SiteLayout, g: GatheredSite, step: int, close: bool, alerted: set[str]
+        self,
+        layout: SiteLayout,
+        g: GatheredSite,
+        step: int,
+        close: bool,
+        alerted: set[str],
+        dead_mask: Optional[torch.Tensor],
+        dead_units: int,
+        nonfinite_units: int,
+        history: WindowHistory,
     ) -> LayerReport:
         """One site's figures, from its description (``layout.info``: this rank's or, for a site only another rank
-        ran, that rank's) and its gathered statistics. Cascades and blame come after, in `explain`."""
+        ran, that rank's), its gathered statistics, its dead mask (None where dead units are not counted: no sample,
+        or an activation that is not ReLU-like) with the counts of its dead and NaN peaks, and its history. Cascades
+        and blame come after, in `explain`."""
         info: dict[str, Any] = layout.info
         name, units = layout.name, layout.units
         seen = g.samples > 0
-        counted = seen and bool(info["counts_dead"])
-        dead_mask = g.peak <= 0 if counted else torch.zeros(units, dtype=torch.bool)
-        dead_units = int(dead_mask.sum())
+        counted = dead_mask is not None
+        if dead_mask is None:
+            dead_mask, dead_units = torch.zeros(units, dtype=torch.bool), 0
         cap: Optional[float] = info["cap"]
         saturated = int((g.floor >= cap).sum()) if counted and g.floor is not None and cap is not None else 0
         dead_fraction = dead_units / units if counted else math.nan
-        history = self.diagnosis.update(name, units, dead_mask if counted else None, step, close)
         dormant_units = dormant_scores = None
         tau = self._options.dormant_tau
         if tau is not None and g.abs_sum is not None and g.positions > 0:
@@ -112,7 +139,7 @@ class WindowCloser:
             self.diagnosis.remember(name, dead_fraction)
         finite_passes = g.backwards - g.nonfinite_passes
         fed_by: Optional[str] = info["fed_by"]
-        return LayerReport(
+        return LayerReport._from_fields(
             name=name,
             module=info["module_name"],
             call=info["call"],
@@ -124,7 +151,7 @@ class WindowCloser:
             forwards=g.forwards,
             backward_passes=g.backwards,
             dead_units=dead_units,
-            nonfinite_units=int(g.peak.isnan().sum()) if seen else 0,
+            nonfinite_units=nonfinite_units if seen else 0,
             grad_norm=g.grad_norm_sum / finite_passes if finite_passes > 0 else math.nan,
             skipped_passes=g.nonfinite_passes,
             unmeasured_calls=g.unmeasured,
