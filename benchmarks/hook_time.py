@@ -2,9 +2,9 @@
 
 The step ratios of `overhead.py` carry the whole step's noise; this times only what relumon's hooks do, per step, in
 one process. With ``--against REV`` it loads ``relumon/state.py`` as it was at git revision ``REV`` and swaps its
-per-call fold (`SiteStats._fold`, `SiteStats.grad_hook_for`) with this tree's every step, in a shuffled order, on one
-monitored model: both folds meet the same machine state, and the paired differences say what the change did. Only
-the per-call fold is swapped; everything else is this tree's.
+per-call fold (`HOT_PATH`: `SiteStats._fold`, `_fold_values` and `grad_hook_for`, those it defines) with this tree's
+every step, in a shuffled order, on one monitored model: both folds meet the same machine state, and the paired
+differences say what the change did. Only the per-call fold is swapped; everything else is this tree's.
 
     python benchmarks/hook_time.py --workload densenet121 --steps 12
     python benchmarks/hook_time.py --workload densenet121 --steps 12 --against 4c37748^
@@ -47,8 +47,17 @@ NETS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[int, ...]]]] = {
 }
 
 
-def folds_at(revision: str) -> tuple[Any, Any]:
-    """`SiteStats._fold` and `SiteStats.grad_hook_for` of ``relumon/state.py`` at git ``revision``."""
+#: The methods of `SiteStats` that run in every measured call, swapped together between the trees compared.
+HOT_PATH = ("_fold", "_fold_values", "grad_hook_for")
+
+
+def hot_path(stats_class: Any) -> dict[str, Any]:
+    """The hot-path methods that ``stats_class`` (a `SiteStats`) defines."""
+    return {name: vars(stats_class)[name] for name in HOT_PATH if name in vars(stats_class)}
+
+
+def folds_at(revision: str) -> dict[str, Any]:
+    """The hot-path methods of `SiteStats` in ``relumon/state.py`` at git ``revision``."""
     root = Path(__file__).resolve().parent.parent
     source = subprocess.run(
         ["git", "-C", str(root), "show", f"{revision}:relumon/state.py"], check=True, capture_output=True, text=True
@@ -60,7 +69,7 @@ def folds_at(revision: str) -> tuple[Any, Any]:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
-    return module.SiteStats._fold, module.SiteStats.grad_hook_for
+    return hot_path(module.SiteStats)
 
 
 def main() -> None:
@@ -109,9 +118,13 @@ def main() -> None:
     relumon.cause._Hook.__call__ = timed_optimizer_hook  # type: ignore[method-assign]
     relumon.recorder.Recorder._observe = timed_observe  # type: ignore[method-assign]
     relumon.recorder.Recorder._guard_grad_hook = timed_guard  # type: ignore[method-assign]
-    folds = {"this tree": (relumon.state.SiteStats._fold, relumon.state.SiteStats.grad_hook_for)}
+    folds = {"this tree": hot_path(relumon.state.SiteStats)}
     if args.against:
         folds[args.against] = folds_at(args.against)
+
+    def use(name: str) -> None:
+        for method, function in folds[name].items():
+            setattr(relumon.state.SiteStats, method, function)
 
     def step() -> None:
         loss = loss_fn(model(x), y)
@@ -124,14 +137,14 @@ def main() -> None:
     rng = random.Random(0)
     with relumon.watch(model, on_dead="ignore", measure_every=1, optimizer=opt if args.optimizer else None):
         for name in folds:  # warm-up: discovery, and each fold once
-            relumon.state.SiteStats._fold, relumon.state.SiteStats.grad_hook_for = folds[name]  # type: ignore[method-assign]
+            use(name)
             step()
             step()
         for _ in range(args.steps):
             order = list(folds)
             rng.shuffle(order)
             for name in order:
-                relumon.state.SiteStats._fold, relumon.state.SiteStats.grad_hook_for = folds[name]  # type: ignore[method-assign]
+                use(name)
                 inside[0] = in_optimizer[0] = 0.0
                 step()
                 times[name].append(inside[0])
