@@ -840,7 +840,7 @@ class CauseTracker:
 
         def add(owner: str, name: str, t: Optional[Tensor], own: bool = False) -> None:
             if t is not None:
-                slots.append((owner, name, t.detach().reshape(-1) if t.ndim != 1 else t, own))
+                slots.append((owner, name, t if t.ndim == 1 else t.reshape(-1), own))
 
         with torch.no_grad():  # the live biases are read without a graph: no `detach()` per tensor
             for producer in producers:

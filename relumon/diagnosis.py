@@ -352,14 +352,11 @@ class Diagnosis:
                 history.load_state_dict(self._pending.pop(name))
         return history
 
-    def update(self, name: str, units: int, dead_mask: Optional[Tensor], step: int, close: bool) -> WindowHistory:
-        """Fold a window's dead mask (None when the site saw no sample) into the history if ``close``; else peek."""
-        return self.update_many([(name, units, dead_mask)], step, close)[0]
-
     def update_many(
         self, sites: Sequence[tuple[str, int, Optional[Tensor]]], step: int, close: bool
     ) -> list[WindowHistory]:
-        """`update` of many sites, ``(name, units, dead_mask)`` each, at once (see `fold_histories`)."""
+        """Fold a window's dead mask into each site's history if ``close``, else peek: ``(name, units, dead_mask)``
+        per site, the mask None when the site saw no sample. All sites at once (see `fold_histories`)."""
         histories = [self.history(name, units) for name, units, _ in sites]
         masks = [mask if close else None for _, _, mask in sites]
         return fold_histories(histories, masks, step, self.permanent_after)

@@ -95,7 +95,7 @@ class WindowCloser:
         sites = [(layout.name, layout.units, mask) for (layout, _), mask in zip(gathered, dead_masks)]
         histories = self.diagnosis.update_many(sites, step, close)
         return [
-            self._layer_report(layout, g, step, close, alerted, mask, dead, nans, history)
+            self._layer_report(layout, g, close, alerted, mask, dead, nans, history)
             for (layout, g), mask, dead, nans, history in zip(gathered, dead_masks, dead_counts, nan_counts, histories)
         ]
 
@@ -103,7 +103,6 @@ class WindowCloser:
         self,
         layout: SiteLayout,
         g: GatheredSite,
-        step: int,
         close: bool,
         alerted: set[str],
         dead_mask: Optional[torch.Tensor],
