@@ -46,6 +46,7 @@ second closed window on.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import weakref
 from collections import deque
@@ -57,6 +58,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from relumon.errors import RelumonWarning, is_strict, warn
+from relumon.segments import host_cat, segment_counts, segment_extremes, segment_ids, segment_sums
 
 __all__ = [
     "Cause",
@@ -348,12 +350,14 @@ _Record = tuple[int, float, Optional[int], Optional[float], Optional[float]]
 class _Producer:
     """A module that feeds a watched site: its parameters, what is measured per step and per window."""
 
-    def __init__(self, path: str, module: nn.Module, window: int, before_updates: bool) -> None:
+    def __init__(self, path: str, module: nn.Module, window: int, before_updates: bool, snapshot: bool = True) -> None:
         self.path = path
         self.module_ref = weakref.ref(module)
         weight = getattr(module, "weight", None)
         bias = getattr(module, "bias", None)
-        own = dict(module.named_parameters(recurse=False))  # `_parameters` of a TorchScript module has no `.get`
+        own = module._parameters  # a dict, but for a TorchScript module (a wrapper without `.get`)
+        if not isinstance(own, dict):
+            own = dict(module.named_parameters(recurse=False))
         if own.get("weight") is not weight:
             # Computed from other tensors (a weight_norm or spectral_norm parametrization): each read is a new tensor,
             # so one kept here would never move. Its update ratio and row norms are left unknown, not read as 0.
@@ -374,7 +378,8 @@ class _Producer:
         self.start_rows: Optional[Tensor] = None
         #: The window whose start the snapshot is; a snapshot taken after updates of its window is not a start.
         self.start_window = window if before_updates else window + 1
-        self.snapshot()
+        if snapshot:  # else the caller sets the start figures (a report, from the values it reads anyway)
+            self.snapshot()
         #: (window, largest ratio, its optimizer step, lr, grad scale) of each closed window, newest last.
         self.records: deque[_Record] = deque(maxlen=RECORD_WINDOWS)
         #: (window, largest lr, the optimizer step it took effect) of each closed window, newest last.
@@ -725,7 +730,7 @@ class CauseTracker:
                 paths.append(site.fed_by)
         return paths
 
-    def _producer(self, path: str, before_updates: bool) -> Optional[_Producer]:
+    def _producer(self, path: str, before_updates: bool, snapshot: bool = True) -> Optional[_Producer]:
         producer = self._producers.get(path)
         if producer is None:
             model = self._model()
@@ -735,7 +740,7 @@ class CauseTracker:
                 module = None
             if module is None:
                 return None
-            producer = self._producers[path] = _Producer(path, module, self._window, before_updates)
+            producer = self._producers[path] = _Producer(path, module, self._window, before_updates, snapshot)
         return producer
 
     def _refresh(self, optimizer: Optimizer, key: tuple[int, int], old: Optional[_StepGroup]) -> _StepGroup:
@@ -791,8 +796,9 @@ class CauseTracker:
         self._window = window
         sites = {layer.name: layer for layer in layers if layer.fed_by is not None and layer.counts_dead}
         paths = {layer.fed_by for layer in sites.values()}
-        for path in paths:
-            self._producer(path, before_updates=False)
+        found = [path for path in paths if path not in self._producers]
+        for path in found:  # their start figures are the values read below
+            self._producer(path, before_updates=False, snapshot=False)
         # Modules measured only until the first forward found the real producers (see `_refresh`) are let go.
         self._producers = {path: p for path, p in self._producers.items() if path in paths}
         producers = list(self._producers.values())
@@ -800,16 +806,18 @@ class CauseTracker:
             return list(layers)
         buckets = [(group, b) for group in list(self._groups.values()) for b in group.buckets]
         now = self._read(producers, buckets)
+        for path in found:
+            if path in self._producers:  # found at this report: its snapshot is what was just read
+                figures = now[path]
+                figures["start_bias"], figures["start_rows"] = figures["bias"], figures["rows"]
+                self._producers[path].start_bias, self._producers[path].start_rows = figures["bias"], figures["rows"]
         records = self._window_records(buckets, now, window, close)
         for name, layer in sites.items():
             if name not in self._memory:
                 self._memory[name] = self._first_memory(layer.units, self._producers[layer.fed_by], now, window)
-        out = []
-        for layer in layers:
-            if layer.name in wanted and layer.name in sites:
-                producer = self._producers[layer.fed_by]
-                layer = layer.replace(cause=self._cause(layer, producer, now, records, step, window))
-            out.append(layer)
+        explained = [layer for layer in layers if layer.name in wanted and layer.name in sites]
+        causes = dict(zip((layer.name for layer in explained), self._causes(explained, now, records, step, window)))
+        out = [layer.replace(cause=causes[layer.name]) if layer.name in causes else layer for layer in layers]
         if close:
             for name, layer in sites.items():
                 if layer.samples > 0:
@@ -830,7 +838,7 @@ class CauseTracker:
     def _read(
         self, producers: list[_Producer], buckets: list[tuple[_StepGroup, _Bucket]]
     ) -> dict[str, dict[str, Optional[Tensor]]]:
-        """Everything report time needs from the device, read to the host in one transfer (float64).
+        """Everything report time needs from the device, read to the host in one transfer per device (float64).
 
         Each value is relumon's own host tensor, never a live parameter of a CPU model. The window's start figures
         (``start_bias``, ``start_rows``) are relumon's own copies already (host float64 after the first report), and
@@ -852,24 +860,16 @@ class CauseTracker:
                 add(f"#{i}", "ratio", bucket.max_ratio)
                 add(f"#{i}", "step", bucket.max_step)
                 add(f"#{i}", "scale", bucket.max_scale)
-            on_device = [t for _, _, t, _ in slots if t.device.type != "cpu"]
-            host = torch.zeros(0, dtype=torch.float64)
-            if on_device:  # a model split over devices meets on the first one
-                first = on_device[0].device
-                host = torch.cat([t.double().to(first) for t in on_device]).cpu()  # the one transfer
+            # Relumon's own host float64 copies are used as they are; everything else is read in one transfer per
+            # device, into a new host tensor (a CPU model's bias is the live parameter).
+            reads = [t for _, _, t, own in slots if not (own and t.device.type == "cpu" and t.dtype is torch.float64)]
+            values = iter(torch.split(host_cat(reads), [t.numel() for t in reads]) if reads else ())
             now: dict[str, dict[str, Optional[Tensor]]] = {
                 p.path: {"bias": None, "rows": None, "start_bias": None, "start_rows": None} for p in producers
             }
-            at = 0
             for owner, name, t, own in slots:
-                if t.device.type != "cpu":
-                    value = host[at : at + t.numel()]
-                    at += t.numel()
-                elif own and t.dtype is torch.float64:
-                    value = t
-                else:
-                    value = t.to(torch.float64, copy=True)  # a copy: a CPU model's bias is the live parameter
-                now.setdefault(owner, {})[name] = value
+                kept = own and t.device.type == "cpu" and t.dtype is torch.float64
+                now.setdefault(owner, {})[name] = t if kept else next(values)
         return now
 
     def _window_records(
@@ -908,93 +908,175 @@ class CauseTracker:
                         self._peaks[producer.path] = (window, peak[0], peak[1])
         return records
 
-    def _cause(
+    def _causes(
         self,
-        layer: Any,
-        producer: _Producer,
+        layers: Sequence[Any],
         now: dict[str, dict[str, Optional[Tensor]]],
         records: dict[str, _Record],
         step: int,
         window: int,
-    ) -> Cause:
-        units = layer.units
-        dead = layer.dead_mask.bool() if layer.dead_mask.numel() == units else torch.zeros(units, dtype=torch.bool)
-        fresh = dead & (layer.dead_streak == 1) if layer.dead_streak is not None else dead
-        n_dead, n_fresh = int(dead.count_nonzero()), int(fresh.count_nonzero())
-        chosen = fresh if n_fresh else dead if n_dead else torch.ones(units, dtype=torch.bool)
-        picked = chosen.nonzero().flatten()  # one index for every gather below (report time: few, small kernels)
-        memory = self._memory[layer.name]
-        alive_windows = memory.alive_window.index_select(0, picked)
-        lived = int(alive_windows.max()) if picked.numel() else -1
-        # The earliest window in which a chosen unit lived: the smallest non-negative entry (-1: never seen alive).
-        since = int(alive_windows.masked_fill(alive_windows < 0, lived).min()) if lived >= 0 else None
-        windows = window - since + 1 if since is not None else None
-        figures = now[producer.path]
-        bias_now, rows_now = figures["bias"], figures["rows"]
-        bias_shift = bias = weight_shift = None
-        if bias_now is not None and bias_now.numel() == units:
-            chosen_bias = bias_now.index_select(0, picked)
-            bias = float(chosen_bias.mean())
-            bias_shift = _mean_of_finite(chosen_bias - memory.bias.index_select(0, picked), nan_only=True)
-        if rows_now is not None and rows_now.numel() == units:
-            weight_shift = _mean_of_finite(rows_now.index_select(0, picked) / memory.rows.index_select(0, picked) - 1)
-        history = list(producer.records) + ([records[producer.path]] if producer.path in records else [])
-        first = since if since is not None else -1
-        span = [r for r in history if r[0] >= first]
-        best = max(span, key=lambda r: (not math.isnan(r[1]), r[1]), default=None)
-        lr = update_ratio = grad_scale = None
-        update_step = None
-        if best is not None:
-            _, update_ratio, update_step, lr, grad_scale = best
-        has_optimizer = any(True for _ in self.optimizers())
-        if lr is None:
-            lr = self._current_lr(producer)
-        peaks = list(producer.peaks) + ([self._peaks[producer.path]] if producer.path in self._peaks else [])
-        peak = max((r for r in peaks if r[0] >= first), key=lambda r: r[1], default=None)
-        peak_lr = peak_step = None
-        if peak is not None and lr is not None and peak[1] > 10 * lr:
-            peak_lr, peak_step = peak[1], peak[2]
-        # Their own rows against the start of the last window they lived in, exactly (a sampled ratio can miss them).
-        own = producer.own_update(chosen, memory.weight) if since is not None else None
-        # Never seen alive, and neither their biases nor their rows moved: they started dead.
-        never_alive = (
-            since is None
-            and bias_shift is not None
-            and abs(bias_shift) <= 1e-12
-            and (weight_shift is None or abs(weight_shift) <= 1e-12)
-        )
-        cause = Cause(
-            step=step,
-            units=picked.numel(),
-            windows=windows,
-            fed_by=layer.fed_by,
-            lr=lr,
-            update_ratio=update_ratio,
-            update_step=update_step,
-            bias_shift=bias_shift,
-            bias=bias,
-            weight_shift=weight_shift,
-            grad_scale=grad_scale,
-            advice="",
-            peak_lr=peak_lr,
-            peak_lr_step=peak_step,
-            own_update=own,
-            never_alive=never_alive,
-        )
-        newly_dead = n_fresh if n_fresh and n_dead > n_fresh else None
-        sentence = advice_for(
-            cause, negative_regime=bool(layer.negative_regime), has_optimizer=has_optimizer, newly_dead=newly_dead
-        )
-        return dataclasses.replace(cause, advice=sentence)
+    ) -> list[Cause]:
+        """The `Cause` of each of ``layers`` (LayerReports with a producer and a memory), in order.
 
-    def _current_lr(self, producer: _Producer) -> Optional[float]:
+        For each layer, the figures are about the units that died in this window, else every dead unit, else every
+        unit. Every layer's per-unit figures (dead masks, streaks, the memory, the biases and row norms now) are laid
+        end to end and reduced per layer in a few kernels in all (`relumon.segments`): at a thousand layers blamed at
+        once, two dozen small kernels per layer cost more than the rest of the report. What is left per layer is
+        plain Python: the update records, the learning rate and the sentence.
+        """
+        if not layers:
+            return []
+        units = [layer.units for layer in layers]
+        memories = [self._memory[layer.name] for layer in layers]
+        figures = [now[layer.fed_by] for layer in layers]
+        count = len(layers)
+
+        def end_to_end(
+            values: Sequence[Optional[Tensor]], fill: float, dtype: torch.dtype
+        ) -> tuple[Tensor, list[bool]]:
+            """``values`` end to end; ``fill`` for a missing one or one of another length (and whether each was)."""
+            known = [v is not None and v.numel() == n for v, n in zip(values, units)]
+            parts = [
+                (v if v.ndim == 1 else v.reshape(-1)) if v is not None and ok else torch.full((n,), fill, dtype=dtype)
+                for v, n, ok in zip(values, units, known)
+            ]
+            return torch.cat(parts).to(dtype), known
+
+        dead, _ = end_to_end([layer.dead_mask for layer in layers], False, torch.bool)
+        # A layer without a death history: the figures are about its dead units (as if each had just died).
+        streak, _ = end_to_end([layer.dead_streak for layer in layers], 1, torch.int64)
+        fresh = dead & (streak == 1)
+        n_dead, n_fresh = segment_counts(torch.stack([dead, fresh]), units)
+        ids = segment_ids(units)
+        # Per layer: 0 picks the units that died in this window, 1 every dead unit, 2 every unit.
+        choice = torch.tensor([0 if f else 1 if d else 2 for d, f in zip(n_dead, n_fresh)], dtype=torch.int64)
+        of_unit = choice.index_select(0, ids)
+        chosen = torch.where(of_unit == 0, fresh, torch.where(of_unit == 1, dead, True))
+        picked = chosen.nonzero().flatten()
+        n_picked = [f if f else d if d else n for d, f, n in zip(n_dead, n_fresh, units)]
+        of_picked = ids.index_select(0, picked)
+
+        alive_window, _ = end_to_end([m.alive_window for m in memories], -1, torch.int64)
+        alive_window = alive_window.index_select(0, picked)
+        # The latest window in which a chosen unit lived (-1: none), and the earliest (the smallest non-negative).
+        lived = segment_extremes(alive_window, of_picked, count, largest=True, empty=-1)
+        never = torch.iinfo(torch.int64).max
+        since = segment_extremes(
+            alive_window.masked_fill(alive_window < 0, never), of_picked, count, largest=False, empty=never
+        )
+
+        bias_now, has_bias = end_to_end([f["bias"] for f in figures], math.nan, torch.float64)
+        bias_then, _ = end_to_end([m.bias for m in memories], math.nan, torch.float64)
+        rows_now, has_rows = end_to_end([f["rows"] for f in figures], math.nan, torch.float64)
+        rows_then, _ = end_to_end([m.rows for m in memories], math.nan, torch.float64)
+        bias_now = bias_now.index_select(0, picked)
+        bias_moved = bias_now - bias_then.index_select(0, picked)
+        moved_known = bias_moved.isnan().logical_not_()  # an unknown start is NaN; a NaN bias is left out too
+        rows_moved = rows_now.index_select(0, picked) / rows_then.index_select(0, picked) - 1
+        rows_known = rows_moved.isfinite()
+        sums = torch.stack(
+            [
+                segment_sums(bias_now, of_picked, count),
+                segment_sums(bias_moved.masked_fill(~moved_known, 0.0), of_picked, count),
+                segment_sums(moved_known.double(), of_picked, count),
+                segment_sums(rows_moved.masked_fill(~rows_known, 0.0), of_picked, count),
+                segment_sums(rows_known.double(), of_picked, count),
+                lived.double(),
+                since.double(),
+            ]
+        ).tolist()
+        bias_sum, moved_sum, moved_count, rows_sum, rows_count, lived_at, since_at = sums
+
+        lr_of = self._lr_lookup()
+        has_optimizer = any(True for _ in self.optimizers())
+        starts = list(itertools.accumulate(units, initial=0))
+        causes = []
+        for k, layer in enumerate(layers):
+            producer = self._producers[layer.fed_by]
+            memory = memories[k]
+            first_lived = int(since_at[k]) if lived_at[k] >= 0 else None
+            windows = window - first_lived + 1 if first_lived is not None else None
+            bias = bias_shift = weight_shift = None
+            if has_bias[k]:
+                bias = bias_sum[k] / n_picked[k] if n_picked[k] else math.nan
+                bias_shift = moved_sum[k] / moved_count[k] if moved_count[k] else None
+            if has_rows[k]:
+                weight_shift = rows_sum[k] / rows_count[k] if rows_count[k] else None
+            history = list(producer.records) + ([records[producer.path]] if producer.path in records else [])
+            first = first_lived if first_lived is not None else -1
+            span = [r for r in history if r[0] >= first]
+            best = max(span, key=lambda r: (not math.isnan(r[1]), r[1]), default=None)
+            lr = update_ratio = grad_scale = None
+            update_step = None
+            if best is not None:
+                _, update_ratio, update_step, lr, grad_scale = best
+            if lr is None:
+                lr = lr_of(producer)
+            peaks = list(producer.peaks) + ([self._peaks[producer.path]] if producer.path in self._peaks else [])
+            peak = max((r for r in peaks if r[0] >= first), key=lambda r: r[1], default=None)
+            peak_lr = peak_step = None
+            if peak is not None and lr is not None and peak[1] > 10 * lr:
+                peak_lr, peak_step = peak[1], peak[2]
+            # Their own rows against the start of the last window they lived in, exactly (a sampled ratio can miss
+            # them).
+            own = None
+            if first_lived is not None and memory.weight is not None:
+                own = producer.own_update(chosen[starts[k] : starts[k + 1]], memory.weight)
+            # Never seen alive, and neither their biases nor their rows moved: they started dead.
+            never_alive = (
+                first_lived is None
+                and bias_shift is not None
+                and abs(bias_shift) <= 1e-12
+                and (weight_shift is None or abs(weight_shift) <= 1e-12)
+            )
+            cause = Cause(
+                step=step,
+                units=n_picked[k],
+                windows=windows,
+                fed_by=layer.fed_by,
+                lr=lr,
+                update_ratio=update_ratio,
+                update_step=update_step,
+                bias_shift=bias_shift,
+                bias=bias,
+                weight_shift=weight_shift,
+                grad_scale=grad_scale,
+                advice="",
+                peak_lr=peak_lr,
+                peak_lr_step=peak_step,
+                own_update=own,
+                never_alive=never_alive,
+            )
+            newly_dead = n_fresh[k] if n_fresh[k] and n_dead[k] > n_fresh[k] else None
+            sentence = advice_for(
+                cause, negative_regime=bool(layer.negative_regime), has_optimizer=has_optimizer, newly_dead=newly_dead
+            )
+            # The sentence is built from the other facts. This Cause is new and no one else holds it, so its last
+            # field is set the way a frozen dataclass's own __init__ sets fields (a `replace` costs a second init).
+            object.__setattr__(cause, "advice", sentence)
+            causes.append(cause)
+        return causes
+
+    def _lr_lookup(self) -> Callable[[_Producer], Optional[float]]:
+        """The learning rate now of the param group holding a producer's weight (None without one), by a table made
+        once per report rather than a search per layer."""
+        where: dict[int, tuple[_StepGroup, int]] = {}
         for group in self._groups.values():
             for bucket in group.buckets:
                 for j, p in enumerate(bucket.producers):
-                    if p is producer:
-                        return group.lr_at(group.steps, bucket.group_of[j])
-        # A producer whose weight is not measured (a parametrized weight): the rate of the group holding any of its
-        # parameters (a parametrization's `original` is a parameter of a submodule).
+                    where.setdefault(id(p), (group, bucket.group_of[j]))  # the first optimizer found, as before
+
+        def lr_of(producer: _Producer) -> Optional[float]:
+            found = where.get(id(producer))
+            if found is not None:
+                return found[0].lr_at(found[0].steps, found[1])
+            return self._unmeasured_lr(producer)
+
+        return lr_of
+
+    def _unmeasured_lr(self, producer: _Producer) -> Optional[float]:
+        """The rate of a producer whose weight is not measured (a parametrized weight): that of the group holding any
+        of its parameters (a parametrization's ``original`` is a parameter of a submodule)."""
         optimizers = list(self.optimizers())
         module = producer.module_ref()
         if not optimizers or module is None:

@@ -24,16 +24,26 @@ read to the host, once per closed window:
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from relumon.segments import host_cat, segment_counts, segment_ids, segment_sums
 from relumon.state import unscaled_l2_norm
 
-__all__ = ["BLAME_JUMP", "Diagnosis", "SiteHistory", "WeightGradNorms", "WindowHistory", "blame", "describe_module"]
+__all__ = [
+    "BLAME_JUMP",
+    "Blamed",
+    "Diagnosis",
+    "SiteHistory",
+    "WeightGradNorms",
+    "WindowHistory",
+    "blame",
+    "blame_many",
+    "describe_module",
+]
 
 #: A rise in a layer's dead fraction, from one closed window to the next, that makes relumon blame its feeder.
 BLAME_JUMP = 0.2
@@ -120,16 +130,6 @@ class SiteHistory:
         self._pending = bool(pending)
 
 
-def segment_counts(flags: Tensor, lengths: Sequence[int]) -> list[list[int]]:
-    """How many entries are True in each segment of each row of ``flags`` (a ``(rows, sum(lengths))`` bool tensor cut
-    along its last dim into consecutive segments of ``lengths``): one list of counts per row. A cumulative sum and one
-    gather at the segment bounds, however many segments."""
-    bounds = torch.tensor(list(itertools.accumulate(lengths, initial=0)), dtype=torch.int64)
-    running = torch.cat([torch.zeros(flags.shape[0], 1, dtype=torch.int64), flags.cumsum(dim=1)], dim=1)
-    counts: list[list[int]] = running.index_select(1, bounds).diff(dim=1).tolist()
-    return counts
-
-
 def fold_histories(
     histories: Sequence[SiteHistory], dead_masks: Sequence[Optional[Tensor]], step: int, permanent_after: int
 ) -> list[WindowHistory]:
@@ -209,18 +209,44 @@ def _whole(t: Tensor) -> Tensor:
     return full
 
 
-def _bias_facts(bias: Tensor, dead_mask: Tensor) -> list[str]:
-    b = _whole(bias.detach()).float().cpu()
-    negative = 100 * int((b < 0).count_nonzero()) / b.numel()
-    facts = [f"{negative:.0f}% of its biases are negative, mean {float(b.mean()):+.3g}"]
-    dead = int(dead_mask.count_nonzero())
-    if 0 < dead < b.numel():
-        dead_b = b[dead_mask]
-        facts.append(
-            f"the dead units' biases: {100 * int((dead_b < 0).count_nonzero()) / dead:.0f}% negative, "
-            f"mean {float(dead_b.mean()):+.3g}"
-        )
+def _bias_facts(biases: Sequence[Optional[Tensor]], dead_masks: Sequence[Tensor]) -> list[list[str]]:
+    """What the biases say, per layer: their share below 0 and their mean, and the dead units' (an empty list for a
+    layer without a bias). ``biases[i]`` has one value per unit of ``dead_masks[i]``.
+
+    Every layer's biases are read to the host together and reduced per layer with a few kernels in all."""
+    facts: list[list[str]] = [[] for _ in biases]
+    present = [(i, bias) for i, bias in enumerate(biases) if bias is not None and bias.numel() > 0]
+    if not present:
+        return facts
+    lengths = [bias.numel() for _, bias in present]
+    b = host_cat([bias for _, bias in present])
+    dead = torch.cat([dead_masks[i] if dead_masks[i].ndim == 1 else dead_masks[i].reshape(-1) for i, _ in present])
+    dead = dead.cpu().bool()
+    negative = b < 0
+    ids = segment_ids(lengths)
+    negatives, deads, dead_negatives = segment_counts(torch.stack([negative, dead, negative & dead]), lengths)
+    sums, dead_sums = torch.stack(
+        [segment_sums(b, ids, len(present)), segment_sums(b.masked_fill(~dead, 0.0), ids, len(present))]
+    ).tolist()
+    for k, (i, _) in enumerate(present):
+        units, dead_units = lengths[k], deads[k]
+        facts[i].append(f"{100 * negatives[k] / units:.0f}% of its biases are negative, mean {sums[k] / units:+.3g}")
+        if 0 < dead_units < units:
+            facts[i].append(
+                f"the dead units' biases: {100 * dead_negatives[k] / dead_units:.0f}% negative, "
+                f"mean {dead_sums[k] / dead_units:+.3g}"
+            )
     return facts
+
+
+class Blamed(NamedTuple):
+    """One layer to blame (see `blame`)."""
+
+    layer_name: str
+    fed_by: str
+    module: nn.Module
+    dead_mask: Tensor
+    weight_grad_norm: Optional[float] = None
 
 
 def blame(
@@ -250,15 +276,31 @@ def blame(
         e.g. "`fc2` (Linear 512→256) feeds `act2`: 98% of its biases are negative, mean -3.1; its weight gradient
         norm is 0 (first measured pass of the window)", or None when the module has nothing to say.
     """
-    facts: list[str] = []
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, Tensor) and bias.numel() == dead_mask.numel() and (gather_sharded or not _is_sharded(bias)):
-        facts += _bias_facts(bias, dead_mask)
-    if weight_grad_norm is not None:
-        facts.append(f"its weight gradient norm is {weight_grad_norm:.3g} (first measured pass of the window)")
-    if not facts:
-        return None
-    return f"`{fed_by}` ({describe_module(module)}) feeds `{layer_name}`: " + "; ".join(facts)
+    layer = Blamed(layer_name, fed_by, module, dead_mask, weight_grad_norm)
+    return blame_many([layer], gather_sharded=gather_sharded)[0]
+
+
+def blame_many(layers: Sequence[Blamed], *, gather_sharded: bool = True) -> list[Optional[str]]:
+    """`blame` for many layers at once, in order: the same sentences, with every bias read in one transfer per
+    device. Sharded biases are gathered one by one in the order given (a collective: every rank passes the same
+    layers in the same order)."""
+    biases: list[Optional[Tensor]] = []
+    for layer in layers:
+        bias = getattr(layer.module, "bias", None)
+        usable = (
+            isinstance(bias, Tensor)
+            and bias.numel() == layer.dead_mask.numel()
+            and (gather_sharded or not _is_sharded(bias))
+        )
+        biases.append(_whole(bias.detach()) if usable and isinstance(bias, Tensor) else None)
+    sentences: list[Optional[str]] = []
+    for layer, facts in zip(layers, _bias_facts(biases, [layer.dead_mask for layer in layers])):
+        norm = layer.weight_grad_norm
+        if norm is not None:
+            facts.append(f"its weight gradient norm is {norm:.3g} (first measured pass of the window)")
+        described = f"`{layer.fed_by}` ({describe_module(layer.module)}) feeds `{layer.layer_name}`: "
+        sentences.append(described + "; ".join(facts) if facts else None)
+    return sentences
 
 
 class _WindowNorm:
@@ -313,10 +355,14 @@ class WeightGradNorms:
     def norm(self, path: str) -> Optional[float]:
         """The weight-gradient norm of ``path`` in the open window's first measured backward pass (a host read), or
         None when none was recorded."""
-        entry = self._norms.get(path)
-        if entry is None or entry.passes == 0:
-            return None
-        return float(entry.total)
+        return self.norms([path])[0]
+
+    def norms(self, paths: Sequence[str]) -> list[Optional[float]]:
+        """`norm` of each of ``paths``, read to the host in one transfer per device."""
+        entries = [self._norms.get(path) for path in paths]
+        recorded = [entry.total for entry in entries if entry is not None and entry.passes > 0]
+        values = iter(host_cat(recorded).tolist())
+        return [next(values) if entry is not None and entry.passes > 0 else None for entry in entries]
 
     def reset(self) -> None:
         """Start a new window."""

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from relumon.cascade import consequences_of, find_blockers, find_roots
-from relumon.diagnosis import Diagnosis, WindowHistory, blame, segment_counts
+from relumon.diagnosis import Blamed, Diagnosis, WindowHistory, blame_many
 from relumon.options import Options
 from relumon.proof import Certification, Certifier
 from relumon.recorder import Recorder, Site
 from relumon.report import LayerReport
+from relumon.segments import segment_counts
 from relumon.state import GatheredSite, SiteLayout, sum_over_ranks
 
 __all__ = ["WindowCloser", "TIMELINE_WINDOWS", "cascade_sites"]
@@ -206,20 +207,25 @@ class WindowCloser:
         root_of = find_roots(order, upstream, from_input, dead, silent, known_silent)
         blocked_by = find_blockers(order, upstream, dead, silent, zero_grad)
         consequences = consequences_of(order, root_of)
+        # Blame every root that asks for it at once: one read of all their biases and weight-gradient norms.
+        to_blame = [
+            (i, Blamed(layer.name, layer.fed_by, module, layer.dead_mask))
+            for i, layer in enumerate(layers)
+            if layer.blame is not None
+            and root_of.get(layer.name) is None
+            and layer.fed_by
+            and (module := self._module_at(layer.fed_by)) is not None
+        ]
+        grad_norms = self._recorder.weight_grads.norms([item.fed_by for _, item in to_blame])
+        sentences = blame_many(
+            [item._replace(weight_grad_norm=norm) for (_, item), norm in zip(to_blame, grad_norms)],
+            gather_sharded=gather_sharded,
+        )
+        blamed_at = {i: sentence for (i, _), sentence in zip(to_blame, sentences)}
         explained = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             caused_by = root_of.get(layer.name)
-            blamed = None
-            producer = self._module_at(layer.fed_by) if layer.fed_by else None
-            if layer.blame is not None and caused_by is None and producer is not None and layer.fed_by:
-                blamed = blame(
-                    layer.name,
-                    layer.fed_by,
-                    producer,
-                    layer.dead_mask,
-                    gather_sharded=gather_sharded,
-                    weight_grad_norm=self._recorder.weight_grads.norm(layer.fed_by),
-                )
+            blamed = blamed_at.get(i)
             follows = consequences.get(layer.name, ())
             blocker = blocked_by.get(layer.name)
             if caused_by is None and not follows and blocker is None and blamed is None and layer.blame is None:

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import relumon
-from relumon.diagnosis import SiteHistory, fold_histories, segment_counts
+from relumon.diagnosis import SiteHistory, fold_histories
 from relumon.report import LayerReport
+from relumon.segments import segment_counts
 
 
 class PlainHistory:
