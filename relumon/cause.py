@@ -332,6 +332,19 @@ def _mean_of_finite(values: Tensor, nan_only: bool = False) -> Optional[float]:
     return float(values.masked_fill(~kept, 0.0).sum()) / count if count else None
 
 
+def _mean_move(total: float, count: float, size: float) -> Optional[float]:
+    """The mean of ``count`` moves that sum to ``total`` (their absolute values to ``size``), or None without one.
+
+    Moves that cancel leave a sum at the scale of float64 rounding, whose sign depends on the order of the addition
+    (and chose the advice: "fell" or "did not move"): such a sum is no move at all, 0.
+    """
+    if not count:
+        return None
+    if math.isfinite(size) and abs(total) <= count * math.ulp(1.0) * size:
+        total = 0.0
+    return total / count
+
+
 def _flat(weight: Tensor) -> Optional[Tensor]:
     """A 1-D view of ``weight`` in memory order (contiguous or channels-last), or None: no copy, ever."""
     w = weight.detach()
@@ -633,6 +646,22 @@ class _SiteMemory:
         #: (device, NaN where unknown), so the update that killed it is measured exactly at the report.
         self.weight: Optional[Tensor] = None
 
+    @classmethod
+    def many(cls, units: Sequence[int]) -> list[_SiteMemory]:
+        """Memories of many sites at once (a first report meets every site): each tensor a view of one buffer made
+        for all of them, since three small allocations per site add up at thousands of sites. The memory is only
+        ever written in place or replaced whole, so a view stays its site's own; nothing saves it."""
+        total, sizes = sum(units), list(units)
+        bias = torch.split(torch.full((total,), math.nan, dtype=torch.float64), sizes)
+        rows = torch.split(torch.full((total,), math.nan, dtype=torch.float64), sizes)
+        alive = torch.split(torch.full((total,), -1, dtype=torch.int64), sizes)
+        memories = []
+        for b, r, a in zip(bias, rows, alive):
+            memory = cls.__new__(cls)
+            memory.bias, memory.rows, memory.alive_window, memory.weight = b, r, a, None
+            memories.append(memory)
+        return memories
+
 
 class _Hook:
     """A global optimizer step hook that calls the tracker only for the monitor's optimizers (weakly held)."""
@@ -812,9 +841,9 @@ class CauseTracker:
                 figures["start_bias"], figures["start_rows"] = figures["bias"], figures["rows"]
                 self._producers[path].start_bias, self._producers[path].start_rows = figures["bias"], figures["rows"]
         records = self._window_records(buckets, now, window, close)
-        for name, layer in sites.items():
-            if name not in self._memory:
-                self._memory[name] = self._first_memory(layer.units, self._producers[layer.fed_by], now, window)
+        met = [(name, layer) for name, layer in sites.items() if name not in self._memory]
+        for (name, layer), memory in zip(met, _SiteMemory.many([layer.units for _, layer in met])):
+            self._memory[name] = self._first_memory(memory, self._producers[layer.fed_by], now, window)
         explained = [layer for layer in layers if layer.name in wanted and layer.name in sites]
         causes = dict(zip((layer.name for layer in explained), self._causes(explained, now, records, step, window)))
         out = [layer.replace(cause=causes[layer.name]) if layer.name in causes else layer for layer in layers]
@@ -979,13 +1008,14 @@ class CauseTracker:
                 segment_sums(bias_now, of_picked, count),
                 segment_sums(bias_moved.masked_fill(~moved_known, 0.0), of_picked, count),
                 segment_sums(moved_known.double(), of_picked, count),
+                segment_sums(bias_moved.masked_fill(~moved_known, 0.0).abs_(), of_picked, count),
                 segment_sums(rows_moved.masked_fill(~rows_known, 0.0), of_picked, count),
                 segment_sums(rows_known.double(), of_picked, count),
                 lived.double(),
                 since.double(),
             ]
         ).tolist()
-        bias_sum, moved_sum, moved_count, rows_sum, rows_count, lived_at, since_at = sums
+        bias_sum, moved_sum, moved_count, moved_size, rows_sum, rows_count, lived_at, since_at = sums
 
         lr_of = self._lr_lookup()
         has_optimizer = any(True for _ in self.optimizers())
@@ -999,7 +1029,7 @@ class CauseTracker:
             bias = bias_shift = weight_shift = None
             if has_bias[k]:
                 bias = bias_sum[k] / n_picked[k] if n_picked[k] else math.nan
-                bias_shift = moved_sum[k] / moved_count[k] if moved_count[k] else None
+                bias_shift = _mean_move(moved_sum[k], moved_count[k], moved_size[k])
             if has_rows[k]:
                 weight_shift = rows_sum[k] / rows_count[k] if rows_count[k] else None
             history = list(producer.records) + ([records[producer.path]] if producer.path in records else [])
@@ -1090,10 +1120,11 @@ class CauseTracker:
         return None
 
     def _first_memory(
-        self, units: int, producer: _Producer, now: dict[str, dict[str, Optional[Tensor]]], window: int
+        self, memory: _SiteMemory, producer: _Producer, now: dict[str, dict[str, Optional[Tensor]]], window: int
     ) -> _SiteMemory:
-        """A site's memory before its first closed window: the producer's snapshot, when it is this window's start."""
-        memory = _SiteMemory(units)
+        """A site's memory before its first closed window (``memory``, unknown everywhere, filled here): the producer's
+        snapshot, when it is this window's start."""
+        units = memory.alive_window.numel()
         if producer.start_window <= window:
             for attribute, key in (("bias", "start_bias"), ("rows", "start_rows")):
                 start = now[producer.path].get(key)
