@@ -325,13 +325,6 @@ def _sample_stride(weight: Tensor) -> int:
     return stride
 
 
-def _mean_of_finite(values: Tensor, nan_only: bool = False) -> Optional[float]:
-    """The mean of ``values`` without NaN (and, unless ``nan_only``, without infinities), or None when none is left."""
-    kept = values.isnan().logical_not_() if nan_only else values.isfinite()
-    count = int(kept.count_nonzero())
-    return float(values.masked_fill(~kept, 0.0).sum()) / count if count else None
-
-
 def _mean_move(total: float, count: float, size: float) -> Optional[float]:
     """The mean of ``count`` moves that sum to ``total`` (their absolute values to ``size``), or None without one.
 
