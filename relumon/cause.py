@@ -631,29 +631,30 @@ class _StepGroup:
 class _SiteMemory:
     """Per unit of a site: the bias and row norm at the start of the last window it lived in, and that window."""
 
-    def __init__(self, units: int) -> None:
-        self.bias = torch.full((units,), math.nan, dtype=torch.float64)
-        self.rows = torch.full((units,), math.nan, dtype=torch.float64)
-        self.alive_window = torch.full((units,), -1, dtype=torch.int64)
+    def __init__(self, units: int, blank: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> None:
+        #: ``blank``: the three per-unit tensors, unknown everywhere (`many` hands out views of shared buffers).
+        self.bias, self.rows, self.alive_window = blank if blank is not None else self._blank(units)
         #: For a sampled producer weight: each unit's incoming row at the start of the last window it lived in
         #: (device, NaN where unknown), so the update that killed it is measured exactly at the report.
         self.weight: Optional[Tensor] = None
+
+    @staticmethod
+    def _blank(units: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Bias and row norm unknown (NaN), never seen alive (-1), for ``units`` units."""
+        return (
+            torch.full((units,), math.nan, dtype=torch.float64),
+            torch.full((units,), math.nan, dtype=torch.float64),
+            torch.full((units,), -1, dtype=torch.int64),
+        )
 
     @classmethod
     def many(cls, units: Sequence[int]) -> list[_SiteMemory]:
         """Memories of many sites at once (a first report meets every site): each tensor a view of one buffer made
         for all of them, since three small allocations per site add up at thousands of sites. The memory is only
         ever written in place or replaced whole, so a view stays its site's own; nothing saves it."""
-        total, sizes = sum(units), list(units)
-        bias = torch.split(torch.full((total,), math.nan, dtype=torch.float64), sizes)
-        rows = torch.split(torch.full((total,), math.nan, dtype=torch.float64), sizes)
-        alive = torch.split(torch.full((total,), -1, dtype=torch.int64), sizes)
-        memories = []
-        for b, r, a in zip(bias, rows, alive):
-            memory = cls.__new__(cls)
-            memory.bias, memory.rows, memory.alive_window, memory.weight = b, r, a, None
-            memories.append(memory)
-        return memories
+        sizes = list(units)
+        bias, rows, alive = (torch.split(buffer, sizes) for buffer in cls._blank(sum(sizes)))
+        return [cls(n, blank) for n, blank in zip(sizes, zip(bias, rows, alive))]
 
 
 class _Hook:
@@ -866,11 +867,13 @@ class CauseTracker:
         (``start_bias``, ``start_rows``) are relumon's own copies already (host float64 after the first report), and
         nothing in a report writes them: those are used as they are.
         """
-        slots: list[tuple[str, str, Tensor, bool]] = []  # (owner, name, flat tensor, relumon's own copy)
+        slots: list[tuple[str, str, Tensor, bool]] = []  # (owner, name, flat tensor, used as it is)
 
         def add(owner: str, name: str, t: Optional[Tensor], own: bool = False) -> None:
             if t is not None:
-                slots.append((owner, name, t if t.ndim == 1 else t.reshape(-1), own))
+                # Relumon's own host float64 copies are used as they are; everything else is read below.
+                as_is = own and t.device.type == "cpu" and t.dtype is torch.float64
+                slots.append((owner, name, t if t.ndim == 1 else t.reshape(-1), as_is))
 
         with torch.no_grad():  # the live biases are read without a graph: no `detach()` per tensor
             for producer in producers:
@@ -882,16 +885,15 @@ class CauseTracker:
                 add(f"#{i}", "ratio", bucket.max_ratio)
                 add(f"#{i}", "step", bucket.max_step)
                 add(f"#{i}", "scale", bucket.max_scale)
-            # Relumon's own host float64 copies are used as they are; everything else is read in one transfer per
-            # device, into a new host tensor (a CPU model's bias is the live parameter).
-            reads = [t for _, _, t, own in slots if not (own and t.device.type == "cpu" and t.dtype is torch.float64)]
+            # Everything else in one transfer per device, into a new host tensor (a CPU model's bias is the live
+            # parameter).
+            reads = [t for _, _, t, as_is in slots if not as_is]
             values = iter(torch.split(host_cat(reads), [t.numel() for t in reads]) if reads else ())
             now: dict[str, dict[str, Optional[Tensor]]] = {
                 p.path: {"bias": None, "rows": None, "start_bias": None, "start_rows": None} for p in producers
             }
-            for owner, name, t, own in slots:
-                kept = own and t.device.type == "cpu" and t.dtype is torch.float64
-                now.setdefault(owner, {})[name] = t if kept else next(values)
+            for owner, name, t, as_is in slots:
+                now.setdefault(owner, {})[name] = t if as_is else next(values)
         return now
 
     def _window_records(

@@ -287,12 +287,10 @@ def blame_many(layers: Sequence[Blamed], *, gather_sharded: bool = True) -> list
     biases: list[Optional[Tensor]] = []
     for layer in layers:
         bias = getattr(layer.module, "bias", None)
-        usable = (
-            isinstance(bias, Tensor)
-            and bias.numel() == layer.dead_mask.numel()
-            and (gather_sharded or not _is_sharded(bias))
-        )
-        biases.append(_whole(bias.detach()) if usable and isinstance(bias, Tensor) else None)
+        if isinstance(bias, Tensor) and bias.numel() == layer.dead_mask.numel():
+            biases.append(_whole(bias.detach()) if gather_sharded or not _is_sharded(bias) else None)
+        else:
+            biases.append(None)
     sentences: list[Optional[str]] = []
     for layer, facts in zip(layers, _bias_facts(biases, [layer.dead_mask for layer in layers])):
         norm = layer.weight_grad_norm

@@ -6,8 +6,8 @@ figures) and reduces them per segment with a few kernels in all, however many si
 site's units; ``lengths`` gives the segments in order, zero-length ones included.
 
 `host_cat` brings many device tensors to the host in one transfer per device; everything else takes and returns
-host tensors. Sums accumulate each segment's values in order (``index_add_``),
-so they do not depend on the values of other segments (a cumulative sum would).
+host tensors. Sums accumulate each segment's values in order (``index_add_``), so they do not depend on the values
+of other segments (a cumulative sum would).
 """
 
 from __future__ import annotations
