@@ -325,15 +325,21 @@ def _sample_stride(weight: Tensor) -> int:
     return stride
 
 
+#: The unit roundoff of float64 (half its machine epsilon): the largest relative error of one addition.
+ROUNDING = 2.0**-53
+
+
 def _mean_move(total: float, count: float, size: float) -> Optional[float]:
     """The mean of ``count`` moves that sum to ``total`` (their absolute values to ``size``), or None without one.
 
     Moves that cancel leave a sum at the scale of float64 rounding, whose sign depends on the order of the addition
-    (and chose the advice: "fell" or "did not move"): such a sum is no move at all, 0.
+    (and chose the advice: "fell" or "did not move"). A sum no larger than the rounding error that adding ``count``
+    values can make, ``(count - 1) * 2**-53 * size``, may be exactly such a sum of moves that cancel: it is no move
+    at all, 0. A larger sum is a move, whatever the order.
     """
     if not count:
         return None
-    if math.isfinite(size) and abs(total) <= count * math.ulp(1.0) * size:
+    if math.isfinite(size) and abs(total) <= (count - 1) * ROUNDING * size:
         total = 0.0
     return total / count
 

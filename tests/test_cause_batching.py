@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -67,7 +67,8 @@ def plain_figures(layer: Any, memory: _SiteMemory, now: dict[str, Optional[torch
         shifts = [b[i] - then[i] for i in picked if not math.isnan(b[i] - then[i])]
         bias_shift = _mean(shifts) if shifts else None
         size = sum(abs(m) for m in shifts)
-        if shifts and math.isfinite(size) and abs(_mean(shifts)) * len(shifts) <= len(shifts) * math.ulp(1.0) * size:
+        bound = (len(shifts) - 1) * 2.0**-53 * size  # the rounding error of adding them, at most
+        if shifts and math.isfinite(size) and abs(_mean(shifts)) * len(shifts) <= bound:
             bias_shift = 0.0  # moves that cancel to within rounding: no move
     if rows_now is not None and rows_now.numel() == units:
         r, then = rows_now.tolist(), memory.rows.tolist()
@@ -355,3 +356,41 @@ def test_a_weight_registered_under_two_names_is_measured() -> None:
     cause = report["1"].cause
     assert cause is not None and cause.update_ratio is not None and cause.update_ratio > 0
     assert cause.weight_shift is not None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.floats(-1e6, 1e6, width=32, allow_subnormal=False) | st.floats(-1e-6, 1e-6, allow_subnormal=False),
+        min_size=1,
+        max_size=8,
+    )
+)
+@example([1e6, -1e6, -1.05e-9])  # the review's case: a fall of 1e-9 among moves of 1e6, read as no move
+def test_a_move_beyond_rounding_keeps_its_sign(moves: list[float]) -> None:
+    """A real move, one larger than any rounding of its sum could make, is never read as no move (found in review:
+    a looser cut-off zeroed a fall of 1e-9 among moves of 1e6)."""
+    model = nn.Sequential(nn.Linear(3, len(moves)))
+    tracker = CauseTracker(model, [], lambda: [])
+    try:
+        tracker._producers["0"] = _Producer("0", model[0], 3, before_updates=True)
+        memory = _SiteMemory(len(moves))
+        memory.alive_window.fill_(3)
+        memory.bias.zero_()
+        tracker._memory["act"] = memory
+        now = {"0": {"bias": torch.tensor(moves, dtype=torch.float64), "rows": None}}
+        layer = SimpleNamespace(
+            name="act",
+            units=len(moves),
+            fed_by="0",
+            negative_regime=False,
+            dead_mask=torch.ones(len(moves), dtype=torch.bool),
+            dead_streak=None,
+        )
+        (cause,) = tracker._causes([layer], now, {}, step=9, window=3)
+        true = math.fsum(moves)
+        if abs(true) > 2 * (len(moves) - 1) * 2.0**-53 * sum(map(abs, moves)):
+            assert cause.bias_shift is not None and cause.bias_shift != 0.0
+            assert math.copysign(1.0, cause.bias_shift) == math.copysign(1.0, true)
+    finally:
+        tracker.remove()
