@@ -9,17 +9,20 @@ Two halves, like the rest of relumon:
   that feeds a watched site, ``fed_by``) whose weight the stepping optimizer holds, they measure
   ``||Δw|| / ||w||`` of that one step, on the device, with no host read:
 
-  - The pre-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of each weight (views of it, made once)
-    into one buffer allocated once: a ``cat`` and a ``stack`` for all producers. The post-hook copies them again
-    and takes, per producer, the norm of the difference over the norm before (one ``index_add_`` and one
-    ``vector_norm`` for all producers, over both copies at once). A weight with at most `SAMPLED_WEIGHTS` elements
-    is taken whole, so its ratio is exact; a larger one is sampled as 512 chunks of `SAMPLE_CHUNK` contiguous
-    elements (a cache line each), spread evenly in memory order and starting in different columns: an estimate of
-    the ratio whose cost does not grow with the model. No whole weight tensor is copied.
-  - Per producer, the window keeps the largest ratio, the optimizer step that made it and the ``GradScaler``'s scale
-    at that step (``max``, ``masked_fill_``, ``where``: about 10 kernels per optimizer step in all, however many
-    producers there are). The learning rate of each step is read on the host from ``param_groups`` (plain floats),
-    and kept only when it changes.
+  - The post-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of each weight (views of it, made once)
+    into the next row of one buffer allocated once: a ``cat`` and a ``stack`` for all producers. That copy is also
+    the next step's copy before it, unless the weights changed in between (PyTorch's version counters tell; a change
+    through ``w.data`` is not counted, and reads as part of the next update): then the pre-hook copies them afresh.
+    A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its ratio is exact; a larger one is sampled
+    as 512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each), spread evenly in memory order and
+    starting in different columns: an estimate of the ratio whose cost does not grow with the model. No whole weight
+    tensor is copied.
+  - Every `PENDING_STEPS` optimizer steps, and before a report reads them, the pending steps are folded at once: per
+    producer and step, the norm of the difference over the norm before (one ``index_add_`` and one ``vector_norm``
+    for all producers and steps), and per producer the window's largest ratio, the optimizer step that made it and
+    the ``GradScaler``'s scale at that step (``max``, ``where``). About a dozen kernels per fold, two per optimizer
+    step, however many producers there are. The learning rate of each step is read on the host from
+    ``param_groups`` (plain floats), and kept only when it changes.
   - The hooks fire per optimizer step, so gradient accumulation counts optimizer steps, not micro-batches; a step a
     ``GradScaler`` skips (inf/NaN gradients) never calls the optimizer, so it is not counted; weights are never
     scaled, so the ratio needs no unscaling.
@@ -64,6 +67,7 @@ __all__ = [
     "Cause",
     "CauseTracker",
     "SAMPLED_WEIGHTS",
+    "PENDING_STEPS",
     "HEALTHY_UPDATE_RATIO",
     "advice",
     "advice_for",
@@ -72,6 +76,12 @@ __all__ = [
 
 #: Weight elements per producer whose change is measured at each optimizer step; a smaller weight is taken whole.
 SAMPLED_WEIGHTS = 8192
+
+#: Optimizer steps whose copies a producer bucket keeps before folding them into the window's largest update at once
+#: (`_Bucket.flush`): each step then costs one copy of the measured elements (two kernels), and the fold's dozen
+#: kernels are paid once per this many steps. The bucket keeps ``PENDING_STEPS + 1`` copies: at most
+#: ``9 * SAMPLED_WEIGHTS`` float32 values, 288 KiB, per producer (float64 for a float64 weight).
+PENDING_STEPS = 8
 
 #: The familiar healthy size of one update, ``||Δw|| / ||w||``; ten times it and more reads as a large update.
 HEALTHY_UPDATE_RATIO = 1e-3
@@ -456,16 +466,26 @@ class _Bucket:
     """The producers one optimizer steps on one device, measured together: a fixed number of kernels per optimizer
     step, however many producers there are.
 
-    Before the step, the measured elements of every producer (its whole weight, or its sampled chunks) are copied
-    into row 0 of one ``(2, elements)`` buffer (one ``cat`` for the whole weights, one ``stack`` for the sampled
-    ones); after it, again into row 1, which then takes the difference. The per-producer norms of both rows (the
-    weights before, the update) come from one ``index_add_`` (whole weights, of various lengths) and one
-    ``vector_norm`` (sampled weights, all `SAMPLED_WEIGHTS` long); none reads the device on the host. About ten
-    kernels after the step, however many producers. Producers are kept in that order: whole weights first.
+    After each optimizer step the measured elements of every producer (its whole weight, or its sampled chunks) are
+    copied into the next row of one ``(PENDING_STEPS + 1, elements)`` buffer (one ``cat`` for the whole weights, one
+    ``stack`` for the sampled ones). Row 0 holds them as they were before the first pending step, and row ``i`` as
+    they were after pending step ``i``, so each step's update is the difference of two rows. Every `PENDING_STEPS`
+    steps, and before anything reads the window's figures, `flush` folds the pending steps at once: per producer and
+    step, the norm of the update over the norm before (one ``index_add_`` for whole weights of various lengths, one
+    ``vector_norm`` for sampled weights, all `SAMPLED_WEIGHTS` long), and the window's largest of them. None reads
+    the device on the host. Producers are kept in that order: whole weights first.
+
+    **One copy per optimizer step.** A step's copy *after* it is the next step's copy *before* it while nothing else
+    changed the weights in between, which PyTorch's version counters tell: every in-place change through autograd's
+    view of a tensor (``with torch.no_grad(): w.mul_(0.5)``, ``load_state_dict``, relumon's recycling) counts, and
+    the pre-hook then takes a fresh copy. A change PyTorch does not count (one made through ``w.data``, or by a fused
+    kernel such as a second, fused optimizer's step on the same weight) is read as part of the next step's update.
+    Each window starts with a fresh copy.
 
     The views of the weights are made once per window, and made again when a weight's storage moved
     (``param.data = ...``, ``model.to(...)``, a swap by a sharding wrapper, an optimizer that assigns new tensors in
-    its step), which one ``data_ptr()`` per weight tells at each pre- and post-hook.
+    its step), which one ``data_ptr()`` per weight tells at each pre- and post-hook. The views hold their weights'
+    storage while the window is open, so an equal address is the same storage.
     """
 
     def __init__(self, producers: list[_Producer], group_of: list[int]) -> None:
@@ -481,7 +501,7 @@ class _Bucket:
         self._ptrs: list[int] = []
         self._views: list[Tensor] = []
         self._lengths: list[int] = []
-        views = self._samples()
+        views = self._samples([w.data_ptr() for w in self.weights])
         self._lengths = [view.numel() for view in views]
         self._whole_elements = sum(self._lengths[: self._whole])
         # Which producer each element of the whole weights' part belongs to, for the per-producer sums (made on the
@@ -493,11 +513,29 @@ class _Bucket:
         wide = self.weights[0].dtype == torch.float64
         # Copies in float32 (float64 for float64 weights): a bf16 or fp16 weight converts exactly.
         dtype = torch.float64 if wide else torch.float32
-        #: Row 0: the measured elements before the step; row 1: after it, then the update (after - before).
-        self.copies = torch.empty(2, sum(self._lengths), dtype=dtype, device=device)
-        self.before_copy, self.after_copy = self.copies[0], self.copies[1]
+        #: Row 0: the measured elements before the first pending step; row ``i``: after pending step ``i``.
+        self.copies = torch.empty(PENDING_STEPS + 1, sum(self._lengths), dtype=dtype, device=device)
+        sampled = len(views) - self._whole
+        #: Per row of `copies`: its whole weights' part and its sampled part, shaped as the copy writes them.
+        self._row_views: list[tuple[Optional[Tensor], Optional[Tensor]]] = [
+            (
+                row[: self._whole_elements] if self._whole else None,
+                row[self._whole_elements :].view(sampled, *views[-1].shape) if sampled else None,
+            )
+            for row in self.copies
+        ]
+        #: Optimizer steps copied and not folded into the window's figures yet (`flush`).
+        self._pending = 0
+        #: The optimizer step of pending step 1 (pending steps are consecutive).
+        self._first_step = 0
+        #: The ``GradScaler``'s scale at each pending step (NaN without one), and whether any pending step had one.
+        self._scales = torch.full((PENDING_STEPS,), math.nan, dtype=torch.float32, device=device)
+        self._scaled = False
+        #: Each weight's ``(data_ptr, _version)`` when row ``_pending`` was copied; None when it must be copied again.
+        self._copied: Optional[list[tuple[int, int]]] = None
         n = len(producers)
-        #: Per producer, the window's largest ``||Δw|| / ||w||`` (float64, like the norms it comes from).
+        #: Per producer, the window's largest ``||Δw|| / ||w||`` (float64, like the norms it comes from), up to the
+        #: last `flush`.
         self.max_ratio = torch.full((n,), -1.0, dtype=torch.float64, device=device)
         self.max_step = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.max_scale = torch.full((n,), math.nan, dtype=torch.float32, device=device)
@@ -505,6 +543,7 @@ class _Bucket:
 
     def carry_over(self, old: _Bucket) -> None:
         """Keep the window's figures of producers that were measured before a refresh (device copies only)."""
+        old.flush()
         at = {p.path: i for i, p in enumerate(old.producers)}
         for j, producer in enumerate(self.producers):
             i = at.get(producer.path)
@@ -513,10 +552,13 @@ class _Bucket:
                 self.max_step[j : j + 1].copy_(old.max_step[i : i + 1])
                 self.max_scale[j : j + 1].copy_(old.max_scale[i : i + 1])
 
-    def _samples(self) -> list[Tensor]:
+    def _state(self) -> list[tuple[int, int]]:
+        """Each weight's storage address and version counter now."""
+        return [(w.data_ptr(), w._version) for w in self.weights]
+
+    def _samples(self, ptrs: list[int]) -> list[Tensor]:
         """Views of the measured elements: 1-D for a whole weight, ``(chunks, SAMPLE_CHUNK)`` strided for a sampled
-        one. Made again only when a weight's storage moved."""
-        ptrs = [w.data_ptr() for w in self.weights]
+        one. Made again only when a weight's storage moved (``ptrs``: each weight's ``data_ptr()`` now)."""
         if ptrs == self._ptrs:
             return self._views
         views = []
@@ -533,60 +575,104 @@ class _Bucket:
         self._views, self._ptrs = views, ptrs
         return views
 
-    def _copy(self, into: Tensor, views: list[Tensor]) -> None:
-        """The measured elements of every producer, now, into the flat buffer ``into`` (two kernels)."""
+    def _copy(self, row: int, views: list[Tensor]) -> None:
+        """The measured elements of every producer, now, into row ``row`` of `copies` (two kernels, into views of the
+        row made once: inside a training step even a view costs as much as a small kernel)."""
         whole = self._whole
-        if whole:
-            torch.cat(views[:whole], out=into[: self._whole_elements])
-        if len(views) > whole:
-            sampled = into[self._whole_elements :].view(len(views) - whole, *views[-1].shape)
-            torch.stack(views[whole:], out=sampled)
+        into_whole, into_sampled = self._row_views[row]
+        if into_whole is not None:
+            torch.cat(views[:whole], out=into_whole)
+        if into_sampled is not None:
+            torch.stack(views[whole:], out=into_sampled)
 
-    def _norms(self) -> Tensor:
-        """Per producer, the norms of its part of both rows of `copies`, as a ``(2, producers)`` tensor: row 0 the
-        weights before the step, row 1 the update (float64 with whole weights; else the copies' dtype).
+    def _norms(self, rows: Tensor) -> Tensor:
+        """Per row of ``rows`` (copies laid out like `copies`' rows) and producer, the norm of the producer's part, as
+        a ``(rows, producers)`` tensor (float64 with whole weights; else the copies' dtype).
 
         Whole weights are summed element by element in float64 (``index_add_``), so their ratio is exact; the sampled
         rows by ``vector_norm``, which accumulates float32 in blocks (float64 for float64 weights)."""
-        copies = self.copies
+        m = rows.shape[0]
         parts = []
         if self._whole:
-            whole = copies[:, : self._whole_elements]
+            whole = rows[:, : self._whole_elements]
             squares = whole.double().square_() if whole.dtype != torch.float64 else whole.square()
-            sums = torch.zeros(2, self._whole, dtype=torch.float64, device=copies.device)
+            sums = torch.zeros(m, self._whole, dtype=torch.float64, device=rows.device)
             parts.append(sums.index_add_(1, self._owners, squares).sqrt_())
         if len(self.weights) > self._whole:
-            rows = copies[:, self._whole_elements :].view(2, len(self.weights) - self._whole, -1)
-            parts.append(torch.linalg.vector_norm(rows, dim=2))
+            sampled = rows[:, self._whole_elements :].reshape(m, len(self.weights) - self._whole, -1)
+            parts.append(torch.linalg.vector_norm(sampled, dim=2))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # cat promotes the sampled norms to float64
 
     def before(self) -> None:
-        with torch.no_grad():
-            self._copy(self.before_copy, self._samples())
+        """Pre-hook: the weights as they are before this step are the last row copied, unless they changed since
+        (then they are copied afresh into row 0, after the pending steps are folded). No kernel in the common case."""
+        state = self._state()
+        views = self._samples([ptr for ptr, _ in state])
+        if state != self._copied:
+            self.flush()
+            with torch.no_grad():
+                self._copy(0, views)
+            self._copied = state
         self.armed = True
 
     def after(self, step: int, scale: Optional[Tensor]) -> None:
+        """Post-hook: copy the weights after optimizer step ``step`` into the next row (``scale``: the
+        ``GradScaler``'s, or None), folding the pending steps when the rows are full. No host read."""
         if not self.armed:
             return
         self.armed = False
+        # Checked again, not the pre-hook's views: an optimizer may assign new tensors in its step
+        # (``p.data = p.data - lr * grad``), and the old views would read the old storage, a ratio of 0.
+        state = self._state()
+        views = self._samples([ptr for ptr, _ in state])
+        if self._pending and step != self._first_step + self._pending:
+            self.flush()  # the pending steps are consecutive, so that a row's step is known from its index
+        if not self._pending:
+            self._first_step = step
+        at = self._pending
         with torch.no_grad():
-            # Checked again, not the pre-hook's views: an optimizer may assign new tensors in its step
-            # (``p.data = p.data - lr * grad``), and the old views would read the old storage, a ratio of 0.
-            self._copy(self.after_copy, self._samples())
-            self.after_copy.sub_(self.before_copy)
-            norms = self._norms()
-            ratio = norms[1].div_(norms[0].clamp_min_(1e-30))
-            larger = ratio > self.max_ratio
-            torch.maximum(self.max_ratio, ratio, out=self.max_ratio)
-            self.max_step.masked_fill_(larger, step)
-            if scale is not None and scale.device == self.max_scale.device:
-                torch.where(larger, scale.float(), self.max_scale, out=self.max_scale)
+            self._copy(at + 1, views)
+            if scale is not None and scale.device == self._scales.device:
+                self._scales[at : at + 1].copy_(scale.reshape(1))
+                self._scaled = True
+        self._pending = at + 1
+        self._copied = state
+        if self._pending == PENDING_STEPS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the pending optimizer steps into the window's largest update per producer (kernels only, no host
+        read), and keep the last copy as the next step's weights before it. Idempotent."""
+        n = self._pending
+        if not n:
+            return
+        self._pending = 0
+        with torch.no_grad():
+            rows = self.copies[: n + 1]
+            before = self._norms(rows[:n])
+            update = self._norms(rows[1:] - rows[:n])
+            ratio = update.div_(before.clamp_min_(1e-30))  # (steps, producers)
+            best, at = ratio.max(dim=0)  # the first step that reached the largest one
+            larger = best > self.max_ratio
+            torch.maximum(self.max_ratio, best, out=self.max_ratio)
+            torch.where(larger, at + self._first_step, self.max_step, out=self.max_step)
+            # The scale of the step that made the largest update: NaN for a step taken without one.
+            torch.where(larger, self._scales[:n][at], self.max_scale, out=self.max_scale)
+            if self._scaled:
+                self._scales.fill_(math.nan)
+                self._scaled = False
+            self.copies[0].copy_(self.copies[n])
 
     def reset(self) -> None:
-        """Start a new window. The views of the weights are let go too (made again at the next pre-hook, once per
-        window): a view holds its weight's storage, so one kept after ``model.half()`` or ``model.cpu()`` would keep
-        the old weights in memory; let go here, they live at most until the window closes or the monitor goes."""
+        """Start a new window: its first step is copied afresh. The views of the weights are let go too (made again at
+        the next pre-hook, once per window): a view holds its weight's storage, so one kept after ``model.half()`` or
+        ``model.cpu()`` would keep the old weights in memory; let go here, they live at most until the window closes
+        or the monitor goes. Steps still pending belong to the window that closes (a report `flush`es before it
+        reads), so they are folded and let go with it; the last copy stays in row 0, the weights before a step whose
+        pre-hook ran already."""
+        self.flush()
         self._views, self._ptrs = [], []
+        self._copied = None
         self.max_ratio.fill_(-1.0)
         self.max_step.fill_(-1)
         self.max_scale.fill_(math.nan)
@@ -834,6 +920,8 @@ class CauseTracker:
         if not producers:
             return list(layers)
         buckets = [(group, b) for group in list(self._groups.values()) for b in group.buckets]
+        for _, bucket in buckets:
+            bucket.flush()  # the window's figures hold every optimizer step so far
         now = self._read(producers, buckets)
         for path in found:
             if path in self._producers:  # found at this report: its snapshot is what was just read

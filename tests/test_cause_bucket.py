@@ -1,19 +1,26 @@
 """The cause's per-step measurement of ``||Δw|| / ||w||`` against plain ground truth, and its cost rule.
 
-`relumon.cause._Bucket` copies every producer's measured elements into one flat buffer and takes the per-producer
-norms with one ``index_add_`` and one row sum. The oracle: the same elements read through their own views and
-``torch.linalg.vector_norm`` one producer at a time, over whole and sampled weights, several dtypes, a storage swap
-(``param.data = ...``) between steps, and a channels-last weight.
+`relumon.cause._Bucket` copies every producer's measured elements into one row of a flat buffer per optimizer step,
+and folds `PENDING_STEPS` steps at a time with one ``index_add_`` and one ``vector_norm``. The oracle: the same
+elements read through their own views and ``torch.linalg.vector_norm`` one producer and one step at a time, over
+whole and sampled weights, several dtypes, a storage swap (``param.data = ...``) between steps, a channels-last
+weight, and generated runs of steps, reads, window closes and in-place changes between steps.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Callable
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from relumon.cause import SAMPLE_CHUNK, SAMPLED_WEIGHTS, _Bucket, _flat, _Producer
+from relumon.cause import PENDING_STEPS, SAMPLE_CHUNK, SAMPLED_WEIGHTS, _Bucket, _flat, _Producer
 
 
 def _oracle(producer: _Producer, before: torch.Tensor, after: torch.Tensor) -> float:
@@ -63,6 +70,7 @@ def test_every_producers_ratio_matches_its_own_norms(dtype: torch.dtype) -> None
     weights = [p.weight for p in bucket.producers]
     for step in range(1, 4):
         before = _step(bucket, weights, step, gen)  # type: ignore[arg-type]
+        bucket.flush()
         ratios = bucket.max_ratio  # the running max over the steps so far
         expected = [_oracle(p, b, p.weight) for p, b in zip(bucket.producers, before)]  # type: ignore[arg-type]
         if step == 1:
@@ -88,6 +96,7 @@ def test_a_weight_whose_storage_is_swapped_is_read_from_its_new_storage() -> Non
         for layer in model:
             layer.weight.add_(1.0)  # 2 -> 3 everywhere: the ratio is exactly 0.5
     bucket.after(2, None)
+    bucket.flush()
     torch.testing.assert_close(bucket.max_ratio, torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 
@@ -97,23 +106,57 @@ def test_a_channels_last_weight_is_measured_in_memory_order() -> None:
     (producer,) = _producers(nn.Sequential(conv))
     bucket = _Bucket([producer], [0])
     (before,) = _step(bucket, [conv.weight], 1, gen)
+    bucket.flush()
     assert bucket.max_ratio[0].item() == pytest.approx(_oracle(producer, before, conv.weight), rel=1e-5)
 
 
-def _kernels_per_step(producers: int) -> int:
+def _kernels_per_step(producers: int, steps: int = 1) -> int:
     model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(producers)], nn.Linear(200, 100), nn.Linear(300, 100))
     bucket = _Bucket(_producers(model), [0] * (producers + 2))
     bucket.before()
     bucket.after(1, None)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        bucket.before()
-        bucket.after(2, None)
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    kernels = 0
+    for step in range(2, 2 + steps):
+        for hook in (bucket.before, functools.partial(bucket.after, step, None)):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                hook()
+            kernels += sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+            if hook == bucket.before:
+                with torch.no_grad():
+                    for layer in model:
+                        layer.weight.add_(1e-3)  # the optimizer's update, between the hooks
+    return kernels
 
 
 def test_the_kernels_per_optimizer_step_do_not_grow_with_the_producers() -> None:
-    """The rule that made `optimizer=` cheap on a model of thousands of tiny layers: the same ops for 3 or 300."""
+    """The rule that made `optimizer=` cheap on a model of thousands of tiny layers: the same ops for 3 or 300, in a
+    step that only copies and over a whole block of pending steps with its fold."""
     assert _kernels_per_step(3) == _kernels_per_step(300)
+    assert _kernels_per_step(3, PENDING_STEPS) == _kernels_per_step(300, PENDING_STEPS)
+
+
+def _ops(hook: Callable[[], None]) -> list[str]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        hook()
+    return sorted(e.key for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def test_a_step_whose_weights_did_not_change_since_the_last_one_copies_them_once() -> None:
+    """The copy after a step is the next step's copy before it: a pre-hook launches nothing while the weights are as
+    the last post-hook copied them, and copies them afresh (after folding the pending steps) once they changed in
+    place. A post-hook only copies."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(300, 300))
+    bucket = _Bucket(_producers(model), [0, 0])
+    bucket.before()
+    bucket.after(1, None)
+    assert _ops(bucket.before) == []
+    bucket.after(2, None)
+    with torch.no_grad():
+        model[1].weight.mul_(0.5)  # in place, between the steps: the version counter moves
+    fresh = _ops(bucket.before)  # folds the two pending steps, then copies
+    copy = _ops(functools.partial(bucket.after, 3, None))
+    assert "aten::cat" in copy and "aten::stack" in copy and "aten::linalg_vector_norm" not in copy
+    assert set(copy) <= set(fresh) and "aten::linalg_vector_norm" in fresh
 
 
 def test_a_weight_the_optimizer_step_replaces_is_read_after_the_step_from_its_new_storage() -> None:
@@ -131,6 +174,7 @@ def test_a_weight_the_optimizer_step_replaces_is_read_after_the_step_from_its_ne
             assert w is not None
             w.data = w.data + torch.randn(w.shape, generator=gen) * 1e-2  # a new storage, in the step
         bucket.after(step, None)
+        bucket.flush()
         expected = [_oracle(p, b, w) for p, b, w in zip(bucket.producers, before, weights)]  # type: ignore[arg-type]
         torch.testing.assert_close(bucket.max_ratio.double(), torch.tensor(expected).double(), rtol=1e-5, atol=0)
         bucket.reset()
@@ -157,3 +201,121 @@ def test_a_closed_window_lets_go_of_the_weights_the_views_held() -> None:
             assert torch.UntypedStorage._expired(old)
         finally:
             torch.UntypedStorage._free_weak_ref(old)
+
+
+def _measured(producer: _Producer, w: torch.Tensor) -> torch.Tensor:
+    flat = _flat(w)
+    assert flat is not None
+    if producer.stride:
+        chunks = SAMPLED_WEIGHTS // SAMPLE_CHUNK
+        flat = flat.as_strided((chunks, SAMPLE_CHUNK), (producer.stride, 1), flat.storage_offset())
+    return flat.double().clone()
+
+
+_STEP = st.tuples(st.just("step"), st.integers(-4, 0), st.booleans())  # an update of 10**k, with or without a scale
+_ACTIONS = st.lists(
+    st.one_of(
+        _STEP,
+        _STEP,
+        _STEP,  # steps are most of what happens: runs of them fill more than one block of pending steps
+        st.tuples(st.just("poke"), st.integers(-3, 0), st.booleans()),  # an in-place change between steps
+        st.tuples(st.just("skip"), st.just(0), st.just(False)),  # an optimizer step the bucket did not see
+        st.tuples(st.just("step-closing"), st.integers(-4, 0), st.booleans()),  # a report inside the step's closure
+        st.tuples(st.just("read"), st.just(0), st.just(False)),
+        st.tuples(st.just("close"), st.just(0), st.just(False)),
+    ),
+    min_size=1,
+    max_size=5 * PENDING_STEPS,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(actions=_ACTIONS, seed=st.integers(0, 2**16))
+def test_the_windows_largest_update_matches_the_steps_one_by_one(
+    actions: list[tuple[str, int, bool]], seed: int
+) -> None:
+    """Whatever the order of steps, reads (`flush`), window closes (also inside a step, between its hooks) and
+    in-place changes between steps (which are not updates), the window's largest ratio, its step and its scale are
+    those of the steps taken one by one."""
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Linear(200, 100), nn.Conv2d(64, 64, 3))
+    producers = _producers(model)
+    bucket = _Bucket(producers, [0] * len(producers))
+    weights = [p.weight for p in bucket.producers]
+    best: list[tuple[float, int, float]] = []  # per producer: (ratio, step, scale), the first step that reached it
+    step = 0
+    for action, size, scaled in actions:
+        if action.startswith(("step", "skip")):
+            step += 1
+        if action.startswith("step"):
+            bucket.before()
+            old = [_measured(p, w) for p, w in zip(bucket.producers, weights)]  # type: ignore[arg-type]
+            if action == "step-closing":  # the window closes between the pre- and the post-hook
+                bucket.flush()
+                bucket.reset()
+                best = []
+            with torch.no_grad():
+                for w in weights:
+                    assert w is not None
+                    w.add_(torch.randn(w.shape, generator=gen) * 10.0**size)
+            scale = torch.tensor(float(2 ** (step % 7))) if scaled else None
+            bucket.after(step, scale)
+            for j, (p, w) in enumerate(zip(bucket.producers, weights)):
+                new = _measured(p, w)  # type: ignore[arg-type]
+                ratio = float(torch.linalg.vector_norm(new - old[j]) / torch.linalg.vector_norm(old[j]))
+                if j >= len(best):
+                    best.append((ratio, step, float(scale) if scale is not None else math.nan))
+                elif ratio > best[j][0]:
+                    best[j] = (ratio, step, float(scale) if scale is not None else math.nan)
+        elif action == "poke":
+            with torch.no_grad():
+                for w in weights:
+                    assert w is not None
+                    w.mul_(1.0 + 10.0**size)  # not an optimizer step: never read as an update
+        elif action == "read":
+            bucket.flush()
+            if best:
+                torch.testing.assert_close(
+                    bucket.max_ratio, torch.tensor([b[0] for b in best], dtype=torch.float64), rtol=1e-5, atol=0
+                )
+                assert bucket.max_step.tolist() == [b[1] for b in best]
+                torch.testing.assert_close(
+                    bucket.max_scale, torch.tensor([b[2] for b in best], dtype=torch.float32), equal_nan=True
+                )
+            else:
+                assert bucket.max_step.tolist() == [-1] * len(producers)
+        elif action == "close":
+            bucket.flush()
+            bucket.reset()
+            best = []
+
+
+def test_a_change_through_data_between_steps_is_read_as_part_of_the_next_update() -> None:
+    """The documented limit of one copy per step: PyTorch counts no version for a change made through ``w.data``, so
+    the copy after one step stands as the copy before the next, and the next update includes that change. The same
+    change made with ``torch.no_grad()`` is seen, and left out."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    bucket = _Bucket(_producers(model), [0])
+    weight = model[0].weight
+    ratios = []
+    for change in ("data", "no_grad"):
+        bucket.reset()
+        with torch.no_grad():
+            weight.fill_(1.0)
+        bucket.before()
+        bucket.after(1, None)  # a step that moved nothing
+        if change == "data":
+            weight.data.mul_(2.0)
+        else:
+            with torch.no_grad():
+                weight.mul_(2.0)
+        bucket.before()
+        with torch.no_grad():
+            weight.add_(0.02)  # the step: 2.00 -> 2.02 everywhere, a ratio of 0.01
+        bucket.after(2, None)
+        bucket.flush()
+        ratios.append(float(bucket.max_ratio[0]))
+    assert ratios[0] == pytest.approx(1.02)  # 1.00 -> 2.02: the `.data` change is read as part of step 2
+    assert ratios[1] == pytest.approx(0.01)
