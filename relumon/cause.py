@@ -9,20 +9,19 @@ Two halves, like the rest of relumon:
   that feeds a watched site, ``fed_by``) whose weight the stepping optimizer holds, they measure
   ``||Δw|| / ||w||`` of that one step, on the device, with no host read:
 
-  - The post-hook copies a fixed set of at most `SAMPLED_WEIGHTS` elements of each weight (views of it, made once)
-    into the next row of one buffer allocated once: a ``cat`` and a ``stack`` for all producers. That copy is also
-    the next step's copy before it, unless the weights changed in between (PyTorch's version counters tell; a change
-    through ``w.data`` is not counted, and reads as part of the next update): then the pre-hook copies them afresh.
-    A weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its ratio is exact; a larger one is sampled
-    as 512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each), spread evenly in memory order and
-    starting in different columns: an estimate of the ratio whose cost does not grow with the model. No whole weight
-    tensor is copied.
-  - Every `PENDING_STEPS` optimizer steps, and before a report reads them, the pending steps are folded at once: per
-    producer and step, the norm of the difference over the norm before (one ``index_add_`` and one ``vector_norm``
-    for all producers and steps), and per producer the window's largest ratio, the optimizer step that made it and
-    the ``GradScaler``'s scale at that step (``max``, ``where``). About a dozen kernels per fold, two per optimizer
-    step, however many producers there are. The learning rate of each step is read on the host from
-    ``param_groups`` (plain floats), and kept only when it changes.
+  - The pre-hook and the post-hook copy a fixed set of at most `SAMPLED_WEIGHTS` elements of each weight (views of
+    it, made once) into the next rows of one buffer allocated once: a ``cat`` and a ``stack`` for all producers. A
+    weight with at most `SAMPLED_WEIGHTS` elements is taken whole, so its ratio is exact; a larger one is sampled as
+    512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each), spread evenly in memory order and starting
+    in different columns: an estimate of the ratio whose cost does not grow with the model. No whole weight tensor
+    is copied.
+  - Every `PENDING_STEPS` optimizer steps (fewer for producers whose copies would pass `PENDING_BYTES`), and before a
+    report reads them, the pending steps are folded at once: per producer and step, the norm of the difference over
+    the norm before (one ``index_add_`` and one ``vector_norm`` for all producers and steps), and per producer the
+    window's largest ratio, the optimizer step that made it and the ``GradScaler``'s scale at that step (``max``,
+    ``where``). About fifteen kernels per fold, four per optimizer step, however many producers there are. The
+    learning rate of each step is read on the host from ``param_groups`` (plain floats), and kept only when it
+    changes.
   - The hooks fire per optimizer step, so gradient accumulation counts optimizer steps, not micro-batches; a step a
     ``GradScaler`` skips (inf/NaN gradients) never calls the optimizer, so it is not counted; weights are never
     scaled, so the ratio needs no unscaling.
@@ -68,6 +67,7 @@ __all__ = [
     "CauseTracker",
     "SAMPLED_WEIGHTS",
     "PENDING_STEPS",
+    "PENDING_BYTES",
     "HEALTHY_UPDATE_RATIO",
     "advice",
     "advice_for",
@@ -78,10 +78,13 @@ __all__ = [
 SAMPLED_WEIGHTS = 8192
 
 #: Optimizer steps whose copies a producer bucket keeps before folding them into the window's largest update at once
-#: (`_Bucket.flush`): each step then costs one copy of the measured elements (two kernels), and the fold's dozen
-#: kernels are paid once per this many steps. The bucket keeps ``PENDING_STEPS + 1`` copies: at most
-#: ``9 * SAMPLED_WEIGHTS`` float32 values, 288 KiB, per producer (float64 for a float64 weight).
+#: (`_Bucket.flush`): each step then costs its two copies of the measured elements (a ``cat`` and a ``stack`` each),
+#: and the fold's dozen kernels are paid once per this many steps.
 PENDING_STEPS = 8
+
+#: The most bytes a bucket's copies take: a bucket of large producers keeps fewer pending steps (one at least, two
+#: copies of every producer's measured elements, which any measurement needs).
+PENDING_BYTES = 16 * 2**20
 
 #: The familiar healthy size of one update, ``||Δw|| / ||w||``; ten times it and more reads as a large update.
 HEALTHY_UPDATE_RATIO = 1e-3
@@ -466,26 +469,20 @@ class _Bucket:
     """The producers one optimizer steps on one device, measured together: a fixed number of kernels per optimizer
     step, however many producers there are.
 
-    After each optimizer step the measured elements of every producer (its whole weight, or its sampled chunks) are
-    copied into the next row of one ``(PENDING_STEPS + 1, elements)`` buffer (one ``cat`` for the whole weights, one
-    ``stack`` for the sampled ones). Row 0 holds them as they were before the first pending step, and row ``i`` as
-    they were after pending step ``i``, so each step's update is the difference of two rows. Every `PENDING_STEPS`
-    steps, and before anything reads the window's figures, `flush` folds the pending steps at once: per producer and
-    step, the norm of the update over the norm before (one ``index_add_`` for whole weights of various lengths, one
-    ``vector_norm`` for sampled weights, all `SAMPLED_WEIGHTS` long), and the window's largest of them. None reads
-    the device on the host. Producers are kept in that order: whole weights first.
+    Before and after each optimizer step the measured elements of every producer (its whole weight, or its sampled
+    chunks) are copied into a row of one buffer (one ``cat`` for the whole weights, one ``stack`` for the sampled
+    ones): row ``2 i`` before pending step ``i``, row ``2 i + 1`` after it. Every `pending` steps, and before
+    anything reads the window's figures, `flush` folds the pending steps at once: per producer and step, the norm of
+    the update over the norm before (one ``index_add_`` for whole weights of various lengths, one ``vector_norm`` for
+    sampled weights, all `SAMPLED_WEIGHTS` long), and the window's largest of them. None reads the device on the
+    host. Producers are kept in that order: whole weights first.
 
-    **One copy per optimizer step.** A step's copy *after* it is the next step's copy *before* it while nothing else
-    changed the weights in between, which PyTorch's version counters tell: every in-place change through autograd's
-    view of a tensor (``with torch.no_grad(): w.mul_(0.5)``, ``load_state_dict``, relumon's recycling) counts, and
-    the pre-hook then takes a fresh copy. A change PyTorch does not count (one made through ``w.data``, or by a fused
-    kernel such as a second, fused optimizer's step on the same weight) is read as part of the next step's update.
-    Each window starts with a fresh copy.
+    The copy before a step is taken in the pre-hook, every step: whatever changed the weights since the last step
+    (an in-place edit, ``w.data``, a collective, recycling) is never read as the optimizer's update.
 
     The views of the weights are made once per window, and made again when a weight's storage moved
     (``param.data = ...``, ``model.to(...)``, a swap by a sharding wrapper, an optimizer that assigns new tensors in
-    its step), which one ``data_ptr()`` per weight tells at each pre- and post-hook. The views hold their weights'
-    storage while the window is open, so an equal address is the same storage.
+    its step), which one ``data_ptr()`` per weight tells at each pre- and post-hook.
     """
 
     def __init__(self, producers: list[_Producer], group_of: list[int]) -> None:
@@ -501,7 +498,7 @@ class _Bucket:
         self._ptrs: list[int] = []
         self._views: list[Tensor] = []
         self._lengths: list[int] = []
-        views = self._samples([w.data_ptr() for w in self.weights])
+        views = self._samples()
         self._lengths = [view.numel() for view in views]
         self._whole_elements = sum(self._lengths[: self._whole])
         # Which producer each element of the whole weights' part belongs to, for the per-producer sums (made on the
@@ -513,8 +510,11 @@ class _Bucket:
         wide = self.weights[0].dtype == torch.float64
         # Copies in float32 (float64 for float64 weights): a bf16 or fp16 weight converts exactly.
         dtype = torch.float64 if wide else torch.float32
-        #: Row 0: the measured elements before the first pending step; row ``i``: after pending step ``i``.
-        self.copies = torch.empty(PENDING_STEPS + 1, sum(self._lengths), dtype=dtype, device=device)
+        elements = sum(self._lengths)
+        #: Optimizer steps kept before a fold: `PENDING_STEPS`, fewer where their copies would pass `PENDING_BYTES`.
+        self.pending = max(1, min(PENDING_STEPS, PENDING_BYTES // max(2 * elements * dtype.itemsize, 1)))
+        #: Row ``2 i``: the measured elements before pending step ``i``; row ``2 i + 1``: after it.
+        self.copies = torch.empty(2 * self.pending, elements, dtype=dtype, device=device)
         sampled = len(views) - self._whole
         #: Per row of `copies`: its whole weights' part and its sampled part, shaped as the copy writes them.
         self._row_views: list[tuple[Optional[Tensor], Optional[Tensor]]] = [
@@ -524,21 +524,20 @@ class _Bucket:
             )
             for row in self.copies
         ]
-        #: Optimizer steps copied and not folded into the window's figures yet (`flush`).
+        #: Optimizer steps copied before and after and not folded into the window's figures yet (`flush`).
         self._pending = 0
-        #: The optimizer step of pending step 1 (pending steps are consecutive).
+        #: The optimizer step of pending step 0 (pending steps are consecutive).
         self._first_step = 0
         #: The ``GradScaler``'s scale at each pending step (NaN without one), and whether any pending step had one.
-        self._scales = torch.full((PENDING_STEPS,), math.nan, dtype=torch.float32, device=device)
+        self._scales = torch.full((self.pending,), math.nan, dtype=torch.float32, device=device)
         self._scaled = False
-        #: Each weight's ``(data_ptr, _version)`` when row ``_pending`` was copied; None when it must be copied again.
-        self._copied: Optional[list[tuple[int, int]]] = None
         n = len(producers)
         #: Per producer, the window's largest ``||Δw|| / ||w||`` (float64, like the norms it comes from), up to the
-        #: last `flush`.
+        #: last `flush` (see `flush` for NaN and inf); -1 before any step.
         self.max_ratio = torch.full((n,), -1.0, dtype=torch.float64, device=device)
         self.max_step = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.max_scale = torch.full((n,), math.nan, dtype=torch.float32, device=device)
+        #: Whether the pre-hook copied the weights for a step whose post-hook has not run yet.
         self.armed = False
 
     def carry_over(self, old: _Bucket) -> None:
@@ -552,13 +551,10 @@ class _Bucket:
                 self.max_step[j : j + 1].copy_(old.max_step[i : i + 1])
                 self.max_scale[j : j + 1].copy_(old.max_scale[i : i + 1])
 
-    def _state(self) -> list[tuple[int, int]]:
-        """Each weight's storage address and version counter now."""
-        return [(w.data_ptr(), w._version) for w in self.weights]
-
-    def _samples(self, ptrs: list[int]) -> list[Tensor]:
+    def _samples(self) -> list[Tensor]:
         """Views of the measured elements: 1-D for a whole weight, ``(chunks, SAMPLE_CHUNK)`` strided for a sampled
-        one. Made again only when a weight's storage moved (``ptrs``: each weight's ``data_ptr()`` now)."""
+        one. Made again only when a weight's storage moved."""
+        ptrs = [w.data_ptr() for w in self.weights]
         if ptrs == self._ptrs:
             return self._views
         views = []
@@ -575,15 +571,17 @@ class _Bucket:
         self._views, self._ptrs = views, ptrs
         return views
 
-    def _copy(self, row: int, views: list[Tensor]) -> None:
+    def _copy(self, row: int) -> None:
         """The measured elements of every producer, now, into row ``row`` of `copies` (two kernels, into views of the
         row made once: inside a training step even a view costs as much as a small kernel)."""
+        views = self._samples()
         whole = self._whole
         into_whole, into_sampled = self._row_views[row]
-        if into_whole is not None:
-            torch.cat(views[:whole], out=into_whole)
-        if into_sampled is not None:
-            torch.stack(views[whole:], out=into_sampled)
+        with torch.no_grad():
+            if into_whole is not None:
+                torch.cat(views[:whole], out=into_whole)
+            if into_sampled is not None:
+                torch.stack(views[whole:], out=into_sampled)
 
     def _norms(self, rows: Tensor) -> Tensor:
         """Per row of ``rows`` (copies laid out like `copies`' rows) and producer, the norm of the producer's part, as
@@ -604,78 +602,79 @@ class _Bucket:
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # cat promotes the sampled norms to float64
 
     def before(self) -> None:
-        """Pre-hook: the weights as they are before this step are the last row copied, unless they changed since
-        (then they are copied afresh into row 0, after the pending steps are folded). No kernel in the common case."""
-        state = self._state()
-        views = self._samples([ptr for ptr, _ in state])
-        if state != self._copied:
-            self.flush()
-            with torch.no_grad():
-                self._copy(0, views)
-            self._copied = state
+        """Pre-hook: copy the weights as they are before this step into the next free row. No host read."""
+        self._copy(2 * self._pending)
         self.armed = True
 
     def after(self, step: int, scale: Optional[Tensor]) -> None:
-        """Post-hook: copy the weights after optimizer step ``step`` into the next row (``scale``: the
+        """Post-hook: copy the weights after optimizer step ``step`` beside the copy before it (``scale``: the
         ``GradScaler``'s, or None), folding the pending steps when the rows are full. No host read."""
         if not self.armed:
             return
-        self.armed = False
-        # Checked again, not the pre-hook's views: an optimizer may assign new tensors in its step
-        # (``p.data = p.data - lr * grad``), and the old views would read the old storage, a ratio of 0.
-        state = self._state()
-        views = self._samples([ptr for ptr, _ in state])
         if self._pending and step != self._first_step + self._pending:
             self.flush()  # the pending steps are consecutive, so that a row's step is known from its index
         if not self._pending:
             self._first_step = step
         at = self._pending
-        with torch.no_grad():
-            self._copy(at + 1, views)
-            if scale is not None and scale.device == self._scales.device:
+        # Views checked again, not the pre-hook's: an optimizer may assign new tensors in its step
+        # (``p.data = p.data - lr * grad``), and the old views would read the old storage, a ratio of 0.
+        self._copy(2 * at + 1)
+        if scale is not None and scale.device == self._scales.device:
+            with torch.no_grad():
                 self._scales[at : at + 1].copy_(scale.reshape(1))
-                self._scaled = True
+            self._scaled = True
+        self.armed = False
         self._pending = at + 1
-        self._copied = state
-        if self._pending == PENDING_STEPS:
+        if self._pending == self.pending:
             self.flush()
 
     def flush(self) -> None:
         """Fold the pending optimizer steps into the window's largest update per producer (kernels only, no host
-        read), and keep the last copy as the next step's weights before it. Idempotent."""
+        read). Idempotent.
+
+        An update that overflows (a ratio of inf) is the largest; a NaN ratio (NaN weights: no update can be measured)
+        ranks below every other, so a diverging window names the step that blew up, and NaN only when no step of the
+        window had a measurable update. The ratio kept is the named step's own. A copy taken for a step whose
+        post-hook has not run yet (a report between the hooks) moves to row 0.
+        """
         n = self._pending
         if not n:
             return
         self._pending = 0
         with torch.no_grad():
-            rows = self.copies[: n + 1]
-            before = self._norms(rows[:n])
-            update = self._norms(rows[1:] - rows[:n])
+            before_rows, after_rows = self.copies[0 : 2 * n : 2], self.copies[1 : 2 * n : 2]
+            before = self._norms(before_rows)
+            update = self._norms(after_rows - before_rows)
             ratio = update.div_(before.clamp_min_(1e-30))  # (steps, producers)
-            best, at = ratio.max(dim=0)  # the first step that reached the largest one
-            larger = best > self.max_ratio
-            torch.maximum(self.max_ratio, best, out=self.max_ratio)
+            best, at = _rank(ratio).max(dim=0)  # the first step that reached the largest one
+            larger = best > _rank(self.max_ratio)
+            torch.where(larger, ratio.gather(0, at.unsqueeze(0)).squeeze(0), self.max_ratio, out=self.max_ratio)
             torch.where(larger, at + self._first_step, self.max_step, out=self.max_step)
             # The scale of the step that made the largest update: NaN for a step taken without one.
             torch.where(larger, self._scales[:n][at], self.max_scale, out=self.max_scale)
             if self._scaled:
                 self._scales.fill_(math.nan)
                 self._scaled = False
-            self.copies[0].copy_(self.copies[n])
+            if self.armed:
+                self.copies[0].copy_(self.copies[2 * n])
 
     def reset(self) -> None:
-        """Start a new window: its first step is copied afresh. The views of the weights are let go too (made again at
-        the next pre-hook, once per window): a view holds its weight's storage, so one kept after ``model.half()`` or
-        ``model.cpu()`` would keep the old weights in memory; let go here, they live at most until the window closes
-        or the monitor goes. Steps still pending belong to the window that closes (a report `flush`es before it
-        reads), so they are folded and let go with it; the last copy stays in row 0, the weights before a step whose
-        pre-hook ran already."""
+        """Start a new window. The views of the weights are let go too (made again at the next hook, once per window):
+        a view holds its weight's storage, so one kept after ``model.half()`` or ``model.cpu()`` would keep the old
+        weights in memory; let go here, they live at most until the window closes or the monitor goes. Steps still
+        pending belong to the window that closes (a report `flush`es before it reads), so they are folded and let go
+        with it."""
         self.flush()
         self._views, self._ptrs = [], []
-        self._copied = None
         self.max_ratio.fill_(-1.0)
         self.max_step.fill_(-1)
         self.max_scale.fill_(math.nan)
+
+
+def _rank(ratio: Tensor) -> Tensor:
+    """How update ratios compare: as they are, inf the largest, NaN (not measurable) below every other and above
+    none yet (-1)."""
+    return ratio.nan_to_num(nan=-0.5, posinf=math.inf)
 
 
 class _StepGroup:
@@ -756,6 +755,11 @@ class _Hook:
         self._tracker = weakref.ref(tracker)
         self._after = after
 
+    # Never traced: under a compiled optimizer step the hooks' Python state (a row index that changes every step)
+    # would be guarded on and recompile them at every step until Dynamo's recompile limit. They launch a few kernels
+    # per step, which a compiled graph would not make cheaper. (Disabled here, on the hook itself: a frame Dynamo
+    # skips runs with the frames it calls still traced.)
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         tracker = self._tracker()
         if tracker is None or not any(o is optimizer for o in tracker.optimizers()):
