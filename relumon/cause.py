@@ -15,7 +15,7 @@ Two halves, like the rest of relumon:
     512 chunks of `SAMPLE_CHUNK` contiguous elements (a cache line each), spread evenly in memory order and starting
     in different columns: an estimate of the ratio whose cost does not grow with the model. No whole weight tensor
     is copied.
-  - Every `PENDING_STEPS` optimizer steps (fewer for producers whose copies would pass `PENDING_BYTES`), and before a
+  - Every `PENDING_STEPS` optimizer steps (fewer once all the copies would pass `PENDING_BYTES`), and before a
     report reads them, the pending steps are folded at once: per producer and step, the norm of the difference over
     the norm before (one ``index_add_`` and one ``vector_norm`` for all producers and steps), and per producer the
     window's largest ratio, the optimizer step that made it and the ``GradScaler``'s scale at that step (``max``,
@@ -82,8 +82,8 @@ SAMPLED_WEIGHTS = 8192
 #: and the fold's dozen kernels are paid once per this many steps.
 PENDING_STEPS = 8
 
-#: The most bytes a bucket's copies take: a bucket of large producers keeps fewer pending steps (one at least, two
-#: copies of every producer's measured elements, which any measurement needs).
+#: The most bytes the copies of a tracker's buckets take together: past it, a bucket keeps fewer pending steps (one at
+#: least: two copies of every producer's measured elements, which any measurement needs).
 PENDING_BYTES = 16 * 2**20
 
 #: The familiar healthy size of one update, ``||Δw|| / ||w||``; ten times it and more reads as a large update.
@@ -485,7 +485,7 @@ class _Bucket:
     its step), which one ``data_ptr()`` per weight tells at each pre- and post-hook.
     """
 
-    def __init__(self, producers: list[_Producer], group_of: list[int]) -> None:
+    def __init__(self, producers: list[_Producer], group_of: list[int], budget: Optional[int] = None) -> None:
         order = sorted(range(len(producers)), key=lambda i: producers[i].stride != 0)  # whole weights first
         self.producers = [producers[i] for i in order]
         self.group_of = [group_of[i] for i in order]  # the param group index of each producer's weight
@@ -511,8 +511,10 @@ class _Bucket:
         # Copies in float32 (float64 for float64 weights): a bf16 or fp16 weight converts exactly.
         dtype = torch.float64 if wide else torch.float32
         elements = sum(self._lengths)
-        #: Optimizer steps kept before a fold: `PENDING_STEPS`, fewer where their copies would pass `PENDING_BYTES`.
-        self.pending = max(1, min(PENDING_STEPS, PENDING_BYTES // max(2 * elements * dtype.itemsize, 1)))
+        #: Optimizer steps kept before a fold: `PENDING_STEPS`, fewer where their copies would pass ``budget`` (what
+        #: is left of `PENDING_BYTES` for all of the tracker's buckets), one at least.
+        room = PENDING_BYTES if budget is None else budget
+        self.pending = max(1, min(PENDING_STEPS, room // max(2 * elements * dtype.itemsize, 1)))
         #: Row ``2 i``: the measured elements before pending step ``i``; row ``2 i + 1``: after it.
         self.copies = torch.empty(2 * self.pending, elements, dtype=dtype, device=device)
         sampled = len(views) - self._whole
@@ -884,7 +886,15 @@ class CauseTracker:
             members, groups = by_device.setdefault(where, ([], []))
             members.append(producer)
             groups.append(group_of[id(producer.weight)])
-        buckets = [_Bucket(members, groups) for members, groups in by_device.values()]
+        # The copies of every bucket the tracker holds share `PENDING_BYTES` (past it, a bucket keeps one step): one
+        # optimizer per parameter (optimizer steps in backward) makes a bucket each.
+        budget = PENDING_BYTES - sum(
+            b.copies.nbytes for g in list(self._groups.values()) if g is not old for b in g.buckets
+        )
+        buckets = []
+        for members, groups in by_device.values():
+            buckets.append(_Bucket(members, groups, budget=max(budget, 0)))
+            budget -= buckets[-1].copies.nbytes
         group = _StepGroup(key, buckets, old.steps if old is not None else 0)
         if old is not None:
             group.lrs = old.lrs

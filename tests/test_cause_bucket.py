@@ -339,6 +339,31 @@ def test_the_windows_largest_update_matches_the_steps_one_by_one(
             best = []
 
 
+def test_the_buckets_of_many_optimizers_share_the_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One optimizer per parameter (PyTorch's optimizer step in backward) makes a bucket per optimizer: past
+    `PENDING_BYTES` for all of them together, a bucket keeps one step (its two copies), and every ratio is still
+    measured."""
+    from relumon import cause
+
+    row = 4 * 32 * 32  # one copy of a Linear(32, 32) weight, in bytes
+    monkeypatch.setattr(cause, "PENDING_BYTES", 3 * 2 * PENDING_STEPS * row)  # room for three full buckets
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(32, 32), nn.ReLU())])
+    opts = [torch.optim.SGD([layer.weight, layer.bias], lr=0.1) for layer in model if isinstance(layer, nn.Linear)]
+    with relumon.watch(model, optimizer=opts, measure_every=1, on_dead="ignore") as monitor:
+        for _ in range(3):
+            model(torch.randn(4, 32)).pow(2).mean().backward()
+            for opt in opts:
+                opt.step()
+                opt.zero_grad()
+        buckets = [bucket for opt in opts for bucket in monitor._cause._groups[opt].buckets]
+        assert sorted(bucket.pending for bucket in buckets) == [1, 1, 1, PENDING_STEPS, PENDING_STEPS, PENDING_STEPS]
+        assert sum(bucket.copies.nbytes for bucket in buckets) == (3 * PENDING_STEPS + 3) * 2 * row
+        for bucket in buckets:
+            bucket.flush()
+            assert float(bucket.max_ratio[0]) > 0 and int(bucket.max_step[0]) >= 1
+
+
 def test_a_change_between_steps_is_never_read_as_an_update() -> None:
     """The copy before a step is taken in the pre-hook, so a change made between steps is left out, whether PyTorch
     counts it (an in-place change under ``torch.no_grad()``) or not (through ``w.data``)."""
