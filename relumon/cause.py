@@ -674,8 +674,8 @@ class _Bucket:
 
 
 def _rank(ratio: Tensor) -> Tensor:
-    """How update ratios compare: as they are, inf the largest, NaN (not measurable) below every other and above
-    none yet (-1)."""
+    """How update ratios compare: as they are, inf the largest, and NaN (not measurable) below every real ratio but
+    above the -1 of a window with no step yet."""
     return ratio.nan_to_num(nan=-0.5, posinf=math.inf)
 
 
