@@ -471,7 +471,7 @@ class _Bucket:
 
     Before and after each optimizer step the measured elements of every producer (its whole weight, or its sampled
     chunks) are copied into a row of one buffer (one ``cat`` for the whole weights, one ``stack`` for the sampled
-    ones): row ``2 i`` before pending step ``i``, row ``2 i + 1`` after it. Every `pending` steps, and before
+    ones): row ``2 i`` before pending step ``i``, row ``2 i + 1`` after it. Every `capacity` steps, and before
     anything reads the window's figures, `flush` folds the pending steps at once: per producer and step, the norm of
     the update over the norm before (one ``index_add_`` for whole weights of various lengths, one ``vector_norm`` for
     sampled weights, all `SAMPLED_WEIGHTS` long), and the window's largest of them. None reads the device on the
@@ -514,9 +514,9 @@ class _Bucket:
         #: Optimizer steps kept before a fold: `PENDING_STEPS`, fewer where their copies would pass ``budget`` (what
         #: is left of `PENDING_BYTES` for all of the tracker's buckets), one at least.
         room = PENDING_BYTES if budget is None else budget
-        self.pending = max(1, min(PENDING_STEPS, room // max(2 * elements * dtype.itemsize, 1)))
+        self.capacity = max(1, min(PENDING_STEPS, room // max(2 * elements * dtype.itemsize, 1)))
         #: Row ``2 i``: the measured elements before pending step ``i``; row ``2 i + 1``: after it.
-        self.copies = torch.empty(2 * self.pending, elements, dtype=dtype, device=device)
+        self.copies = torch.empty(2 * self.capacity, elements, dtype=dtype, device=device)
         sampled = len(views) - self._whole
         #: Per row of `copies`: its whole weights' part and its sampled part, shaped as the copy writes them.
         self._row_views: list[tuple[Optional[Tensor], Optional[Tensor]]] = [
@@ -531,7 +531,7 @@ class _Bucket:
         #: The optimizer step of pending step 0 (pending steps are consecutive).
         self._first_step = 0
         #: The ``GradScaler``'s scale at each pending step (NaN without one), and whether any pending step had one.
-        self._scales = torch.full((self.pending,), math.nan, dtype=torch.float32, device=device)
+        self._scales = torch.full((self.capacity,), math.nan, dtype=torch.float32, device=device)
         self._scaled = False
         n = len(producers)
         #: Per producer, the window's largest ``||Δw|| / ||w||`` (float64, like the norms it comes from), up to the
@@ -627,7 +627,7 @@ class _Bucket:
             self._scaled = True
         self.armed = False
         self._pending = at + 1
-        if self._pending == self.pending:
+        if self._pending == self.capacity:
             self.flush()
 
     def flush(self) -> None:
@@ -1090,8 +1090,7 @@ class CauseTracker:
 
         alive_window, _ = end_to_end([m.alive_window for m in memories], -1, torch.int64)
         alive_window = alive_window.index_select(0, picked)
-        # The latest window in which a chosen unit lived (-1: none), and the earliest (the smallest non-negative).
-        lived = segment_extremes(alive_window, of_picked, count, largest=True, empty=-1)
+        # The earliest window in which a chosen unit lived (the smallest non-negative), `never` when none did.
         never = torch.iinfo(torch.int64).max
         since = segment_extremes(
             alive_window.masked_fill(alive_window < 0, never), of_picked, count, largest=False, empty=never
@@ -1104,21 +1103,21 @@ class CauseTracker:
         bias_now = bias_now.index_select(0, picked)
         bias_moved = bias_now - bias_then.index_select(0, picked)
         moved_known = bias_moved.isnan().logical_not_()  # an unknown start is NaN; a NaN bias is left out too
+        known_moves = bias_moved.masked_fill(~moved_known, 0.0)
         rows_moved = rows_now.index_select(0, picked) / rows_then.index_select(0, picked) - 1
         rows_known = rows_moved.isfinite()
         sums = torch.stack(
             [
                 segment_sums(bias_now, of_picked, count),
-                segment_sums(bias_moved.masked_fill(~moved_known, 0.0), of_picked, count),
+                segment_sums(known_moves, of_picked, count),
                 segment_sums(moved_known.double(), of_picked, count),
-                segment_sums(bias_moved.masked_fill(~moved_known, 0.0).abs_(), of_picked, count),
+                segment_sums(known_moves.abs(), of_picked, count),
                 segment_sums(rows_moved.masked_fill(~rows_known, 0.0), of_picked, count),
                 segment_sums(rows_known.double(), of_picked, count),
-                lived.double(),
-                since.double(),
             ]
         ).tolist()
-        bias_sum, moved_sum, moved_count, moved_size, rows_sum, rows_count, lived_at, since_at = sums
+        bias_sum, moved_sum, moved_count, moved_size, rows_sum, rows_count = sums
+        first_windows = [None if w == never else w for w in since.tolist()]  # exact: read as integers
 
         lr_of = self._lr_lookup()
         has_optimizer = any(True for _ in self.optimizers())
@@ -1127,7 +1126,7 @@ class CauseTracker:
         for k, layer in enumerate(layers):
             producer = self._producers[layer.fed_by]
             memory = memories[k]
-            first_lived = int(since_at[k]) if lived_at[k] >= 0 else None
+            first_lived = first_windows[k]
             windows = window - first_lived + 1 if first_lived is not None else None
             bias = bias_shift = weight_shift = None
             if has_bias[k]:

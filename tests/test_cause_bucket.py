@@ -148,7 +148,7 @@ def test_each_hook_only_copies_until_the_pending_steps_are_folded() -> None:
     the last pending row folds them all (the norms)."""
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(300, 300))
     bucket = _Bucket(_producers(model), [0, 0])
-    assert bucket.pending == PENDING_STEPS
+    assert bucket.capacity == PENDING_STEPS
     for step in range(1, PENDING_STEPS + 1):
         before = _ops(bucket.before)
         after = _ops(functools.partial(bucket.after, step, None))
@@ -164,10 +164,10 @@ def test_a_bucket_of_large_producers_keeps_fewer_pending_steps(monkeypatch: pyte
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(300, 300))
     elements = 16 + SAMPLED_WEIGHTS
     monkeypatch.setattr(cause, "PENDING_BYTES", 3 * 2 * elements * 4 + 7)
-    assert _Bucket(_producers(model), [0, 0]).pending == 3
+    assert _Bucket(_producers(model), [0, 0]).capacity == 3
     monkeypatch.setattr(cause, "PENDING_BYTES", 1)
     bucket = _Bucket(_producers(model), [0, 0])
-    assert bucket.pending == 1 and bucket.copies.shape == (2, elements)
+    assert bucket.capacity == 1 and bucket.copies.shape == (2, elements)
 
 
 def test_a_weight_the_optimizer_step_replaces_is_read_after_the_step_from_its_new_storage() -> None:
@@ -271,7 +271,7 @@ def test_the_windows_largest_update_matches_the_steps_one_by_one(
         bucket = _Bucket(producers, [0] * len(producers))
     finally:
         cause.PENDING_BYTES = budget
-    assert bucket.pending == (3 if few else PENDING_STEPS)
+    assert bucket.capacity == (3 if few else PENDING_STEPS)
     weights = [p.weight for p in bucket.producers]
     best: list[tuple[float, int, float]] = []  # per producer: (ratio, step, scale), the first step that reached it
     step = 0
@@ -357,7 +357,7 @@ def test_the_buckets_of_many_optimizers_share_the_memory_bound(monkeypatch: pyte
                 opt.step()
                 opt.zero_grad()
         buckets = [bucket for opt in opts for bucket in monitor._cause._groups[opt].buckets]
-        assert sorted(bucket.pending for bucket in buckets) == [1, 1, 1, PENDING_STEPS, PENDING_STEPS, PENDING_STEPS]
+        assert sorted(bucket.capacity for bucket in buckets) == [1, 1, 1, PENDING_STEPS, PENDING_STEPS, PENDING_STEPS]
         assert sum(bucket.copies.nbytes for bucket in buckets) == (3 * PENDING_STEPS + 3) * 2 * row
         for bucket in buckets:
             bucket.flush()
